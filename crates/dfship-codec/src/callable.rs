@@ -1,0 +1,221 @@
+//! A Python callable that is either live, pickled, or both.
+//!
+//! A UDF created from a function holds it live and pickles it once, on first
+//! encode. A UDF decoded from a plan holds only the pickle and unpickles it on
+//! first call (through the [`CallableCache`]), so decoding needs no Python and
+//! a coordinator that only plans never runs `cloudpickle.loads`.
+
+use std::sync::{Arc, OnceLock};
+
+use datafusion::error::{DataFusionError, Result};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use sha2::{Digest, Sha256};
+
+use crate::cache::CallableCache;
+use crate::error::UdfPayloadError;
+use crate::python;
+
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The Python and cloudpickle versions that produced a pickle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PicklerVersions {
+    pub python_major: u8,
+    pub python_minor: u8,
+    pub cloudpickle_major: u8,
+}
+
+/// A cloudpickled callable, its digest, and who pickled it.
+#[derive(Debug, Clone)]
+pub(crate) struct PickledCallable {
+    bytes: Arc<[u8]>,
+    digest: [u8; 32],
+    versions: PicklerVersions,
+}
+
+impl PickledCallable {
+    /// Wraps pickle bytes whose digest the caller has already verified.
+    pub(crate) fn new(bytes: Arc<[u8]>, digest: [u8; 32], versions: PicklerVersions) -> Self {
+        Self {
+            bytes,
+            digest,
+            versions,
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub(crate) fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+
+    pub(crate) fn versions(&self) -> PicklerVersions {
+        self.versions
+    }
+}
+
+pub(crate) struct PythonCallable {
+    live: PyOnceLock<Py<PyAny>>,
+    pickled: OnceLock<PickledCallable>,
+    cache: Arc<CallableCache>,
+}
+
+impl std::fmt::Debug for PythonCallable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PythonCallable")
+            .field(
+                "digest",
+                &self
+                    .digest()
+                    .map(|d| format!("{:02x}{:02x}{:02x}{:02x}…", d[0], d[1], d[2], d[3])),
+            )
+            .field(
+                "pickled_bytes",
+                &self.pickled.get().map(|p| p.bytes().len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl PythonCallable {
+    pub(crate) fn from_live(callable: Bound<'_, PyAny>) -> Self {
+        let live = PyOnceLock::new();
+        // A fresh cell cannot be full.
+        let _ = live.set(callable.py(), callable.unbind());
+        Self {
+            live,
+            pickled: OnceLock::new(),
+            cache: CallableCache::global(),
+        }
+    }
+
+    pub(crate) fn from_pickle(pickled: PickledCallable, cache: Arc<CallableCache>) -> Self {
+        let cell = OnceLock::new();
+        let _ = cell.set(pickled);
+        Self {
+            live: PyOnceLock::new(),
+            pickled: cell,
+            cache,
+        }
+    }
+
+    /// The digest, when the callable has been pickled (or came pickled).
+    pub(crate) fn digest(&self) -> Option<&[u8; 32]> {
+        self.pickled.get().map(PickledCallable::digest)
+    }
+
+    /// The same callable: equal digests, or the very same live Python object.
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        match (self.digest(), other.digest()) {
+            (Some(a), Some(b)) => a == b,
+            _ if std::ptr::eq(self, other) => true,
+            // Live objects exist only where an interpreter runs.
+            _ if !python::is_running() => false,
+            _ => Python::attach(|py| match (self.live.get(py), other.live.get(py)) {
+                (Some(a), Some(b)) => a.is(b),
+                _ => false,
+            }),
+        }
+    }
+
+    /// The callable, unpickling it on first use.
+    pub(crate) fn get<'py>(&self, py: Python<'py>, udf_name: &str) -> Result<Bound<'py, PyAny>> {
+        if let Some(live) = self.live.get(py) {
+            return Ok(live.bind(py).clone());
+        }
+        let pickled = self.pickled.get().ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "Python UDF '{udf_name}' has neither a callable nor a pickle"
+            ))
+        })?;
+        let object = load_pickle(py, &self.cache, pickled, udf_name)?;
+        let live = self.live.get_or_init(py, || object.unbind());
+        Ok(live.bind(py).clone())
+    }
+
+    /// The pickle, pickling the live callable on first use.
+    pub(crate) fn pickled(&self, udf_name: &str) -> Result<&PickledCallable> {
+        if let Some(pickled) = self.pickled.get() {
+            return Ok(pickled);
+        }
+        python::ensure_python()?;
+        let pickled = Python::attach(|py| -> Result<PickledCallable> {
+            let live = self.live.get(py).ok_or_else(|| {
+                DataFusionError::Internal(format!(
+                    "Python UDF '{udf_name}' has neither a callable nor a pickle"
+                ))
+            })?;
+            let bytes = python::dumps(py, live.bind(py)).map_err(|e| UdfPayloadError::Pickle {
+                name: udf_name.to_string(),
+                detail: python::describe_exception(py, &e),
+            })?;
+            let versions = python::local_versions(py).map_err(|e| UdfPayloadError::Pickle {
+                name: udf_name.to_string(),
+                detail: python::describe_exception(py, &e),
+            })?;
+            let digest = sha256(&bytes);
+            Ok(PickledCallable::new(bytes.into(), digest, versions))
+        })?;
+        Ok(self.pickled.get_or_init(|| pickled))
+    }
+}
+
+/// Unpickles `pickled` through `cache`, after checking that this process can
+/// load what that pickler wrote.
+pub(crate) fn load_pickle<'py>(
+    py: Python<'py>,
+    cache: &CallableCache,
+    pickled: &PickledCallable,
+    udf_name: &str,
+) -> Result<Bound<'py, PyAny>> {
+    let local = python::local_versions(py).map_err(|e| UdfPayloadError::Unpickle {
+        name: udf_name.to_string(),
+        detail: python::describe_exception(py, &e),
+    })?;
+    check_versions(udf_name, pickled.versions(), local)?;
+    cache.get_or_load(py, pickled.digest(), || {
+        python::loads(py, pickled.bytes()).map_err(|e| unpickle_error(py, udf_name, &e).into())
+    })
+}
+
+pub(crate) fn check_versions(
+    udf_name: &str,
+    payload: PicklerVersions,
+    local: PicklerVersions,
+) -> Result<(), UdfPayloadError> {
+    if (payload.python_major, payload.python_minor) != (local.python_major, local.python_minor) {
+        return Err(UdfPayloadError::PythonVersion {
+            name: udf_name.to_string(),
+            payload_major: payload.python_major,
+            payload_minor: payload.python_minor,
+            local_major: local.python_major,
+            local_minor: local.python_minor,
+        });
+    }
+    if payload.cloudpickle_major != local.cloudpickle_major {
+        return Err(UdfPayloadError::CloudpickleVersion {
+            name: udf_name.to_string(),
+            payload: payload.cloudpickle_major,
+            local: local.cloudpickle_major,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn unpickle_error(py: Python<'_>, udf_name: &str, error: &PyErr) -> UdfPayloadError {
+    match python::missing_module(py, error) {
+        Some(module) => UdfPayloadError::ModuleNotFound {
+            name: udf_name.to_string(),
+            module,
+        },
+        None => UdfPayloadError::Unpickle {
+            name: udf_name.to_string(),
+            detail: python::describe_exception(py, error),
+        },
+    }
+}

@@ -1,0 +1,269 @@
+//! [`PythonScalarUdf`]: a DataFusion scalar UDF backed by a Python callable.
+//!
+//! The calling convention is datafusion-python's `udf()`: the callable
+//! receives one `pyarrow.Array` per argument (scalar arguments expanded to the
+//! batch length) and returns one `pyarrow.Array` of the declared type and the
+//! batch length. Arrays cross the boundary zero-copy through the Arrow C Data
+//! Interface. The GIL is held only around the conversion and the call.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{make_array, Array, ArrayData, ArrayRef};
+use arrow::datatypes::{DataType, Field, FieldRef};
+use arrow::pyarrow::{FromPyArrow, ToPyArrow};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::{
+    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::cache::CallableCache;
+use crate::callable::{PickledCallable, PythonCallable};
+use crate::python;
+use crate::signature::UdfSignature;
+use crate::wire::WireFormat;
+
+/// A scalar UDF whose body is a Python callable; it travels inline.
+///
+/// ```no_run
+/// use arrow::datatypes::DataType;
+/// use datafusion::logical_expr::Volatility;
+/// use dfship_codec::{PythonScalarUdf, UdfSignature};
+/// use pyo3::prelude::*;
+///
+/// dfship_codec::ensure_python().unwrap();
+/// let udf = Python::attach(|py| {
+///     let func = py.eval(c"lambda a: __import__('pyarrow.compute').compute.add(a, 1)", None, None)?;
+///     let signature = UdfSignature::new("plus_one", vec![DataType::Int64], DataType::Int64, Volatility::Immutable);
+///     PyResult::Ok(PythonScalarUdf::new(signature, func))
+/// }).unwrap().unwrap();
+/// let ctx = datafusion::prelude::SessionContext::new();
+/// ctx.register_udf(udf.into_scalar_udf());
+/// ```
+#[derive(Debug)]
+pub struct PythonScalarUdf {
+    udf_signature: UdfSignature,
+    signature: Signature,
+    callable: PythonCallable,
+    /// The payload this UDF was decoded from; encoding in the same format
+    /// re-emits it byte for byte.
+    received: Option<(WireFormat, Arc<[u8]>)>,
+}
+
+impl PythonScalarUdf {
+    /// A UDF calling `callable`, which must be callable.
+    pub fn new(udf_signature: UdfSignature, callable: Bound<'_, PyAny>) -> Result<Self> {
+        if !callable.is_callable() {
+            return Err(DataFusionError::Plan(format!(
+                "the Python UDF '{}' must be given a callable, got an object of type {}",
+                udf_signature.name,
+                callable
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(Self::with_callable(
+            udf_signature,
+            PythonCallable::from_live(callable),
+            None,
+        ))
+    }
+
+    pub(crate) fn from_pickle(
+        udf_signature: UdfSignature,
+        pickled: PickledCallable,
+        cache: Arc<CallableCache>,
+        received: (WireFormat, Arc<[u8]>),
+    ) -> Self {
+        Self::with_callable(
+            udf_signature,
+            PythonCallable::from_pickle(pickled, cache),
+            Some(received),
+        )
+    }
+
+    pub(crate) fn from_unpickled(
+        udf_signature: UdfSignature,
+        callable: Bound<'_, PyAny>,
+        received: (WireFormat, Arc<[u8]>),
+    ) -> Self {
+        Self::with_callable(
+            udf_signature,
+            PythonCallable::from_live(callable),
+            Some(received),
+        )
+    }
+
+    fn with_callable(
+        udf_signature: UdfSignature,
+        callable: PythonCallable,
+        received: Option<(WireFormat, Arc<[u8]>)>,
+    ) -> Self {
+        let signature = if udf_signature.input_types.is_empty() {
+            Signature::nullary(udf_signature.volatility)
+        } else {
+            Signature::exact(udf_signature.input_types.clone(), udf_signature.volatility)
+        };
+        Self {
+            udf_signature,
+            signature,
+            callable,
+            received,
+        }
+    }
+
+    /// Wraps this UDF for registration with a `SessionContext`.
+    pub fn into_scalar_udf(self) -> ScalarUDF {
+        ScalarUDF::new_from_impl(self)
+    }
+
+    /// Name, argument types, return field and volatility.
+    pub fn udf_signature(&self) -> &UdfSignature {
+        &self.udf_signature
+    }
+
+    /// The SHA-256 of the pickled callable, once it has been pickled.
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        self.callable.digest().copied()
+    }
+
+    pub(crate) fn callable(&self) -> &PythonCallable {
+        &self.callable
+    }
+
+    pub(crate) fn received(&self, format: WireFormat) -> Option<&Arc<[u8]>> {
+        self.received
+            .as_ref()
+            .filter(|(received_format, _)| *received_format == format)
+            .map(|(_, bytes)| bytes)
+    }
+
+    fn name_str(&self) -> &str {
+        &self.udf_signature.name
+    }
+
+    fn call(&self, arrays: &[ArrayRef]) -> Result<ArrayData> {
+        python::ensure_python()?;
+        Python::attach(|py| {
+            let callable = self.callable.get(py, self.name_str())?;
+            let arguments = arrays
+                .iter()
+                .map(|array| array.to_data().to_pyarrow(py))
+                .collect::<PyResult<Vec<_>>>()
+                .map_err(|e| {
+                    self.python_error(py, "converting its arguments to pyarrow failed", &e)
+                })?;
+            let arguments = PyTuple::new(py, arguments)
+                .map_err(|e| self.python_error(py, "building its argument tuple failed", &e))?;
+            let result = callable
+                .call1(arguments)
+                .map_err(|e| self.python_error(py, "raised", &e))?;
+            ArrayData::from_pyarrow_bound(&result).map_err(|e| {
+                let type_name = result
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default();
+                DataFusionError::Execution(format!(
+                    "Python UDF '{}' must return a pyarrow.Array of type {}, but returned a {type_name} \
+                     that is not an Arrow array ({e})",
+                    self.name_str(),
+                    self.udf_signature.return_field.data_type()
+                ))
+            })
+        })
+    }
+
+    fn python_error(&self, py: Python<'_>, what: &str, error: &PyErr) -> DataFusionError {
+        DataFusionError::Execution(format!(
+            "Python UDF '{}' {what}: {}",
+            self.name_str(),
+            python::describe_exception(py, error)
+        ))
+    }
+
+    fn check_result(&self, array: &dyn Array, number_rows: usize) -> Result<()> {
+        let expected_type = self.udf_signature.return_field.data_type();
+        if array.len() != number_rows {
+            return Err(DataFusionError::Execution(format!(
+                "Python UDF '{}' returned {} rows for a batch of {number_rows}; it must return \
+                 exactly one value per input row",
+                self.name_str(),
+                array.len()
+            )));
+        }
+        if array.data_type() != expected_type {
+            return Err(DataFusionError::Execution(format!(
+                "Python UDF '{}' is declared to return {expected_type} but returned {}; cast the \
+                 result (e.g. `result.cast(...)`) or declare the return type it produces",
+                self.name_str(),
+                array.data_type()
+            )));
+        }
+        if !self.udf_signature.return_field.is_nullable() && array.null_count() > 0 {
+            return Err(DataFusionError::Execution(format!(
+                "Python UDF '{}' is declared non-nullable but returned {} nulls; declare the \
+                 return field nullable or return no nulls",
+                self.name_str(),
+                array.null_count()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl PartialEq for PythonScalarUdf {
+    fn eq(&self, other: &Self) -> bool {
+        self.udf_signature == other.udf_signature && self.callable.same_as(&other.callable)
+    }
+}
+
+impl Eq for PythonScalarUdf {}
+
+impl Hash for PythonScalarUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.udf_signature.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for PythonScalarUdf {
+    fn name(&self) -> &str {
+        self.name_str()
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(self.udf_signature.return_field.data_type().clone())
+    }
+
+    fn return_field_from_args(&self, _args: ReturnFieldArgs) -> Result<FieldRef> {
+        let declared = &self.udf_signature.return_field;
+        Ok(Arc::new(
+            Field::new(
+                self.name_str(),
+                declared.data_type().clone(),
+                declared.is_nullable(),
+            )
+            .with_metadata(declared.metadata().clone()),
+        ))
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let number_rows = args.number_rows;
+        let arrays = args
+            .args
+            .iter()
+            .map(|arg| arg.to_array(number_rows))
+            .collect::<Result<Vec<_>>>()?;
+        let array = make_array(self.call(&arrays)?);
+        self.check_result(array.as_ref(), number_rows)?;
+        Ok(ColumnarValue::Array(array))
+    }
+}

@@ -1,0 +1,84 @@
+//! datafusion-python 55's `DFPYUDF` v1 scalar UDF payload.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 7 | magic `DFPYUDF` |
+//! | 7 | 1 | version, `1` |
+//! | 8 | 1 | Python major version of the pickler |
+//! | 9 | 1 | Python minor version of the pickler |
+//! | 10 | … | `cloudpickle.dumps((name, func, input_schema, return_schema, volatility))` |
+//!
+//! `input_schema` and `return_schema` are Arrow IPC schema streams as in our
+//! own frame; `volatility` is `"immutable" | "stable" | "volatile"`.
+//! datafusion-python writes these bytes straight into `fun_definition`, with
+//! no envelope. The signature lives inside the pickle, so reading this format
+//! always needs a Python interpreter, and there is neither a digest nor a tag:
+//! a process configured with a cluster key refuses it.
+
+use crate::error::UdfPayloadError;
+use crate::wire::reader::FrameReader;
+
+/// The first seven bytes of a datafusion-python scalar UDF payload.
+pub const DFPY_MAGIC: &[u8; 7] = b"DFPYUDF";
+/// The only version datafusion-python 55 writes.
+pub const DFPY_VERSION: u8 = 1;
+
+/// The header of a `DFPYUDF` payload; the pickle follows it.
+#[derive(Debug)]
+pub(crate) struct DfpyFrame<'a> {
+    pub python_major: u8,
+    pub python_minor: u8,
+    pub pickle: &'a [u8],
+}
+
+pub(crate) fn read_frame<'a>(
+    expected_name: &str,
+    bytes: &'a [u8],
+) -> Result<DfpyFrame<'a>, UdfPayloadError> {
+    let mut reader = FrameReader::new(expected_name, bytes);
+    let magic = reader.take("the magic", DFPY_MAGIC.len())?;
+    if magic != DFPY_MAGIC {
+        return Err(UdfPayloadError::UnknownFamily {
+            name: expected_name.to_string(),
+            prefix: super::describe_prefix(bytes),
+        });
+    }
+    let version = reader.u8("the DFPYUDF version")?;
+    if version != DFPY_VERSION {
+        return Err(UdfPayloadError::UnsupportedVersion {
+            name: expected_name.to_string(),
+            family: "DFPYUDF",
+            found: version,
+            supported: DFPY_VERSION,
+        });
+    }
+    let python_major = reader.u8("the Python major version")?;
+    let python_minor = reader.u8("the Python minor version")?;
+    let pickle = reader.rest();
+    if pickle.is_empty() {
+        return Err(UdfPayloadError::Truncated {
+            name: expected_name.to_string(),
+            what: "the pickled tuple",
+            offset: reader.offset(),
+            needed: 1,
+            available: 0,
+        });
+    }
+    Ok(DfpyFrame {
+        python_major,
+        python_minor,
+        pickle,
+    })
+}
+
+/// Prefixes a pickled `(name, func, input_schema, return_schema, volatility)`
+/// tuple with the `DFPYUDF` header.
+pub(crate) fn write_frame(python_major: u8, python_minor: u8, pickle: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + pickle.len());
+    out.extend_from_slice(DFPY_MAGIC);
+    out.push(DFPY_VERSION);
+    out.push(python_major);
+    out.push(python_minor);
+    out.extend_from_slice(pickle);
+    out
+}

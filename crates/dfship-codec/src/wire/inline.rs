@@ -1,0 +1,205 @@
+//! `DFSHIPU` v1: this project's own frame for an inline Python scalar UDF.
+//!
+//! Everything a receiver must check comes before the pickle, so it can refuse
+//! a payload (wrong key, wrong Python, corrupted bytes) without unpickling, and
+//! a coordinator that only plans can rebuild the UDF without a Python
+//! interpreter at all. All integers are little-endian.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 7 | magic `DFSHIPU` |
+//! | 7 | 1 | frame version, `1` |
+//! | 8 | 1 | Python major version of the pickler |
+//! | 9 | 1 | Python minor version of the pickler |
+//! | 10 | 1 | cloudpickle major version of the pickler |
+//! | 11 | 1 | flags: bit 0 set = an HMAC tag is present; other bits must be 0 |
+//! | 12 | 2 | `N`, length of the name |
+//! | 14 | N | UDF name, UTF-8 |
+//! | +0 | 1 | volatility: 0 immutable, 1 stable, 2 volatile |
+//! | +1 | 4 | `I`, length of the argument schema |
+//! | +5 | I | Arrow IPC schema stream, fields `arg_0`…`arg_n` (exact input types) |
+//! | … | 4 | `R`, length of the return schema |
+//! | … | R | Arrow IPC schema stream with one field: the return field |
+//! | … | 32 | SHA-256 of the pickled callable (the cache key) |
+//! | … | 32 | HMAC-SHA256 tag, only when flag bit 0 is set |
+//! | … | 4 | `P`, length of the pickle |
+//! | … | P | `cloudpickle.dumps(callable)` |
+//!
+//! The tag is computed with the shared cluster key over every byte of the
+//! frame except the 32 tag bytes themselves (so it covers the flags, the
+//! signature, the digest and the pickle). A frame must end exactly after the
+//! pickle.
+
+use crate::auth::ClusterKey;
+use crate::callable::{PickledCallable, PicklerVersions};
+use crate::error::UdfPayloadError;
+use crate::signature::{volatility_code, volatility_from_code, UdfSignature};
+use crate::wire::reader::FrameReader;
+use datafusion::error::Result;
+
+/// The first seven bytes of every frame of ours.
+pub const INLINE_MAGIC: &[u8; 7] = b"DFSHIPU";
+/// The frame version this build writes and reads.
+pub const INLINE_VERSION: u8 = 1;
+
+const FLAG_SIGNED: u8 = 0b0000_0001;
+const DIGEST_LEN: usize = 32;
+const TAG_LEN: usize = 32;
+
+/// A frame whose framing, authentication and integrity have been checked.
+/// The pickle has not been touched.
+#[derive(Debug)]
+pub(crate) struct InlineFrame<'a> {
+    pub signature: UdfSignature,
+    pub versions: PicklerVersions,
+    pub digest: [u8; 32],
+    pub pickle: &'a [u8],
+}
+
+/// Writes a frame; signs it when a key is given.
+pub(crate) fn write_frame(
+    signature: &UdfSignature,
+    pickled: &PickledCallable,
+    key: Option<&ClusterKey>,
+) -> Result<Vec<u8>> {
+    let input_schema = signature.input_schema_ipc()?;
+    let return_schema = signature.return_schema_ipc()?;
+    let name = signature.name.as_bytes();
+    let name_len = u16::try_from(name.len()).map_err(|_| {
+        datafusion::error::DataFusionError::Plan(format!(
+            "Python UDF name is {} bytes long; names longer than {} bytes cannot be shipped",
+            name.len(),
+            u16::MAX
+        ))
+    })?;
+    let pickle = pickled.bytes();
+
+    let mut head = Vec::with_capacity(64 + name.len() + input_schema.len() + return_schema.len());
+    head.extend_from_slice(INLINE_MAGIC);
+    head.push(INLINE_VERSION);
+    head.push(pickled.versions().python_major);
+    head.push(pickled.versions().python_minor);
+    head.push(pickled.versions().cloudpickle_major);
+    head.push(if key.is_some() { FLAG_SIGNED } else { 0 });
+    head.extend_from_slice(&name_len.to_le_bytes());
+    head.extend_from_slice(name);
+    head.push(volatility_code(signature.volatility));
+    push_length_prefixed(&mut head, &input_schema)?;
+    push_length_prefixed(&mut head, &return_schema)?;
+    head.extend_from_slice(pickled.digest());
+
+    let mut tail = Vec::with_capacity(4 + pickle.len());
+    push_length_prefixed(&mut tail, pickle)?;
+
+    let mut frame = head;
+    if let Some(key) = key {
+        let tag = key.sign(&[&frame, &tail]);
+        frame.extend_from_slice(&tag);
+    }
+    frame.extend_from_slice(&tail);
+    Ok(frame)
+}
+
+fn push_length_prefixed(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| {
+        datafusion::error::DataFusionError::Plan(format!(
+            "a section of {} bytes does not fit a Python UDF frame (4 GiB at most)",
+            bytes.len()
+        ))
+    })?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// Reads and checks a frame. `expected_name` is the name the plan calls the
+/// function by. With a key, the tag is verified before anything else is
+/// interpreted; the pickle is never touched.
+pub(crate) fn read_frame<'a>(
+    expected_name: &str,
+    bytes: &'a [u8],
+    key: Option<&ClusterKey>,
+) -> Result<InlineFrame<'a>, UdfPayloadError> {
+    let mut reader = FrameReader::new(expected_name, bytes);
+    let magic = reader.take("the magic", INLINE_MAGIC.len())?;
+    if magic != INLINE_MAGIC {
+        return Err(UdfPayloadError::UnknownFamily {
+            name: expected_name.to_string(),
+            prefix: super::describe_prefix(bytes),
+        });
+    }
+    let version = reader.u8("the frame version")?;
+    if version != INLINE_VERSION {
+        return Err(UdfPayloadError::UnsupportedVersion {
+            name: expected_name.to_string(),
+            family: "DFSHIPU",
+            found: version,
+            supported: INLINE_VERSION,
+        });
+    }
+    let versions = PicklerVersions {
+        python_major: reader.u8("the Python major version")?,
+        python_minor: reader.u8("the Python minor version")?,
+        cloudpickle_major: reader.u8("the cloudpickle major version")?,
+    };
+    let flags = reader.u8("the flags")?;
+    if flags & !FLAG_SIGNED != 0 {
+        return Err(UdfPayloadError::Malformed {
+            name: expected_name.to_string(),
+            detail: format!("unknown flag bits {flags:#010b}"),
+        });
+    }
+    let name_len = reader.u16_le("the name length")? as usize;
+    let name = reader.take("the name", name_len)?;
+    let volatility = reader.u8("the volatility")?;
+    let input_schema = reader.length_prefixed("the argument schema")?;
+    let return_schema = reader.length_prefixed("the return schema")?;
+    let digest: [u8; DIGEST_LEN] = reader.array("the SHA-256 digest")?;
+    let tag_start = reader.offset();
+    let tag = if flags & FLAG_SIGNED != 0 {
+        Some(reader.take("the HMAC tag", TAG_LEN)?)
+    } else {
+        None
+    };
+    let tag_end = reader.offset();
+    let pickle = reader.length_prefixed("the pickled callable")?;
+    reader.expect_end()?;
+
+    if let Some(key) = key {
+        let Some(tag) = tag else {
+            return Err(UdfPayloadError::Unsigned {
+                name: expected_name.to_string(),
+            });
+        };
+        if !key.verify(&[&bytes[..tag_start], &bytes[tag_end..]], tag) {
+            return Err(UdfPayloadError::BadTag {
+                name: expected_name.to_string(),
+            });
+        }
+    }
+
+    let name = std::str::from_utf8(name).map_err(|_| UdfPayloadError::Malformed {
+        name: expected_name.to_string(),
+        detail: "the name is not valid UTF-8".to_string(),
+    })?;
+    if name != expected_name {
+        return Err(UdfPayloadError::NameMismatch {
+            expected: expected_name.to_string(),
+            found: name.to_string(),
+        });
+    }
+    if crate::callable::sha256(pickle) != digest {
+        return Err(UdfPayloadError::DigestMismatch {
+            name: expected_name.to_string(),
+        });
+    }
+    let volatility = volatility_from_code(expected_name, volatility)?;
+    let signature =
+        UdfSignature::from_wire(expected_name, input_schema, return_schema, volatility)?;
+    Ok(InlineFrame {
+        signature,
+        versions,
+        digest,
+        pickle,
+    })
+}
