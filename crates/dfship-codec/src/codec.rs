@@ -128,7 +128,7 @@ impl PythonUdfCodec {
             }
             .into());
         }
-        let frame = dfpy::read_frame(name, payload)?;
+        let frame = dfpy::read_header(name, payload)?;
         python::ensure_python()?;
         Python::attach(|py| {
             let local = python::local_versions(py).map_err(|e| UdfPayloadError::Unpickle {

@@ -6,7 +6,7 @@
 use datafusion::error::DataFusionError;
 
 /// Why an inline Python UDF payload could not be encoded, decoded or loaded.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum UdfPayloadError {
     #[error(
         "no inline definition was sent for scalar function '{name}', and this codec only \

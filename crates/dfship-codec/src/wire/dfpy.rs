@@ -25,13 +25,15 @@ pub const DFPY_VERSION: u8 = 1;
 
 /// The header of a `DFPYUDF` payload; the pickle follows it.
 #[derive(Debug)]
-pub(crate) struct DfpyFrame<'a> {
+pub struct DfpyFrame<'a> {
     pub python_major: u8,
     pub python_minor: u8,
     pub pickle: &'a [u8],
 }
 
-pub(crate) fn read_frame<'a>(
+/// Splits a `DFPYUDF` payload into its header fields and the pickle, without
+/// touching the pickle.
+pub fn read_header<'a>(
     expected_name: &str,
     bytes: &'a [u8],
 ) -> Result<DfpyFrame<'a>, UdfPayloadError> {

@@ -1,0 +1,26 @@
+//! Feeds arbitrary bytes to the payload decoder as a UDF named `fuzz`.
+//!
+//! Properties: decoding never panics; a frame that decodes re-encodes to the
+//! very same bytes; with a cluster key only correctly signed frames decode.
+//! `DFPYUDF` payloads stop after their header: past it lies
+//! `cloudpickle.loads`, which runs arbitrary code by design.
+#![no_main]
+
+use datafusion_proto::physical_plan::PhysicalExtensionCodec;
+use dfship_codec::{ClusterKey, CodecOptions, PythonUdfCodec};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if data.starts_with(dfship_codec::wire::dfpy::DFPY_MAGIC) {
+        let _ = dfship_codec::wire::dfpy::read_header("fuzz", data);
+        return;
+    }
+    let open = PythonUdfCodec::default();
+    if let Ok(udf) = open.try_decode_udf("fuzz", data) {
+        let again = open.encode_udf(&udf).expect("re-encoding a decoded UDF");
+        assert_eq!(again.as_deref(), Some(data), "re-encoding is byte-identical");
+    }
+    let key = ClusterKey::new(*b"fuzzing-cluster-key-0123456789ab").expect("a valid key");
+    let keyed = PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key));
+    let _ = keyed.try_decode_udf("fuzz", data);
+});

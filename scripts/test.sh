@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project, after setting up what they need.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+scripts/setup.sh
+export VIRTUAL_ENV="$root/.venv"
+
+echo "== format and lint"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+
+echo "== Rust tests (one process per test: each may start its own interpreter)"
+cargo nextest run --workspace --locked --no-fail-fast
+cargo test --workspace --doc --locked
