@@ -22,11 +22,20 @@ use dfship_codec::{
 };
 use pyo3::prelude::*;
 
-fn python_udf(name: &str, inputs: Vec<DataType>, output: DataType, source: &str) -> Result<ScalarUDF> {
+fn python_udf(
+    name: &str,
+    inputs: Vec<DataType>,
+    output: DataType,
+    source: &str,
+) -> Result<ScalarUDF> {
     let source = std::ffi::CString::new(source).expect("no NUL in source");
     Python::attach(|py| {
         let globals = pyo3::types::PyDict::new(py);
-        py.run(c"import pyarrow as pa\nimport pyarrow.compute as pc", Some(&globals), None)?;
+        py.run(
+            c"import pyarrow as pa\nimport pyarrow.compute as pc",
+            Some(&globals),
+            None,
+        )?;
         let callable = py.eval(&source, Some(&globals), None)?;
         let signature = UdfSignature::new(name, inputs, output, Volatility::Immutable);
         Ok::<_, PyErr>(PythonScalarUdf::new(signature, callable))
@@ -48,7 +57,12 @@ async fn main() -> Result<()> {
         .await?
         .collect()
         .await?;
-    let small_lambda = python_udf("add_one", vec![DataType::Int64], DataType::Int64, "lambda q: pc.add(q, 1)")?;
+    let small_lambda = python_udf(
+        "add_one",
+        vec![DataType::Int64],
+        DataType::Int64,
+        "lambda q: pc.add(q, 1)",
+    )?;
     coordinator.register_udf(small_lambda.clone());
     coordinator.register_udf(python_udf(
         "discounted",
@@ -64,7 +78,11 @@ async fn main() -> Result<()> {
         let codec = PythonUdfCodec::new(CodecOptions::default().with_write_format(format));
         let payload = codec.encode_udf(&small_lambda)?.unwrap_or_default();
         let plan_bytes = physical_plan_to_bytes_with_extension_codec(Arc::clone(&plan), &codec)?;
-        println!("{format:?}: `lambda q: pc.add(q, 1)` payload = {} bytes, whole plan = {} bytes", payload.len(), plan_bytes.len());
+        println!(
+            "{format:?}: `lambda q: pc.add(q, 1)` payload = {} bytes, whole plan = {} bytes",
+            payload.len(),
+            plan_bytes.len()
+        );
     }
 
     // A worker: a fresh context with no UDF registered and its own cache.
@@ -72,30 +90,51 @@ async fn main() -> Result<()> {
     let codec = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
     let bytes = physical_plan_to_bytes_with_extension_codec(Arc::clone(&plan), &codec)?;
     let worker = SessionContext::new();
-    let decoded = physical_plan_from_bytes_with_extension_codec(&bytes, &worker.task_ctx(), &codec)?;
+    let decoded =
+        physical_plan_from_bytes_with_extension_codec(&bytes, &worker.task_ctx(), &codec)?;
     let batches = collect(decoded, worker.task_ctx()).await?;
-    println!("\nresult on a context that never registered the UDFs:\n{}", pretty_format_batches(&batches)?);
+    println!(
+        "\nresult on a context that never registered the UDFs:\n{}",
+        pretty_format_batches(&batches)?
+    );
 
     // Cold (first unpickle in this process) vs cached decode of one UDF payload.
-    let payload = PythonUdfCodec::default().encode_udf(&small_lambda)?.unwrap_or_default();
+    let payload = PythonUdfCodec::default()
+        .encode_udf(&small_lambda)?
+        .unwrap_or_default();
     let args = || datafusion::logical_expr::ScalarFunctionArgs {
-        args: vec![datafusion::logical_expr::ColumnarValue::Array(Arc::new(arrow::array::Int64Array::from(vec![1])))],
-        arg_fields: vec![Arc::new(arrow::datatypes::Field::new("q", DataType::Int64, true))],
+        args: vec![datafusion::logical_expr::ColumnarValue::Array(Arc::new(
+            arrow::array::Int64Array::from(vec![1]),
+        ))],
+        arg_fields: vec![Arc::new(arrow::datatypes::Field::new(
+            "q",
+            DataType::Int64,
+            true,
+        ))],
         number_rows: 1,
         return_field: Arc::new(arrow::datatypes::Field::new("r", DataType::Int64, true)),
         config_options: Arc::new(Default::default()),
     };
     small_lambda.invoke_with_args(args())?; // warm pyarrow's import path first
-    let fresh = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::new(CallableCache::new(8))));
+    let fresh =
+        PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::new(CallableCache::new(8))));
     let start = Instant::now();
-    fresh.try_decode_udf("add_one", &payload)?.invoke_with_args(args())?;
+    fresh
+        .try_decode_udf("add_one", &payload)?
+        .invoke_with_args(args())?;
     let cold = start.elapsed();
     let rounds = 1000;
     let start = Instant::now();
     for _ in 0..rounds {
-        fresh.try_decode_udf("add_one", &payload)?.invoke_with_args(args())?;
+        fresh
+            .try_decode_udf("add_one", &payload)?
+            .invoke_with_args(args())?;
     }
     let warm = start.elapsed() / rounds;
-    println!("decode + first call of `add_one`: cold {} (unpickles), cached {} (mean of {rounds})", micros(cold), micros(warm));
+    println!(
+        "decode + first call of `add_one`: cold {} (unpickles), cached {} (mean of {rounds})",
+        micros(cold),
+        micros(warm)
+    );
     Ok(())
 }

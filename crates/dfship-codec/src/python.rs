@@ -66,13 +66,37 @@ pub fn use_python_environment(venv: &Path) -> Result<()> {
     Python::attach(|py| add_environment(py, venv)).map_err(DataFusionError::Configuration)
 }
 
+/// Puts the environment's site-packages (and its `.pth` entries) first on
+/// `sys.path`, and, as `python -m venv` does unless
+/// `include-system-site-packages = true`, hides the base interpreter's
+/// site-packages, so a stale global package never shadows the environment's.
+const ACTIVATE_ENVIRONMENT: &std::ffi::CStr = c"
+import site, sys
+if not include_system:
+    hidden = set(site.getsitepackages()) | {site.getusersitepackages()}
+    sys.path[:] = [p for p in sys.path if p not in hidden]
+before = list(sys.path)
+site.addsitedir(site_packages)
+added = [p for p in sys.path if p not in before]
+sys.path[:] = added + [p for p in sys.path if p not in added]
+";
+
 fn add_environment(py: Python<'_>, venv: &Path) -> std::result::Result<(), String> {
     let site_packages = site_packages_of(py, venv)?;
-    py.import("site")
-        .and_then(|site| {
-            site.call_method1("addsitedir", (site_packages.to_string_lossy().as_ref(),))
+    let include_system = std::fs::read_to_string(venv.join("pyvenv.cfg"))
+        .map(|cfg| {
+            cfg.lines().any(|line| {
+                let mut parts = line.splitn(2, '=');
+                parts.next().map(str::trim) == Some("include-system-site-packages")
+                    && parts.next().map(str::trim) == Some("true")
+            })
         })
-        .map(|_| ())
+        .unwrap_or(false);
+    let globals = pyo3::types::PyDict::new(py);
+    globals
+        .set_item("site_packages", site_packages.to_string_lossy().as_ref())
+        .and_then(|_| globals.set_item("include_system", include_system))
+        .and_then(|_| py.run(ACTIVATE_ENVIRONMENT, Some(&globals), None))
         .map_err(|e| format!("cannot add {} to sys.path: {e}", site_packages.display()))
 }
 

@@ -19,8 +19,18 @@ fn key(byte: u8) -> ClusterKey {
 
 /// The inline payload of a one-argument UDF named `name`, as `codec` writes it.
 fn payload_with(codec: &PythonUdfCodec, name: &str, body: &str) -> Vec<u8> {
-    let udf = python_udf(name, vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, body);
-    codec.encode_udf(&udf).unwrap().expect("a Python UDF is encoded inline")
+    let udf = python_udf(
+        name,
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        PA,
+        body,
+    );
+    codec
+        .encode_udf(&udf)
+        .unwrap()
+        .expect("a Python UDF is encoded inline")
 }
 
 fn payload(name: &str) -> Vec<u8> {
@@ -28,8 +38,12 @@ fn payload(name: &str) -> Vec<u8> {
 }
 
 fn decode_err(codec: &PythonUdfCodec, name: &str, bytes: &[u8]) -> UdfPayloadError {
-    let error = codec.try_decode_udf(name, bytes).expect_err("the payload is refused");
-    UdfPayloadError::find(&error).cloned().unwrap_or_else(|| panic!("not a payload error: {error}"))
+    let error = codec
+        .try_decode_udf(name, bytes)
+        .expect_err("the payload is refused");
+    UdfPayloadError::find(&error)
+        .cloned()
+        .unwrap_or_else(|| panic!("not a payload error: {error}"))
 }
 
 /// Calls the decoded UDF on [1, 2, 3], returning the error message if any.
@@ -38,7 +52,9 @@ fn call(udf: &datafusion::logical_expr::ScalarUDF) -> Result<(), String> {
     use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs};
     let field = Arc::new(arrow::datatypes::Field::new("a", DataType::Int64, true));
     udf.invoke_with_args(ScalarFunctionArgs {
-        args: vec![ColumnarValue::Array(Arc::new(Int64Array::from(vec![1, 2, 3])))],
+        args: vec![ColumnarValue::Array(Arc::new(Int64Array::from(vec![
+            1, 2, 3,
+        ])))],
         arg_fields: vec![field],
         number_rows: 3,
         return_field: Arc::new(arrow::datatypes::Field::new("r", DataType::Int64, true)),
@@ -84,23 +100,44 @@ fn pickle_of(setup: &str, expression: &str) -> Vec<u8> {
 #[test]
 fn truncation_at_every_offset_is_an_error() {
     let codec = PythonUdfCodec::default();
-    for full in [payload("trunc"), payload_with(&PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key(1))), "trunc", "lambda a: a")] {
+    for full in [
+        payload("trunc"),
+        payload_with(
+            &PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key(1))),
+            "trunc",
+            "lambda a: a",
+        ),
+    ] {
         for cut in 0..full.len() {
             let error = decode_err(&codec, "trunc", &full[..cut]);
             match cut {
-                0 => assert!(matches!(error, UdfPayloadError::NotInline { .. }), "{cut}: {error}"),
-                1..=6 => assert!(matches!(error, UdfPayloadError::UnknownFamily { .. }), "{cut}: {error}"),
-                _ => assert!(matches!(error, UdfPayloadError::Truncated { .. }), "{cut}: {error}"),
+                0 => assert!(
+                    matches!(error, UdfPayloadError::NotInline { .. }),
+                    "{cut}: {error}"
+                ),
+                1..=6 => assert!(
+                    matches!(error, UdfPayloadError::UnknownFamily { .. }),
+                    "{cut}: {error}"
+                ),
+                _ => assert!(
+                    matches!(error, UdfPayloadError::Truncated { .. }),
+                    "{cut}: {error}"
+                ),
             }
         }
         assert!(codec.try_decode_udf("trunc", &full).is_ok());
     }
-    let dfpy = PythonUdfCodec::new(CodecOptions::default().with_write_format(WireFormat::DataFusionPython));
+    let dfpy = PythonUdfCodec::new(
+        CodecOptions::default().with_write_format(WireFormat::DataFusionPython),
+    );
     let full = payload_with(&dfpy, "trunc", "lambda a: a");
     for cut in 7..full.len() {
         let error = decode_err(&codec, "trunc", &full[..cut]);
         assert!(
-            matches!(error, UdfPayloadError::Truncated { .. } | UdfPayloadError::Unpickle { .. }),
+            matches!(
+                error,
+                UdfPayloadError::Truncated { .. } | UdfPayloadError::Unpickle { .. }
+            ),
             "{cut}: {error}"
         );
     }
@@ -111,7 +148,10 @@ fn trailing_bytes_are_refused() {
     let mut bytes = payload("trailing");
     bytes.push(0);
     let error = decode_err(&PythonUdfCodec::default(), "trailing", &bytes);
-    assert!(matches!(error, UdfPayloadError::Malformed { .. }), "{error}");
+    assert!(
+        matches!(error, UdfPayloadError::Malformed { .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("trailing"), "{error}");
 }
 
@@ -119,21 +159,45 @@ fn trailing_bytes_are_refused() {
 fn unknown_family_and_versions() {
     let codec = PythonUdfCodec::default();
     let error = decode_err(&codec, "f", b"PK\x03\x04not a payload");
-    assert!(matches!(error, UdfPayloadError::UnknownFamily { .. }), "{error}");
+    assert!(
+        matches!(error, UdfPayloadError::UnknownFamily { .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("DFSHIPU"), "{error}");
 
     let mut bytes = payload("ver");
     bytes[7] = 9;
     let error = decode_err(&codec, "ver", &bytes);
-    assert_eq!(error, UdfPayloadError::UnsupportedVersion { name: "ver".into(), family: "DFSHIPU", found: 9, supported: 1 });
+    assert_eq!(
+        error,
+        UdfPayloadError::UnsupportedVersion {
+            name: "ver".into(),
+            family: "DFSHIPU",
+            found: 9,
+            supported: 1
+        }
+    );
 
     let error = decode_err(&codec, "ver", b"DFPYUDF\x02\x03\x0bxxxx");
-    assert!(matches!(error, UdfPayloadError::UnsupportedVersion { family: "DFPYUDF", found: 2, .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            UdfPayloadError::UnsupportedVersion {
+                family: "DFPYUDF",
+                found: 2,
+                ..
+            }
+        ),
+        "{error}"
+    );
 
     let mut bytes = payload("flags");
     bytes[11] = 0x80;
     let error = decode_err(&codec, "flags", &bytes);
-    assert!(matches!(error, UdfPayloadError::Malformed { .. }) && error.to_string().contains("flag"), "{error}");
+    assert!(
+        matches!(error, UdfPayloadError::Malformed { .. }) && error.to_string().contains("flag"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -147,7 +211,10 @@ fn bad_schema_bytes() {
         *b = 0x5a;
     }
     let error = decode_err(&codec, "schema", &corrupted);
-    assert!(matches!(error, UdfPayloadError::Malformed { .. }), "{error}");
+    assert!(
+        matches!(error, UdfPayloadError::Malformed { .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("argument schema"), "{error}");
 
     let mut bad_volatility = bytes.clone();
@@ -158,8 +225,18 @@ fn bad_schema_bytes() {
 
 #[test]
 fn name_mismatch_is_refused() {
-    let error = decode_err(&PythonUdfCodec::default(), "expected_name", &payload("other_name"));
-    assert_eq!(error, UdfPayloadError::NameMismatch { expected: "expected_name".into(), found: "other_name".into() });
+    let error = decode_err(
+        &PythonUdfCodec::default(),
+        "expected_name",
+        &payload("other_name"),
+    );
+    assert_eq!(
+        error,
+        UdfPayloadError::NameMismatch {
+            expected: "expected_name".into(),
+            found: "other_name".into()
+        }
+    );
 }
 
 #[test]
@@ -168,7 +245,12 @@ fn digest_mismatch() {
     let last = bytes.len() - 3;
     bytes[last] ^= 0xff;
     let error = decode_err(&PythonUdfCodec::default(), "digest", &bytes);
-    assert_eq!(error, UdfPayloadError::DigestMismatch { name: "digest".into() });
+    assert_eq!(
+        error,
+        UdfPayloadError::DigestMismatch {
+            name: "digest".into()
+        }
+    );
 }
 
 #[test]
@@ -179,10 +261,20 @@ fn hmac_missing_or_wrong() {
 
     let signed = payload_with(&signer, "signed", "lambda a: a");
     assert!(verifier.try_decode_udf("signed", &signed).is_ok());
-    assert_eq!(decode_err(&other, "signed", &signed), UdfPayloadError::BadTag { name: "signed".into() });
+    assert_eq!(
+        decode_err(&other, "signed", &signed),
+        UdfPayloadError::BadTag {
+            name: "signed".into()
+        }
+    );
 
     let unsigned = payload("signed");
-    assert_eq!(decode_err(&verifier, "signed", &unsigned), UdfPayloadError::Unsigned { name: "signed".into() });
+    assert_eq!(
+        decode_err(&verifier, "signed", &unsigned),
+        UdfPayloadError::Unsigned {
+            name: "signed".into()
+        }
+    );
 
     // Flipping any byte of a signed frame breaks the tag before anything else is checked.
     for at in [8, 12, 20, signed.len() / 2, signed.len() - 1] {
@@ -190,14 +282,30 @@ fn hmac_missing_or_wrong() {
         tampered[at] ^= 0x01;
         let error = decode_err(&verifier, "signed", &tampered);
         assert!(
-            matches!(error, UdfPayloadError::BadTag { .. } | UdfPayloadError::Truncated { .. } | UdfPayloadError::Malformed { .. }),
+            matches!(
+                error,
+                UdfPayloadError::BadTag { .. }
+                    | UdfPayloadError::Truncated { .. }
+                    | UdfPayloadError::Malformed { .. }
+            ),
             "byte {at}: {error}"
         );
     }
 
     // Stripping the tag and clearing the flag leaves an unsigned frame: refused.
-    let dfpy = payload_with(&PythonUdfCodec::new(CodecOptions::default().with_write_format(WireFormat::DataFusionPython)), "signed", "lambda a: a");
-    assert_eq!(decode_err(&verifier, "signed", &dfpy), UdfPayloadError::Unsigned { name: "signed".into() });
+    let dfpy = payload_with(
+        &PythonUdfCodec::new(
+            CodecOptions::default().with_write_format(WireFormat::DataFusionPython),
+        ),
+        "signed",
+        "lambda a: a",
+    );
+    assert_eq!(
+        decode_err(&verifier, "signed", &dfpy),
+        UdfPayloadError::Unsigned {
+            name: "signed".into()
+        }
+    );
 }
 
 #[test]
@@ -205,17 +313,29 @@ fn hmac_refuses_before_unpickling() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("unpickled.marker");
     let evil_pickle = pickle_of(
-        &format!("class Evil:\n    def __reduce__(self):\n        return (open, ({:?}, 'w'))\n", marker.to_str().unwrap()),
+        &format!(
+            "class Evil:\n    def __reduce__(self):\n        return (open, ({:?}, 'w'))\n",
+            marker.to_str().unwrap()
+        ),
         "pickle.dumps(Evil())",
     );
     let honest = payload("evil");
     let unsigned_evil = with_pickle(&honest, &evil_pickle);
 
     let keyed = PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key(1)));
-    assert_eq!(decode_err(&keyed, "evil", &unsigned_evil), UdfPayloadError::Unsigned { name: "evil".into() });
+    assert_eq!(
+        decode_err(&keyed, "evil", &unsigned_evil),
+        UdfPayloadError::Unsigned {
+            name: "evil".into()
+        }
+    );
 
     // Signed with another key: the tag check fails first.
-    let foreign = payload_with(&PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key(2))), "evil", "lambda a: a");
+    let foreign = payload_with(
+        &PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key(2))),
+        "evil",
+        "lambda a: a",
+    );
     let mut forged = foreign.clone();
     let tail_len = pickle_len_signed(&foreign) + 4;
     forged.truncate(foreign.len() - tail_len);
@@ -223,7 +343,12 @@ fn hmac_refuses_before_unpickling() {
     forged.extend_from_slice(&evil_pickle);
     let digest_at = forged.len() - evil_pickle.len() - 4 - 32 - 32;
     forged[digest_at..digest_at + 32].copy_from_slice(&sha256(&evil_pickle));
-    assert_eq!(decode_err(&keyed, "evil", &forged), UdfPayloadError::BadTag { name: "evil".into() });
+    assert_eq!(
+        decode_err(&keyed, "evil", &forged),
+        UdfPayloadError::BadTag {
+            name: "evil".into()
+        }
+    );
     assert!(!marker.exists(), "nothing was unpickled");
 
     // Control: without a key the same payload decodes, and the first call unpickles it.
@@ -231,7 +356,10 @@ fn hmac_refuses_before_unpickling() {
     let udf = open.try_decode_udf("evil", &unsigned_evil).unwrap();
     assert!(!marker.exists(), "decoding alone does not unpickle");
     let _ = call(&udf);
-    assert!(marker.exists(), "the control shows this payload really runs code when unpickled");
+    assert!(
+        marker.exists(),
+        "the control shows this payload really runs code when unpickled"
+    );
 }
 
 fn pickle_len_signed(frame: &[u8]) -> usize {
@@ -250,12 +378,35 @@ fn oversize_is_refused_both_ways() {
     let small_limit = PythonUdfCodec::new(CodecOptions::default().with_max_payload_bytes(64));
     let bytes = payload("big");
     let error = decode_err(&small_limit, "big", &bytes);
-    assert_eq!(error, UdfPayloadError::TooLarge { name: "big".into(), size: bytes.len(), limit: 64 });
-    assert!(error.to_string().contains("raise the payload size limit"), "{error}");
+    assert_eq!(
+        error,
+        UdfPayloadError::TooLarge {
+            name: "big".into(),
+            size: bytes.len(),
+            limit: 64
+        }
+    );
+    assert!(
+        error.to_string().contains("raise the payload size limit"),
+        "{error}"
+    );
 
-    let udf = python_udf("big", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, "lambda a: a");
+    let udf = python_udf(
+        "big",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        PA,
+        "lambda a: a",
+    );
     let error = small_limit.encode_udf(&udf).unwrap_err();
-    assert!(matches!(UdfPayloadError::find(&error), Some(UdfPayloadError::TooLarge { .. })), "{error}");
+    assert!(
+        matches!(
+            UdfPayloadError::find(&error),
+            Some(UdfPayloadError::TooLarge { .. })
+        ),
+        "{error}"
+    );
 }
 
 #[test]
@@ -265,8 +416,16 @@ fn strict_mode_refuses_without_unpickling() {
         let writer = PythonUdfCodec::new(CodecOptions::default().with_write_format(format));
         let bytes = payload_with(&writer, "strict_udf", "lambda a: a");
         let error = decode_err(&strict, "strict_udf", &bytes);
-        assert_eq!(error, UdfPayloadError::Strict { name: "strict_udf".into() });
-        assert!(error.to_string().contains("register 'strict_udf'"), "{error}");
+        assert_eq!(
+            error,
+            UdfPayloadError::Strict {
+                name: "strict_udf".into()
+            }
+        );
+        assert!(
+            error.to_string().contains("register 'strict_udf'"),
+            "{error}"
+        );
     }
 }
 
@@ -278,13 +437,22 @@ fn unpickling_failures_name_the_cause() {
     let garbage = with_pickle(&honest, b"\x80\x05this is not a pickle");
     let udf = codec.try_decode_udf("broken", &garbage).unwrap();
     let error = call(&udf).unwrap_err();
-    assert!(error.contains("could not be unpickled") && error.contains("broken"), "{error}");
+    assert!(
+        error.contains("could not be unpickled") && error.contains("broken"),
+        "{error}"
+    );
 
     let missing_module = with_pickle(&honest, b"cno_such_module_for_dfship\nfunc\n.");
     let udf = codec.try_decode_udf("broken", &missing_module).unwrap();
     let error = call(&udf).unwrap_err();
-    assert!(error.contains("module 'no_such_module_for_dfship' is not installed"), "{error}");
-    assert!(error.contains("cloudpickle.register_pickle_by_value"), "{error}");
+    assert!(
+        error.contains("module 'no_such_module_for_dfship' is not installed"),
+        "{error}"
+    );
+    assert!(
+        error.contains("cloudpickle.register_pickle_by_value"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -292,29 +460,53 @@ fn version_mismatches_name_both_versions() {
     let codec = PythonUdfCodec::default();
     let mut bytes = payload("skew");
     bytes[9] = bytes[9].wrapping_add(1);
-    let udf = codec.try_decode_udf("skew", &bytes).expect("decoding needs no Python");
+    let udf = codec
+        .try_decode_udf("skew", &bytes)
+        .expect("decoding needs no Python");
     let error = call(&udf).unwrap_err();
     let local = Python::attach(|py| py.version_info().minor);
-    assert!(error.contains(&format!("pickled by Python 3.{}", local + 1)), "{error}");
+    assert!(
+        error.contains(&format!("pickled by Python 3.{}", local + 1)),
+        "{error}"
+    );
     assert!(error.contains(&format!("runs Python 3.{local}")), "{error}");
 
     let mut bytes = payload("skew");
     bytes[10] = 2;
     let udf = codec.try_decode_udf("skew", &bytes).unwrap();
     let error = call(&udf).unwrap_err();
-    assert!(error.contains("cloudpickle 2") && error.contains("cloudpickle 3"), "{error}");
+    assert!(
+        error.contains("cloudpickle 2") && error.contains("cloudpickle 3"),
+        "{error}"
+    );
 
-    let mut dfpy = payload_with(&PythonUdfCodec::new(CodecOptions::default().with_write_format(WireFormat::DataFusionPython)), "skew", "lambda a: a");
+    let mut dfpy = payload_with(
+        &PythonUdfCodec::new(
+            CodecOptions::default().with_write_format(WireFormat::DataFusionPython),
+        ),
+        "skew",
+        "lambda a: a",
+    );
     dfpy[9] = 99;
     let error = decode_err(&codec, "skew", &dfpy);
-    assert!(matches!(error, UdfPayloadError::PythonVersion { payload_minor: 99, .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            UdfPayloadError::PythonVersion {
+                payload_minor: 99,
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
 #[test]
 fn dfpy_tuple_shapes_and_element_types() {
     let codec = PythonUdfCodec::default();
     let header = |pickle: Vec<u8>| {
-        let (major, minor) = Python::attach(|py| (py.version_info().major, py.version_info().minor));
+        let (major, minor) =
+            Python::attach(|py| (py.version_info().major, py.version_info().minor));
         let mut out = b"DFPYUDF\x01".to_vec();
         out.extend_from_slice(&[major, minor]);
         out.extend_from_slice(&pickle);
@@ -323,22 +515,55 @@ fn dfpy_tuple_shapes_and_element_types() {
     let schemas = "import pyarrow as pa\ns_in = pa.schema([pa.field('arg_0', pa.int64())]).serialize().to_pybytes()\ns_out = pa.schema([pa.field('r', pa.int64())]).serialize().to_pybytes()\n";
     let cases = [
         ("cloudpickle.dumps([1, 2])", "instead of a 5-tuple"),
-        ("cloudpickle.dumps(('shape', len))", "2 elements instead of 5"),
-        ("cloudpickle.dumps((1, len, s_in, s_out, 'immutable'))", "element 0"),
-        ("cloudpickle.dumps(('shape', 42, s_in, s_out, 'immutable'))", "element 1 of the DFPYUDF tuple must be a callable"),
-        ("cloudpickle.dumps(('shape', len, 'text', s_out, 'immutable'))", "element 2"),
-        ("cloudpickle.dumps(('shape', len, s_in, None, 'immutable'))", "element 3"),
-        ("cloudpickle.dumps(('shape', len, s_in, s_out, 3))", "element 4"),
-        ("cloudpickle.dumps(('shape', len, s_in, s_out, 'sometimes'))", "unknown volatility 'sometimes'"),
-        ("cloudpickle.dumps(('shape', len, b'nope', s_out, 'immutable'))", "argument schema"),
-        ("cloudpickle.dumps(('other', len, s_in, s_out, 'immutable'))", "names scalar function 'other'"),
+        (
+            "cloudpickle.dumps(('shape', len))",
+            "2 elements instead of 5",
+        ),
+        (
+            "cloudpickle.dumps((1, len, s_in, s_out, 'immutable'))",
+            "element 0",
+        ),
+        (
+            "cloudpickle.dumps(('shape', 42, s_in, s_out, 'immutable'))",
+            "element 1 of the DFPYUDF tuple must be a callable",
+        ),
+        (
+            "cloudpickle.dumps(('shape', len, 'text', s_out, 'immutable'))",
+            "element 2",
+        ),
+        (
+            "cloudpickle.dumps(('shape', len, s_in, None, 'immutable'))",
+            "element 3",
+        ),
+        (
+            "cloudpickle.dumps(('shape', len, s_in, s_out, 3))",
+            "element 4",
+        ),
+        (
+            "cloudpickle.dumps(('shape', len, s_in, s_out, 'sometimes'))",
+            "unknown volatility 'sometimes'",
+        ),
+        (
+            "cloudpickle.dumps(('shape', len, b'nope', s_out, 'immutable'))",
+            "argument schema",
+        ),
+        (
+            "cloudpickle.dumps(('other', len, s_in, s_out, 'immutable'))",
+            "names scalar function 'other'",
+        ),
     ];
     for (expression, expected) in cases {
         let bytes = header(pickle_of(schemas, expression));
         let error = decode_err(&codec, "shape", &bytes);
-        assert!(error.to_string().contains(expected), "{expression}: {error}");
+        assert!(
+            error.to_string().contains(expected),
+            "{expression}: {error}"
+        );
     }
-    let good = header(pickle_of(schemas, "cloudpickle.dumps(('shape', len, s_in, s_out, 'immutable'))"));
+    let good = header(pickle_of(
+        schemas,
+        "cloudpickle.dumps(('shape', len, s_in, s_out, 'immutable'))",
+    ));
     assert!(codec.try_decode_udf("shape", &good).is_ok());
 }
 
@@ -350,13 +575,30 @@ fn empty_payload_is_not_ours() {
 
 #[test]
 fn cluster_key_sources() {
-    assert!(ClusterKey::new(b"short".to_vec()).unwrap_err().to_string().contains("at least 16"));
+    assert!(ClusterKey::new(b"short".to_vec())
+        .unwrap_err()
+        .to_string()
+        .contains("at least 16"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cluster.key");
     std::fs::write(&path, b"0123456789abcdef0123\n").unwrap();
-    assert_eq!(ClusterKey::from_file(&path).unwrap(), ClusterKey::new(b"0123456789abcdef0123".to_vec()).unwrap());
-    let missing = ClusterKey::from_file(dir.path().join("absent")).unwrap_err().to_string();
-    assert!(missing.contains("cannot read the cluster key file"), "{missing}");
-    assert_eq!(ClusterKey::from_env("DFSHIP_TEST_UNSET_KEY_VAR").unwrap(), None);
-    assert!(!format!("{:?}", key(1)).contains("1, 1"), "Debug redacts the key");
+    assert_eq!(
+        ClusterKey::from_file(&path).unwrap(),
+        ClusterKey::new(b"0123456789abcdef0123".to_vec()).unwrap()
+    );
+    let missing = ClusterKey::from_file(dir.path().join("absent"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("cannot read the cluster key file"),
+        "{missing}"
+    );
+    assert_eq!(
+        ClusterKey::from_env("DFSHIP_TEST_UNSET_KEY_VAR").unwrap(),
+        None
+    );
+    assert!(
+        !format!("{:?}", key(1)).contains("1, 1"),
+        "Debug redacts the key"
+    );
 }

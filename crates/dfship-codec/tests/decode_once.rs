@@ -94,9 +94,19 @@ fn the_cache_is_bounded() {
     let codec = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
     for i in 0..5 {
         let name = format!("bounded_{i}");
-        let udf = python_udf(&name, vec![], DataType::Int64, Volatility::Volatile, "import pyarrow as pa\n", &format!("lambda: pa.array([{i}])"));
+        let udf = python_udf(
+            &name,
+            vec![],
+            DataType::Int64,
+            Volatility::Volatile,
+            "import pyarrow as pa\n",
+            &format!("lambda: pa.array([{i}])"),
+        );
         let payload = codec.encode_udf(&udf).unwrap().unwrap();
-        let decoded = datafusion_proto::physical_plan::PhysicalExtensionCodec::try_decode_udf(&codec, &name, &payload).unwrap();
+        let decoded = datafusion_proto::physical_plan::PhysicalExtensionCodec::try_decode_udf(
+            &codec, &name, &payload,
+        )
+        .unwrap();
         let out = decoded
             .invoke_with_args(datafusion::logical_expr::ScalarFunctionArgs {
                 args: vec![],

@@ -14,62 +14,151 @@ const PA: &str = "import pyarrow as pa\nimport pyarrow.compute as pc\n";
 async fn query_error(udf: datafusion::logical_expr::ScalarUDF, sql: &str) -> String {
     let ctx = session_with_data().await;
     ctx.register_udf(udf);
-    ctx.sql(sql).await.unwrap().collect().await.unwrap_err().to_string()
+    ctx.sql(sql)
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err()
+        .to_string()
 }
 
 #[tokio::test]
 async fn wrong_length_names_udf_and_both_lengths() {
-    let udf = python_udf("too_short", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, "lambda a: a.slice(0, 1)");
+    let udf = python_udf(
+        "too_short",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        PA,
+        "lambda a: a.slice(0, 1)",
+    );
     let error = query_error(udf, "SELECT too_short(a) FROM v").await;
-    assert!(error.contains("'too_short' returned 1 rows for a batch of 4"), "{error}");
+    assert!(
+        error.contains("'too_short' returned 1 rows for a batch of 4"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn wrong_type_names_expected_and_actual() {
-    let udf = python_udf("wrong_type", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, "lambda a: pc.cast(a, pa.float64())");
+    let udf = python_udf(
+        "wrong_type",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        PA,
+        "lambda a: pc.cast(a, pa.float64())",
+    );
     let error = query_error(udf, "SELECT wrong_type(a) FROM v").await;
-    assert!(error.contains("'wrong_type' is declared to return Int64 but returned Float64"), "{error}");
+    assert!(
+        error.contains("'wrong_type' is declared to return Int64 but returned Float64"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn non_array_results_are_refused() {
-    let udf = python_udf("not_array", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, "lambda a: 42");
+    let udf = python_udf(
+        "not_array",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        PA,
+        "lambda a: 42",
+    );
     let error = query_error(udf, "SELECT not_array(a) FROM v").await;
-    assert!(error.contains("'not_array' must return a pyarrow.Array of type Int64, but returned a int"), "{error}");
+    assert!(
+        error.contains("'not_array' must return a pyarrow.Array of type Int64, but returned a int"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn nulls_from_a_non_nullable_udf_are_refused() {
     let callable = py_object(PA, "lambda a: a");
-    let signature = UdfSignature::new("never_null", vec![DataType::Int64], DataType::Int64, Volatility::Immutable)
-        .with_return_field(Field::new("never_null", DataType::Int64, false));
-    let udf = Python::attach(|py| PythonScalarUdf::new(signature, callable.into_bound(py))).unwrap().into_scalar_udf();
+    let signature = UdfSignature::new(
+        "never_null",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+    )
+    .with_return_field(Field::new("never_null", DataType::Int64, false));
+    let udf = Python::attach(|py| PythonScalarUdf::new(signature, callable.into_bound(py)))
+        .unwrap()
+        .into_scalar_udf();
     let error = query_error(udf, "SELECT never_null(a) FROM v").await;
-    assert!(error.contains("'never_null' is declared non-nullable but returned 1 nulls"), "{error}");
+    assert!(
+        error.contains("'never_null' is declared non-nullable but returned 1 nulls"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn python_exceptions_carry_type_message_and_traceback() {
     let setup = format!("{PA}def inner(a):\n    raise ValueError(f'bad input of length {{len(a)}}')\ndef explode(a):\n    return inner(a)\n");
-    let udf = python_udf("explode", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, &setup, "explode");
+    let udf = python_udf(
+        "explode",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        &setup,
+        "explode",
+    );
     let ctx = session_with_data().await;
     ctx.register_udf(udf);
-    let error = ctx.sql("SELECT explode(a) FROM v").await.unwrap().collect().await.unwrap_err().to_string();
-    assert!(error.contains("Python UDF 'explode' raised: ValueError: bad input of length 4"), "{error}");
-    assert!(error.contains("Traceback") && error.contains("in inner"), "{error}");
+    let error = ctx
+        .sql("SELECT explode(a) FROM v")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("Python UDF 'explode' raised: ValueError: bad input of length 4"),
+        "{error}"
+    );
+    assert!(
+        error.contains("Traceback") && error.contains("in inner"),
+        "{error}"
+    );
 
     // The interpreter and the session are fine afterwards.
-    ctx.register_udf(python_udf("fine_after", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, "lambda a: pc.add(a, 1)"));
-    let ok = ctx.sql("SELECT fine_after(a) FROM v").await.unwrap().collect().await.unwrap();
+    ctx.register_udf(python_udf(
+        "fine_after",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        PA,
+        "lambda a: pc.add(a, 1)",
+    ));
+    let ok = ctx
+        .sql("SELECT fine_after(a) FROM v")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     assert_eq!(ok.iter().map(|b| b.num_rows()).sum::<usize>(), 4);
 }
 
 #[test]
 fn non_callables_are_refused_at_creation() {
     let object = py_object("", "42");
-    let signature = UdfSignature::new("not_callable", vec![], DataType::Int64, Volatility::Immutable);
-    let error = Python::attach(|py| PythonScalarUdf::new(signature, object.into_bound(py))).unwrap_err().to_string();
-    assert!(error.contains("must be given a callable, got an object of type int"), "{error}");
+    let signature = UdfSignature::new(
+        "not_callable",
+        vec![],
+        DataType::Int64,
+        Volatility::Immutable,
+    );
+    let error = Python::attach(|py| PythonScalarUdf::new(signature, object.into_bound(py)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("must be given a callable, got an object of type int"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -77,8 +166,14 @@ async fn arrays_reach_python_zero_copy() {
     // pyarrow sees the very buffer DataFusion holds: its address matches.
     use arrow::array::{Array, Int64Array};
     use std::sync::Arc;
-    let udf = python_udf("address", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA,
-        "lambda a: pa.array([a.buffers()[1].address] * len(a), pa.int64())");
+    let udf = python_udf(
+        "address",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        PA,
+        "lambda a: pa.array([a.buffers()[1].address] * len(a), pa.int64())",
+    );
     let input = Arc::new(Int64Array::from(vec![5, 6, 7]));
     let expected = input.values().inner().as_ptr() as i64;
     let out = udf
@@ -90,7 +185,9 @@ async fn arrays_reach_python_zero_copy() {
             config_options: Arc::new(Default::default()),
         })
         .unwrap();
-    let datafusion::logical_expr::ColumnarValue::Array(out) = out else { panic!("an array") };
+    let datafusion::logical_expr::ColumnarValue::Array(out) = out else {
+        panic!("an array")
+    };
     let out = out.as_any().downcast_ref::<Int64Array>().unwrap();
     assert_eq!(out.value(0), expected);
 }

@@ -17,7 +17,11 @@ use dfship_codec::{CodecOptions, PythonUdfCodec, WireFormat};
 
 fn venv_python(script: &str, dir: &Path) -> String {
     let output = Command::new(venv().join("bin/python"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/python")
+                .join(script),
+        )
         .arg(dir)
         .output()
         .expect("the venv's python runs");
@@ -47,7 +51,10 @@ async fn plans_from_datafusion_python_run_here() {
     for name in ["projection", "closure_filter", "two_args_aggregate"] {
         assert!(log.contains(&format!("wrote {name}")), "{log}");
         let bytes = std::fs::read(dir.path().join(format!("{name}.plan"))).unwrap();
-        assert!(find(&bytes, DFPY_MAGIC).is_some(), "{name} carries DFPYUDF payloads");
+        assert!(
+            find(&bytes, DFPY_MAGIC).is_some(),
+            "{name} carries DFPYUDF payloads"
+        );
         let plan = decode(&bytes, &codec).unwrap_or_else(|e| panic!("{name}: {e}"));
         let actual = pretty(&run(plan).await.unwrap());
         let expected = pretty(&read_ipc(&dir.path().join(format!("{name}.arrow"))));
@@ -61,7 +68,14 @@ async fn plans_from_datafusion_python_run_here() {
 async fn plans_written_here_run_in_datafusion_python() {
     let ctx = session_with_data().await;
     let pa = "import pyarrow as pa\nimport pyarrow.compute as pc\n";
-    ctx.register_udf(python_udf("plus_one", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, pa, "lambda a: pc.add(a, 1)"));
+    ctx.register_udf(python_udf(
+        "plus_one",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        pa,
+        "lambda a: pc.add(a, 1)",
+    ));
     ctx.register_udf(python_udf(
         "scaled",
         vec![DataType::Int64, DataType::Float64],
@@ -70,13 +84,28 @@ async fn plans_written_here_run_in_datafusion_python() {
         &format!("{pa}def make(k):\n    return lambda a, b: pc.multiply(pc.multiply(pc.cast(a, pa.float64()), b), k)\n"),
         "make(2.0)",
     ));
-    ctx.register_udf(python_udf("shout", vec![DataType::Utf8], DataType::Utf8, Volatility::Volatile, pa, "lambda s: pc.utf8_upper(s)"));
+    ctx.register_udf(python_udf(
+        "shout",
+        vec![DataType::Utf8],
+        DataType::Utf8,
+        Volatility::Volatile,
+        pa,
+        "lambda s: pc.utf8_upper(s)",
+    ));
     let queries = [
         ("projection", "SELECT a, plus_one(a) AS p FROM v ORDER BY a"),
-        ("closure_filter", "SELECT a, scaled(a, b) AS s FROM v WHERE plus_one(a) > 2 ORDER BY a"),
-        ("aggregate", "SELECT shout(s) AS loud, sum(a) AS total FROM v GROUP BY shout(s) ORDER BY loud"),
+        (
+            "closure_filter",
+            "SELECT a, scaled(a, b) AS s FROM v WHERE plus_one(a) > 2 ORDER BY a",
+        ),
+        (
+            "aggregate",
+            "SELECT shout(s) AS loud, sum(a) AS total FROM v GROUP BY shout(s) ORDER BY loud",
+        ),
     ];
-    let codec = PythonUdfCodec::new(CodecOptions::default().with_write_format(WireFormat::DataFusionPython));
+    let codec = PythonUdfCodec::new(
+        CodecOptions::default().with_write_format(WireFormat::DataFusionPython),
+    );
     let dir = tempfile::tempdir().unwrap();
     for (name, sql) in queries {
         let plan = physical_plan(&ctx, sql).await;
@@ -85,7 +114,8 @@ async fn plans_written_here_run_in_datafusion_python() {
         std::fs::write(dir.path().join(format!("{name}.plan")), &bytes).unwrap();
         let batches = run(plan).await.unwrap();
         let file = File::create(dir.path().join(format!("{name}.arrow"))).unwrap();
-        let mut writer = arrow::ipc::writer::FileWriter::try_new(file, &batches[0].schema()).unwrap();
+        let mut writer =
+            arrow::ipc::writer::FileWriter::try_new(file, &batches[0].schema()).unwrap();
         for batch in &batches {
             writer.write(batch).unwrap();
         }

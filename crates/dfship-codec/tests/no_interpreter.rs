@@ -7,10 +7,10 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::physical_expr::ScalarFunctionExpr;
+use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::expressions::col;
 use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::prelude::SessionContext;
 use datafusion_proto::bytes::{
     physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_extension_codec,
@@ -23,7 +23,8 @@ use dfship_codec::PythonUdfCodec;
 fn hand_made_frame() -> Vec<u8> {
     use sha2::Digest;
     let schema = |fields: Vec<Field>| {
-        let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &Schema::new(fields)).unwrap();
+        let mut w =
+            arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &Schema::new(fields)).unwrap();
         w.finish().unwrap();
         w.into_inner().unwrap()
     };
@@ -32,7 +33,10 @@ fn hand_made_frame() -> Vec<u8> {
     frame.extend_from_slice(&(5u16).to_le_bytes());
     frame.extend_from_slice(b"lazyf");
     frame.push(0);
-    for s in [schema(vec![Field::new("arg_0", DataType::Int64, true)]), schema(vec![Field::new("lazyf", DataType::Int64, true)])] {
+    for s in [
+        schema(vec![Field::new("arg_0", DataType::Int64, true)]),
+        schema(vec![Field::new("lazyf", DataType::Int64, true)]),
+    ] {
         frame.extend_from_slice(&(s.len() as u32).to_le_bytes());
         frame.extend_from_slice(&s);
     }
@@ -48,18 +52,45 @@ fn plans_with_python_udfs_round_trip_without_an_interpreter() {
     let frame = hand_made_frame();
     let udf: Arc<ScalarUDF> = codec.try_decode_udf("lazyf", &frame).unwrap();
     assert_eq!(udf.name(), "lazyf");
-    assert_eq!(udf.signature().type_signature, datafusion::logical_expr::TypeSignature::Exact(vec![DataType::Int64]));
+    assert_eq!(
+        udf.signature().type_signature,
+        datafusion::logical_expr::TypeSignature::Exact(vec![DataType::Int64])
+    );
 
     let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
     let input: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(Arc::clone(&schema)));
-    let call = ScalarFunctionExpr::try_new(udf, vec![col("a", &schema).unwrap()], &schema, Arc::new(Default::default())).unwrap();
+    let call = ScalarFunctionExpr::try_new(
+        udf,
+        vec![col("a", &schema).unwrap()],
+        &schema,
+        Arc::new(Default::default()),
+    )
+    .unwrap();
     let plan: Arc<dyn ExecutionPlan> = Arc::new(
-        ProjectionExec::try_new(vec![ProjectionExpr::new(Arc::new(call), "out".to_string())], input).unwrap(),
+        ProjectionExec::try_new(
+            vec![ProjectionExpr::new(Arc::new(call), "out".to_string())],
+            input,
+        )
+        .unwrap(),
     );
     let bytes = physical_plan_to_bytes_with_extension_codec(Arc::clone(&plan), &codec).unwrap();
-    let decoded = physical_plan_from_bytes_with_extension_codec(&bytes, &SessionContext::new().task_ctx(), &codec).unwrap();
+    let decoded = physical_plan_from_bytes_with_extension_codec(
+        &bytes,
+        &SessionContext::new().task_ctx(),
+        &codec,
+    )
+    .unwrap();
     let again = physical_plan_to_bytes_with_extension_codec(decoded, &codec).unwrap();
-    assert_eq!(bytes, again, "re-encoding emits the received payload unchanged");
-    assert!(bytes.windows(frame.len()).any(|w| w == frame.as_slice()), "the frame is carried byte for byte");
-    assert!(!dfship_codec::python::is_running(), "no interpreter was started");
+    assert_eq!(
+        bytes, again,
+        "re-encoding emits the received payload unchanged"
+    );
+    assert!(
+        bytes.windows(frame.len()).any(|w| w == frame.as_slice()),
+        "the frame is carried byte for byte"
+    );
+    assert!(
+        !dfship_codec::python::is_running(),
+        "no interpreter was started"
+    );
 }

@@ -36,7 +36,10 @@ async fn assert_roundtrip(udfs: Vec<ScalarUDF>, sql: &str, format: WireFormat) -
     let plan = physical_plan(&ctx, sql).await;
     let codec = codec(format);
     let bytes = encode(Arc::clone(&plan), &codec).unwrap();
-    assert!(find(&bytes, magic(format)).is_some(), "the plan carries the UDF inline");
+    assert!(
+        find(&bytes, magic(format)).is_some(),
+        "the plan carries the UDF inline"
+    );
     let decoded = decode(&bytes, &codec).unwrap();
     assert_eq!(decoded.schema(), plan.schema(), "schema survives");
     let expected = pretty(&run(plan).await.unwrap());
@@ -50,7 +53,14 @@ const FORMATS: [WireFormat; 2] = [WireFormat::Inline, WireFormat::DataFusionPyth
 #[tokio::test]
 async fn lambda() {
     for format in FORMATS {
-        let udf = python_udf("plus_one", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, "lambda a: pc.add(a, 1)");
+        let udf = python_udf(
+            "plus_one",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Immutable,
+            PA,
+            "lambda a: pc.add(a, 1)",
+        );
         let out = assert_roundtrip(vec![udf], "SELECT a, plus_one(a) AS p FROM v", format).await;
         assert!(out.contains("| 4 | 5 |"), "{out}");
     }
@@ -60,7 +70,14 @@ async fn lambda() {
 async fn closure_with_captured_state() {
     let setup = format!("{PA}def make(factor, offsets):\n    def scale(a):\n        return pc.add(pc.multiply(a, factor), offsets['shift'])\n    return scale\n");
     for format in FORMATS {
-        let udf = python_udf("scale", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, &setup, "make(7, {'shift': 100})");
+        let udf = python_udf(
+            "scale",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Immutable,
+            &setup,
+            "make(7, {'shift': 100})",
+        );
         let out = assert_roundtrip(vec![udf], "SELECT a, scale(a) AS s FROM v", format).await;
         assert!(out.contains("| 2 | 114 |"), "{out}");
     }
@@ -69,13 +86,28 @@ async fn closure_with_captured_state() {
 #[tokio::test]
 async fn function_imported_by_reference() {
     let helpers = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python");
-    let setup = format!("import sys\nsys.path.insert(0, {helpers:?})\nimport dfship_test_helpers\n");
+    let setup =
+        format!("import sys\nsys.path.insert(0, {helpers:?})\nimport dfship_test_helpers\n");
     for format in FORMATS {
-        let udf = python_udf("shout", vec![DataType::Utf8], DataType::Utf8, Volatility::Immutable, &setup, "dfship_test_helpers.shout");
+        let udf = python_udf(
+            "shout",
+            vec![DataType::Utf8],
+            DataType::Utf8,
+            Volatility::Immutable,
+            &setup,
+            "dfship_test_helpers.shout",
+        );
         let ctx = session_with_data().await;
         ctx.register_udf(udf.clone());
-        let bytes = encode(physical_plan(&ctx, "SELECT shout(s) FROM v").await, &codec(format)).unwrap();
-        assert!(find(&bytes, b"dfship_test_helpers").is_some(), "travels as a module reference");
+        let bytes = encode(
+            physical_plan(&ctx, "SELECT shout(s) FROM v").await,
+            &codec(format),
+        )
+        .unwrap();
+        assert!(
+            find(&bytes, b"dfship_test_helpers").is_some(),
+            "travels as a module reference"
+        );
         let out = assert_roundtrip(vec![udf], "SELECT s, shout(s) AS loud FROM v", format).await;
         assert!(out.contains("| beta  | BETA  |"), "{out}");
     }
@@ -100,8 +132,14 @@ async fn several_arguments() {
 #[tokio::test]
 async fn scalar_arguments_are_expanded_to_arrays() {
     for format in FORMATS {
-        let udf = python_udf("kind", vec![DataType::Int64, DataType::Utf8], DataType::Utf8, Volatility::Immutable, PA,
-            "lambda a, tag: pc.binary_join_element_wise(pc.cast(a, pa.string()), tag, ':')");
+        let udf = python_udf(
+            "kind",
+            vec![DataType::Int64, DataType::Utf8],
+            DataType::Utf8,
+            Volatility::Immutable,
+            PA,
+            "lambda a, tag: pc.binary_join_element_wise(pc.cast(a, pa.string()), tag, ':')",
+        );
         let out = assert_roundtrip(vec![udf], "SELECT kind(a, 'x') AS k FROM v", format).await;
         assert!(out.contains("| 2:x |"), "{out}");
     }
@@ -115,7 +153,14 @@ async fn every_volatility() {
             (Volatility::Stable, "vol_stable"),
             (Volatility::Volatile, "vol_volatile"),
         ] {
-            let udf = python_udf(name, vec![DataType::Int64], DataType::Int64, volatility, PA, "lambda a: pc.negate(a)");
+            let udf = python_udf(
+                name,
+                vec![DataType::Int64],
+                DataType::Int64,
+                volatility,
+                PA,
+                "lambda a: pc.negate(a)",
+            );
             let sql = format!("SELECT {name}(a) AS n FROM v");
             let ctx = session_with_data().await;
             ctx.register_udf(udf.clone());
@@ -132,20 +177,43 @@ async fn every_volatility() {
 async fn nullable_and_non_nullable_returns() {
     for format in FORMATS {
         let callable = py_object(PA, "lambda a: pc.fill_null(a, 0)");
-        let signature = UdfSignature::new("zero_nulls", vec![DataType::Int64], DataType::Int64, Volatility::Immutable)
-            .with_return_field(Field::new("zero_nulls", DataType::Int64, false));
-        let strict = Python::attach(|py| PythonScalarUdf::new(signature, callable.into_bound(py))).unwrap().into_scalar_udf();
-        let nullable = python_udf("keep_nulls", vec![DataType::Int64], DataType::Int64, Volatility::Immutable, PA, "lambda a: a");
-        let out = assert_roundtrip(vec![strict.clone(), nullable.clone()], "SELECT zero_nulls(a) AS z, keep_nulls(a) AS k FROM v", format).await;
+        let signature = UdfSignature::new(
+            "zero_nulls",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Immutable,
+        )
+        .with_return_field(Field::new("zero_nulls", DataType::Int64, false));
+        let strict = Python::attach(|py| PythonScalarUdf::new(signature, callable.into_bound(py)))
+            .unwrap()
+            .into_scalar_udf();
+        let nullable = python_udf(
+            "keep_nulls",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Immutable,
+            PA,
+            "lambda a: a",
+        );
+        let out = assert_roundtrip(
+            vec![strict.clone(), nullable.clone()],
+            "SELECT zero_nulls(a) AS z, keep_nulls(a) AS k FROM v",
+            format,
+        )
+        .await;
         assert!(out.contains("| 0 |   |"), "{out}");
 
         let ctx = session_with_data().await;
         ctx.register_udf(strict);
         ctx.register_udf(nullable);
-        let plan = physical_plan(&ctx, "SELECT zero_nulls(a) AS z, keep_nulls(a) AS k FROM v").await;
+        let plan =
+            physical_plan(&ctx, "SELECT zero_nulls(a) AS z, keep_nulls(a) AS k FROM v").await;
         let decoded = decode(&encode(plan, &codec(format)).unwrap(), &codec(format)).unwrap();
         let schema = decoded.schema();
-        assert!(!schema.field(0).is_nullable(), "non-nullable return survives");
+        assert!(
+            !schema.field(0).is_nullable(),
+            "non-nullable return survives"
+        );
         assert!(schema.field(1).is_nullable());
     }
 }
@@ -160,10 +228,22 @@ async fn list_and_struct_returns() {
     for format in FORMATS {
         let repeat = python_udf("repeat_twice", vec![DataType::Int64], list.clone(), Volatility::Immutable, PA,
             "lambda a: pa.array([None if v is None else [v, v] for v in a.to_pylist()], pa.list_(pa.int64()))");
-        let to_point = python_udf("to_point", vec![DataType::Int64, DataType::Float64], point.clone(), Volatility::Immutable, PA,
-            "lambda a, b: pa.StructArray.from_arrays([a, b], names=['x', 'y'])");
-        let list_len = python_udf("list_len", vec![list.clone()], DataType::Int32, Volatility::Immutable, PA,
-            "lambda l: pc.list_value_length(l)");
+        let to_point = python_udf(
+            "to_point",
+            vec![DataType::Int64, DataType::Float64],
+            point.clone(),
+            Volatility::Immutable,
+            PA,
+            "lambda a, b: pa.StructArray.from_arrays([a, b], names=['x', 'y'])",
+        );
+        let list_len = python_udf(
+            "list_len",
+            vec![list.clone()],
+            DataType::Int32,
+            Volatility::Immutable,
+            PA,
+            "lambda l: pc.list_value_length(l)",
+        );
         let out = assert_roundtrip(
             vec![repeat, to_point, list_len],
             "SELECT repeat_twice(a) AS r, to_point(a, b) AS p, list_len(l) AS n FROM v",
@@ -196,8 +276,21 @@ async fn other_udfs_travel_by_name() {
 
     // With the UDF registered on the receiving side, by-name resolution works.
     let receiver = SessionContextWith::udf(native);
-    let decoded = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(&bytes, &receiver.task_ctx(), &codec).unwrap();
-    assert_eq!(run(decoded).await.unwrap().iter().map(|b| b.num_rows()).sum::<usize>(), 4);
+    let decoded = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+        &bytes,
+        &receiver.task_ctx(),
+        &codec,
+    )
+    .unwrap();
+    assert_eq!(
+        run(decoded)
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>(),
+        4
+    );
 }
 
 struct SessionContextWith;
@@ -209,17 +302,22 @@ impl SessionContextWith {
     }
 }
 
-fn find_udf(plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>, name: &str) -> Option<Arc<ScalarUDF>> {
+fn find_udf(
+    plan: &Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    name: &str,
+) -> Option<Arc<ScalarUDF>> {
     use datafusion::physical_expr::ScalarFunctionExpr;
     use datafusion::physical_plan::projection::ProjectionExec;
     if let Some(projection) = plan.downcast_ref::<ProjectionExec>() {
         for expr in projection.expr() {
             if let Some(f) = expr.expr.downcast_ref::<ScalarFunctionExpr>() {
                 if f.name() == name {
-                    return Some(Arc::clone(f.fun()));
+                    return Some(Arc::new(f.fun().clone()));
                 }
             }
         }
     }
-    plan.children().into_iter().find_map(|child| find_udf(child, name))
+    plan.children()
+        .into_iter()
+        .find_map(|child| find_udf(child, name))
 }

@@ -84,14 +84,21 @@ pub async fn session_with_data() -> SessionContext {
     .collect()
     .await
     .unwrap();
-    ctx.sql("CREATE VIEW v AS SELECT column1 AS a, column2 AS b, column3 AS s, column4 AS l FROM t")
-        .await
-        .unwrap();
+    ctx.sql(
+        "CREATE VIEW v AS SELECT column1 AS a, column2 AS b, column3 AS s, column4 AS l FROM t",
+    )
+    .await
+    .unwrap();
     ctx
 }
 
 pub async fn physical_plan(ctx: &SessionContext, sql: &str) -> Arc<dyn ExecutionPlan> {
-    ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap()
+    ctx.sql(sql)
+        .await
+        .unwrap()
+        .create_physical_plan()
+        .await
+        .unwrap()
 }
 
 pub fn encode(plan: Arc<dyn ExecutionPlan>, codec: &PythonUdfCodec) -> Result<Vec<u8>> {

@@ -36,7 +36,10 @@ def cases(ctx):
     )
     yield "projection", "SELECT a, plus_one(a) AS p FROM t ORDER BY a"
     yield "closure_filter", "SELECT a, times_ten(a) AS s FROM t WHERE times_ten(a) > 15 ORDER BY a"
-    yield "two_args_aggregate", "SELECT label(a, s) AS l, count(*) AS c FROM t GROUP BY label(a, s) ORDER BY l"
+    yield (
+        "two_args_aggregate",
+        "SELECT label(a, s) AS l, count(*) AS c FROM t GROUP BY label(a, s) ORDER BY l",
+    )
 
 
 def main(out_dir: Path) -> None:
