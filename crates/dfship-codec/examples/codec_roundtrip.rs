@@ -98,7 +98,7 @@ async fn main() -> Result<()> {
         pretty_format_batches(&batches)?
     );
 
-    // Cold (first unpickle in this process) vs cached decode of one UDF payload.
+    // Decode (no Python), then the first call: cold (unpickles) vs cached.
     let payload = PythonUdfCodec::default()
         .encode_udf(&small_lambda)?
         .unwrap_or_default();
@@ -115,26 +115,38 @@ async fn main() -> Result<()> {
         return_field: Arc::new(arrow::datatypes::Field::new("r", DataType::Int64, true)),
         config_options: Arc::new(Default::default()),
     };
+    let rounds = 1000u32;
+    let mean = |f: &mut dyn FnMut() -> Result<()>| -> Result<Duration> {
+        let start = Instant::now();
+        for _ in 0..rounds {
+            f()?;
+        }
+        Ok(start.elapsed() / rounds)
+    };
     small_lambda.invoke_with_args(args())?; // warm pyarrow's import path first
+    let call_only = mean(&mut || small_lambda.invoke_with_args(args()).map(|_| ()))?;
     let fresh =
         PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::new(CallableCache::new(8))));
+    let decode_only = mean(&mut || fresh.try_decode_udf("add_one", &payload).map(|_| ()))?;
     let start = Instant::now();
     fresh
         .try_decode_udf("add_one", &payload)?
         .invoke_with_args(args())?;
     let cold = start.elapsed();
-    let rounds = 1000;
-    let start = Instant::now();
-    for _ in 0..rounds {
+    let cached = mean(&mut || {
         fresh
             .try_decode_udf("add_one", &payload)?
-            .invoke_with_args(args())?;
-    }
-    let warm = start.elapsed() / rounds;
+            .invoke_with_args(args())
+            .map(|_| ())
+    })?;
     println!(
-        "decode + first call of `add_one`: cold {} (unpickles), cached {} (mean of {rounds})",
+        "decode of `add_one` (parse, digest check; no Python): {}\n\
+         decode + first call: cold {} (runs cloudpickle.loads), cached {}; a call alone: {}\n\
+         (means of {rounds}; build with --release for meaningful numbers)",
+        micros(decode_only),
         micros(cold),
-        micros(warm)
+        micros(cached),
+        micros(call_only)
     );
     Ok(())
 }
