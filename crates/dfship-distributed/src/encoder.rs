@@ -1,0 +1,199 @@
+//! [`InlineUdfEncoder`]: the codec list the workers decode with, but with
+//! Python UDFs asked first when encoding.
+//!
+//! # Why this exists (the codec-ordering trap)
+//!
+//! datafusion-distributed 4.0 (de)serializes plans with
+//! `ComposedPhysicalExtensionCodec([DistributedCodec, user codecs…])`. When
+//! encoding a `ScalarUDF`, the composed codec asks each codec in order and
+//! keeps the first that returns `Ok`. `DistributedCodec` comes first and
+//! inherits the default `try_encode_udf`, which returns `Ok(())` having
+//! written nothing, so every UDF is recorded as "codec 0, empty blob", travels
+//! by name, and a user codec's `try_encode_udf` is never called
+//! (apache/datafusion#24830).
+//!
+//! Decoding has no such problem: a `ScalarUdf` node whose `fun_definition`
+//! is set goes to `try_decode_udf` of the composed codec, which reads the
+//! envelope `{encoder_position, blob}` and hands `blob` to the codec at that
+//! position. So this encoder keeps the workers' positions but, for a UDF,
+//! asks [`PythonUdfCodec`] first and wraps its payload with *its* position.
+//! Plan nodes go through the codecs in the usual order, exactly as the
+//! composed codec does.
+//!
+//! The coordinator hands this encoder to the transport through
+//! [`crate::InlineUdfChannelResolver`]. Once upstream asks user codecs for
+//! UDFs, the shim can go: `tests/upstream_ordering.rs` fails when that happens.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion_distributed::DistributedCodec;
+use datafusion_proto::physical_plan::{
+    ComposedPhysicalExtensionCodec, PhysicalExtensionCodec, PhysicalProtoConverterExtension,
+};
+use dfship_codec::PythonUdfCodec;
+use prost::Message;
+
+/// The envelope `ComposedPhysicalExtensionCodec` reads: which codec of the
+/// list wrote `blob`. Same field numbers and types as datafusion-proto's
+/// (private) `DataEncoderTuple`.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct CodecEnvelope {
+    #[prost(uint32, tag = "1")]
+    pub encoder_position: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub blob: Vec<u8>,
+}
+
+/// Encodes plans the way `[DistributedCodec, user codecs…]` decodes them,
+/// with Python UDFs inline.
+#[derive(Debug)]
+pub struct InlineUdfEncoder {
+    codecs: Vec<Arc<dyn PhysicalExtensionCodec>>,
+    udf_codec: Arc<PythonUdfCodec>,
+    udf_codec_position: u32,
+    stats: EncoderCounters,
+}
+
+#[derive(Debug, Default)]
+struct EncoderCounters {
+    plans: AtomicU64,
+    inline_udfs: AtomicU64,
+    inline_bytes: AtomicU64,
+}
+
+/// What an [`InlineUdfEncoder`] has written so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EncoderStats {
+    /// Stage plans (and partitionings) encoded for the transport.
+    pub plans: u64,
+    /// Python UDF calls written inline.
+    pub inline_udfs: u64,
+    /// Bytes of inline payloads written.
+    pub inline_bytes: u64,
+}
+
+impl InlineUdfEncoder {
+    /// `user_codecs` must be the list every worker registers with
+    /// `with_distributed_user_codec`, in the same order, and contain `udf_codec`.
+    pub fn new(
+        user_codecs: Vec<Arc<dyn PhysicalExtensionCodec>>,
+        udf_codec: Arc<PythonUdfCodec>,
+    ) -> Result<Self> {
+        let mut codecs: Vec<Arc<dyn PhysicalExtensionCodec>> = vec![Arc::new(DistributedCodec)];
+        codecs.extend(user_codecs);
+        let position = codecs
+            .iter()
+            .position(|codec| {
+                let codec: &dyn PhysicalExtensionCodec = codec.as_ref();
+                (codec as &dyn std::any::Any)
+                    .downcast_ref::<PythonUdfCodec>()
+                    .is_some_and(|found| std::ptr::eq(found, udf_codec.as_ref()))
+            })
+            .ok_or_else(|| {
+                DataFusionError::Configuration(
+                    "the Python UDF codec must be one of the user codecs registered on workers"
+                        .to_string(),
+                )
+            })?;
+        Ok(Self {
+            codecs,
+            udf_codec,
+            udf_codec_position: u32::try_from(position)
+                .map_err(|_| DataFusionError::Configuration("too many user codecs".to_string()))?,
+            stats: EncoderCounters::default(),
+        })
+    }
+
+    pub fn stats(&self) -> EncoderStats {
+        EncoderStats {
+            plans: self.stats.plans.load(Ordering::Relaxed),
+            inline_udfs: self.stats.inline_udfs.load(Ordering::Relaxed),
+            inline_bytes: self.stats.inline_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_plan(&self) {
+        self.stats.plans.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The codec the workers decode with, for reading what this encoder wrote.
+    pub fn decoder(&self) -> ComposedPhysicalExtensionCodec {
+        ComposedPhysicalExtensionCodec::new(self.codecs.clone())
+    }
+
+    fn envelope(position: usize, blob: Vec<u8>, buf: &mut Vec<u8>) -> Result<()> {
+        CodecEnvelope {
+            encoder_position: position as u32,
+            blob,
+        }
+        .encode(buf)
+        .map_err(|e| DataFusionError::Internal(format!("encoding a codec envelope: {e}")))
+    }
+}
+
+impl PhysicalExtensionCodec for InlineUdfEncoder {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.decoder().try_decode(buf, inputs, ctx, proto_converter)
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<()> {
+        // First codec that accepts the node wins, as in ComposedPhysicalExtensionCodec.
+        let mut last_error = None;
+        for (position, codec) in self.codecs.iter().enumerate() {
+            let mut blob = Vec::new();
+            match codec.try_encode(Arc::clone(&node), &mut blob, proto_converter) {
+                Ok(()) => return Self::envelope(position, blob, buf),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            DataFusionError::NotImplemented(format!("no codec encodes {}", node.name()))
+        }))
+    }
+
+    fn try_decode_udf(&self, name: &str, buf: &[u8]) -> Result<Arc<ScalarUDF>> {
+        self.decoder().try_decode_udf(name, buf)
+    }
+
+    fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
+        match self.udf_codec.encode_udf(node)? {
+            Some(payload) => {
+                self.stats.inline_udfs.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .inline_bytes
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                Self::envelope(self.udf_codec_position as usize, payload, buf)
+            }
+            // Not a Python UDF: write nothing, so it travels by name.
+            None => Ok(()),
+        }
+    }
+
+    fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
+        self.decoder().try_decode_udaf(name, buf)
+    }
+
+    fn try_encode_udaf(&self, _node: &AggregateUDF, _buf: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+
+    fn try_encode_udwf(&self, _node: &WindowUDF, _buf: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+}

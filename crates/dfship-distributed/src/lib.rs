@@ -1,0 +1,14 @@
+//! Python UDFs inline across datafusion-distributed 4.0 stages.
+//!
+//! - [`encoder`]: the encode-side codec composition that gets past the
+//!   codec-ordering trap (read its module docs first).
+//! - [`channel`]: the `ChannelResolver`/`WorkerChannel` wrapper that applies it.
+//! - [`session`]: worker session builder and coordinator context builder.
+
+pub mod channel;
+pub mod encoder;
+pub mod session;
+
+pub use channel::{encode_stage_plan, InlineUdfChannel, InlineUdfChannelResolver};
+pub use encoder::{EncoderStats, InlineUdfEncoder};
+pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};

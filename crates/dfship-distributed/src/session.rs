@@ -1,0 +1,213 @@
+//! Session wiring for both sides of a cluster.
+//!
+//! [`InlineUdfs`] holds what coordinator and workers must agree on: the
+//! [`PythonUdfCodec`] (same options, same position in the user-codec list)
+//! and the channel resolver that sends Python UDFs inline.
+//! [`PythonWorkerSessionBuilder`] builds each query's session on a worker;
+//! [`ClusterContextBuilder`] builds the coordinator's `SessionContext`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{FunctionRegistry, SessionState, SessionStateBuilder};
+use datafusion::logical_expr::ScalarUDF;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion_distributed::{
+    DistributedExt, SessionStateBuilderExt, WorkerQueryContext, WorkerResolver,
+    WorkerSessionBuilder,
+};
+use datafusion_proto::physical_plan::PhysicalExtensionCodec;
+use dfship_codec::{CodecOptions, PythonUdfCodec};
+use url::Url;
+
+use crate::channel::InlineUdfChannelResolver;
+use crate::encoder::InlineUdfEncoder;
+
+/// The codec and channels both sides of a cluster install.
+#[derive(Clone)]
+pub struct InlineUdfs {
+    codec: Arc<PythonUdfCodec>,
+    encoder: Arc<InlineUdfEncoder>,
+    channels: InlineUdfChannelResolver,
+}
+
+impl InlineUdfs {
+    pub fn new(options: CodecOptions) -> Self {
+        let codec = Arc::new(PythonUdfCodec::new(options));
+        let user_codecs: Vec<Arc<dyn PhysicalExtensionCodec>> = vec![codec.clone()];
+        let encoder = Arc::new(
+            InlineUdfEncoder::new(user_codecs, Arc::clone(&codec))
+                .unwrap_or_else(|_| unreachable!("the codec is in the list")),
+        );
+        Self {
+            channels: InlineUdfChannelResolver::new(Arc::clone(&encoder)),
+            codec,
+            encoder,
+        }
+    }
+
+    pub fn codec(&self) -> &Arc<PythonUdfCodec> {
+        &self.codec
+    }
+
+    pub fn encoder(&self) -> &Arc<InlineUdfEncoder> {
+        &self.encoder
+    }
+
+    /// Registers the codec as the (only) user codec and installs the channels.
+    pub fn install(&self, builder: SessionStateBuilder) -> SessionStateBuilder {
+        builder
+            .with_distributed_user_codec_arc(self.codec.clone())
+            .with_distributed_channel_resolver(self.channels.clone())
+    }
+}
+
+/// Builds each query's session on a worker: the inline-UDF codec and
+/// channels, plus UDFs resolved by name (e.g. FFI UDFs).
+#[derive(Clone)]
+pub struct PythonWorkerSessionBuilder {
+    inline: InlineUdfs,
+    by_name: Vec<Arc<ScalarUDF>>,
+}
+
+impl PythonWorkerSessionBuilder {
+    pub fn new(options: CodecOptions) -> Self {
+        Self {
+            inline: InlineUdfs::new(options),
+            by_name: Vec::new(),
+        }
+    }
+
+    /// A UDF that travels by name and must be found in this worker's registry.
+    pub fn with_udf(mut self, udf: Arc<ScalarUDF>) -> Self {
+        self.by_name.push(udf);
+        self
+    }
+
+    pub fn codec(&self) -> &Arc<PythonUdfCodec> {
+        self.inline.codec()
+    }
+}
+
+#[async_trait]
+impl WorkerSessionBuilder for PythonWorkerSessionBuilder {
+    async fn build_session_state(&self, ctx: WorkerQueryContext) -> Result<SessionState> {
+        let mut state = self.inline.install(ctx.builder).build();
+        for udf in &self.by_name {
+            state.register_udf(Arc::clone(udf))?;
+        }
+        Ok(state)
+    }
+}
+
+/// A fixed list of worker URLs.
+#[derive(Clone, Debug)]
+pub struct StaticWorkers(pub Vec<Url>);
+
+impl WorkerResolver for StaticWorkers {
+    fn get_urls(&self) -> Result<Vec<Url>> {
+        Ok(self.0.clone())
+    }
+}
+
+/// Builds a coordinator `SessionContext` that plans distributed queries over
+/// `workers`, with Python UDFs shipped inline.
+///
+/// ```no_run
+/// use dfship_distributed::ClusterContextBuilder;
+/// let ctx = ClusterContextBuilder::new(["http://127.0.0.1:50051", "http://127.0.0.1:50052"])
+///     .unwrap()
+///     .build();
+/// ```
+pub struct ClusterContextBuilder {
+    workers: Vec<Url>,
+    inline: Option<InlineUdfs>,
+    options: CodecOptions,
+    config: SessionConfig,
+    by_name: Vec<Arc<ScalarUDF>>,
+    bytes_per_partition: Option<usize>,
+}
+
+impl ClusterContextBuilder {
+    /// Worker URLs such as `http://10.0.0.5:50051`.
+    pub fn new<I, S>(workers: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let workers = workers
+            .into_iter()
+            .map(|url| {
+                Url::parse(url.as_ref()).map_err(|e| {
+                    DataFusionError::Configuration(format!(
+                        "'{}' is not a worker URL ({e}); write it as http://HOST:PORT",
+                        url.as_ref()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if workers.is_empty() {
+            return Err(DataFusionError::Configuration(
+                "a cluster needs at least one worker URL".to_string(),
+            ));
+        }
+        Ok(Self {
+            workers,
+            inline: None,
+            options: CodecOptions::default(),
+            config: SessionConfig::new(),
+            by_name: Vec::new(),
+            bytes_per_partition: None,
+        })
+    }
+
+    pub fn with_codec_options(mut self, options: CodecOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Shares `inline` (and so its encoder statistics) with the caller;
+    /// overrides [`Self::with_codec_options`].
+    pub fn with_inline_udfs(mut self, inline: InlineUdfs) -> Self {
+        self.inline = Some(inline);
+        self
+    }
+
+    pub fn with_config(mut self, config: SessionConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// A UDF the coordinator plans with and workers resolve by name.
+    pub fn with_udf(mut self, udf: Arc<ScalarUDF>) -> Self {
+        self.by_name.push(udf);
+        self
+    }
+
+    /// Splits file scans into partitions of about this many bytes (small
+    /// values spread small test files over every worker).
+    pub fn with_file_scan_bytes_per_partition(mut self, bytes: usize) -> Self {
+        self.bytes_per_partition = Some(bytes);
+        self
+    }
+
+    pub fn build(self) -> Result<SessionContext> {
+        let inline = self.inline.unwrap_or_else(|| InlineUdfs::new(self.options));
+        let mut builder = inline.install(
+            SessionStateBuilder::new()
+                .with_default_features()
+                .with_config(self.config)
+                .with_distributed_worker_resolver(StaticWorkers(self.workers))
+                .with_distributed_planner(),
+        );
+        if let Some(bytes) = self.bytes_per_partition {
+            builder = builder.with_distributed_file_scan_config_bytes_per_partition(bytes)?;
+        }
+        let ctx = SessionContext::from(builder.build());
+        for udf in self.by_name {
+            ctx.register_udf(udf.as_ref().clone());
+        }
+        Ok(ctx)
+    }
+}
