@@ -74,14 +74,14 @@ pub fn python_udf(
 }
 
 /// How many Parquet files `facts` is written as.
-pub const FACT_FILES: usize = 8;
+pub const FACT_FILES: usize = 12;
 
-/// Writes the test dataset under `dir`: `facts` (8 Parquet files, 4000 rows
+/// Writes the test dataset under `dir`: `facts` (12 Parquet files, 4800 rows
 /// of ints with nulls, strings, doubles, timestamps and lists) and `dim`.
 pub async fn write_dataset(dir: &Path) -> Result<()> {
     let ctx = SessionContext::new();
     for part in 0..FACT_FILES {
-        let (from, to) = (part * 500 + 1, (part + 1) * 500);
+        let (from, to) = (part * 400 + 1, (part + 1) * 400);
         let path = dir.join("facts").join(format!("part-{part}.parquet"));
         ctx.sql(&format!(
             "COPY (SELECT v AS id, \
