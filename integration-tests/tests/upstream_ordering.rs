@@ -16,7 +16,13 @@ use dfship_integration_tests::*;
 #[tokio::test]
 async fn upstream_composition_still_drops_user_udf_payloads() {
     let ctx = datafusion::prelude::SessionContext::new();
-    ctx.register_udf(python_udf("guard_udf", vec![DataType::Int64], DataType::Int64, "", "lambda a: a"));
+    ctx.register_udf(python_udf(
+        "guard_udf",
+        vec![DataType::Int64],
+        DataType::Int64,
+        "",
+        "lambda a: a",
+    ));
     let plan = ctx
         .sql("SELECT guard_udf(v) FROM (VALUES (1), (2)) AS t(v)")
         .await
@@ -37,19 +43,24 @@ async fn upstream_composition_still_drops_user_udf_payloads() {
     // Our encoder writes the payload, and upstream's decoder (the workers') reads it.
     let inline = InlineUdfs::new(Default::default());
     let shipped = encode_stage_plan(plan, inline.encoder()).unwrap();
-    assert!(shipped.windows(INLINE_MAGIC.len()).any(|w| w == INLINE_MAGIC));
+    assert!(shipped
+        .windows(INLINE_MAGIC.len())
+        .any(|w| w == INLINE_MAGIC));
     let decoded = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
         &shipped,
         &datafusion::prelude::SessionContext::new().task_ctx(),
         &upstream,
     )
     .unwrap();
-    let rows: usize = datafusion::physical_plan::collect(decoded, datafusion::prelude::SessionContext::new().task_ctx())
-        .await
-        .unwrap()
-        .iter()
-        .map(|b| b.num_rows())
-        .sum();
+    let rows: usize = datafusion::physical_plan::collect(
+        decoded,
+        datafusion::prelude::SessionContext::new().task_ctx(),
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|b| b.num_rows())
+    .sum();
     assert_eq!(rows, 2);
 }
 
@@ -59,7 +70,8 @@ async fn without_the_shim_workers_cannot_resolve_python_udfs() {
     use datafusion_distributed::SessionStateBuilderExt;
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
-    let cluster = InProcessCluster::start(2, worker_builder(dfship_codec::CallableCache::global())).await;
+    let cluster =
+        InProcessCluster::start(2, worker_builder(dfship_codec::CallableCache::global())).await;
     let urls = cluster.urls.iter().map(|u| u.parse().unwrap()).collect();
     // The user codec registered the plain upstream way, with upstream's channels.
     let state = SessionStateBuilder::new()
@@ -73,8 +85,21 @@ async fn without_the_shim_workers_cannot_resolve_python_udfs() {
         .build();
     let ctx = datafusion::prelude::SessionContext::from(state);
     register_dataset(&ctx, dir.path()).await.unwrap();
-    ctx.register_udf(python_udf("unshipped", vec![DataType::Int64], DataType::Int64, "", "lambda a: a"));
-    let error = ctx.sql("SELECT unshipped(id) FROM facts").await.unwrap().collect().await.unwrap_err().to_string();
+    ctx.register_udf(python_udf(
+        "unshipped",
+        vec![DataType::Int64],
+        DataType::Int64,
+        "",
+        "lambda a: a",
+    ));
+    let error = ctx
+        .sql("SELECT unshipped(id) FROM facts")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err()
+        .to_string();
     println!("{error}");
     assert!(
         error.contains("unshipped"),
