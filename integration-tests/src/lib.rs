@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
 
 use arrow::util::pretty::pretty_format_batches;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, Field, Fields, TimeUnit};
 use datafusion::error::Result;
 use datafusion::logical_expr::{ScalarUDF, Volatility};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
@@ -174,4 +174,118 @@ impl InProcessCluster {
 /// A worker session builder with default codec options and `cache` for unpickled callables.
 pub fn worker_builder(cache: Arc<dfship_codec::CallableCache>) -> PythonWorkerSessionBuilder {
     PythonWorkerSessionBuilder::new(CodecOptions::default().with_cache(cache))
+}
+
+/// The Python UDFs of the query matrix.
+pub fn matrix_udfs() -> Vec<ScalarUDF> {
+    let list = DataType::List(Arc::new(Field::new("item", DataType::Int64, true)));
+    let point = DataType::Struct(Fields::from(vec![
+        Field::new("x", DataType::Int64, true),
+        Field::new("half", DataType::Float64, true),
+    ]));
+    vec![
+        python_udf("py_double", vec![DataType::Int64], DataType::Int64, "", "lambda a: pc.multiply(a, 2)"),
+        python_udf("py_is_even", vec![DataType::Int64], DataType::Boolean, "", "lambda a: pc.equal(pc.bit_wise_and(a, 1), 0)"),
+        python_udf(
+            "py_bucket",
+            vec![DataType::Int64],
+            DataType::Utf8,
+            "names = {0: 'zero', 1: 'one', 2: 'two'}\ndef bucket(a):\n    return pa.array([None if v is None else names.get(v % 3, 'other') for v in a.to_pylist()], pa.string())\n",
+            "bucket",
+        ),
+        python_udf("py_upper", vec![DataType::Utf8], DataType::Utf8, "", "lambda s: pc.utf8_upper(s)"),
+        python_udf("py_hour", vec![DataType::Timestamp(TimeUnit::Nanosecond, None)], DataType::Int64, "", "lambda t: pc.hour(t)"),
+        python_udf("py_tags_len", vec![list], DataType::Int32, "", "lambda l: pc.list_value_length(l)"),
+        python_udf("py_scale", vec![DataType::Float64, DataType::Int64], DataType::Float64, "", "lambda v, k: pc.multiply(v, pc.cast(k, pa.float64()))"),
+        python_udf("py_point", vec![DataType::Int64], point, "", "lambda a: pa.StructArray.from_arrays([a, pc.divide(pc.cast(a, pa.float64()), 2.0)], names=['x', 'half'])"),
+    ]
+}
+
+/// Queries with Python UDFs in every position of a distributed plan.
+pub const MATRIX: &[(&str, &str)] = &[
+    ("projection", "SELECT id, py_double(id) AS d FROM facts"),
+    ("filter", "SELECT id FROM facts WHERE py_is_even(id) AND id < 500"),
+    ("parquet_pushdown", "SELECT id, value FROM facts WHERE py_double(id) > 7900"),
+    ("aggregate_argument", "SELECT category, sum(py_double(id)) AS s, max(py_scale(value, k)) AS m FROM facts GROUP BY category"),
+    ("group_by_key", "SELECT py_bucket(k) AS b, count(*) AS c FROM facts GROUP BY py_bucket(k)"),
+    ("join_key", "SELECT f.id, d.weight FROM facts f JOIN dim d ON py_upper(f.category) = d.ucat WHERE f.id % 97 = 0"),
+    ("join_filter", "SELECT f.id, d.ucat FROM facts f JOIN dim d ON f.category = d.category AND py_is_even(f.id + d.weight) WHERE f.id < 300"),
+    ("order_by", "SELECT id, category FROM facts ORDER BY py_double(id) DESC, id LIMIT 15"),
+    ("window_argument", "SELECT id, sum(py_double(id)) OVER (PARTITION BY category ORDER BY id) AS running FROM facts WHERE id < 200"),
+    ("case_branches", "SELECT id, CASE WHEN py_is_even(id) THEN py_upper(category) ELSE py_bucket(id) END AS c FROM facts WHERE id < 100"),
+    ("nested_calls", "SELECT id, py_double(py_double(py_double(id))) AS d FROM facts WHERE id < 100"),
+    ("nulls", "SELECT id, k, py_bucket(k) AS b, py_double(k) AS d FROM facts WHERE id < 60"),
+    ("strings_timestamps_lists_structs", "SELECT id, py_upper(category) AS u, py_hour(ts) AS h, py_tags_len(tags) AS n, py_point(id) AS p FROM facts WHERE id % 50 = 0"),
+    ("several_stages", "SELECT py_upper(c) AS c, s FROM (SELECT category AS c, sum(py_double(id)) AS s FROM facts WHERE py_is_even(id) GROUP BY category) t WHERE py_is_even(s)"),
+];
+
+/// `dfship-worker` processes on 127.0.0.1, killed when dropped.
+pub struct SpawnedCluster {
+    pub urls: Vec<String>,
+    children: Vec<std::process::Child>,
+}
+
+/// The worker binary: `$DFSHIP_WORKER_BIN`, else the workspace's debug build.
+pub fn worker_binary() -> PathBuf {
+    let path = std::env::var_os("DFSHIP_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/dfship-worker")
+        });
+    assert!(
+        path.exists(),
+        "no worker binary at {}; build it with `cargo build -p dfship-worker`",
+        path.display()
+    );
+    path
+}
+
+impl SpawnedCluster {
+    /// Starts `workers` processes with `args` appended to the defaults, and
+    /// waits (up to 60 s each) for them to announce their address.
+    pub fn start(workers: usize, args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut cluster = Self {
+            urls: Vec::new(),
+            children: Vec::new(),
+        };
+        for _ in 0..workers {
+            let mut child = std::process::Command::new(worker_binary())
+                .args(["--port", "0", "--python-env"])
+                .arg(venv())
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn dfship-worker");
+            let stdout = child.stdout.take().expect("piped stdout");
+            cluster.children.push(child);
+            let (sender, receiver) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Some(url) = line.strip_prefix("dfship-worker listening on ") {
+                        let _ = sender.send(url.to_string());
+                    }
+                }
+            });
+            let url = receiver
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the worker announces its address within 60 s");
+            cluster.urls.push(url);
+        }
+        cluster
+    }
+
+    /// The OS process ids, for fault injection.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.id()).collect()
+    }
+}
+
+impl Drop for SpawnedCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -1,0 +1,155 @@
+//! The `dfship-worker` process: options, start-up checks and the gRPC server.
+//!
+//! A worker is a datafusion-distributed `Worker` whose sessions carry the
+//! Python UDF codec (so inline Python UDFs need no registration) and whose
+//! interpreter comes from the Python environment given with `--python-env`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use datafusion::error::{DataFusionError, Result};
+use datafusion_distributed::Worker;
+use dfship_codec::{
+    ClusterKey, CodecOptions, CLUSTER_KEY_ENV, DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_WARN_PAYLOAD_BYTES,
+};
+use dfship_distributed::PythonWorkerSessionBuilder;
+use tokio::net::TcpListener;
+
+/// Options of a worker process (also used by `dfship worker`).
+#[derive(Debug, Clone, Args)]
+pub struct WorkerOptions {
+    /// Address to listen on.
+    #[arg(long, env = "DFSHIP_WORKER_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on; 0 picks a free one (the address is printed on start).
+    #[arg(long, env = "DFSHIP_WORKER_PORT", default_value_t = 50051)]
+    pub port: u16,
+
+    /// Python virtual environment whose packages UDFs may import (default: $VIRTUAL_ENV).
+    #[arg(long, env = "DFSHIP_PYTHON_ENV")]
+    pub python_env: Option<PathBuf>,
+
+    /// File holding the shared cluster key; payloads must then be signed with it.
+    /// The key may also come from the DFSHIP_CLUSTER_KEY environment variable.
+    #[arg(long, env = "DFSHIP_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+
+    /// Refuse every inline Python UDF (only UDFs registered by name run).
+    #[arg(long, env = "DFSHIP_STRICT")]
+    pub strict: bool,
+
+    /// Refuse inline payloads larger than this many bytes.
+    #[arg(long, env = "DFSHIP_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
+    pub max_payload_bytes: usize,
+
+    /// Log a warning for inline payloads larger than this many bytes.
+    #[arg(long, env = "DFSHIP_WARN_PAYLOAD_BYTES", default_value_t = DEFAULT_WARN_PAYLOAD_BYTES)]
+    pub warn_payload_bytes: usize,
+}
+
+impl WorkerOptions {
+    /// The cluster key from `--cluster-key-file`, else from the environment.
+    pub fn cluster_key(&self) -> Result<Option<ClusterKey>> {
+        match &self.cluster_key_file {
+            Some(path) => ClusterKey::from_file(path).map(Some),
+            None => ClusterKey::from_env(CLUSTER_KEY_ENV),
+        }
+    }
+
+    pub fn codec_options(&self) -> Result<CodecOptions> {
+        Ok(CodecOptions::default()
+            .with_strict(self.strict)
+            .with_optional_cluster_key(self.cluster_key()?)
+            .with_max_payload_bytes(self.max_payload_bytes)
+            .with_warn_payload_bytes(self.warn_payload_bytes))
+    }
+}
+
+/// Prepares Python (environment, cloudpickle, pyarrow) unless strict mode
+/// means Python UDFs never run here.
+pub fn prepare_python(options: &WorkerOptions) -> Result<()> {
+    if let Some(env) = &options.python_env {
+        dfship_codec::python::use_python_environment(env)?;
+    }
+    if options.strict {
+        return Ok(());
+    }
+    dfship_codec::ensure_python()
+}
+
+/// Binds the listener; port 0 picks a free port.
+pub async fn bind(options: &WorkerOptions) -> Result<(TcpListener, SocketAddr)> {
+    let address = format!("{}:{}", options.host, options.port);
+    let listener = TcpListener::bind(&address).await.map_err(|e| {
+        DataFusionError::Configuration(format!(
+            "cannot listen on {address}: {e}; pick another --port (0 picks a free one) or --host"
+        ))
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    Ok((listener, local))
+}
+
+/// Serves the worker on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    options: &WorkerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let builder = PythonWorkerSessionBuilder::new(options.codec_options()?);
+    let worker = Worker::from_session_builder(builder);
+    tonic::transport::Server::builder()
+        .add_service(worker.into_worker_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}
+
+/// Runs a worker process to completion: checks, bind, announce, serve.
+pub async fn run(options: WorkerOptions) -> Result<()> {
+    prepare_python(&options)?;
+    let (listener, address) = bind(&options).await?;
+    // Scripts and tests wait for this exact line.
+    println!("dfship-worker listening on http://{address}");
+    tracing::info!(%address, strict = options.strict, signed = options.cluster_key()?.is_some(), "worker started");
+    serve(listener, &options, shutdown_signal()).await?;
+    tracing::info!(%address, "worker stopped");
+    Ok(())
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

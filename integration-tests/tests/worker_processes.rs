@@ -1,0 +1,95 @@
+//! The query matrix on 3 spawned `dfship-worker` processes over gRPC on
+//! 127.0.0.1: Python UDFs are known only to the coordinator (this process).
+
+use datafusion::prelude::{SessionConfig, SessionContext};
+use dfship_codec::CodecOptions;
+use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
+use dfship_integration_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_query_matrix_on_worker_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path()).await.unwrap();
+    let cluster = SpawnedCluster::start(3, &[]);
+    let inline = InlineUdfs::new(CodecOptions::default());
+    let distributed = ClusterContextBuilder::new(&cluster.urls)
+        .unwrap()
+        .with_config(
+            SessionConfig::new()
+                .with_target_partitions(3)
+                .set_bool("datafusion.execution.parquet.pushdown_filters", true),
+        )
+        .with_inline_udfs(inline.clone())
+        .with_file_scan_bytes_per_partition(1)
+        .build()
+        .unwrap();
+    let local = SessionContext::new_with_config(
+        SessionConfig::new().set_bool("datafusion.execution.parquet.pushdown_filters", true),
+    );
+    for ctx in [&distributed, &local] {
+        register_dataset(ctx, dir.path()).await.unwrap();
+        for udf in matrix_udfs() {
+            ctx.register_udf(udf);
+        }
+    }
+    for (name, sql) in MATRIX {
+        let expected = sorted_rows(&local, sql).await.unwrap();
+        let actual = sorted_rows(&distributed, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(actual, expected, "{name}");
+        println!("{name}: ok ({} rows)", expected.len());
+    }
+    let stats = inline.encoder().stats();
+    assert!(stats.inline_udfs > 0, "{stats:?}");
+    println!(
+        "coordinator shipped {} stage plans with {} inline UDF calls ({} payload bytes)",
+        stats.plans, stats.inline_udfs, stats.inline_bytes
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_process_survives_a_failing_udf() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path()).await.unwrap();
+    let cluster = SpawnedCluster::start(2, &[]);
+    let ctx = ClusterContextBuilder::new(&cluster.urls)
+        .unwrap()
+        .with_config(SessionConfig::new().with_target_partitions(4))
+        .with_file_scan_bytes_per_partition(1)
+        .build()
+        .unwrap();
+    register_dataset(&ctx, dir.path()).await.unwrap();
+    ctx.register_udf(python_udf(
+        "py_zero_div",
+        vec![arrow::datatypes::DataType::Int64],
+        arrow::datatypes::DataType::Int64,
+        "",
+        "lambda a: 1 // 0",
+    ));
+    let error = ctx
+        .sql("SELECT py_zero_div(id) FROM facts")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("ZeroDivisionError: integer division or modulo by zero"),
+        "{error}"
+    );
+    ctx.register_udf(python_udf(
+        "py_ok",
+        vec![arrow::datatypes::DataType::Int64],
+        arrow::datatypes::DataType::Int64,
+        "",
+        "lambda a: pc.add(a, 1)",
+    ));
+    assert_eq!(
+        sorted_rows(&ctx, "SELECT max(py_ok(id)) AS m FROM facts")
+            .await
+            .unwrap(),
+        vec!["| 4801 |"]
+    );
+}
