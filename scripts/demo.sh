@@ -5,4 +5,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 export VIRTUAL_ENV="$root/.venv"
-exec cargo run --locked -p dfship-codec --example codec_roundtrip
+exec cargo run --locked -p dfship-cli --bin dfship -- demo "$@"

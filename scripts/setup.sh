@@ -29,4 +29,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
     echo "$want" > "$stamp"
 fi
+# Development install of the pure-Python part of the dfship package.
+site_packages="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$root/python" > "$site_packages/dfship-dev.pth"
 echo "setup: .venv ready ($(.venv/bin/python --version))"

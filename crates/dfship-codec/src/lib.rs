@@ -12,11 +12,13 @@
 //! - [`auth`]: the shared cluster key (HMAC-SHA256).
 //! - [`cache`]: the per-process cache of unpickled callables.
 //! - [`python`]: interpreter start-up and environment.
+//! - `declarations`: loading `udf()` declarations from a Python file or module.
 
 mod auth;
 mod cache;
 mod callable;
 pub mod codec;
+mod declarations;
 mod error;
 mod options;
 pub mod python;
@@ -28,6 +30,7 @@ pub use auth::{ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
 pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_CAPACITY};
 pub use callable::PicklerVersions;
 pub use codec::PythonUdfCodec;
+pub use declarations::{load_python_udfs_from_file, load_python_udfs_from_module};
 pub use error::UdfPayloadError;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};
 pub use python::ensure_python;

@@ -126,6 +126,7 @@ pub struct ClusterContextBuilder {
     options: CodecOptions,
     config: SessionConfig,
     by_name: Vec<Arc<ScalarUDF>>,
+    python: Vec<ScalarUDF>,
     bytes_per_partition: Option<usize>,
 }
 
@@ -158,6 +159,7 @@ impl ClusterContextBuilder {
             options: CodecOptions::default(),
             config: SessionConfig::new(),
             by_name: Vec::new(),
+            python: Vec::new(),
             bytes_per_partition: None,
         })
     }
@@ -179,10 +181,31 @@ impl ClusterContextBuilder {
         self
     }
 
-    /// A UDF the coordinator plans with and workers resolve by name.
+    /// A UDF the coordinator plans with and workers resolve by name (a
+    /// native or FFI UDF every worker registers too).
     pub fn with_udf(mut self, udf: Arc<ScalarUDF>) -> Self {
         self.by_name.push(udf);
         self
+    }
+
+    /// A Python UDF, known only here: it travels inline to the workers.
+    pub fn with_python_udf(mut self, udf: ScalarUDF) -> Self {
+        self.python.push(udf);
+        self
+    }
+
+    /// Every UDF declared in a Python file (see `dfship_codec::load_python_udfs_from_file`).
+    pub fn with_python_udfs_from_file(mut self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        self.python
+            .extend(dfship_codec::load_python_udfs_from_file(path.as_ref())?);
+        Ok(self)
+    }
+
+    /// Every UDF declared at the top level of an importable Python module.
+    pub fn with_python_udfs_from_module(mut self, module: &str) -> Result<Self> {
+        self.python
+            .extend(dfship_codec::load_python_udfs_from_module(module)?);
+        Ok(self)
     }
 
     /// Splits file scans into partitions of about this many bytes (small
@@ -207,6 +230,9 @@ impl ClusterContextBuilder {
         let ctx = SessionContext::from(builder.build());
         for udf in self.by_name {
             ctx.register_udf(udf.as_ref().clone());
+        }
+        for udf in self.python {
+            ctx.register_udf(udf);
         }
         Ok(ctx)
     }

@@ -1,0 +1,175 @@
+//! `dfship sql` and `dfship explain`: a coordinator context from flags.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use arrow::util::pretty::pretty_format_batches;
+use clap::Args;
+use datafusion::dataframe::DataFrameWriteOptions;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use dfship_codec::{ClusterKey, CodecOptions, PythonScalarUdf, CLUSTER_KEY_ENV};
+use dfship_distributed::ClusterContextBuilder;
+
+/// Where the cluster is and what the query may use.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Worker URLs, comma-separated (e.g. http://10.0.0.5:50051,http://10.0.0.6:50051).
+    #[arg(long, env = "DFSHIP_WORKERS", value_delimiter = ',', required = true)]
+    pub workers: Vec<String>,
+
+    /// Python files declaring UDFs with `dfship.udf`; they travel inline.
+    #[arg(long = "udfs")]
+    pub udf_files: Vec<PathBuf>,
+
+    /// Tables as NAME=PATH (Parquet or CSV file or directory, by extension; workers must reach the path).
+    #[arg(long = "table", value_parser = parse_table)]
+    pub tables: Vec<(String, PathBuf)>,
+
+    /// File holding the shared cluster key (else $DFSHIP_CLUSTER_KEY, if set).
+    #[arg(long, env = "DFSHIP_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+}
+
+fn parse_table(text: &str) -> std::result::Result<(String, PathBuf), String> {
+    let (name, path) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not NAME=PATH"))?;
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+#[derive(Debug, Args)]
+pub struct SqlArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Write the result to this file instead of printing it (.parquet or .csv).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// The query.
+    pub query: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The query.
+    pub query: String,
+}
+
+impl ClusterArgs {
+    pub async fn context(&self) -> Result<SessionContext> {
+        let key = match &self.cluster_key_file {
+            Some(path) => Some(ClusterKey::from_file(path)?),
+            None => ClusterKey::from_env(CLUSTER_KEY_ENV)?,
+        };
+        let mut builder = ClusterContextBuilder::new(&self.workers)?
+            .with_codec_options(CodecOptions::default().with_optional_cluster_key(key));
+        for file in &self.udf_files {
+            builder = builder.with_python_udfs_from_file(file)?;
+        }
+        let ctx = builder.build()?;
+        for (name, path) in &self.tables {
+            register_table(&ctx, name, path).await?;
+        }
+        Ok(ctx)
+    }
+}
+
+pub async fn register_table(
+    ctx: &SessionContext,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    let location = path.to_str().ok_or_else(|| {
+        DataFusionError::Configuration(format!("table path {} is not UTF-8", path.display()))
+    })?;
+    let is_csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    if is_csv {
+        ctx.register_csv(name, location, CsvReadOptions::new())
+            .await
+    } else {
+        ctx.register_parquet(name, location, ParquetReadOptions::default())
+            .await
+    }
+}
+
+pub async fn sql(args: SqlArgs) -> Result<()> {
+    let ctx = args.cluster.context().await?;
+    let started = Instant::now();
+    let df = ctx.sql(&args.query).await?;
+    match &args.output {
+        Some(path) => {
+            let location = path.to_string_lossy().to_string();
+            let is_csv = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+            let options = DataFrameWriteOptions::new().with_single_file_output(true);
+            if is_csv {
+                df.write_csv(&location, options, None).await?;
+            } else {
+                df.write_parquet(&location, options, None).await?;
+            }
+            eprintln!("wrote {} in {:.2?}", path.display(), started.elapsed());
+        }
+        None => {
+            let batches = df.collect().await?;
+            println!("{}", pretty_format_batches(&batches)?);
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            eprintln!("{rows} rows in {:.2?}", started.elapsed());
+        }
+    }
+    Ok(())
+}
+
+pub async fn explain(args: ExplainArgs) -> Result<()> {
+    let ctx = args.cluster.context().await?;
+    let plan = ctx.sql(&args.query).await?.create_physical_plan().await?;
+    println!(
+        "{}",
+        datafusion_distributed::display_plan_ascii(plan.as_ref(), false)
+    );
+    println!("{}", describe_udfs(&ctx, &plan));
+    Ok(())
+}
+
+/// Which user-defined functions the plan calls and how each one travels.
+pub fn describe_udfs(
+    ctx: &SessionContext,
+    plan: &std::sync::Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> String {
+    let shown = datafusion::physical_plan::displayable(plan.as_ref())
+        .indent(true)
+        .to_string();
+    let state = ctx.state();
+    let mut lines = Vec::new();
+    let mut names: Vec<_> = state.scalar_functions().keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let Some(udf) = state.scalar_functions().get(&name) else {
+            continue;
+        };
+        if !shown.contains(&format!("{name}(")) {
+            continue;
+        }
+        if udf.inner().downcast_ref::<PythonScalarUdf>().is_some() {
+            lines.push(format!(
+                "  {name}: Python UDF, travels inline (cloudpickled into the plan)"
+            ));
+        } else if !datafusion::functions::all_default_functions()
+            .iter()
+            .any(|f| f.name() == name)
+        {
+            lines.push(format!(
+                "  {name}: travels by name (every worker must register it)"
+            ));
+        }
+    }
+    if lines.is_empty() {
+        "UDFs: none".to_string()
+    } else {
+        format!("UDFs:\n{}", lines.join("\n"))
+    }
+}

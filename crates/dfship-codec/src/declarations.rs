@@ -1,0 +1,132 @@
+//! Loading Python UDF declarations from a file or module.
+//!
+//! A declaration is any object with a `__dfship_udf__` dict — what the
+//! `dfship` Python package's `udf()` (function or decorator form) produces:
+//! `{"name", "func", "input_types": [pyarrow.DataType], "return_type":
+//! pyarrow.DataType | pyarrow.Field, "volatility": "immutable" | "stable" | "volatile"}`.
+//! Functions defined in a file loaded this way belong to no importable
+//! module, so cloudpickle ships them by value.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field};
+use arrow::pyarrow::FromPyArrow;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::ScalarUDF;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::python::{self, describe_exception};
+use crate::signature::volatility_from_str;
+use crate::{PythonScalarUdf, UdfSignature};
+
+const COLLECT: &std::ffi::CStr = c"
+seen = set()
+found = []
+for value in list(namespace.values()):
+    spec = getattr(value, '__dfship_udf__', None)
+    if isinstance(spec, dict) and id(value) not in seen:
+        seen.add(id(value))
+        found.append(spec)
+";
+
+/// Runs the Python file at `path` and returns the UDFs it declares.
+pub fn load_python_udfs_from_file(path: &Path) -> Result<Vec<ScalarUDF>> {
+    python::ensure_python()?;
+    let shown = path.display().to_string();
+    Python::attach(|py| {
+        let namespace = py
+            .import("runpy")
+            .and_then(|runpy| {
+                runpy.call_method1(
+                    "run_path",
+                    (
+                        path.to_string_lossy().as_ref(),
+                        None::<Py<PyAny>>,
+                        "__dfship_udfs__",
+                    ),
+                )
+            })
+            .map_err(|e| load_error(&shown, &describe_exception(py, &e)))?;
+        collect(py, &namespace, &shown)
+    })
+}
+
+/// Imports `module` and returns the UDFs it declares at top level.
+pub fn load_python_udfs_from_module(module: &str) -> Result<Vec<ScalarUDF>> {
+    python::ensure_python()?;
+    Python::attach(|py| {
+        let namespace = py
+            .import(module)
+            .and_then(|m| m.getattr("__dict__"))
+            .map_err(|e| load_error(module, &describe_exception(py, &e)))?;
+        collect(py, &namespace, module)
+    })
+}
+
+fn load_error(source: &str, detail: &str) -> DataFusionError {
+    DataFusionError::Plan(format!("cannot load Python UDFs from {source}: {detail}"))
+}
+
+fn collect(py: Python<'_>, namespace: &Bound<'_, PyAny>, source: &str) -> Result<Vec<ScalarUDF>> {
+    let globals = PyDict::new(py);
+    globals
+        .set_item("namespace", namespace)
+        .and_then(|_| py.run(COLLECT, Some(&globals), None))
+        .map_err(|e| load_error(source, &describe_exception(py, &e)))?;
+    let found = globals
+        .get_item("found")
+        .ok()
+        .flatten()
+        .ok_or_else(|| load_error(source, "the declaration scan produced nothing"))?;
+    let mut udfs = Vec::new();
+    for spec in found
+        .try_iter()
+        .map_err(|e| load_error(source, &e.to_string()))?
+    {
+        let spec = spec.map_err(|e| load_error(source, &e.to_string()))?;
+        udfs.push(
+            declaration(&spec).map_err(|e| load_error(source, &describe_exception(py, &e)))??,
+        );
+    }
+    if udfs.is_empty() {
+        return Err(load_error(
+            source,
+            "it declares no UDF; declare them with `from dfship import udf` (function or decorator form)",
+        ));
+    }
+    Ok(udfs)
+}
+
+/// One `__dfship_udf__` dict to a UDF (outer error: Python; inner: ours).
+fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<ScalarUDF>> {
+    let name: String = spec.get_item("name")?.extract()?;
+    let func = spec.get_item("func")?;
+    let input_types = spec
+        .get_item("input_types")?
+        .try_iter()?
+        .map(|t| t.and_then(|t| DataType::from_pyarrow_bound(&t)))
+        .collect::<PyResult<Vec<_>>>()?;
+    let return_type = spec.get_item("return_type")?;
+    let return_field = match Field::from_pyarrow_bound(&return_type) {
+        Ok(field) => field.with_name(name.clone()),
+        Err(_) => Field::new(
+            name.clone(),
+            DataType::from_pyarrow_bound(&return_type)?,
+            true,
+        ),
+    };
+    let volatility: String = spec.get_item("volatility")?.extract()?;
+    let volatility = match volatility_from_str(&name, &volatility) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let signature = UdfSignature {
+        name,
+        input_types,
+        return_field: Arc::new(return_field),
+        volatility,
+    };
+    Ok(PythonScalarUdf::new(signature, func).map(PythonScalarUdf::into_scalar_udf))
+}
