@@ -14,7 +14,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 .venv/bin/ruff format --check .
 
 echo "== Rust tests (one process per test: each may start its own interpreter)"
-# Integration tests spawn the worker binary.
-cargo build --workspace --bins --locked
+# Integration tests spawn the worker binary and load the FFI example library.
+cargo build --workspace --locked
 cargo nextest run --workspace --locked --no-fail-fast
 cargo test --workspace --doc --locked

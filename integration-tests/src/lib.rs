@@ -289,3 +289,15 @@ impl Drop for SpawnedCluster {
         }
     }
 }
+
+/// The FFI example UDF as a worker flag value: `<lib>.so:symbol`.
+pub fn ffi_example_spec() -> String {
+    let library =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/libdfship_ffi_example.so");
+    assert!(
+        library.exists(),
+        "no {}; build it with `cargo build -p dfship-ffi-example`",
+        library.display()
+    );
+    format!("{}:dfship_ffi_scalar_udf", library.display())
+}

@@ -22,6 +22,10 @@ pub struct ClusterArgs {
     #[arg(long = "udfs")]
     pub udf_files: Vec<PathBuf>,
 
+    /// FFI scalar UDFs the workers register too: /path/lib.so:symbol or python.module:attribute.
+    #[arg(long = "ffi-udf", env = "DFSHIP_FFI_UDFS", value_delimiter = ',')]
+    pub ffi_udfs: Vec<String>,
+
     /// Tables as NAME=PATH (Parquet or CSV file or directory, by extension; workers must reach the path).
     #[arg(long = "table", value_parser = parse_table)]
     pub tables: Vec<(String, PathBuf)>,
@@ -65,6 +69,9 @@ impl ClusterArgs {
         };
         let mut builder = ClusterContextBuilder::new(&self.workers)?
             .with_codec_options(CodecOptions::default().with_optional_cluster_key(key));
+        for spec in &self.ffi_udfs {
+            builder = builder.with_udf(dfship_distributed::load_ffi_udf(spec)?);
+        }
         for file in &self.udf_files {
             builder = builder.with_python_udfs_from_file(file)?;
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::ExecutionPlan;
@@ -29,7 +29,7 @@ use datafusion_distributed::{
 use datafusion_proto::bytes::physical_plan_to_bytes_with_proto_converter;
 use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
 use datafusion_proto::physical_plan::DeduplicatingProtoConverter;
-use futures::stream::BoxStream;
+use futures::stream::{BoxStream, StreamExt};
 use http::HeaderMap;
 use prost::Message;
 use url::Url;
@@ -48,16 +48,52 @@ pub fn encode_stage_plan(
 }
 
 /// A [`WorkerChannel`] that pre-encodes plans and partitionings with
-/// [`InlineUdfEncoder`] and delegates everything else.
+/// [`InlineUdfEncoder`], delegates everything else, and explains a worker's
+/// missing by-name UDF.
 pub struct InlineUdfChannel {
     inner: Box<dyn WorkerChannel>,
     encoder: Arc<InlineUdfEncoder>,
+    worker: Url,
 }
 
 impl InlineUdfChannel {
-    pub fn new(inner: Box<dyn WorkerChannel>, encoder: Arc<InlineUdfEncoder>) -> Self {
-        Self { inner, encoder }
+    pub fn new(inner: Box<dyn WorkerChannel>, encoder: Arc<InlineUdfEncoder>, worker: Url) -> Self {
+        Self {
+            inner,
+            encoder,
+            worker,
+        }
     }
+}
+
+/// What upstream says when a by-name UDF is missing from a worker's registry.
+const MISSING_UDF: &str = "PhysicalExtensionCodec is not provided for scalar function ";
+
+/// Rewrites a worker's "missing UDF" error to name the UDF, the worker and the remedy.
+pub fn explain_missing_udf(error: DataFusionError, worker: &Url) -> DataFusionError {
+    let text = error.to_string();
+    let Some(at) = text.find(MISSING_UDF) else {
+        return error;
+    };
+    let name: String = text[at + MISSING_UDF.len()..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '\'')
+        .collect();
+    DataFusionError::Plan(format!(
+        "worker {worker} has no scalar function '{name}'. It is not a Python UDF, so it travels \
+         by name and every worker must register it: start the workers with \
+         `--ffi-udf SPEC` providing '{name}' (SPEC is /path/to/lib.so:symbol or \
+         python.module:attribute), or register it in their session builder. ({text})"
+    ))
+}
+
+fn explain_stream<T: Send + 'static>(
+    stream: BoxStream<'static, Result<T>>,
+    worker: Url,
+) -> BoxStream<'static, Result<T>> {
+    stream
+        .map(move |item| item.map_err(|e| explain_missing_udf(e, &worker)))
+        .boxed()
 }
 
 #[async_trait]
@@ -73,9 +109,12 @@ impl WorkerChannel for InlineUdfChannel {
         if let MaybeEncoded::Decoded(plan) = set_plan_request.plan {
             set_plan_request.plan = MaybeEncoded::Encoded(encode_stage_plan(plan, &self.encoder)?);
         }
-        self.inner
+        let stream = self
+            .inner
             .coordinator_channel(headers, set_plan_request, c2w_stream, metrics, task_ctx)
             .await
+            .map_err(|e| explain_missing_udf(e, &self.worker))?;
+        Ok(explain_stream(stream, self.worker.clone()))
     }
 
     async fn execute_task(
@@ -96,9 +135,15 @@ impl WorkerChannel for InlineUdfChannel {
                 partitioning: MaybeEncoded::Encoded(proto.encode_to_vec()),
             };
         }
-        self.inner
+        let streams = self
+            .inner
             .execute_task(headers, request, metrics, task_ctx)
             .await
+            .map_err(|e| explain_missing_udf(e, &self.worker))?;
+        Ok(streams
+            .into_iter()
+            .map(|stream| explain_stream(stream, self.worker.clone()))
+            .collect())
     }
 
     async fn get_worker_info(
@@ -134,6 +179,7 @@ impl ChannelResolver for InlineUdfChannelResolver {
         Ok(Box::new(InlineUdfChannel::new(
             create_worker_client(channel),
             Arc::clone(&self.encoder),
+            url.clone(),
         )))
     }
 }

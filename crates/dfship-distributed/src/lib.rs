@@ -3,12 +3,15 @@
 //! - [`encoder`]: the encode-side codec composition that gets past the
 //!   codec-ordering trap (read its module docs first).
 //! - [`channel`]: the `ChannelResolver`/`WorkerChannel` wrapper that applies it.
+//! - [`ffi`]: loading FFI UDFs (shared library or Python capsule), which travel by name.
 //! - [`session`]: worker session builder and coordinator context builder.
 
 pub mod channel;
 pub mod encoder;
+pub mod ffi;
 pub mod session;
 
 pub use channel::{encode_stage_plan, InlineUdfChannel, InlineUdfChannelResolver};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
+pub use ffi::load_ffi_udf;
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};

@@ -45,6 +45,10 @@ pub struct WorkerOptions {
     #[arg(long, env = "DFSHIP_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
 
+    /// An FFI scalar UDF to register by name: /path/lib.so:symbol or python.module:attribute (repeatable).
+    #[arg(long = "ffi-udf", env = "DFSHIP_FFI_UDFS", value_delimiter = ',')]
+    pub ffi_udfs: Vec<String>,
+
     /// Log a warning for inline payloads larger than this many bytes.
     #[arg(long, env = "DFSHIP_WARN_PAYLOAD_BYTES", default_value_t = DEFAULT_WARN_PAYLOAD_BYTES)]
     pub warn_payload_bytes: usize,
@@ -100,7 +104,12 @@ pub async fn serve(
     options: &WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    let builder = PythonWorkerSessionBuilder::new(options.codec_options()?);
+    let mut builder = PythonWorkerSessionBuilder::new(options.codec_options()?);
+    for spec in &options.ffi_udfs {
+        let udf = dfship_distributed::load_ffi_udf(spec)?;
+        tracing::info!(udf = udf.name(), spec = spec.as_str(), "registered FFI UDF");
+        builder = builder.with_udf(udf);
+    }
     let worker = Worker::from_session_builder(builder);
     tonic::transport::Server::builder()
         .add_service(worker.into_worker_server())
