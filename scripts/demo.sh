@@ -5,4 +5,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup.sh
 export VIRTUAL_ENV="$root/.venv"
-exec cargo run --locked -p dfship-cli --bin dfship -- demo "$@"
+# Builds the worker, the CLI and the example FFI UDF library the demo loads.
+cargo build --locked --workspace
+exec target/debug/dfship demo "$@"

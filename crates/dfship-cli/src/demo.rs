@@ -45,6 +45,12 @@ const QUERIES: &[(&str, &str)] = &[
     ),
 ];
 
+const FFI_QUERY: (&str, &str) = (
+    "an FFI UDF (by name, loaded by every worker) on a Python UDF's result",
+    "SELECT city_key(city) AS key, fnv1a_hash(city_key(city)) AS hash, count(*) AS trips \
+     FROM trips GROUP BY city_key(city), fnv1a_hash(city_key(city)) ORDER BY key",
+);
+
 /// Writes `trips` (FILES Parquet files) and `zones` under `dir`.
 async fn generate_dataset(dir: &Path, rows: usize) -> Result<()> {
     let ctx = SessionContext::new();
@@ -104,8 +110,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         args.rows
     ));
 
+    // The example FFI UDF, built next to this binary by `cargo build --workspace`.
+    let ffi_spec = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("libdfship_ffi_example.so")))
+        .filter(|library| library.exists())
+        .map(|library| format!("{}:dfship_ffi_scalar_udf", library.display()));
+    let worker_args: Vec<String> = ffi_spec.iter().flat_map(|spec| ["--ffi-udf".to_string(), spec.clone()]).collect();
     let bar = spinner(format!("starting {} worker processes", args.workers));
-    let cluster = LocalCluster::start(args.workers)?;
+    let cluster = LocalCluster::start(args.workers, &worker_args)?;
     bar.finish_with_message(format!(
         "{} workers: {}",
         args.workers,
@@ -116,7 +129,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     std::fs::write(&udf_file, DEMO_UDFS)
         .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
     let inline = InlineUdfs::new(CodecOptions::default());
-    let ctx = ClusterContextBuilder::new(&cluster.urls)?
+    let mut builder = ClusterContextBuilder::new(&cluster.urls)?;
+    if let Some(spec) = &ffi_spec {
+        builder = builder.with_udf(dfship_distributed::load_ffi_udf(spec)?);
+    }
+    let ctx = builder
         .with_config(SessionConfig::new().with_target_partitions(args.workers.max(2) * 2))
         .with_inline_udfs(inline.clone())
         // Spread even this small dataset over every worker.
@@ -127,7 +144,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         crate::cluster::register_table(&ctx, table, &dir.path().join(table)).await?;
     }
 
-    for (index, (title, sql)) in QUERIES.iter().enumerate() {
+    let ffi_query = ffi_spec.as_ref().map(|_| FFI_QUERY);
+    if ffi_query.is_none() {
+        println!("(the FFI example library is not built next to this binary: skipping the FFI UDF query)");
+    }
+    for (index, (title, sql)) in QUERIES.iter().chain(ffi_query.iter()).enumerate() {
         println!("\n== {title}\n{sql}");
         let plan = ctx.sql(sql).await?.create_physical_plan().await?;
         if index == 0 {

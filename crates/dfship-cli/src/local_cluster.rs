@@ -13,8 +13,9 @@ pub struct LocalCluster {
 }
 
 impl LocalCluster {
-    /// Starts `workers` worker processes of this very binary on free ports.
-    pub fn start(workers: usize) -> Result<Self> {
+    /// Starts `workers` worker processes of this very binary on free ports,
+    /// each with `extra_args`.
+    pub fn start(workers: usize, extra_args: &[String]) -> Result<Self> {
         let exe = std::env::current_exe().map_err(|e| DataFusionError::External(Box::new(e)))?;
         let mut cluster = Self {
             urls: Vec::new(),
@@ -23,6 +24,7 @@ impl LocalCluster {
         for _ in 0..workers {
             let mut command = Command::new(&exe);
             command.args(["worker", "--host", "127.0.0.1", "--port", "0"]);
+            command.args(extra_args);
             if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
                 command.arg("--python-env").arg(venv);
             }
