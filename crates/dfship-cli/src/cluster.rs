@@ -30,6 +30,11 @@ pub struct ClusterArgs {
     #[arg(long = "table", value_parser = parse_table)]
     pub tables: Vec<(String, PathBuf)>,
 
+    /// Split file scans into tasks of about this many bytes (default: the
+    /// planner's; small values spread small files over every worker).
+    #[arg(long)]
+    pub bytes_per_partition: Option<usize>,
+
     /// File holding the shared cluster key (else $DFSHIP_CLUSTER_KEY, if set).
     #[arg(long, env = "DFSHIP_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
@@ -69,6 +74,9 @@ impl ClusterArgs {
         };
         let mut builder = ClusterContextBuilder::new(&self.workers)?
             .with_codec_options(CodecOptions::default().with_optional_cluster_key(key));
+        if let Some(bytes) = self.bytes_per_partition {
+            builder = builder.with_file_scan_bytes_per_partition(bytes);
+        }
         for spec in &self.ffi_udfs {
             builder = builder.with_udf(dfship_distributed::load_ffi_udf(spec)?);
         }

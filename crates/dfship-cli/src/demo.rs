@@ -116,7 +116,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .and_then(|exe| exe.parent().map(|dir| dir.join("libdfship_ffi_example.so")))
         .filter(|library| library.exists())
         .map(|library| format!("{}:dfship_ffi_scalar_udf", library.display()));
-    let worker_args: Vec<String> = ffi_spec.iter().flat_map(|spec| ["--ffi-udf".to_string(), spec.clone()]).collect();
+    let worker_args: Vec<String> = ffi_spec
+        .iter()
+        .flat_map(|spec| ["--ffi-udf".to_string(), spec.clone()])
+        .collect();
     let bar = spinner(format!("starting {} worker processes", args.workers));
     let cluster = LocalCluster::start(args.workers, &worker_args)?;
     bar.finish_with_message(format!(
