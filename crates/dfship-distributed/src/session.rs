@@ -14,8 +14,8 @@ use datafusion::execution::{FunctionRegistry, SessionState, SessionStateBuilder}
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_distributed::{
-    DistributedExt, SessionStateBuilderExt, WorkerQueryContext, WorkerResolver,
-    WorkerSessionBuilder,
+    DistributedExt, DistributedTaskContext, SessionStateBuilderExt, WorkerPlanRewriteEvent,
+    WorkerPlanRewriteEventResponse, WorkerQueryContext, WorkerResolver, WorkerSessionBuilder,
 };
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
 use dfship_codec::{CodecOptions, PythonUdfCodec};
@@ -90,10 +90,27 @@ impl PythonWorkerSessionBuilder {
     }
 }
 
+/// Logs each task plan a worker receives (task index and count, root node).
+fn log_task_plan(event: WorkerPlanRewriteEvent) -> Result<WorkerPlanRewriteEventResponse> {
+    let task = event
+        .session_config
+        .get_extension::<DistributedTaskContext>();
+    tracing::info!(
+        task_index = task.as_ref().map(|t| t.task_index),
+        task_count = task.as_ref().map(|t| t.task_count),
+        root = event.plan.name(),
+        "task plan received"
+    );
+    Ok(WorkerPlanRewriteEventResponse::new(event.plan))
+}
+
 #[async_trait]
 impl WorkerSessionBuilder for PythonWorkerSessionBuilder {
     async fn build_session_state(&self, ctx: WorkerQueryContext) -> Result<SessionState> {
-        let mut state = self.inline.install(ctx.builder).build();
+        let builder = ctx
+            .builder
+            .with_distributed_worker_plan_rewrite_handler(log_task_plan);
+        let mut state = self.inline.install(builder).build();
         for udf in &self.by_name {
             state.register_udf(Arc::clone(udf))?;
         }
