@@ -113,10 +113,10 @@ async fn a_worker_without_the_ffi_udf_says_how_to_register_it() {
 fn ffi_udfs_load_from_python_capsules() {
     init_python();
     Python::attach(|py| {
-        let capsule = pyo3::types::PyCapsule::new(
+        let capsule = pyo3::types::PyCapsule::new_with_value(
             py,
             dfship_ffi_example::dfship_ffi_scalar_udf(),
-            Some(dfship_distributed::ffi::SCALAR_UDF_CAPSULE.to_owned()),
+            dfship_distributed::ffi::SCALAR_UDF_CAPSULE,
         )
         .unwrap();
         let module = pyo3::types::PyModule::new(py, "dfship_capsule_test").unwrap();
