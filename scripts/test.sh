@@ -18,3 +18,6 @@ echo "== Rust tests (one process per test: each may start its own interpreter)"
 cargo build --workspace --locked
 cargo nextest run --workspace --locked --no-fail-fast
 cargo test --workspace --doc --locked
+
+echo "== cluster in containers (Docker; images built here, nothing pulled)"
+integration-tests/containers/run.sh

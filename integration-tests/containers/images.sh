@@ -48,11 +48,14 @@ build_base() {
         || { log "debootstrap failed, see $work/debootstrap-$suite.log"; tail -5 "$work/debootstrap-$suite.log" >&2; exit 1; }
     # pip reaches PyPI through the host's TLS and DNS set-up.
     cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
-    cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/host-ca.crt"
+    mkdir -p "$rootfs/etc/ssl/certs"
+    cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
     cp "$here/requirements-worker.txt" "$rootfs/tmp/requirements.txt"
-    chroot "$rootfs" /usr/bin/python3 -m venv /opt/dfship/venv
-    chroot "$rootfs" /opt/dfship/venv/bin/pip install --quiet --disable-pip-version-check \
-        --cert /etc/ssl/host-ca.crt -r /tmp/requirements.txt
+    # A clean environment: the host's PIP_* settings name host paths.
+    local in_root=(env -i PATH=/usr/bin:/bin HOME=/root PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$(command -v chroot)" "$rootfs")
+    "${in_root[@]}" /usr/bin/python3 -m venv /opt/dfship/venv
+    "${in_root[@]}" /opt/dfship/venv/bin/pip install --quiet --disable-pip-version-check \
+        -r /tmp/requirements.txt
     rm -rf "$rootfs/tmp/requirements.txt" "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/root/.cache"
     : > "$rootfs/etc/resolv.conf"
     tar -C "$rootfs" -c . | docker import \

@@ -11,8 +11,17 @@
 //! passes encoded bytes through untouched. Tasks the coordinator keeps
 //! in-process never reach a channel: they share the plan object, no
 //! serialization involved.
+//!
+//! [`InlineUdfChannelResolver`] also owns the gRPC connections, because
+//! upstream's `DefaultChannelResolver` sets no connect timeout and no HTTP/2
+//! keepalive: a worker that dies without closing its sockets (`kill -9` of a
+//! container, a cut network link) would leave a query waiting forever. Ours
+//! fails such a query within [`ChannelOptions`]' bounds, and every error
+//! coming back through a channel names the worker it came from.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -20,7 +29,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion_distributed::grpc::{create_worker_client, DefaultChannelResolver};
+use datafusion_distributed::grpc::{create_worker_client, BoxCloneSyncChannel};
 use datafusion_distributed::{
     ChannelResolver, CoordinatorToWorkerMsg, ExecuteTaskRequest, GetWorkerInfoRequest,
     GetWorkerInfoResponse, MaybeEncoded, ProducerHead, SetPlanRequest, WorkerChannel,
@@ -87,12 +96,25 @@ pub fn explain_missing_udf(error: DataFusionError, worker: &Url) -> DataFusionEr
     ))
 }
 
+/// Explains a missing by-name UDF, and otherwise adds the worker's URL to
+/// an error that does not name it yet (errors from deeper stages keep the
+/// name of the worker they started on).
+pub fn explain_worker_error(error: DataFusionError, worker: &Url) -> DataFusionError {
+    let error = explain_missing_udf(error, worker);
+    let text = error.to_string();
+    let url = worker.as_str().trim_end_matches('/');
+    if text.contains(url) {
+        return error;
+    }
+    DataFusionError::Context(format!("on worker {url}"), Box::new(error))
+}
+
 fn explain_stream<T: Send + 'static>(
     stream: BoxStream<'static, Result<T>>,
     worker: Url,
 ) -> BoxStream<'static, Result<T>> {
     stream
-        .map(move |item| item.map_err(|e| explain_missing_udf(e, &worker)))
+        .map(move |item| item.map_err(|e| explain_worker_error(e, &worker)))
         .boxed()
 }
 
@@ -113,7 +135,7 @@ impl WorkerChannel for InlineUdfChannel {
             .inner
             .coordinator_channel(headers, set_plan_request, c2w_stream, metrics, task_ctx)
             .await
-            .map_err(|e| explain_missing_udf(e, &self.worker))?;
+            .map_err(|e| explain_worker_error(e, &self.worker))?;
         Ok(explain_stream(stream, self.worker.clone()))
     }
 
@@ -139,7 +161,7 @@ impl WorkerChannel for InlineUdfChannel {
             .inner
             .execute_task(headers, request, metrics, task_ctx)
             .await
-            .map_err(|e| explain_missing_udf(e, &self.worker))?;
+            .map_err(|e| explain_worker_error(e, &self.worker))?;
         Ok(streams
             .into_iter()
             .map(|stream| explain_stream(stream, self.worker.clone()))
@@ -150,24 +172,98 @@ impl WorkerChannel for InlineUdfChannel {
         &mut self,
         request: GetWorkerInfoRequest,
     ) -> Result<GetWorkerInfoResponse> {
-        self.inner.get_worker_info(request).await
+        self.inner
+            .get_worker_info(request)
+            .await
+            .map_err(|e| explain_worker_error(e, &self.worker))
     }
 }
 
-/// Upstream's default gRPC channels, wrapped in [`InlineUdfChannel`]. Install
-/// it with `with_distributed_channel_resolver` on the coordinator and on
-/// every worker (workers call each other for shuffles).
+/// Bounds on how long a dead or unreachable worker can hold up a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// How long connecting to a worker may take.
+    pub connect_timeout: Duration,
+    /// How often an HTTP/2 ping checks a connection, busy or idle.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is declared dead.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ChannelOptions {
+    /// 5 s to connect; a silent peer is detected within about 15 s.
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+type ChannelCell = Arc<tokio::sync::OnceCell<BoxCloneSyncChannel>>;
+
+/// gRPC channels to workers (one per URL, reused, with [`ChannelOptions`]),
+/// wrapped in [`InlineUdfChannel`]. Install it with
+/// `with_distributed_channel_resolver` on the coordinator and on every worker
+/// (workers call each other for shuffles).
 #[derive(Clone)]
 pub struct InlineUdfChannelResolver {
-    inner: DefaultChannelResolver,
+    channels: Arc<Mutex<HashMap<Url, ChannelCell>>>,
+    options: ChannelOptions,
     encoder: Arc<InlineUdfEncoder>,
 }
 
 impl InlineUdfChannelResolver {
     pub fn new(encoder: Arc<InlineUdfEncoder>) -> Self {
+        Self::with_options(encoder, ChannelOptions::default())
+    }
+
+    pub fn with_options(encoder: Arc<InlineUdfEncoder>, options: ChannelOptions) -> Self {
         Self {
-            inner: DefaultChannelResolver::default(),
+            channels: Arc::default(),
+            options,
             encoder,
+        }
+    }
+
+    async fn connect(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| {
+                DataFusionError::Configuration(format!(
+                    "'{url}' is not a valid worker URL ({e}); use http://HOST:PORT"
+                ))
+            })?
+            .connect_timeout(self.options.connect_timeout)
+            .tcp_keepalive(Some(self.options.keepalive_interval))
+            .http2_keep_alive_interval(self.options.keepalive_interval)
+            .keep_alive_timeout(self.options.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| {
+            DataFusionError::Execution(format!(
+                "cannot connect to worker {url} within {:?}: {e} ({e:?}); check that it runs \
+                 and that this host can reach it",
+                self.options.connect_timeout
+            ))
+        })?;
+        Ok(BoxCloneSyncChannel::new(channel))
+    }
+
+    async fn channel(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
+        let cell = {
+            let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(channels.entry(url.clone()).or_default())
+        };
+        match cell.get_or_try_init(|| self.connect(url)).await {
+            Ok(channel) => Ok(channel.clone()),
+            Err(error) => {
+                // Forget the failed attempt so the next query connects afresh.
+                let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+                if channels.get(url).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                    channels.remove(url);
+                }
+                Err(error)
+            }
         }
     }
 }
@@ -175,7 +271,7 @@ impl InlineUdfChannelResolver {
 #[async_trait]
 impl ChannelResolver for InlineUdfChannelResolver {
     async fn get_worker_client_for_url(&self, url: &Url) -> Result<Box<dyn WorkerChannel>> {
-        let channel = self.inner.get_channel(url).await?;
+        let channel = self.channel(url).await?;
         Ok(Box::new(InlineUdfChannel::new(
             create_worker_client(channel),
             Arc::clone(&self.encoder),

@@ -11,7 +11,7 @@ pub mod encoder;
 pub mod ffi;
 pub mod session;
 
-pub use channel::{encode_stage_plan, InlineUdfChannel, InlineUdfChannelResolver};
+pub use channel::{encode_stage_plan, ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use ffi::load_ffi_udf;
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};

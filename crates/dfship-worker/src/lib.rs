@@ -111,7 +111,13 @@ pub async fn serve(
         builder = builder.with_udf(udf);
     }
     let worker = Worker::from_session_builder(builder);
+    // Pings detect a coordinator or peer that vanished without closing its
+    // connection, so its tasks stop instead of waiting forever.
+    let keepalive = dfship_distributed::channel::ChannelOptions::default();
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(keepalive.keepalive_interval))
+        .http2_keepalive_timeout(Some(keepalive.keepalive_timeout))
+        .tcp_keepalive(Some(keepalive.keepalive_interval))
         .add_service(worker.into_worker_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -1,0 +1,20 @@
+"""Plain inline UDFs for the fault, skew and cluster-key tests."""
+
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dfship import udf
+
+
+@udf([pa.int64()], pa.int64(), "immutable")
+def py_double(values: pa.Array) -> pa.Array:
+    return pc.multiply(values, 2)
+
+
+@udf([pa.int64()], pa.int64(), "volatile")
+def slow_double(values: pa.Array) -> pa.Array:
+    """Sleeps 2 s per batch, so a query stays in flight long enough to break a worker under it."""
+    time.sleep(2)
+    return pc.multiply(values, 2)

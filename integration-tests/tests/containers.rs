@@ -1,0 +1,539 @@
+//! The cluster in containers: one coordinator and three workers, each in its
+//! own container with its own address on a private Docker network, built by
+//! `integration-tests/containers/images.sh` (no registry involved).
+//!
+//! These tests are `#[ignore]`d because they need those images; run them
+//! with `integration-tests/containers/run.sh`, which builds the images, runs
+//! the tests one at a time and removes everything afterwards (`.ci/run` does).
+//! Each test's containers and network carry the label `dfship.test` and are
+//! removed when the test ends, pass or fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const NODE: &str = "dfship-node:bookworm";
+const NODE_PY313: &str = "dfship-node:trixie";
+const PORT: u16 = 8000;
+const FFI: &str = "/opt/dfship/lib/libdfship_ffi_example.so:dfship_ffi_scalar_udf";
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker client runs")
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let output = docker(args);
+    assert!(
+        output.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// What a command run in the coordinator container did.
+struct Run {
+    success: bool,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// A private network with a coordinator container and worker containers.
+struct Cluster {
+    prefix: String,
+    network: String,
+    data: PathBuf,
+    containers: Vec<String>,
+}
+
+struct WorkerSpec {
+    name: &'static str,
+    image: &'static str,
+    args: Vec<&'static str>,
+}
+
+fn worker(name: &'static str) -> WorkerSpec {
+    WorkerSpec {
+        name,
+        image: NODE,
+        args: vec!["--ffi-udf", FFI],
+    }
+}
+
+fn here() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("containers")
+}
+
+impl Cluster {
+    /// Starts the workers and a coordinator; waits until every worker listens.
+    fn start(test: &str, workers: Vec<WorkerSpec>) -> Self {
+        let prefix = format!("dfship-{test}");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/containers/runs");
+        let data = root.join(test);
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(data.join("keys")).unwrap();
+        std::fs::write(
+            data.join("keys/cluster.key"),
+            "a shared secret for the cluster",
+        )
+        .unwrap();
+        std::fs::write(data.join("keys/wrong.key"), "somebody else's secret").unwrap();
+        let mut cluster = Self {
+            network: prefix.clone(),
+            prefix,
+            data,
+            containers: Vec::new(),
+        };
+        cluster.remove_leftovers();
+        docker_ok(&[
+            "network",
+            "create",
+            "--label",
+            "dfship.test",
+            &cluster.network,
+        ]);
+        for spec in &workers {
+            cluster.start_worker(spec);
+        }
+        let coordinator = cluster.container("coordinator");
+        let data_mount = format!("{}:/data", cluster.data.display());
+        let udfs = format!("{}:/udfs:ro", here().join("udfs").display());
+        let coord_lib = format!("{}:/coord-lib:ro", here().join("coordinator-lib").display());
+        docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &coordinator,
+            "--hostname",
+            "coordinator",
+            "--label",
+            "dfship.test",
+            "--network",
+            &cluster.network,
+            "-v",
+            &data_mount,
+            "-v",
+            &udfs,
+            "-v",
+            &coord_lib,
+            "-e",
+            "PYTHONPATH=/coord-lib",
+            "-e",
+            "VIRTUAL_ENV=/opt/dfship/venv",
+            NODE,
+            "sleep",
+            "infinity",
+        ]);
+        cluster.containers.push(coordinator);
+        for spec in &workers {
+            cluster.wait_ready(spec.name, 1);
+        }
+        cluster
+    }
+
+    fn container(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://{}:{PORT}", self.container(name))
+    }
+
+    fn urls(&self, names: &[&str]) -> String {
+        names
+            .iter()
+            .map(|n| self.url(n))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn start_worker(&mut self, spec: &WorkerSpec) {
+        let name = self.container(spec.name);
+        let data_mount = format!("{}:/data", self.data.display());
+        let port = PORT.to_string();
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--hostname",
+            &name,
+            "--label",
+            "dfship.test",
+            "--network",
+            &self.network,
+            "-v",
+            &data_mount,
+            spec.image,
+            "dfship-worker",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            &port,
+            "--python-env",
+            "/opt/dfship/venv",
+        ];
+        args.extend(spec.args.iter().copied());
+        docker_ok(&args);
+        self.containers.push(name);
+    }
+
+    /// Waits (60 s at most) until a worker has logged `starts` times that it listens.
+    fn wait_ready(&self, worker: &str, starts: usize) {
+        let name = self.container(worker);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let logs = docker(&["logs", &name]);
+            let text = String::from_utf8_lossy(&logs.stdout).into_owned()
+                + &String::from_utf8_lossy(&logs.stderr);
+            if text.matches("dfship-worker listening on").count() >= starts {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {name} did not start within 60 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs a command in the coordinator container, killed after `limit`.
+    fn exec(&self, args: &[&str], limit: Duration) -> Run {
+        let started = Instant::now();
+        let mut child = Command::new("docker")
+            .args(["exec", &self.container("coordinator")])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("docker exec runs");
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
+        Run {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            took: started.elapsed(),
+        }
+    }
+
+    /// `dfship sql` on the coordinator against `workers`, with a UDF file from containers/udfs.
+    fn sql(&self, workers: &[&str], udfs: &str, query: &str, extra: &[&str]) -> Run {
+        let workers = self.urls(workers);
+        let udfs = format!("/udfs/{udfs}");
+        let mut args = vec![
+            "dfship",
+            "sql",
+            "--workers",
+            &workers,
+            "--udfs",
+            &udfs,
+            "--table",
+            "facts=/data/facts",
+            "--bytes-per-partition",
+            "1",
+        ];
+        args.extend(extra.iter().copied());
+        args.push(query);
+        self.exec(&args, Duration::from_secs(120))
+    }
+
+    /// Writes the shared dataset (as the coordinator, into /data).
+    fn write_dataset(&self) {
+        let check = self.exec(
+            &[
+                "dfship-cluster-check",
+                "--workers",
+                "http://unused:1",
+                "--data",
+                "/data",
+                "--write-only",
+            ],
+            Duration::from_secs(120),
+        );
+        assert!(check.success, "writing the dataset: {}", check.stderr);
+    }
+
+    fn remove_leftovers(&self) {
+        let listed = docker_ok(&["ps", "-aq", "--filter", &format!("name=^{}-", self.prefix)]);
+        for id in listed.split_whitespace() {
+            docker(&["rm", "-f", id]);
+        }
+        docker(&["network", "rm", &self.network]);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for name in &self.containers {
+            docker(&["rm", "-f", name]);
+        }
+        docker(&["network", "rm", &self.network]);
+    }
+}
+
+fn assert_ok(run: &Run, what: &str) {
+    assert!(
+        run.success,
+        "{what} failed after {:?}:\n{}\n{}",
+        run.took, run.stdout, run.stderr
+    );
+}
+
+fn assert_fails_with(run: &Run, what: &str, needles: &[&str]) {
+    assert!(!run.success, "{what} should fail:\n{}", run.stdout);
+    for needle in needles {
+        assert!(
+            run.stderr.contains(needle),
+            "{what}: the error names {needle:?}:\n{}",
+            run.stderr
+        );
+    }
+}
+
+/// `SELECT sum(py_double(id))` over the dataset is 2 * (1 + ... + 4800).
+const SUM_DOUBLE: &str = "SELECT sum(py_double(id)) AS s FROM facts";
+const SUM_DOUBLE_VALUE: &str = "23044800";
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn query_matrix_across_containers() {
+    let cluster = Cluster::start("matrix", vec![worker("w1"), worker("w2"), worker("w3")]);
+    let workers = cluster.urls(&["w1", "w2", "w3"]);
+    let check = cluster.exec(
+        &[
+            "dfship-cluster-check",
+            "--workers",
+            &workers,
+            "--data",
+            "/data",
+            "--ffi-udf",
+            FFI,
+        ],
+        Duration::from_secs(600),
+    );
+    println!("{}", check.stdout);
+    assert_ok(&check, "the query matrix");
+    let passed = check
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("PASS "))
+        .count();
+    assert_eq!(
+        passed, 15,
+        "14 matrix queries and the FFI query pass:\n{}",
+        check.stdout
+    );
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn a_module_only_the_coordinator_has() {
+    let cluster = Cluster::start("module", vec![worker("w1"), worker("w2"), worker("w3")]);
+    cluster.write_dataset();
+    let all = ["w1", "w2", "w3"];
+    let query = "SELECT max(with_bonus(id)) AS m FROM facts";
+    let by_reference = cluster.sql(&all, "by_reference.py", query, &[]);
+    assert_fails_with(
+        &by_reference,
+        "a UDF importing coord_helper by reference",
+        &["coord_helper", "register_pickle_by_value"],
+    );
+    let by_value = cluster.sql(&all, "by_value.py", query, &[]);
+    assert_ok(&by_value, "the same UDF with coord_helper pickled by value");
+    assert!(
+        by_value.stdout.contains("5800"),
+        "4800 + 1000:\n{}",
+        by_value.stdout
+    );
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn a_worker_on_another_python_version() {
+    let skewed = WorkerSpec {
+        name: "py313",
+        image: NODE_PY313,
+        args: vec![],
+    };
+    let cluster = Cluster::start("skew", vec![worker("w1"), worker("w2"), skewed]);
+    cluster.write_dataset();
+    let run = cluster.sql(&["w1", "w2", "py313"], "basic.py", SUM_DOUBLE, &[]);
+    assert_fails_with(
+        &run,
+        "a query reaching the Python 3.13 worker",
+        &["3.11", "3.13", &cluster.container("py313")],
+    );
+    let healthy = cluster.sql(&["w1", "w2"], "basic.py", SUM_DOUBLE, &[]);
+    assert_ok(&healthy, "the next query on the Python 3.11 workers");
+    assert!(
+        healthy.stdout.contains(SUM_DOUBLE_VALUE),
+        "{}",
+        healthy.stdout
+    );
+}
+
+/// Starts a slow query on all three workers, breaks `w3` with `fault` once it
+/// is under way, and checks the query fails in time naming `w3`.
+fn break_a_worker_mid_query(cluster: &Cluster, fault: &[&str]) {
+    let workers = cluster.urls(&["w1", "w2", "w3"]);
+    let container = cluster.container("coordinator");
+    let started = Instant::now();
+    let child = Command::new("docker")
+        .args([
+            "exec",
+            &container,
+            "dfship",
+            "sql",
+            "--workers",
+            &workers,
+            "--udfs",
+            "/udfs/basic.py",
+            "--table",
+            "facts=/data/facts",
+            "--bytes-per-partition",
+            "1",
+            "SELECT count(*) AS c, sum(slow_double(id)) AS s FROM facts",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    docker_ok(fault);
+    let broken_at = Instant::now();
+    let deadline = broken_at + Duration::from_secs(30);
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the query still runs 30 s after `docker {}`",
+                fault.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "`docker {}` after {:?}: the query ended {:?} later: {}",
+        fault.join(" "),
+        broken_at - started,
+        broken_at.elapsed(),
+        stderr.trim()
+    );
+    assert!(
+        !output.status.success(),
+        "the query cannot succeed without w3"
+    );
+    assert!(
+        stderr.contains(&cluster.container("w3")),
+        "the error names the broken worker:\n{stderr}"
+    );
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn kill_9_of_a_worker_mid_query() {
+    let cluster = Cluster::start("kill", vec![worker("w1"), worker("w2"), worker("w3")]);
+    cluster.write_dataset();
+    let w3 = cluster.container("w3");
+    break_a_worker_mid_query(&cluster, &["kill", "--signal", "KILL", &w3]);
+
+    let survivors = cluster.sql(&["w1", "w2"], "basic.py", SUM_DOUBLE, &[]);
+    assert_ok(&survivors, "the next query on the remaining workers");
+    assert!(
+        survivors.stdout.contains(SUM_DOUBLE_VALUE),
+        "{}",
+        survivors.stdout
+    );
+
+    docker_ok(&["start", &w3]);
+    cluster.wait_ready("w3", 2);
+    let all = cluster.sql(&["w1", "w2", "w3"], "basic.py", SUM_DOUBLE, &[]);
+    assert_ok(&all, "a query on the restarted worker");
+    assert!(all.stdout.contains(SUM_DOUBLE_VALUE), "{}", all.stdout);
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn a_worker_cut_off_the_network_mid_query() {
+    let cluster = Cluster::start("partition", vec![worker("w1"), worker("w2"), worker("w3")]);
+    cluster.write_dataset();
+    let w3 = cluster.container("w3");
+    break_a_worker_mid_query(&cluster, &["network", "disconnect", &cluster.network, &w3]);
+
+    let survivors = cluster.sql(&["w1", "w2"], "basic.py", SUM_DOUBLE, &[]);
+    assert_ok(&survivors, "the next query on the remaining workers");
+    assert!(
+        survivors.stdout.contains(SUM_DOUBLE_VALUE),
+        "{}",
+        survivors.stdout
+    );
+
+    docker_ok(&["network", "connect", &cluster.network, &w3]);
+    let all = cluster.sql(&["w1", "w2", "w3"], "basic.py", SUM_DOUBLE, &[]);
+    assert_ok(&all, "a query once the worker is reachable again");
+    assert!(all.stdout.contains(SUM_DOUBLE_VALUE), "{}", all.stdout);
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn a_cluster_with_a_key() {
+    let keyed = |name| WorkerSpec {
+        name,
+        image: NODE,
+        args: vec!["--cluster-key-file", "/data/keys/cluster.key"],
+    };
+    let cluster = Cluster::start("key", vec![keyed("w1"), keyed("w2"), keyed("w3")]);
+    cluster.write_dataset();
+    let all = ["w1", "w2", "w3"];
+    let right = ["--cluster-key-file", "/data/keys/cluster.key"];
+    let wrong = ["--cluster-key-file", "/data/keys/wrong.key"];
+
+    let signed = cluster.sql(&all, "basic.py", SUM_DOUBLE, &right);
+    assert_ok(&signed, "a query signed with the cluster key");
+    assert!(
+        signed.stdout.contains(SUM_DOUBLE_VALUE),
+        "{}",
+        signed.stdout
+    );
+
+    let marker = cluster.data.join("unpickled.marker");
+    let query = "SELECT marker(id) FROM facts";
+    let forged = cluster.sql(&all, "unpickle_marker.py", query, &wrong);
+    assert_fails_with(
+        &forged,
+        "a coordinator with the wrong key",
+        &["does not match the cluster key"],
+    );
+    let unsigned = cluster.sql(&all, "unpickle_marker.py", query, &[]);
+    assert_fails_with(&unsigned, "a coordinator without a key", &["is unsigned"]);
+    assert!(!exists(&marker), "no worker unpickled the refused payloads");
+
+    // Control: signed with the right key, the payload is unpickled and runs its code.
+    let _ = cluster.sql(&all, "unpickle_marker.py", query, &right);
+    assert!(
+        exists(&marker),
+        "the control payload really creates the marker when unpickled"
+    );
+}
+
+fn exists(path: &Path) -> bool {
+    path.exists()
+}
