@@ -81,6 +81,8 @@ build_node() {
 FROM dfship-base:$suite
 COPY bin/ /usr/local/bin/
 COPY lib/ /opt/dfship/lib/
+COPY python/ /opt/dfship/python/
+RUN for d in /opt/dfship/venv/lib/python3*/site-packages; do echo /opt/dfship/python > "\$d/dfship.pth"; done
 LABEL dfship.inputs=$inputs
 DOCKERFILE
     local started=$SECONDS
@@ -99,6 +101,14 @@ stage() {
     fi
 }
 
+# The pure-Python dfship package (UDF declarations), for `dfship sql --udfs`.
+python_package() {
+    rm -rf "$1/python"
+    mkdir -p "$1/python"
+    cp -r "$root/python/dfship" "$1/python/dfship"
+    find "$1/python" -name __pycache__ -prune -exec rm -rf {} +
+}
+
 build_base bookworm python3,python3-venv,libpython3.11
 build_base trixie python3,python3-venv,libpython3-dev,gcc,libc6-dev
 [ "${1:-}" = "--base-only" ] && exit 0
@@ -110,6 +120,7 @@ stage "$root/target/debug/dfship-worker" "$context/bin/dfship-worker"
 stage "$root/target/debug/dfship" "$context/bin/dfship"
 stage "$root/target/debug/dfship-cluster-check" "$context/bin/dfship-cluster-check"
 stage "$root/target/debug/libdfship_ffi_example.so" "$context/lib/libdfship_ffi_example.so"
+python_package "$context"
 build_node bookworm "$context"
 
 # trixie node: the worker built inside the trixie base image against its Python 3.13,
@@ -126,5 +137,6 @@ docker run --rm --network none \
     /cargo/bin/cargo build --locked --offline -p dfship-worker --bin dfship-worker 2>&1 | tail -3 >&2
 context="$work/context-trixie"
 mkdir -p "$context/lib"
+python_package "$context"
 stage "$work/trixie-target/debug/dfship-worker" "$context/bin/dfship-worker"
 build_node trixie "$context"

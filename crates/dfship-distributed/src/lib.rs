@@ -4,11 +4,13 @@
 //!   codec-ordering trap (read its module docs first).
 //! - [`channel`]: the `ChannelResolver`/`WorkerChannel` wrapper that applies it.
 //! - [`ffi`]: loading FFI UDFs (shared library or Python capsule), which travel by name.
+//! - [`leaf`]: an even split of file scans over tasks (works around an upstream planning error).
 //! - [`session`]: worker session builder and coordinator context builder.
 
 pub mod channel;
 pub mod encoder;
 pub mod ffi;
+pub mod leaf;
 pub mod session;
 
 pub use channel::{encode_stage_plan, ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver};

@@ -239,7 +239,8 @@ impl ClusterContextBuilder {
                 .with_default_features()
                 .with_config(self.config)
                 .with_distributed_worker_resolver(StaticWorkers(self.workers))
-                .with_distributed_planner(),
+                .with_distributed_planner()
+                .with_distributed_scale_up_leaf_node_handler(crate::leaf::even_file_scan_split),
         );
         if let Some(bytes) = self.bytes_per_partition {
             builder = builder.with_distributed_file_scan_config_bytes_per_partition(bytes)?;
