@@ -445,6 +445,10 @@ fn break_a_worker_mid_query(cluster: &Cluster, fault: &[&str]) {
         stderr.contains(&cluster.container("w3")),
         "the error names the broken worker:\n{stderr}"
     );
+    assert!(
+        stderr.contains("lost the connection to worker"),
+        "the error says the worker was lost:\n{stderr}"
+    );
 }
 
 #[test]

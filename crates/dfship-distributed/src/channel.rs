@@ -106,7 +106,25 @@ pub fn explain_worker_error(error: DataFusionError, worker: &Url) -> DataFusionE
     if text.contains(url) {
         return error;
     }
-    DataFusionError::Context(format!("on worker {url}"), Box::new(error))
+    let lost = [
+        "h2 protocol error",
+        "transport error",
+        "broken pipe",
+        "connection reset",
+        "keepalive",
+    ]
+    .iter()
+    .any(|needle| text.to_lowercase().contains(needle));
+    let context = if lost {
+        format!(
+            "lost the connection to worker {url} (it stopped, or the network to it failed); the \
+             query cannot finish without it: check that worker, or run the query again with it \
+             left out of the worker list"
+        )
+    } else {
+        format!("on worker {url}")
+    };
+    DataFusionError::Context(context, Box::new(error))
 }
 
 fn explain_stream<T: Send + 'static>(
