@@ -19,5 +19,8 @@ cargo build --workspace --locked
 cargo nextest run --workspace --locked --no-fail-fast
 cargo test --workspace --doc --locked
 
+echo "== Python package (wheel installed in a fresh venv, pytest on local clusters)"
+scripts/python-tests.sh
+
 echo "== cluster in containers (Docker; images built here, nothing pulled)"
 integration-tests/containers/run.sh

@@ -1,21 +1,52 @@
-"""Write Python UDFs that run inline on a dfship (datafusion-distributed) cluster.
+"""Run Python UDFs on a distributed DataFusion cluster.
 
-``udf`` has the signature and decorator form of ``datafusion.udf``::
+UDFs are declared with ``udf`` (the signature and decorator form of
+``datafusion.udf``) and travel inline, cloudpickled into the plan, so no
+worker needs them registered::
 
     import pyarrow as pa
     import pyarrow.compute as pc
-    from dfship import udf
+    import dfship
 
-    @udf([pa.int64()], pa.int64(), "immutable")
+    @dfship.udf([pa.int64()], pa.int64(), "immutable")
     def plus_one(values: pa.Array) -> pa.Array:
         return pc.add(values, 1)
 
-    shout = udf(pc.utf8_upper, [pa.string()], pa.string(), "immutable", name="shout")
+    with dfship.LocalCluster(workers=2) as cluster:
+        ctx = cluster.context()
+        ctx.register_udf(plus_one)
+        ctx.register_parquet("t", "/data/t")
+        table = ctx.sql("SELECT plus_one(x) AS y FROM t").collect()
 
-A file of such declarations is what ``dfship sql --udfs FILE`` and the Rust
-``ClusterContextBuilder::with_python_udfs_from_file`` load.
+``udf`` and ``PythonUDF`` are pure Python; everything else loads the native
+extension on first use, so a file of UDF declarations imports cheaply (the
+``dfship`` CLI and the Rust coordinator load such files).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from dfship.udf import PythonUDF, udf
 
-__all__ = ["PythonUDF", "udf"]
+if TYPE_CHECKING:
+    from dfship.cluster import LocalCluster
+    from dfship.context import ClusterContext, DataFrame, DfshipError
+
+__all__ = ["ClusterContext", "DataFrame", "DfshipError", "LocalCluster", "PythonUDF", "udf"]
+
+_LAZY = {
+    "ClusterContext": "dfship.context",
+    "DataFrame": "dfship.context",
+    "DfshipError": "dfship.context",
+    "LocalCluster": "dfship.cluster",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dfship' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -8,7 +8,7 @@ use clap::Args;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
-use dfship_codec::{ClusterKey, CodecOptions, PythonScalarUdf, CLUSTER_KEY_ENV};
+use dfship_codec::{ClusterKey, CodecOptions, CLUSTER_KEY_ENV};
 use dfship_distributed::ClusterContextBuilder;
 
 /// Where the cluster is and what the query may use.
@@ -142,49 +142,6 @@ pub async fn sql(args: SqlArgs) -> Result<()> {
 pub async fn explain(args: ExplainArgs) -> Result<()> {
     let ctx = args.cluster.context().await?;
     let plan = ctx.sql(&args.query).await?.create_physical_plan().await?;
-    println!(
-        "{}",
-        datafusion_distributed::display_plan_ascii(plan.as_ref(), false)
-    );
-    println!("{}", describe_udfs(&ctx, &plan));
+    println!("{}", dfship_distributed::explain::explain_plan(&ctx, &plan));
     Ok(())
-}
-
-/// Which user-defined functions the plan calls and how each one travels.
-pub fn describe_udfs(
-    ctx: &SessionContext,
-    plan: &std::sync::Arc<dyn datafusion::physical_plan::ExecutionPlan>,
-) -> String {
-    let shown = datafusion::physical_plan::displayable(plan.as_ref())
-        .indent(true)
-        .to_string();
-    let state = ctx.state();
-    let mut lines = Vec::new();
-    let mut names: Vec<_> = state.scalar_functions().keys().cloned().collect();
-    names.sort();
-    for name in names {
-        let Some(udf) = state.scalar_functions().get(&name) else {
-            continue;
-        };
-        if !shown.contains(&format!("{name}(")) {
-            continue;
-        }
-        if udf.inner().downcast_ref::<PythonScalarUdf>().is_some() {
-            lines.push(format!(
-                "  {name}: Python UDF, travels inline (cloudpickled into the plan)"
-            ));
-        } else if !datafusion::functions::all_default_functions()
-            .iter()
-            .any(|f| f.name() == name)
-        {
-            lines.push(format!(
-                "  {name}: travels by name (every worker must register it)"
-            ));
-        }
-    }
-    if lines.is_empty() {
-        "UDFs: none".to_string()
-    } else {
-        format!("UDFs:\n{}", lines.join("\n"))
-    }
 }

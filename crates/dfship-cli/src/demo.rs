@@ -11,7 +11,7 @@ use dfship_codec::CodecOptions;
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cluster::describe_udfs;
+use dfship_distributed::explain::describe_udfs;
 use crate::local_cluster::LocalCluster;
 
 #[derive(Debug, Args)]

@@ -99,6 +99,26 @@ fn collect(py: Python<'_>, namespace: &Bound<'_, PyAny>, source: &str) -> Result
     Ok(udfs)
 }
 
+/// The UDF declared by `object`: a `dfship.udf(...)` result (anything with a
+/// `__dfship_udf__` dict of name, func, input_types, return_type, volatility).
+pub fn python_udf_from_declaration(object: &Bound<'_, PyAny>) -> Result<ScalarUDF> {
+    let py = object.py();
+    let what = || {
+        object
+            .repr()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|_| "the object".to_string())
+    };
+    let spec = object.getattr("__dfship_udf__").map_err(|_| {
+        DataFusionError::Plan(format!(
+            "{} is not a UDF declaration; create one with dfship.udf(func, input_types, \
+             return_type, volatility)",
+            what()
+        ))
+    })?;
+    declaration(&spec).map_err(|e| load_error(&what(), &describe_exception(py, &e)))?
+}
+
 /// One `__dfship_udf__` dict to a UDF (outer error: Python; inner: ours).
 fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<ScalarUDF>> {
     let name: String = spec.get_item("name")?.extract()?;

@@ -30,7 +30,9 @@ pub use auth::{ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
 pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_CAPACITY};
 pub use callable::PicklerVersions;
 pub use codec::PythonUdfCodec;
-pub use declarations::{load_python_udfs_from_file, load_python_udfs_from_module};
+pub use declarations::{
+    load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
+};
 pub use error::UdfPayloadError;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};
 pub use python::ensure_python;

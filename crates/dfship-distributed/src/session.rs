@@ -238,6 +238,7 @@ impl ClusterContextBuilder {
             SessionStateBuilder::new()
                 .with_default_features()
                 .with_config(self.config)
+                .with_query_planner(Arc::new(crate::prebuilt::PrebuiltAwareQueryPlanner))
                 .with_distributed_worker_resolver(StaticWorkers(self.workers))
                 .with_distributed_planner()
                 .with_distributed_scale_up_leaf_node_handler(crate::leaf::even_file_scan_split),

@@ -1,0 +1,260 @@
+//! `dfship._native`: the Rust side of the dfship Python package.
+//!
+//! - [`ClusterContext`]: a coordinator session for a cluster (SQL, tables,
+//!   Python UDFs, datafusion-python plans) whose queries run distributed.
+//! - [`DataFrame`]: a planned query; `collect` returns pyarrow record batches.
+//! - [`run_worker`]: a worker serving in this Python process (what
+//!   `python -m dfship worker` runs), so the modules a UDF imports resolve in
+//!   the user's own environment.
+//!
+//! Every blocking call releases the GIL: Python UDFs evaluated in-process
+//! (tasks the coordinator keeps) and on workers take it only for their call.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use arrow::pyarrow::{FromPyArrow, ToPyArrow};
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
+use dfship_codec::{ClusterKey, CodecOptions};
+use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+create_exception!(
+    _native,
+    DfshipError,
+    PyException,
+    "An error from the engine: planning, a worker, or a UDF (its type and message are in the text)."
+);
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("dfship")
+            .build()
+            .expect("a tokio runtime")
+    })
+}
+
+fn to_py(error: DataFusionError) -> PyErr {
+    DfshipError::new_err(error.to_string())
+}
+
+/// Runs `future` on the runtime with the GIL released.
+fn wait<T: Send>(py: Python<'_>, future: impl Future<Output = Result<T, DataFusionError>> + Send) -> PyResult<T> {
+    py.detach(|| runtime().block_on(future)).map_err(to_py)
+}
+
+/// A coordinator session whose queries run on the given workers.
+#[pyclass(module = "dfship._native")]
+struct ClusterContext {
+    ctx: SessionContext,
+    inline: InlineUdfs,
+}
+
+#[pymethods]
+impl ClusterContext {
+    #[new]
+    #[pyo3(signature = (workers, *, cluster_key=None, cluster_key_file=None, strict=false, max_payload_bytes=None, warn_payload_bytes=None, target_partitions=None, bytes_per_partition=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        workers: Vec<String>,
+        cluster_key: Option<Vec<u8>>,
+        cluster_key_file: Option<PathBuf>,
+        strict: bool,
+        max_payload_bytes: Option<usize>,
+        warn_payload_bytes: Option<usize>,
+        target_partitions: Option<usize>,
+        bytes_per_partition: Option<usize>,
+    ) -> PyResult<Self> {
+        dfship_codec::ensure_python().map_err(to_py)?;
+        let key = match (cluster_key, cluster_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(DfshipError::new_err(
+                    "give cluster_key or cluster_key_file, not both",
+                ))
+            }
+            (Some(bytes), None) => Some(ClusterKey::new(bytes).map_err(to_py)?),
+            (None, Some(path)) => Some(ClusterKey::from_file(path).map_err(to_py)?),
+            (None, None) => None,
+        };
+        let mut options = CodecOptions::default()
+            .with_strict(strict)
+            .with_optional_cluster_key(key);
+        if let Some(bytes) = max_payload_bytes {
+            options = options.with_max_payload_bytes(bytes);
+        }
+        if let Some(bytes) = warn_payload_bytes {
+            options = options.with_warn_payload_bytes(bytes);
+        }
+        let inline = InlineUdfs::new(options);
+        let mut config = SessionConfig::new();
+        if let Some(partitions) = target_partitions {
+            config = config.with_target_partitions(partitions.max(1));
+        }
+        let mut builder = ClusterContextBuilder::new(&workers)
+            .map_err(to_py)?
+            .with_config(config)
+            .with_inline_udfs(inline.clone());
+        if let Some(bytes) = bytes_per_partition {
+            builder = builder.with_file_scan_bytes_per_partition(bytes.max(1));
+        }
+        let ctx = py.detach(|| builder.build()).map_err(to_py)?;
+        Ok(Self { ctx, inline })
+    }
+
+    /// Registers a UDF made by `dfship.udf`; it travels inline to the workers.
+    fn register_udf(&self, udf: &Bound<'_, PyAny>) -> PyResult<()> {
+        let udf = dfship_codec::python_udf_from_declaration(udf).map_err(to_py)?;
+        self.ctx.register_udf(udf);
+        Ok(())
+    }
+
+    /// Registers Parquet file(s) at `path` (a file or directory every worker can read).
+    fn register_parquet(&self, py: Python<'_>, name: &str, path: &str) -> PyResult<()> {
+        let ctx = self.ctx.clone();
+        wait(py, async move {
+            ctx.register_parquet(name, path, ParquetReadOptions::default()).await
+        })
+    }
+
+    /// Registers CSV file(s) at `path` (a file or directory every worker can read).
+    #[pyo3(signature = (name, path, has_header=true, delimiter=","))]
+    fn register_csv(&self, py: Python<'_>, name: &str, path: &str, has_header: bool, delimiter: &str) -> PyResult<()> {
+        let delimiter = match delimiter.as_bytes() {
+            [byte] => *byte,
+            _ => return Err(DfshipError::new_err(format!("delimiter must be one byte, got {delimiter:?}"))),
+        };
+        let ctx = self.ctx.clone();
+        wait(py, async move {
+            let options = CsvReadOptions::new().has_header(has_header).delimiter(delimiter);
+            ctx.register_csv(name, path, options).await
+        })
+    }
+
+    /// Registers in-memory record batches (pyarrow) as a table.
+    fn register_record_batches(&self, name: &str, batches: Vec<Bound<'_, PyAny>>, schema: &Bound<'_, PyAny>) -> PyResult<()> {
+        let schema = Arc::new(arrow::datatypes::Schema::from_pyarrow_bound(schema)?);
+        let batches = batches
+            .iter()
+            .map(RecordBatch::from_pyarrow_bound)
+            .collect::<PyResult<Vec<_>>>()?;
+        let table = MemTable::try_new(schema, vec![batches]).map_err(to_py)?;
+        self.ctx.register_table(name, Arc::new(table)).map_err(to_py)?;
+        Ok(())
+    }
+
+    fn deregister_table(&self, name: &str) -> PyResult<()> {
+        self.ctx.deregister_table(name).map_err(to_py)?;
+        Ok(())
+    }
+
+    /// Plans `query` (nothing runs until `collect`).
+    fn sql(&self, py: Python<'_>, query: &str) -> PyResult<DataFrame> {
+        let ctx = self.ctx.clone();
+        let query = query.to_string();
+        let df = wait(py, async move { ctx.sql(&query).await })?;
+        Ok(DataFrame { df, ctx: self.ctx.clone() })
+    }
+
+    /// A DataFrame over datafusion-python 55 logical plan bytes.
+    fn from_datafusion_logical_plan(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<DataFrame> {
+        let ctx = self.ctx.clone();
+        let codec = Arc::clone(self.inline.codec());
+        let df = wait(py, async move {
+            dfship_distributed::prebuilt::dataframe_from_logical_bytes(&ctx, codec, &data).await
+        })?;
+        Ok(DataFrame { df, ctx: self.ctx.clone() })
+    }
+
+    /// A DataFrame over datafusion-python 55 physical plan bytes.
+    fn from_datafusion_physical_plan(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<DataFrame> {
+        let ctx = self.ctx.clone();
+        let codec = Arc::clone(self.inline.codec());
+        let df = wait(py, async move {
+            dfship_distributed::prebuilt::dataframe_from_physical_bytes(&ctx, codec, &data).await
+        })?;
+        Ok(DataFrame { df, ctx: self.ctx.clone() })
+    }
+
+    /// (stage plans shipped, inline UDF calls written) since this context was made.
+    fn shipped(&self) -> (u64, u64) {
+        let stats = self.inline.encoder().stats();
+        (stats.plans as u64, stats.inline_udfs as u64)
+    }
+}
+
+/// A planned query.
+#[pyclass(module = "dfship._native")]
+struct DataFrame {
+    df: datafusion::dataframe::DataFrame,
+    ctx: SessionContext,
+}
+
+#[pymethods]
+impl DataFrame {
+    /// The result schema as a `pyarrow.Schema`.
+    fn schema<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.df.schema().as_arrow().to_pyarrow(py)
+    }
+
+    /// Runs the query on the cluster; returns a list of `pyarrow.RecordBatch`.
+    fn collect<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let df = self.df.clone();
+        let batches = wait(py, async move { df.collect().await })?;
+        batches.iter().map(|batch| batch.to_pyarrow(py)).collect()
+    }
+
+    /// The distributed plan (stages, tasks) and how each UDF travels.
+    fn explain(&self, py: Python<'_>) -> PyResult<String> {
+        let df = self.df.clone();
+        let plan = wait(py, async move { df.create_physical_plan().await })?;
+        Ok(dfship_distributed::explain::explain_plan(&self.ctx, &plan))
+    }
+}
+
+/// Serves a worker in this process until SIGINT/SIGTERM. Prints
+/// `dfship-worker listening on URL` once it accepts connections.
+#[pyfunction]
+#[pyo3(signature = (host="127.0.0.1", port=50051, *, strict=false, cluster_key_file=None, max_payload_bytes=None, warn_payload_bytes=None, ffi_udfs=Vec::new()))]
+#[allow(clippy::too_many_arguments)]
+fn run_worker(
+    py: Python<'_>,
+    host: &str,
+    port: u16,
+    strict: bool,
+    cluster_key_file: Option<PathBuf>,
+    max_payload_bytes: Option<usize>,
+    warn_payload_bytes: Option<usize>,
+    ffi_udfs: Vec<String>,
+) -> PyResult<()> {
+    dfship_worker::init_logging();
+    let options = dfship_worker::WorkerOptions {
+        host: host.to_string(),
+        port,
+        python_env: None,
+        cluster_key_file,
+        strict,
+        max_payload_bytes: max_payload_bytes.unwrap_or(dfship_codec::DEFAULT_MAX_PAYLOAD_BYTES),
+        ffi_udfs,
+        warn_payload_bytes: warn_payload_bytes.unwrap_or(dfship_codec::DEFAULT_WARN_PAYLOAD_BYTES),
+    };
+    wait(py, dfship_worker::run(options))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ClusterContext>()?;
+    m.add_class::<DataFrame>()?;
+    m.add_function(wrap_pyfunction!(run_worker, m)?)?;
+    m.add("DfshipError", m.py().get_type::<DfshipError>())?;
+    Ok(())
+}

@@ -1,0 +1,123 @@
+"""A local cluster of worker processes, started and stopped from Python."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["LocalCluster"]
+
+_READY = "dfship-worker listening on "
+
+
+class LocalCluster:
+    """``workers`` worker processes on 127.0.0.1, each running
+    ``python -m dfship worker`` with this interpreter, so the modules your
+    UDFs import are importable on them as they are here.
+
+    Use it as a context manager; leaving the block stops the workers::
+
+        with dfship.LocalCluster(workers=2) as cluster:
+            ctx = cluster.context()
+            ...
+
+    ``worker_args`` are extra ``dfship worker`` flags (``--strict``,
+    ``--cluster-key-file F``, ``--ffi-udf SPEC``...). ``env`` adds environment
+    variables for the workers.
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        worker_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("a cluster needs at least one worker")
+        self.size = workers
+        self.worker_args = list(worker_args)
+        self.env = dict(env or {})
+        self.python = python or sys.executable
+        self.startup_timeout = startup_timeout
+        self.urls: list[str] = []
+        self._processes: list[subprocess.Popen[str]] = []
+
+    def start(self) -> LocalCluster:
+        """Starts the workers and waits until each accepts connections."""
+        environment = {**os.environ, **self.env}
+        try:
+            for _ in range(self.size):
+                process = subprocess.Popen(
+                    [self.python, "-m", "dfship", "worker", "--port", "0", *self.worker_args],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=environment,
+                )
+                self._processes.append(process)
+                self.urls.append(self._wait_ready(process))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, process: subprocess.Popen[str]) -> str:
+        lines: queue.Queue[str | None] = queue.Queue()
+        assert process.stdout is not None
+
+        def pump(stream: Any) -> None:
+            for line in stream:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, args=(process.stdout,), daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(
+                    f"a dfship worker did not start within {self.startup_timeout:.0f} s"
+                ) from None
+            if line is None:
+                stderr = process.stderr.read() if process.stderr else ""
+                raise RuntimeError(f"a dfship worker exited at start-up:\n{stderr.strip()}")
+            if line.startswith(_READY):
+                # Keep draining stderr so a chatty worker never blocks on a full pipe.
+                threading.Thread(target=pump, args=(process.stderr,), daemon=True).start()
+                return line[len(_READY) :].strip()
+
+    def stop(self) -> None:
+        """Stops every worker (SIGTERM, then SIGKILL after 10 s)."""
+        for process in self._processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self._processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._processes.clear()
+        self.urls.clear()
+
+    def context(self, **options: Any) -> Any:
+        """A :class:`dfship.ClusterContext` for these workers (options as for it)."""
+        from dfship.context import ClusterContext
+
+        return ClusterContext(self.urls, **options)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

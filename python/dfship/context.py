@@ -1,0 +1,169 @@
+"""A coordinator session for a cluster, and the DataFrames it returns."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from dfship import _native
+from dfship._native import DfshipError
+from dfship.udf import PythonUDF
+
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = ["ClusterContext", "DataFrame", "DfshipError"]
+
+
+class DataFrame:
+    """A planned query. Nothing runs until :meth:`collect` (or :meth:`to_pandas`)."""
+
+    def __init__(self, native: _native.DataFrame) -> None:
+        self._native = native
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of the result."""
+        return self._native.schema()
+
+    def collect(self) -> pa.Table:
+        """Runs the query on the cluster and returns the result as a ``pyarrow.Table``.
+
+        Raises :class:`DfshipError` with the engine's message; a UDF's own
+        exception type, message and traceback tail are part of that message.
+        """
+        return pa.Table.from_batches(self._native.collect(), schema=self.schema)
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """Runs the query and returns a ``pandas.DataFrame`` (needs pandas)."""
+        return self.collect().to_pandas()
+
+    def explain(self) -> str:
+        """The distributed plan (stages and tasks) and how each UDF travels."""
+        return self._native.explain()
+
+    def __repr__(self) -> str:
+        return f"DataFrame({self.schema})"
+
+
+class ClusterContext:
+    """A session whose queries run on a datafusion-distributed cluster.
+
+    ``workers`` are URLs such as ``http://10.0.0.5:50051`` (see
+    :class:`dfship.LocalCluster` for a local one). Keyword arguments set the
+    codec: ``cluster_key`` (bytes) or ``cluster_key_file`` signs payloads for
+    workers started with the same key; ``strict`` refuses inline UDFs;
+    ``max_payload_bytes``/``warn_payload_bytes`` bound pickled UDF sizes.
+    ``target_partitions`` and ``bytes_per_partition`` shape how file scans
+    split into tasks.
+    """
+
+    def __init__(
+        self,
+        workers: Sequence[str],
+        *,
+        cluster_key: bytes | None = None,
+        cluster_key_file: str | os.PathLike[str] | None = None,
+        strict: bool = False,
+        max_payload_bytes: int | None = None,
+        warn_payload_bytes: int | None = None,
+        target_partitions: int | None = None,
+        bytes_per_partition: int | None = None,
+    ) -> None:
+        if isinstance(workers, str):
+            workers = [w for w in workers.split(",") if w]
+        self.workers = list(workers)
+        self._native = _native.ClusterContext(
+            self.workers,
+            cluster_key=cluster_key,
+            cluster_key_file=os.fspath(cluster_key_file) if cluster_key_file is not None else None,
+            strict=strict,
+            max_payload_bytes=max_payload_bytes,
+            warn_payload_bytes=warn_payload_bytes,
+            target_partitions=target_partitions,
+            bytes_per_partition=bytes_per_partition,
+        )
+
+    def register_udf(self, udf: PythonUDF) -> None:
+        """Makes a UDF declared with :func:`dfship.udf` callable from SQL by its name."""
+        if not isinstance(udf, PythonUDF):
+            raise TypeError(f"register_udf() needs a dfship.udf(...) declaration, got {type(udf).__name__}")
+        self._native.register_udf(udf)
+
+    def register_parquet(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Registers Parquet file(s) at ``path``; every worker must be able to read that path."""
+        self._native.register_parquet(name, os.fspath(path))
+
+    def register_csv(
+        self, name: str, path: str | os.PathLike[str], *, has_header: bool = True, delimiter: str = ","
+    ) -> None:
+        """Registers CSV file(s) at ``path``; every worker must be able to read that path."""
+        self._native.register_csv(name, os.fspath(path), has_header, delimiter)
+
+    def register_arrow(self, name: str, data: Any) -> None:
+        """Registers in-memory data as a table: a ``pyarrow.Table``, a
+        ``pyarrow.RecordBatch``, a list of record batches, or a
+        ``pandas.DataFrame``. The data is sent to workers inside the plan."""
+        table = _as_table(data)
+        batches = table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+        self._native.register_record_batches(name, batches, table.schema)
+
+    def deregister_table(self, name: str) -> None:
+        self._native.deregister_table(name)
+
+    def sql(self, query: str) -> DataFrame:
+        """Plans ``query``; run it with ``.collect()``."""
+        return DataFrame(self._native.sql(query))
+
+    def execute_datafusion_plan(self, plan: Any) -> DataFrame:
+        """Runs a plan made by datafusion-python 55 on the cluster.
+
+        ``plan`` is a ``datafusion.LogicalPlan`` or ``datafusion.ExecutionPlan``
+        (for example ``df.logical_plan()`` or ``df.execution_plan()``), or the
+        bytes of their ``to_bytes()``; bytes are tried as a logical plan first,
+        then as a physical plan. Python UDFs in it (``datafusion.udf``) travel
+        inline. Its tables must be files at paths every worker can read:
+        datafusion-python cannot serialize in-memory tables.
+        """
+        kind = type(plan).__name__
+        if kind == "LogicalPlan":
+            return DataFrame(self._native.from_datafusion_logical_plan(plan.to_bytes()))
+        if kind == "ExecutionPlan":
+            return DataFrame(self._native.from_datafusion_physical_plan(plan.to_bytes()))
+        if isinstance(plan, (bytes, bytearray, memoryview)):
+            data = bytes(plan)
+            try:
+                return DataFrame(self._native.from_datafusion_logical_plan(data))
+            except DfshipError as logical_error:
+                try:
+                    return DataFrame(self._native.from_datafusion_physical_plan(data))
+                except DfshipError:
+                    raise logical_error from None
+        raise TypeError(
+            "execute_datafusion_plan() takes a datafusion LogicalPlan or ExecutionPlan, or the bytes "
+            f"of its to_bytes(); got {kind}"
+        )
+
+    def shipped(self) -> tuple[int, int]:
+        """(stage plans sent to workers, inline Python UDF calls written into them) so far."""
+        return self._native.shipped()
+
+
+def _as_table(data: Any) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if type(data).__module__.startswith("pandas"):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    if isinstance(data, Iterable):
+        batches = list(data)
+        if batches and all(isinstance(b, pa.RecordBatch) for b in batches):
+            return pa.Table.from_batches(batches)
+    raise TypeError(
+        "register_arrow() takes a pyarrow.Table, a pyarrow.RecordBatch, a list of record batches "
+        f"or a pandas.DataFrame; got {type(data).__name__}"
+    )

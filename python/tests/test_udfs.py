@@ -1,0 +1,166 @@
+"""UDF shapes, modules imported by UDFs, errors, tables and codec options."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import dfship
+
+SUM_IDS = sum(range(1, 2401))
+
+
+def test_lambda_closure_and_decorator(ctx: dfship.ClusterContext) -> None:
+    offset = 1000  # captured by value with the closure
+    ctx.register_udf(
+        dfship.udf(lambda a: pc.add(a, offset), [pa.int64()], pa.int64(), "stable", name="shift")
+    )
+
+    @dfship.udf([pa.string()], pa.string(), "immutable")
+    def shout(values: pa.Array) -> pa.Array:
+        return pc.utf8_upper(values)
+
+    ctx.register_udf(shout)
+    table = ctx.sql("SELECT sum(shift(id)) AS s, max(shout(category)) AS m FROM facts").collect()
+    assert table.to_pylist() == [{"s": SUM_IDS + 1000 * 2400, "m": "CAT_3"}]
+
+
+def test_explain_shows_stages_and_inline_udfs(ctx: dfship.ClusterContext) -> None:
+    ctx.register_udf(
+        dfship.udf(lambda a: pc.multiply(a, 2), [pa.int64()], pa.int64(), "immutable", name="dbl")
+    )
+    text = ctx.sql("SELECT category, sum(dbl(id)) FROM facts GROUP BY category").explain()
+    assert "Stage" in text
+    assert "dbl: Python UDF, travels inline" in text
+
+
+def test_a_udf_exception_reaches_python_and_the_cluster_recovers(ctx: dfship.ClusterContext) -> None:
+    def explode(values: pa.Array) -> pa.Array:
+        raise ValueError(f"cannot handle {len(values)} values today")
+
+    ctx.register_udf(dfship.udf(explode, [pa.int64()], pa.int64(), "immutable", name="explode"))
+    with pytest.raises(dfship.DfshipError) as raised:
+        ctx.sql("SELECT explode(id) FROM facts").collect()
+    assert "ValueError" in str(raised.value)
+    assert "cannot handle" in str(raised.value)
+    assert "explode" in str(raised.value)
+    assert ctx.sql("SELECT count(*) AS c FROM facts").collect().to_pylist() == [{"c": 2400}]
+
+
+def test_planning_errors_are_python_exceptions(ctx: dfship.ClusterContext) -> None:
+    with pytest.raises(dfship.DfshipError, match="no_such_table"):
+        ctx.sql("SELECT * FROM no_such_table")
+    with pytest.raises(TypeError, match="dfship.udf"):
+        ctx.register_udf(lambda a: a)  # type: ignore[arg-type]
+
+
+def test_in_memory_tables_csv_and_pandas(ctx: dfship.ClusterContext, dataset: Path, tmp_path: Path) -> None:
+    ctx.register_udf(
+        dfship.udf(lambda a: pc.multiply(a, 10), [pa.int64()], pa.int64(), "immutable", name="ten")
+    )
+    ctx.register_arrow("mem_table", pa.table({"x": pa.array([1, 2, 3], pa.int64())}))
+    ctx.register_arrow("mem_batch", pa.record_batch({"x": pa.array([4, 5], pa.int64())}))
+    assert ctx.sql("SELECT sum(ten(x)) AS s FROM mem_table").collect().to_pylist() == [{"s": 60}]
+    assert ctx.sql("SELECT sum(ten(x)) AS s FROM mem_batch").collect().to_pylist() == [{"s": 90}]
+
+    pandas = pytest.importorskip("pandas")
+    ctx.register_arrow("mem_pandas", pandas.DataFrame({"x": [7, 8]}))
+    frame = ctx.sql("SELECT ten(x) AS y FROM mem_pandas ORDER BY y").to_pandas()
+    assert frame["y"].tolist() == [70, 80]
+
+    csv = tmp_path / "numbers.csv"
+    csv.write_text("x,label\n1,a\n2,b\n3,c\n")
+    ctx.register_csv("numbers", csv)
+    assert ctx.sql("SELECT sum(ten(x)) AS s FROM numbers").collect().to_pylist() == [{"s": 60}]
+
+
+HELPER = """
+import pyarrow.compute as pc
+
+BONUS = 500
+
+
+def add_bonus(values):
+    return pc.add(values, BONUS)
+"""
+
+
+def _helper_module(tmp_path: Path, name: str) -> object:
+    """A module importable here (sys.path) but not on the workers."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(HELPER))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_a_udf_importing_a_helper_module(cluster: dfship.LocalCluster, dataset: Path, tmp_path: Path) -> None:
+    helper = _helper_module(tmp_path, "dfship_test_helper")
+
+    def with_bonus(values: pa.Array) -> pa.Array:
+        return helper.add_bonus(values)  # type: ignore[attr-defined]
+
+    declared = dfship.udf(with_bonus, [pa.int64()], pa.int64(), "immutable", name="with_bonus")
+    query = "SELECT max(with_bonus(id)) AS m FROM facts"
+
+    # The workers cannot import the module: a clear error naming it and the remedy.
+    ctx = cluster.context(bytes_per_partition=1)
+    ctx.register_parquet("facts", dataset / "facts")
+    ctx.register_udf(declared)
+    with pytest.raises(dfship.DfshipError) as raised:
+        ctx.sql(query).collect()
+    assert "dfship_test_helper" in str(raised.value)
+    assert "register_pickle_by_value" in str(raised.value)
+
+    # Workers whose environment has the module: it works by reference.
+    with dfship.LocalCluster(workers=2, env={"PYTHONPATH": str(tmp_path)}) as with_module:
+        ctx = with_module.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(declared)
+        assert ctx.sql(query).collect().to_pylist() == [{"m": 2900}]
+
+    # Pickled by value, the module's code travels inside the payload.
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(helper)
+    try:
+        ctx = cluster.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(with_bonus, [pa.int64()], pa.int64(), "immutable", name="with_bonus"))
+        assert ctx.sql(query).collect().to_pylist() == [{"m": 2900}]
+    finally:
+        cloudpickle.unregister_pickle_by_value(helper)
+
+
+def test_strict_workers_refuse_inline_udfs(dataset: Path) -> None:
+    with dfship.LocalCluster(workers=1, worker_args=["--strict"]) as strict:
+        ctx = strict.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(lambda a: a, [pa.int64()], pa.int64(), "immutable", name="same"))
+        with pytest.raises(dfship.DfshipError, match="strict mode"):
+            ctx.sql("SELECT sum(same(id)) FROM facts").collect()
+
+
+def test_a_cluster_key(dataset: Path, tmp_path: Path) -> None:
+    key = tmp_path / "cluster.key"
+    key.write_text("a long enough shared secret")
+    with dfship.LocalCluster(workers=2, worker_args=["--cluster-key-file", str(key)]) as keyed:
+        udf = dfship.udf(lambda a: pc.add(a, 1), [pa.int64()], pa.int64(), "immutable", name="inc")
+        for options, error in [({"cluster_key_file": key}, None), ({}, "unsigned")]:
+            ctx = keyed.context(bytes_per_partition=1, **options)
+            ctx.register_parquet("facts", dataset / "facts")
+            ctx.register_udf(udf)
+            if error is None:
+                assert ctx.sql("SELECT sum(inc(id)) AS s FROM facts").collect().to_pylist() == [
+                    {"s": SUM_IDS + 2400}
+                ]
+            else:
+                with pytest.raises(dfship.DfshipError, match=error):
+                    ctx.sql("SELECT sum(inc(id)) AS s FROM facts").collect()
