@@ -140,8 +140,11 @@ class ClusterContext:
             except DfshipError as logical_error:
                 try:
                     return DataFrame(self._native.from_datafusion_physical_plan(data))
-                except DfshipError:
-                    raise logical_error from None
+                except DfshipError as physical_error:
+                    raise DfshipError(
+                        f"these bytes are neither plan kind.\nAs a logical plan: {logical_error}\n"
+                        f"As a physical plan: {physical_error}"
+                    ) from None
         raise TypeError(
             "execute_datafusion_plan() takes a datafusion LogicalPlan or ExecutionPlan, or the bytes "
             f"of its to_bytes(); got {kind}"

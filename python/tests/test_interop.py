@@ -44,13 +44,16 @@ def test_datafusion_python_plans_run_distributed(
 ) -> None:
     _register(local)
     df = local.sql(query)
-    expected = df.to_arrow_table()
+    # The plan is taken before datafusion-python runs it: once a join has run,
+    # datafusion 55 serializes its populated dynamic filter in a form that
+    # nobody, datafusion-python included, can decode (an upstream bug).
     plan = {
         "logical": df.logical_plan,
         "physical": df.execution_plan,
         "logical_bytes": lambda: df.logical_plan().to_bytes(),
         "physical_bytes": lambda: df.execution_plan().to_bytes(),
     }[form]()
+    expected = local.sql(query).to_arrow_table()
     before = ctx.shipped()
     distributed = ctx.execute_datafusion_plan(plan)
     assert "Stage" in distributed.explain()

@@ -3,6 +3,9 @@ equals single-node datafusion-python running the same SQL and UDFs."""
 
 from __future__ import annotations
 
+import sys
+
+import cloudpickle
 import datafusion
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,6 +13,10 @@ import pytest
 from conftest import sorted_rows
 
 import dfship
+
+# Functions defined in a module travel by reference, and workers cannot
+# import this test module: ship its code by value, the documented remedy.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 NAMES = {0: "zero", 1: "one", 2: "two"}  # captured by py_bucket
 

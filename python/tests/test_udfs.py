@@ -140,7 +140,8 @@ def test_a_udf_importing_a_helper_module(cluster: dfship.LocalCluster, dataset: 
 
 
 def test_strict_workers_refuse_inline_udfs(dataset: Path) -> None:
-    with dfship.LocalCluster(workers=1, worker_args=["--strict"]) as strict:
+    # Two workers: with one, a single-task stage may run on the coordinator itself.
+    with dfship.LocalCluster(workers=2, worker_args=["--strict"]) as strict:
         ctx = strict.context(bytes_per_partition=1)
         ctx.register_parquet("facts", dataset / "facts")
         ctx.register_udf(dfship.udf(lambda a: a, [pa.int64()], pa.int64(), "immutable", name="same"))

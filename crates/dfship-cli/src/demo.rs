@@ -11,8 +11,8 @@ use dfship_codec::CodecOptions;
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use dfship_distributed::explain::describe_udfs;
 use crate::local_cluster::LocalCluster;
+use dfship_distributed::explain::describe_udfs;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {

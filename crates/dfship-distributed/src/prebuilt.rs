@@ -21,6 +21,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, DFSchemaRef};
 use datafusion::dataframe::DataFrame;
 use datafusion::datasource::TableProvider;
@@ -33,7 +34,6 @@ use datafusion::logical_expr::{
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use datafusion::prelude::SessionContext;
-use datafusion::catalog::Session;
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
 use dfship_codec::PythonUdfCodec;
@@ -203,10 +203,13 @@ pub async fn dataframe_from_physical_bytes(
     codec: Arc<PythonUdfCodec>,
     bytes: &[u8],
 ) -> Result<DataFrame> {
-    let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(
+    // datafusion-python writes expressions shared between nodes (a join's
+    // dynamic filter and the scan it prunes) once, by id: read them back the same way.
+    let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_proto_converter(
         bytes,
         &ctx.task_ctx(),
         codec.as_ref() as &dyn PhysicalExtensionCodec,
+        &datafusion_proto::physical_plan::DeduplicatingProtoConverter::default(),
     )
     .map_err(|e| explain_decode("physical", e))?;
     let node = LogicalPlan::Extension(Extension {
@@ -220,7 +223,11 @@ fn explain_decode(kind: &str, error: DataFusionError) -> DataFusionError {
         format!(
             "cannot decode these bytes as a datafusion-python 55 {kind} plan (expected the \
              output of `{}().to_bytes()` from datafusion==55.x)",
-            if kind == "logical" { "DataFrame.logical_plan" } else { "DataFrame.execution_plan" }
+            if kind == "logical" {
+                "DataFrame.logical_plan"
+            } else {
+                "DataFrame.execution_plan"
+            }
         ),
         Box::new(error),
     )

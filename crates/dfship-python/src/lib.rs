@@ -48,7 +48,10 @@ fn to_py(error: DataFusionError) -> PyErr {
 }
 
 /// Runs `future` on the runtime with the GIL released.
-fn wait<T: Send>(py: Python<'_>, future: impl Future<Output = Result<T, DataFusionError>> + Send) -> PyResult<T> {
+fn wait<T: Send>(
+    py: Python<'_>,
+    future: impl Future<Output = Result<T, DataFusionError>> + Send,
+) -> PyResult<T> {
     py.detach(|| runtime().block_on(future)).map_err(to_py)
 }
 
@@ -122,33 +125,54 @@ impl ClusterContext {
     fn register_parquet(&self, py: Python<'_>, name: &str, path: &str) -> PyResult<()> {
         let ctx = self.ctx.clone();
         wait(py, async move {
-            ctx.register_parquet(name, path, ParquetReadOptions::default()).await
+            ctx.register_parquet(name, path, ParquetReadOptions::default())
+                .await
         })
     }
 
     /// Registers CSV file(s) at `path` (a file or directory every worker can read).
     #[pyo3(signature = (name, path, has_header=true, delimiter=","))]
-    fn register_csv(&self, py: Python<'_>, name: &str, path: &str, has_header: bool, delimiter: &str) -> PyResult<()> {
+    fn register_csv(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        path: &str,
+        has_header: bool,
+        delimiter: &str,
+    ) -> PyResult<()> {
         let delimiter = match delimiter.as_bytes() {
             [byte] => *byte,
-            _ => return Err(DfshipError::new_err(format!("delimiter must be one byte, got {delimiter:?}"))),
+            _ => {
+                return Err(DfshipError::new_err(format!(
+                    "delimiter must be one byte, got {delimiter:?}"
+                )))
+            }
         };
         let ctx = self.ctx.clone();
         wait(py, async move {
-            let options = CsvReadOptions::new().has_header(has_header).delimiter(delimiter);
+            let options = CsvReadOptions::new()
+                .has_header(has_header)
+                .delimiter(delimiter);
             ctx.register_csv(name, path, options).await
         })
     }
 
     /// Registers in-memory record batches (pyarrow) as a table.
-    fn register_record_batches(&self, name: &str, batches: Vec<Bound<'_, PyAny>>, schema: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn register_record_batches(
+        &self,
+        name: &str,
+        batches: Vec<Bound<'_, PyAny>>,
+        schema: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let schema = Arc::new(arrow::datatypes::Schema::from_pyarrow_bound(schema)?);
         let batches = batches
             .iter()
             .map(RecordBatch::from_pyarrow_bound)
             .collect::<PyResult<Vec<_>>>()?;
         let table = MemTable::try_new(schema, vec![batches]).map_err(to_py)?;
-        self.ctx.register_table(name, Arc::new(table)).map_err(to_py)?;
+        self.ctx
+            .register_table(name, Arc::new(table))
+            .map_err(to_py)?;
         Ok(())
     }
 
@@ -162,7 +186,10 @@ impl ClusterContext {
         let ctx = self.ctx.clone();
         let query = query.to_string();
         let df = wait(py, async move { ctx.sql(&query).await })?;
-        Ok(DataFrame { df, ctx: self.ctx.clone() })
+        Ok(DataFrame {
+            df,
+            ctx: self.ctx.clone(),
+        })
     }
 
     /// A DataFrame over datafusion-python 55 logical plan bytes.
@@ -172,7 +199,10 @@ impl ClusterContext {
         let df = wait(py, async move {
             dfship_distributed::prebuilt::dataframe_from_logical_bytes(&ctx, codec, &data).await
         })?;
-        Ok(DataFrame { df, ctx: self.ctx.clone() })
+        Ok(DataFrame {
+            df,
+            ctx: self.ctx.clone(),
+        })
     }
 
     /// A DataFrame over datafusion-python 55 physical plan bytes.
@@ -182,7 +212,10 @@ impl ClusterContext {
         let df = wait(py, async move {
             dfship_distributed::prebuilt::dataframe_from_physical_bytes(&ctx, codec, &data).await
         })?;
-        Ok(DataFrame { df, ctx: self.ctx.clone() })
+        Ok(DataFrame {
+            df,
+            ctx: self.ctx.clone(),
+        })
     }
 
     /// (stage plans shipped, inline UDF calls written) since this context was made.
