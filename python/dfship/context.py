@@ -130,16 +130,16 @@ class ClusterContext:
         """
         kind = type(plan).__name__
         if kind == "LogicalPlan":
-            return DataFrame(self._native.from_datafusion_logical_plan(plan.to_bytes()))
+            return DataFrame(self._native.load_datafusion_logical_plan(plan.to_bytes()))
         if kind == "ExecutionPlan":
-            return DataFrame(self._native.from_datafusion_physical_plan(plan.to_bytes()))
+            return DataFrame(self._native.load_datafusion_physical_plan(plan.to_bytes()))
         if isinstance(plan, (bytes, bytearray, memoryview)):
             data = bytes(plan)
             try:
-                return DataFrame(self._native.from_datafusion_logical_plan(data))
+                return DataFrame(self._native.load_datafusion_logical_plan(data))
             except DfshipError as logical_error:
                 try:
-                    return DataFrame(self._native.from_datafusion_physical_plan(data))
+                    return DataFrame(self._native.load_datafusion_physical_plan(data))
                 except DfshipError as physical_error:
                     raise DfshipError(
                         f"these bytes are neither plan kind.\nAs a logical plan: {logical_error}\n"

@@ -193,7 +193,7 @@ impl ClusterContext {
     }
 
     /// A DataFrame over datafusion-python 55 logical plan bytes.
-    fn from_datafusion_logical_plan(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<DataFrame> {
+    fn load_datafusion_logical_plan(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<DataFrame> {
         let ctx = self.ctx.clone();
         let codec = Arc::clone(self.inline.codec());
         let df = wait(py, async move {
@@ -206,7 +206,7 @@ impl ClusterContext {
     }
 
     /// A DataFrame over datafusion-python 55 physical plan bytes.
-    fn from_datafusion_physical_plan(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<DataFrame> {
+    fn load_datafusion_physical_plan(&self, py: Python<'_>, data: Vec<u8>) -> PyResult<DataFrame> {
         let ctx = self.ctx.clone();
         let codec = Arc::clone(self.inline.codec());
         let df = wait(py, async move {
@@ -221,7 +221,7 @@ impl ClusterContext {
     /// (stage plans shipped, inline UDF calls written) since this context was made.
     fn shipped(&self) -> (u64, u64) {
         let stats = self.inline.encoder().stats();
-        (stats.plans as u64, stats.inline_udfs as u64)
+        (stats.plans, stats.inline_udfs)
     }
 }
 
