@@ -54,6 +54,11 @@ pub struct SqlArgs {
     /// Write the result to this file instead of printing it (.parquet or .csv).
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Run the query this many times (for timing); prints one
+    /// `dfship-timing run=I seconds=S rows=R` line per run to stderr and
+    /// the result of the last run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeat: u32,
     /// The query.
     pub query: String,
 }
@@ -113,6 +118,15 @@ pub async fn register_table(
 
 pub async fn sql(args: SqlArgs) -> Result<()> {
     let ctx = args.cluster.context().await?;
+    for run in 1..args.repeat {
+        let started = Instant::now();
+        let batches = ctx.sql(&args.query).await?.collect().await?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        eprintln!(
+            "dfship-timing run={run} seconds={:.6} rows={rows}",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let started = Instant::now();
     let df = ctx.sql(&args.query).await?;
     match &args.output {
@@ -133,6 +147,13 @@ pub async fn sql(args: SqlArgs) -> Result<()> {
             let batches = df.collect().await?;
             println!("{}", pretty_format_batches(&batches)?);
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            if args.repeat > 1 {
+                eprintln!(
+                    "dfship-timing run={} seconds={:.6} rows={rows}",
+                    args.repeat,
+                    started.elapsed().as_secs_f64()
+                );
+            }
             eprintln!("{rows} rows in {:.2?}", started.elapsed());
         }
     }

@@ -1,0 +1,317 @@
+"""End-to-end benchmark: the same queries, data and UDFs on datafusion-python
+55, PySpark (local[2], pandas UDFs) and dfship with 1 and 2 worker processes,
+side by side in one invocation. Writes results.json, results.md and
+results.png into the output folder.
+
+Run through benches/run.sh, which builds the release binaries and the
+benchmark's virtual environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "python"))
+
+import udfs  # noqa: E402
+
+QUERIES = {
+    "vectorized": "SELECT category, sum(vec_score(value, qty)) AS s FROM sales GROUP BY category",
+    "gil_bound": "SELECT sum(row_score(value)) AS s FROM sales",
+    "group_by_join": "SELECT s.region, band(t.value) AS b, count(*) AS n, sum(t.qty) AS q "
+    "FROM sales t JOIN stores s ON t.store = s.store GROUP BY s.region, band(t.value)",
+}
+CATEGORIES = [f"cat_{i}" for i in range(10)]
+
+
+def make_data(folder: Path, rows: int, files: int) -> None:
+    marker = folder / f".done-{rows}-{files}"
+    if marker.exists():
+        return
+    sales = folder / "sales"
+    sales.mkdir(parents=True, exist_ok=True)
+    per_file = rows // files
+    for part in range(files):
+        start = part * per_file
+        ids = pa.array(range(start, start + per_file), pa.int64())
+        table = pa.table(
+            {
+                "id": ids,
+                "store": pc.cast(pc.bit_wise_and(pc.multiply(ids, 7919), 1023), pa.int32()),
+                "value": pc.divide(
+                    pc.cast(pc.bit_wise_and(pc.multiply(ids, 104729), 65535), pa.float64()), 7.0
+                ),
+                "qty": pc.cast(pc.add(pc.bit_wise_and(ids, 15), 1), pa.int32()),
+                "category": pa.array(
+                    [CATEGORIES[i % 10] for i in range(start, start + per_file)], pa.string()
+                ),
+            }
+        )
+        pq.write_table(table, sales / f"part-{part:03d}.parquet")
+    stores = folder / "stores"
+    stores.mkdir(exist_ok=True)
+    pq.write_table(
+        pa.table(
+            {
+                "store": pa.array(range(1024), pa.int32()),
+                "region": pa.array([f"region_{i % 8}" for i in range(1024)], pa.string()),
+            }
+        ),
+        stores / "stores.parquet",
+    )
+    marker.touch()
+
+
+def timed(runs: int, body) -> list[float]:
+    body()  # warm-up
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        body()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def bench_datafusion(data: Path, runs: int) -> dict[str, list[float]]:
+    import datafusion
+
+    ctx = datafusion.SessionContext()
+    ctx.register_parquet("sales", str(data / "sales"))
+    ctx.register_parquet("stores", str(data / "stores"))
+    for u in udfs.ALL:
+        ctx.register_udf(datafusion.udf(u.func, u.input_types, u.return_type, u.volatility, name=u.name))
+    return {name: timed(runs, lambda q=q: ctx.sql(q).collect()) for name, q in QUERIES.items()}
+
+
+def bench_spark(data: Path, runs: int) -> dict[str, list[float]]:
+    import pandas as pd
+    from pyspark.sql import SparkSession
+    from pyspark.sql.functions import pandas_udf
+
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.driver.memory", "4g")
+        .config("spark.ui.enabled", "false")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    spark.read.parquet(str(data / "sales")).createOrReplaceTempView("sales")
+    spark.read.parquet(str(data / "stores")).createOrReplaceTempView("stores")
+
+    def arrow_udf(func, return_type):
+        def run(*series: pd.Series) -> pd.Series:
+            arrays = [pa.Array.from_pandas(s) for s in series]
+            return func(*arrays).to_pandas()
+
+        return pandas_udf(run, return_type)
+
+    spark.udf.register("vec_score", arrow_udf(udfs.vec_score_fn, "double"))
+    spark.udf.register("row_score", arrow_udf(udfs.row_score_fn, "double"))
+    spark.udf.register("band", arrow_udf(udfs.band_fn, "long"))
+    try:
+        return {name: timed(runs, lambda q=q: spark.sql(q).collect()) for name, q in QUERIES.items()}
+    finally:
+        spark.stop()
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_dfship(data: Path, runs: int, workers: int, bin_dir: Path, venv: Path) -> tuple[dict, dict]:
+    times, memory = {}, {}
+    for name, query in QUERIES.items():
+        # Fresh workers per query, so their peak RSS belongs to this query.
+        processes, urls = [], []
+        try:
+            for _ in range(workers):
+                p = subprocess.Popen(
+                    [str(bin_dir / "dfship-worker"), "--port", "0", "--python-env", str(venv)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+                processes.append(p)
+                line = p.stdout.readline()
+                urls.append(line.strip().rsplit(" ", 1)[-1])
+            result = subprocess.run(
+                [
+                    str(bin_dir / "dfship"),
+                    "sql",
+                    "--workers",
+                    ",".join(urls),
+                    "--udfs",
+                    str(HERE / "udfs.py"),
+                    "--table",
+                    f"sales={data / 'sales'}",
+                    "--table",
+                    f"stores={data / 'stores'}",
+                    "--repeat",
+                    str(runs + 1),
+                    query,
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "VIRTUAL_ENV": str(venv)},
+                check=False,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"dfship sql failed for {name}:\n{result.stderr}")
+            runs_seen = [
+                float(s) for s in re.findall(r"dfship-timing run=\d+ seconds=([0-9.]+)", result.stderr)
+            ]
+            times[name] = runs_seen[1:]  # the first run is the warm-up
+            memory[name] = [round(peak_rss_mib(p.pid), 1) for p in processes]
+        finally:
+            for p in processes:
+                p.terminate()
+                p.wait()
+    return times, memory
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "spread_pct": 100 * (max(times) - min(times)) / statistics.median(times),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=ROOT / "target" / "bench-data")
+    parser.add_argument("--out", type=Path, default=ROOT / "benches" / "results")
+    parser.add_argument("--bin", type=Path, default=ROOT / "target" / "release")
+    parser.add_argument(
+        "--venv", type=Path, default=ROOT / ".venv", help="the Python environment of the workers"
+    )
+    parser.add_argument("--skip-spark", action="store_true")
+    args = parser.parse_args()
+
+    make_data(args.data, args.rows, args.files)
+    results: dict[str, dict] = {}
+    memory: dict[str, dict] = {}
+    print("datafusion-python ...", flush=True)
+    results["datafusion-python"] = bench_datafusion(args.data, args.runs)
+    for workers in (1, 2):
+        print(f"dfship, {workers} worker(s) ...", flush=True)
+        label = f"dfship {workers} worker" + ("s" if workers > 1 else "")
+        results[label], memory[label] = bench_dfship(args.data, args.runs, workers, args.bin, args.venv)
+    if not args.skip_spark:
+        print("PySpark local[2] ...", flush=True)
+        results["pyspark local[2]"] = bench_spark(args.data, args.runs)
+
+    table = {system: {q: summary(t) for q, t in per_query.items()} for system, per_query in results.items()}
+    import datafusion
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "python": platform.python_version(),
+        "datafusion-python": datafusion.__version__,
+        "pyarrow": pa.__version__,
+        "rows": args.rows,
+        "runs": args.runs,
+    }
+    if not args.skip_spark:
+        import pyspark
+
+        meta["pyspark"] = pyspark.__version__
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"meta": meta, "summary": table, "times": results, "worker_peak_rss_mib": memory}, indent=2
+        )
+    )
+    (args.out / "results.md").write_text(render(meta, table, memory))
+    chart(table, args.out / "results.png")
+    print(render(meta, table, memory))
+    return 0
+
+
+def render(meta: dict, table: dict, memory: dict) -> str:
+    base = table["datafusion-python"]
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']}; Python {meta['python']}, datafusion-python "
+        f"{meta['datafusion-python']}, pyarrow {meta['pyarrow']}"
+        + (f", PySpark {meta['pyspark']}" if "pyspark" in meta else "")
+        + f"; {meta['rows']:,} rows, median of {meta['runs']} runs after a warm-up "
+        "(spread = (max-min)/median).",
+        "",
+        "| query | system | median s | spread | vs datafusion-python |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for query in QUERIES:
+        for system, per_query in table.items():
+            s = per_query[query]
+            ratio = s["median"] / base[query]["median"]
+            lines.append(
+                f"| {query} | {system} | {s['median']:.2f} | {s['spread_pct']:.0f}% | {ratio:.2f}× time |"
+            )
+    lines += [
+        "",
+        "Peak RSS of each worker process per query (MiB):",
+        "",
+        "| query | " + " | ".join(memory) + " |",
+        "|---|" + "---|" * len(memory),
+    ]
+    for query in QUERIES:
+        lines.append(
+            f"| {query} | " + " | ".join(", ".join(str(m) for m in memory[s][query]) for s in memory) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(table)
+    queries = list(QUERIES)
+    width = 0.8 / len(systems)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, system in enumerate(systems):
+        medians = [table[system][q]["median"] for q in queries]
+        errors = [
+            [table[system][q]["median"] - table[system][q]["min"] for q in queries],
+            [table[system][q]["max"] - table[system][q]["median"] for q in queries],
+        ]
+        ax.bar(
+            [x + i * width for x in range(len(queries))], medians, width, yerr=errors, label=system, capsize=3
+        )
+    ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(queries))], queries)
+    ax.set_ylabel("seconds (median, min–max)")
+    ax.set_title("Python UDF queries, end to end")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every benchmark in one go: the criterion micro benchmarks and counts,
+# then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
+# and 2 workers). Results land in benches/results/ (results.md, results.png,
+# micro.md). Takes about an hour on two cores, most of it the release build.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/setup.sh >/dev/null
+export VIRTUAL_ENV="$root/.venv"
+out=benches/results
+mkdir -p "$out"
+
+echo "bench: release build of the worker and the CLI"
+cargo build --release --locked -p dfship-worker -p dfship-cli
+
+echo "bench: micro benchmarks (criterion)"
+{
+    echo "## Micro benchmarks"
+    echo
+    cargo bench --locked -p dfship-benches --bench counts 2>/dev/null | grep -E '^(\||###|$)'
+    echo
+    echo '### Criterion (median time per iteration)'
+    echo
+    echo '```'
+    cargo bench --locked -p dfship-benches --bench codec --bench invoke -- --noplot 2>/dev/null \
+        | grep -E '^[a-z_]+/|time:' | paste - - | sed -E 's/ +/ /g'
+    echo '```'
+} > "$out/micro.md"
+cat "$out/micro.md"
+
+echo "bench: end to end"
+venv=target/bench-venv
+if [ ! -x "$venv/bin/python" ]; then
+    "${DFSHIP_BASE_PYTHON:-python3}" -m venv "$venv"
+fi
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum benches/e2e/requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r benches/e2e/requirements.txt
+    echo "$want" > "$stamp"
+fi
+"$venv/bin/python" benches/e2e/run_e2e.py --out "$out" "$@"
