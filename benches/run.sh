@@ -23,7 +23,7 @@ echo "bench: micro benchmarks (criterion)"
     echo '### Criterion (median time per iteration)'
     echo
     echo '```'
-    cargo bench --locked -p dfship-benches --bench codec --bench invoke -- --noplot 2>/dev/null \
+    cargo bench --locked -p dfship-benches --bench codec --bench invoke -- --noplot --warm-up-time 1 --measurement-time 3 2>/dev/null \
         | grep -E '^[a-z_]+/|time:' | paste - - | sed -E 's/ +/ /g'
     echo '```'
 } > "$out/micro.md"

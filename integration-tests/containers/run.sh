@@ -21,6 +21,8 @@ started=$SECONDS
 "$here/images.sh"
 echo "containers: images ready in $((SECONDS - started)) s"
 tests_started=$SECONDS
-cargo nextest run --locked -p dfship-integration-tests --test containers \
-    --run-ignored only --test-threads 1 --no-capture --no-fail-fast
+# --workspace (with a filter) rather than -p: the same feature set as the
+# main test run, so nothing is rebuilt. --no-capture also runs them one at a time.
+cargo nextest run --workspace --locked -E 'binary(containers)' \
+    --run-ignored only --no-capture --no-fail-fast
 echo "containers: tests took $((SECONDS - tests_started)) s; images and tests $((SECONDS - started)) s"
