@@ -372,7 +372,8 @@ fn a_worker_on_another_python_version() {
     };
     let cluster = Cluster::start("skew", vec![worker("w1"), worker("w2"), skewed]);
     cluster.write_dataset();
-    let run = cluster.sql(&["w1", "w2", "py313"], "basic.py", SUM_DOUBLE, &[]);
+    // Listed first, the Python 3.13 worker takes the first task of the stage.
+    let run = cluster.sql(&["py313", "w1", "w2"], "basic.py", SUM_DOUBLE, &[]);
     assert_fails_with(
         &run,
         "a query reaching the Python 3.13 worker",
@@ -390,7 +391,8 @@ fn a_worker_on_another_python_version() {
 /// Starts a slow query on all three workers, breaks `w3` with `fault` once it
 /// is under way, and checks the query fails in time naming `w3`.
 fn break_a_worker_mid_query(cluster: &Cluster, fault: &[&str]) {
-    let workers = cluster.urls(&["w1", "w2", "w3"]);
+    // Listed first, w3 takes the first task of the stage.
+    let workers = cluster.urls(&["w3", "w1", "w2"]);
     let container = cluster.container("coordinator");
     let started = Instant::now();
     let child = Command::new("docker")

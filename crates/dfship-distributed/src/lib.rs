@@ -7,6 +7,7 @@
 //! - [`ffi`]: loading FFI UDFs (shared library or Python capsule), which travel by name.
 //! - [`leaf`]: an even split of file scans over tasks (works around an upstream planning error).
 //! - [`prebuilt`]: running datafusion-python's serialized logical/physical plans distributed.
+//! - [`routing`]: reproducible round-robin task routing.
 //! - [`session`]: worker session builder and coordinator context builder.
 
 pub mod channel;
@@ -15,6 +16,7 @@ pub mod explain;
 pub mod ffi;
 pub mod leaf;
 pub mod prebuilt;
+pub mod routing;
 pub mod session;
 
 pub use channel::{encode_stage_plan, ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver};

@@ -239,6 +239,9 @@ impl ClusterContextBuilder {
                 .with_default_features()
                 .with_config(self.config)
                 .with_query_planner(Arc::new(crate::prebuilt::PrebuiltAwareQueryPlanner))
+                .with_distributed_route_tasks_handler(crate::routing::RoundRobinRouting::new(
+                    self.workers.clone(),
+                ))
                 .with_distributed_worker_resolver(StaticWorkers(self.workers))
                 .with_distributed_planner()
                 .with_distributed_scale_up_leaf_node_handler(crate::leaf::even_file_scan_split),
