@@ -309,6 +309,17 @@ fn assert_fails_with(run: &Run, what: &str, needles: &[&str]) {
 const SUM_DOUBLE: &str = "SELECT sum(py_double(id)) AS s FROM facts";
 const SUM_DOUBLE_VALUE: &str = "23044800";
 
+/// Runs [`SUM_DOUBLE`] on `workers` and checks it succeeds with the right sum.
+fn assert_sum_double(cluster: &Cluster, workers: &[&str], what: &str, extra: &[&str]) {
+    let run = cluster.sql(workers, "basic.py", SUM_DOUBLE, extra);
+    assert_ok(&run, what);
+    assert!(
+        run.stdout.contains(SUM_DOUBLE_VALUE),
+        "{what}: {}",
+        run.stdout
+    );
+}
+
 #[test]
 #[ignore = "needs the container images: run integration-tests/containers/run.sh"]
 fn query_matrix_across_containers() {
@@ -471,9 +482,12 @@ fn kill_9_of_a_worker_mid_query() {
 
     docker_ok(&["start", &w3]);
     cluster.wait_ready("w3", 2);
-    let all = cluster.sql(&["w1", "w2", "w3"], "basic.py", SUM_DOUBLE, &[]);
-    assert_ok(&all, "a query on the restarted worker");
-    assert!(all.stdout.contains(SUM_DOUBLE_VALUE), "{}", all.stdout);
+    assert_sum_double(
+        &cluster,
+        &["w1", "w2", "w3"],
+        "a query on the restarted worker",
+        &[],
+    );
 }
 
 #[test]
@@ -493,9 +507,12 @@ fn a_worker_cut_off_the_network_mid_query() {
     );
 
     docker_ok(&["network", "connect", &cluster.network, &w3]);
-    let all = cluster.sql(&["w1", "w2", "w3"], "basic.py", SUM_DOUBLE, &[]);
-    assert_ok(&all, "a query once the worker is reachable again");
-    assert!(all.stdout.contains(SUM_DOUBLE_VALUE), "{}", all.stdout);
+    assert_sum_double(
+        &cluster,
+        &["w1", "w2", "w3"],
+        "a query once the worker is reachable again",
+        &[],
+    );
 }
 
 #[test]
