@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -100,31 +101,39 @@ def bench_datafusion(data: Path, runs: int) -> dict[str, list[float]]:
 
 
 def bench_spark(data: Path, runs: int) -> dict[str, list[float]]:
-    import pandas as pd
     from pyspark.sql import SparkSession
     from pyspark.sql.functions import pandas_udf
+
+    # Spark's Python workers import udfs.py (and dfship.udf) the way ours do: from their path.
+    paths = [str(HERE), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    os.environ["PYSPARK_PYTHON"] = sys.executable
 
     spark = (
         SparkSession.builder.master("local[2]")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.driver.memory", "4g")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
     spark.read.parquet(str(data / "sales")).createOrReplaceTempView("sales")
     spark.read.parquet(str(data / "stores")).createOrReplaceTempView("stores")
 
-    def arrow_udf(func, return_type):
-        def run(*series: pd.Series) -> pd.Series:
-            arrays = [pa.Array.from_pandas(s) for s in series]
-            return func(*arrays).to_pandas()
+    # The same functions, as pandas UDFs (Spark hands over pandas Series in Arrow batches).
+    def vec_score(value: pd.Series, qty: pd.Series) -> pd.Series:
+        return udfs.vec_score_fn(pa.Array.from_pandas(value), pa.Array.from_pandas(qty)).to_pandas()
 
-        return pandas_udf(run, return_type)
+    def row_score(value: pd.Series) -> pd.Series:
+        return udfs.row_score_fn(pa.Array.from_pandas(value)).to_pandas()
 
-    spark.udf.register("vec_score", arrow_udf(udfs.vec_score_fn, "double"))
-    spark.udf.register("row_score", arrow_udf(udfs.row_score_fn, "double"))
-    spark.udf.register("band", arrow_udf(udfs.band_fn, "long"))
+    def band(value: pd.Series) -> pd.Series:
+        return udfs.band_fn(pa.Array.from_pandas(value)).to_pandas()
+
+    spark.udf.register("vec_score", pandas_udf(vec_score, "double"))
+    spark.udf.register("row_score", pandas_udf(row_score, "double"))
+    spark.udf.register("band", pandas_udf(band, "long"))
     try:
         return {name: timed(runs, lambda q=q: spark.sql(q).collect()) for name, q in QUERIES.items()}
     finally:
