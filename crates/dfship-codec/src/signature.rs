@@ -101,12 +101,30 @@ fn schema_to_ipc(schema: &Schema) -> Result<Vec<u8>> {
 }
 
 fn schema_from_ipc(name: &str, what: &str, bytes: &[u8]) -> Result<Schema, UdfPayloadError> {
-    StreamReader::try_new(Cursor::new(bytes), None)
-        .map(|reader| reader.schema().as_ref().clone())
-        .map_err(|e| UdfPayloadError::Malformed {
-            name: name.to_string(),
-            detail: format!("the {what} is not a valid Arrow IPC schema stream ({e})"),
-        })
+    let malformed = |detail: String| UdfPayloadError::Malformed {
+        name: name.to_string(),
+        detail: format!("the {what} is not a valid Arrow IPC schema stream ({detail})"),
+    };
+    // arrow-ipc 59 verifies the flatbuffer but then unwraps optional parts
+    // of it (e.g. a schema without its fields vector panics in
+    // `fb_to_schema`); found by the `decode_payload` fuzz target. Bytes from
+    // the wire must never panic a worker, so contain it.
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        StreamReader::try_new(Cursor::new(bytes), None)
+            .map(|reader| reader.schema().as_ref().clone())
+    }));
+    match parsed {
+        Ok(Ok(schema)) => Ok(schema),
+        Ok(Err(e)) => Err(malformed(e.to_string())),
+        Err(panic) => Err(malformed(format!(
+            "arrow-ipc rejected it with a panic: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default()
+        ))),
+    }
 }
 
 /// The one-byte volatility code of our frame.

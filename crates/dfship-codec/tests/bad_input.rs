@@ -602,3 +602,17 @@ fn cluster_key_sources() {
         "Debug redacts the key"
     );
 }
+
+/// Found by `cargo fuzz run decode_payload`: a frame whose input schema is a
+/// valid flatbuffer without its fields vector made arrow-ipc panic.
+#[test]
+fn schema_bytes_that_panic_arrow_ipc_are_an_error() {
+    let frame = include_bytes!("data/fuzz-arrow-ipc-panic.bin");
+    let error = PythonUdfCodec::default()
+        .try_decode_udf("fuzz", frame)
+        .expect_err("a malformed schema is refused");
+    assert!(
+        error.to_string().contains("is not a valid Arrow IPC schema stream"),
+        "{error}"
+    );
+}
