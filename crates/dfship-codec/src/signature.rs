@@ -109,6 +109,9 @@ fn schema_from_ipc(name: &str, what: &str, bytes: &[u8]) -> Result<Schema, UdfPa
     // of it (e.g. a schema without its fields vector panics in
     // `fb_to_schema`); found by the `decode_payload` fuzz target. Bytes from
     // the wire must never panic a worker, so contain it.
+    // arrow-ipc allocates a message's declared length before reading it: a
+    // 1 KB frame could make a worker allocate 2 GB (also found by the fuzzer).
+    check_message_length(bytes).map_err(malformed)?;
     let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         StreamReader::try_new(Cursor::new(bytes), None)
             .map(|reader| reader.schema().as_ref().clone())
@@ -125,6 +128,28 @@ fn schema_from_ipc(name: &str, what: &str, bytes: &[u8]) -> Result<Schema, UdfPa
                 .unwrap_or_default()
         ))),
     }
+}
+
+/// The first IPC message must fit in `bytes`: a continuation marker
+/// (0xFFFFFFFF) and a little-endian i32 length, or a legacy bare length.
+fn check_message_length(bytes: &[u8]) -> Result<(), String> {
+    let word = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    };
+    let (declared, header) = match word(0) {
+        Some(-1) => (word(4), 8),
+        other => (other, 4),
+    };
+    let declared = declared.ok_or_else(|| "shorter than an IPC message header".to_string())?;
+    let available = bytes.len().saturating_sub(header);
+    if declared < 0 || declared as usize > available {
+        return Err(format!(
+            "its first message declares {declared} bytes but only {available} follow"
+        ));
+    }
+    Ok(())
 }
 
 /// The one-byte volatility code of our frame.

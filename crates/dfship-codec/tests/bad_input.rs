@@ -612,7 +612,20 @@ fn schema_bytes_that_panic_arrow_ipc_are_an_error() {
         .try_decode_udf("fuzz", frame)
         .expect_err("a malformed schema is refused");
     assert!(
-        error.to_string().contains("is not a valid Arrow IPC schema stream"),
+        error
+            .to_string()
+            .contains("is not a valid Arrow IPC schema stream"),
         "{error}"
     );
+}
+
+/// Found by `cargo fuzz run decode_payload`: a schema message declaring a
+/// huge length made arrow-ipc allocate it (about 2 GB) before reading.
+#[test]
+fn schema_bytes_declaring_a_huge_message_are_refused_before_allocating() {
+    let frame = include_bytes!("data/fuzz-ipc-huge-length.bin");
+    let error = PythonUdfCodec::default()
+        .try_decode_udf("fuzz", frame)
+        .expect_err("a malformed schema is refused");
+    assert!(error.to_string().contains("Arrow IPC"), "{error}");
 }
