@@ -390,12 +390,11 @@ fn a_worker_on_another_python_version() {
         "a query reaching the Python 3.13 worker",
         &["3.11", "3.13", &cluster.container("py313")],
     );
-    let healthy = cluster.sql(&["w1", "w2"], "basic.py", SUM_DOUBLE, &[]);
-    assert_ok(&healthy, "the next query on the Python 3.11 workers");
-    assert!(
-        healthy.stdout.contains(SUM_DOUBLE_VALUE),
-        "{}",
-        healthy.stdout
+    assert_sum_double(
+        &cluster,
+        &["w1", "w2"],
+        "the next query on the Python 3.11 workers",
+        &[],
     );
 }
 
@@ -472,12 +471,11 @@ fn kill_9_of_a_worker_mid_query() {
     let w3 = cluster.container("w3");
     break_a_worker_mid_query(&cluster, &["kill", "--signal", "KILL", &w3]);
 
-    let survivors = cluster.sql(&["w1", "w2"], "basic.py", SUM_DOUBLE, &[]);
-    assert_ok(&survivors, "the next query on the remaining workers");
-    assert!(
-        survivors.stdout.contains(SUM_DOUBLE_VALUE),
-        "{}",
-        survivors.stdout
+    assert_sum_double(
+        &cluster,
+        &["w1", "w2"],
+        "the next query on the remaining workers",
+        &[],
     );
 
     docker_ok(&["start", &w3]);
@@ -498,12 +496,11 @@ fn a_worker_cut_off_the_network_mid_query() {
     let w3 = cluster.container("w3");
     break_a_worker_mid_query(&cluster, &["network", "disconnect", &cluster.network, &w3]);
 
-    let survivors = cluster.sql(&["w1", "w2"], "basic.py", SUM_DOUBLE, &[]);
-    assert_ok(&survivors, "the next query on the remaining workers");
-    assert!(
-        survivors.stdout.contains(SUM_DOUBLE_VALUE),
-        "{}",
-        survivors.stdout
+    assert_sum_double(
+        &cluster,
+        &["w1", "w2"],
+        "the next query on the remaining workers",
+        &[],
     );
 
     docker_ok(&["network", "connect", &cluster.network, &w3]);
@@ -529,12 +526,11 @@ fn a_cluster_with_a_key() {
     let right = ["--cluster-key-file", "/data/keys/cluster.key"];
     let wrong = ["--cluster-key-file", "/data/keys/wrong.key"];
 
-    let signed = cluster.sql(&all, "basic.py", SUM_DOUBLE, &right);
-    assert_ok(&signed, "a query signed with the cluster key");
-    assert!(
-        signed.stdout.contains(SUM_DOUBLE_VALUE),
-        "{}",
-        signed.stdout
+    assert_sum_double(
+        &cluster,
+        &all,
+        "a query signed with the cluster key",
+        &right,
     );
 
     let marker = cluster.data.join("unpickled.marker");
