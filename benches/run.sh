@@ -2,7 +2,9 @@
 # Runs every benchmark in one go: the criterion micro benchmarks and counts,
 # then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
 # and 2 workers). Results land in benches/results/ (results.md, results.png,
-# micro.md). Takes about an hour on two cores, most of it the release build.
+# micro.md, profile.md). Takes about 50 minutes on two cores, most of it the
+# two release builds (the benches' dependency features differ from the
+# binaries', so cargo builds DataFusion twice).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -41,3 +43,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 "$venv/bin/python" benches/e2e/run_e2e.py --out "$out" "$@"
+
+case " $* " in
+*" --skip-spark "*) echo "bench: --skip-spark given, so no profile of the GIL-bound query against PySpark" ;;
+*)
+    echo "bench: profile of the GIL-bound query (py-spy, CPU per process)"
+    "$venv/bin/python" benches/e2e/profile_gil_bound.py --out "$out"
+    ;;
+esac

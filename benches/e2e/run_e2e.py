@@ -10,6 +10,7 @@ benchmark's virtual environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -89,7 +90,7 @@ def timed(runs: int, body) -> list[float]:
     return times
 
 
-def bench_datafusion(data: Path, runs: int) -> dict[str, list[float]]:
+def bench_datafusion(data: Path, runs: int, queries: dict[str, str] = QUERIES) -> dict[str, list[float]]:
     import datafusion
 
     ctx = datafusion.SessionContext()
@@ -97,10 +98,11 @@ def bench_datafusion(data: Path, runs: int) -> dict[str, list[float]]:
     ctx.register_parquet("stores", str(data / "stores"))
     for u in udfs.ALL:
         ctx.register_udf(datafusion.udf(u.func, u.input_types, u.return_type, u.volatility, name=u.name))
-    return {name: timed(runs, lambda q=q: ctx.sql(q).collect()) for name, q in QUERIES.items()}
+    return {name: timed(runs, lambda q=q: ctx.sql(q).collect()) for name, q in queries.items()}
 
 
-def bench_spark(data: Path, runs: int) -> dict[str, list[float]]:
+def spark_session(data: Path):
+    """A PySpark local[2] session with the tables and the UDFs (as pandas UDFs) registered."""
     from pyspark.sql import SparkSession
     from pyspark.sql.functions import pandas_udf
 
@@ -131,11 +133,20 @@ def bench_spark(data: Path, runs: int) -> dict[str, list[float]]:
     def band(value: pd.Series) -> pd.Series:
         return udfs.band_fn(pa.Array.from_pandas(value)).to_pandas()
 
+    def passthrough(value: pd.Series) -> pd.Series:
+        return udfs.passthrough_fn(pa.Array.from_pandas(value)).to_pandas()
+
     spark.udf.register("vec_score", pandas_udf(vec_score, "double"))
     spark.udf.register("row_score", pandas_udf(row_score, "double"))
     spark.udf.register("band", pandas_udf(band, "long"))
+    spark.udf.register("passthrough", pandas_udf(passthrough, "double"))
+    return spark
+
+
+def bench_spark(data: Path, runs: int, queries: dict[str, str] = QUERIES) -> dict[str, list[float]]:
+    spark = spark_session(data)
     try:
-        return {name: timed(runs, lambda q=q: spark.sql(q).collect()) for name, q in QUERIES.items()}
+        return {name: timed(runs, lambda q=q: spark.sql(q).collect()) for name, q in queries.items()}
     finally:
         spark.stop()
 
@@ -147,54 +158,70 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def bench_dfship(data: Path, runs: int, workers: int, bin_dir: Path, venv: Path) -> tuple[dict, dict]:
-    times, memory = {}, {}
-    for name, query in QUERIES.items():
-        # Fresh workers per query, so their peak RSS belongs to this query.
-        processes, urls = [], []
-        try:
-            for _ in range(workers):
-                p = subprocess.Popen(
-                    [str(bin_dir / "dfship-worker"), "--port", "0", "--python-env", str(venv)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
-                )
-                processes.append(p)
-                line = p.stdout.readline()
-                urls.append(line.strip().rsplit(" ", 1)[-1])
-            result = subprocess.run(
-                [
-                    str(bin_dir / "dfship"),
-                    "sql",
-                    "--workers",
-                    ",".join(urls),
-                    "--udfs",
-                    str(HERE / "udfs.py"),
-                    "--table",
-                    f"sales={data / 'sales'}",
-                    "--table",
-                    f"stores={data / 'stores'}",
-                    "--repeat",
-                    str(runs + 1),
-                    query,
-                ],
-                capture_output=True,
+@contextlib.contextmanager
+def dfship_workers(count: int, bin_dir: Path, venv: Path):
+    """Starts `count` release worker processes on free ports; yields (processes, urls)."""
+    processes, urls = [], []
+    try:
+        for _ in range(count):
+            p = subprocess.Popen(
+                [str(bin_dir / "dfship-worker"), "--port", "0", "--python-env", str(venv)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
                 text=True,
-                env={**os.environ, "VIRTUAL_ENV": str(venv)},
-                check=False,
             )
-            if result.returncode != 0:
-                raise RuntimeError(f"dfship sql failed for {name}:\n{result.stderr}")
-            runs_seen = [
-                float(s) for s in re.findall(r"dfship-timing run=\d+ seconds=([0-9.]+)", result.stderr)
-            ]
-            times[name] = runs_seen[1:]  # the first run is the warm-up
+            processes.append(p)
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{bin_dir / 'dfship-worker'} exited before listening; run it by hand")
+            urls.append(line.strip().rsplit(" ", 1)[-1])
+        yield processes, urls
+    finally:
+        for p in processes:
+            p.terminate()
+            p.wait()
+
+
+def run_dfship_query(
+    urls: list[str], query: str, runs: int, data: Path, bin_dir: Path, venv: Path
+) -> list[float]:
+    """Runs `query` runs+1 times in one `dfship sql --repeat` process; returns the timings after the first."""
+    result = subprocess.run(
+        [
+            str(bin_dir / "dfship"),
+            "sql",
+            "--workers",
+            ",".join(urls),
+            "--udfs",
+            str(HERE / "udfs.py"),
+            "--table",
+            f"sales={data / 'sales'}",
+            "--table",
+            f"stores={data / 'stores'}",
+            "--repeat",
+            str(runs + 1),
+            query,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "VIRTUAL_ENV": str(venv)},
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"dfship sql failed for {query!r}:\n{result.stderr}")
+    seen = [float(s) for s in re.findall(r"dfship-timing run=\d+ seconds=([0-9.]+)", result.stderr)]
+    return seen[1:]  # the first run is the warm-up
+
+
+def bench_dfship(
+    data: Path, runs: int, workers: int, bin_dir: Path, venv: Path, queries: dict[str, str] = QUERIES
+) -> tuple[dict, dict]:
+    times, memory = {}, {}
+    for name, query in queries.items():
+        # Fresh workers per query, so their peak RSS belongs to this query.
+        with dfship_workers(workers, bin_dir, venv) as (processes, urls):
+            times[name] = run_dfship_query(urls, query, runs, data, bin_dir, venv)
             memory[name] = [round(peak_rss_mib(p.pid), 1) for p in processes]
-        finally:
-            for p in processes:
-                p.terminate()
-                p.wait()
     return times, memory
 
 

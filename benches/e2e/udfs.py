@@ -37,8 +37,15 @@ def band_fn(value: pa.Array) -> pa.Array:
     return pc.cast(pc.floor(pc.divide(value, 250.0)), pa.int64())
 
 
+def passthrough_fn(value: pa.Array) -> pa.Array:
+    """Does nothing: what a query costs an engine without the UDF's own work (profile_gil_bound.py)."""
+    return value
+
+
 vec_score = udf(vec_score_fn, [pa.float64(), pa.int32()], pa.float64(), "immutable", name="vec_score")
 row_score = udf(row_score_fn, [pa.float64()], pa.float64(), "immutable", name="row_score")
 band = udf(band_fn, [pa.float64()], pa.int64(), "immutable", name="band")
 
-ALL = [vec_score, row_score, band]
+passthrough = udf(passthrough_fn, [pa.float64()], pa.float64(), "immutable", name="passthrough")
+
+ALL = [vec_score, row_score, band, passthrough]
