@@ -2,9 +2,8 @@
 # Runs every benchmark in one go: the criterion micro benchmarks and counts,
 # then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
 # and 2 workers). Results land in benches/results/ (results.md, results.png,
-# micro.md, profile.md). Takes about 50 minutes on two cores, most of it the
-# two release builds (the benches' dependency features differ from the
-# binaries', so cargo builds DataFusion twice).
+# micro.md, profile.md). Takes about 35 minutes on two cores, most of it the
+# release build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -13,8 +12,10 @@ export VIRTUAL_ENV="$root/.venv"
 out=benches/results
 mkdir -p "$out"
 
-echo "bench: release build of the worker and the CLI"
-cargo build --release --locked -p dfship-worker -p dfship-cli
+echo "bench: release build of the worker, the CLI and the criterion benches"
+# One build for both: with the benches selected too, cargo unifies dependency
+# features so that `cargo bench` below finds DataFusion already compiled.
+cargo build --release --locked -p dfship-worker -p dfship-cli -p dfship-benches --bins --benches
 
 echo "bench: micro benchmarks (criterion)"
 {
