@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import run_e2e  # also puts the dfship package on sys.path for udfs.py
-from run_e2e import HERE, ROOT, dfship_workers, run_dfship_query, spark_session
+from run_e2e import HERE, ROOT, dfship_workers, run_dfship_query, spark_session, summary, wall_times
 
 udfs = run_e2e.udfs
 
@@ -138,21 +137,13 @@ def time_function_alone(data: Path) -> float:
 
 def per_query(walls: list[float], cpu: dict[str, float], executions: int, samples: Counter) -> dict:
     """Wall time of the timed runs; CPU seconds and GIL seconds (py-spy samples) per execution."""
+    wall = summary(walls)
     return {
-        "wall_s": statistics.median(walls),
-        "spread_pct": 100 * (max(walls) - min(walls)) / statistics.median(walls),
+        "wall_s": wall["median"],
+        "spread_pct": wall["spread_pct"],
         "cpu_s": {k: v / executions for k, v in cpu.items()},
         "gil_s": {k: n / RATE / executions for k, n in samples.most_common()},
     }
-
-
-def wall_times(runs: int, body) -> list[float]:
-    walls = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        body()
-        walls.append(time.perf_counter() - started)
-    return walls
 
 
 def own_cpu_seconds() -> float:

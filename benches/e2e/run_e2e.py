@@ -80,14 +80,19 @@ def make_data(folder: Path, rows: int, files: int) -> None:
     marker.touch()
 
 
-def timed(runs: int, body) -> list[float]:
-    body()  # warm-up
+def wall_times(runs: int, body) -> list[float]:
+    """Seconds each of `runs` calls of `body` took."""
     times = []
     for _ in range(runs):
         started = time.perf_counter()
         body()
         times.append(time.perf_counter() - started)
     return times
+
+
+def timed(runs: int, body) -> list[float]:
+    body()  # warm-up
+    return wall_times(runs, body)
 
 
 def bench_datafusion(data: Path, runs: int, queries: dict[str, str] = QUERIES) -> dict[str, list[float]]:

@@ -105,13 +105,14 @@ fn schema_from_ipc(name: &str, what: &str, bytes: &[u8]) -> Result<Schema, UdfPa
         name: name.to_string(),
         detail: format!("the {what} is not a valid Arrow IPC schema stream ({detail})"),
     };
+    // arrow-ipc allocates a message's declared length before reading it: a
+    // 1 KB frame could make a worker allocate 2 GB (found by the
+    // `decode_payload` fuzz target).
+    check_message_length(bytes).map_err(malformed)?;
     // arrow-ipc 59 verifies the flatbuffer but then unwraps optional parts
     // of it (e.g. a schema without its fields vector panics in
-    // `fb_to_schema`); found by the `decode_payload` fuzz target. Bytes from
-    // the wire must never panic a worker, so contain it.
-    // arrow-ipc allocates a message's declared length before reading it: a
-    // 1 KB frame could make a worker allocate 2 GB (also found by the fuzzer).
-    check_message_length(bytes).map_err(malformed)?;
+    // `fb_to_schema`; also found by the fuzzer). Bytes from the wire must
+    // never panic a worker, so contain it.
     let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         StreamReader::try_new(Cursor::new(bytes), None)
             .map(|reader| reader.schema().as_ref().clone())

@@ -608,9 +608,7 @@ fn cluster_key_sources() {
 #[test]
 fn schema_bytes_that_panic_arrow_ipc_are_an_error() {
     let frame = include_bytes!("data/fuzz-arrow-ipc-panic.bin");
-    let error = PythonUdfCodec::default()
-        .try_decode_udf("fuzz", frame)
-        .expect_err("a malformed schema is refused");
+    let error = decode_err(&PythonUdfCodec::default(), "fuzz", frame);
     assert!(
         error
             .to_string()
@@ -624,9 +622,7 @@ fn schema_bytes_that_panic_arrow_ipc_are_an_error() {
 #[test]
 fn schema_bytes_declaring_a_huge_message_are_refused_before_allocating() {
     let frame = include_bytes!("data/fuzz-ipc-huge-length.bin");
-    let error = PythonUdfCodec::default()
-        .try_decode_udf("fuzz", frame)
-        .expect_err("a malformed schema is refused");
+    let error = decode_err(&PythonUdfCodec::default(), "fuzz", frame);
     assert!(
         error.to_string().contains("its first message declares"),
         "refused by the length check, not after arrow-ipc allocated: {error}"
