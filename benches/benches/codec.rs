@@ -20,7 +20,7 @@ fn bench(c: &mut Criterion) {
     let rt = runtime();
     let data = dataset(&rt);
     let task_ctx = Arc::new(datafusion::execution::TaskContext::default());
-    let warm = codecs(Arc::new(CallableCache::new(64)));
+    let warm = codecs(Arc::new(CallableCache::new(64 << 20)));
     let plans: Vec<_> = [0, 1, 10]
         .iter()
         .map(|&n| (n, stage_plan(&rt, &data, n)))
@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("cold", n), &bytes, |b, bytes| {
             b.iter_batched(
-                || codecs(Arc::new(CallableCache::new(64))),
+                || codecs(Arc::new(CallableCache::new(64 << 20))),
                 |cold| {
                     run(
                         &rt,

@@ -54,7 +54,7 @@ fn main() {
     println!("|---:|---:|---:|");
     let plan = stage_plan(&rt, &data, 10);
     for tasks in [1usize, 10, 100] {
-        let worker = codecs(Arc::new(CallableCache::new(64)));
+        let worker = codecs(Arc::new(CallableCache::new(64 << 20)));
         let bytes = encode(&worker, &plan);
         for _ in 0..tasks {
             run(

@@ -80,7 +80,11 @@ pub fn codecs(cache: Arc<CallableCache>) -> Codecs {
 }
 
 pub fn encode(codecs: &Codecs, plan: &Arc<dyn ExecutionPlan>) -> Vec<u8> {
-    dfship_distributed::encode_stage_plan(Arc::clone(plan), codecs.inline.encoder()).unwrap()
+    codecs
+        .inline
+        .encoder()
+        .encode_plan(Arc::clone(plan))
+        .unwrap()
 }
 
 pub fn decode(

@@ -33,7 +33,7 @@ pub fn init_python() {
             "no venv at {}; run scripts/setup.sh",
             venv.display()
         );
-        dfship_codec::python::use_python_environment(&venv).expect("activate the venv");
+        dfship_codec::use_python_environment(&venv).expect("activate the venv");
         dfship_codec::ensure_python().expect("cloudpickle and pyarrow import");
     });
 }

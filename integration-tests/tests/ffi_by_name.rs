@@ -116,7 +116,7 @@ fn ffi_udfs_load_from_python_capsules() {
         let capsule = pyo3::types::PyCapsule::new_with_value(
             py,
             dfship_ffi_example::dfship_ffi_scalar_udf(),
-            dfship_distributed::ffi::SCALAR_UDF_CAPSULE,
+            dfship_distributed::SCALAR_UDF_CAPSULE,
         )
         .unwrap();
         let module = pyo3::types::PyModule::new(py, "dfship_capsule_test").unwrap();

@@ -42,7 +42,7 @@ fn coordinator(urls: &[String], inline: InlineUdfs) -> SessionContext {
 async fn the_query_matrix_matches_single_node() {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
-    let worker_cache = Arc::new(CallableCache::new(64));
+    let worker_cache = Arc::new(CallableCache::new(64 << 20));
     let cluster = InProcessCluster::start(3, worker_builder(Arc::clone(&worker_cache))).await;
     let inline = InlineUdfs::new(CodecOptions::default());
     let distributed = coordinator(&cluster.urls, inline.clone());

@@ -10,7 +10,7 @@ use datafusion_distributed::{DistributedCodec, DistributedExt};
 use datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec;
 use dfship_codec::wire::inline::INLINE_MAGIC;
 use dfship_codec::PythonUdfCodec;
-use dfship_distributed::{encode_stage_plan, InlineUdfs};
+use dfship_distributed::InlineUdfs;
 use dfship_integration_tests::*;
 
 #[tokio::test]
@@ -42,7 +42,7 @@ async fn upstream_composition_still_drops_user_udf_payloads() {
 
     // Our encoder writes the payload, and upstream's decoder (the workers') reads it.
     let inline = InlineUdfs::new(Default::default());
-    let shipped = encode_stage_plan(plan, inline.encoder()).unwrap();
+    let shipped = inline.encoder().encode_plan(plan).unwrap();
     assert!(shipped
         .windows(INLINE_MAGIC.len())
         .any(|w| w == INLINE_MAGIC));

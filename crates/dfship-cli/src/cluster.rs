@@ -163,6 +163,6 @@ pub async fn sql(args: SqlArgs) -> Result<()> {
 pub async fn explain(args: ExplainArgs) -> Result<()> {
     let ctx = args.cluster.context().await?;
     let plan = ctx.sql(&args.query).await?.create_physical_plan().await?;
-    println!("{}", dfship_distributed::explain::explain_plan(&ctx, &plan));
+    println!("{}", dfship_distributed::explain_plan(&ctx, &plan));
     Ok(())
 }

@@ -12,7 +12,7 @@ use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::local_cluster::LocalCluster;
-use dfship_distributed::explain::describe_udfs;
+use dfship_distributed::describe_udfs;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {

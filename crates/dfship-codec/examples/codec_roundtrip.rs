@@ -86,7 +86,7 @@ async fn main() -> Result<()> {
     }
 
     // A worker: a fresh context with no UDF registered and its own cache.
-    let cache = Arc::new(CallableCache::new(64));
+    let cache = Arc::new(CallableCache::new(64 << 20));
     let codec = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
     let bytes = physical_plan_to_bytes_with_extension_codec(Arc::clone(&plan), &codec)?;
     let worker = SessionContext::new();
@@ -125,8 +125,9 @@ async fn main() -> Result<()> {
     };
     small_lambda.invoke_with_args(args())?; // warm pyarrow's import path first
     let call_only = mean(&mut || small_lambda.invoke_with_args(args()).map(|_| ()))?;
-    let fresh =
-        PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::new(CallableCache::new(8))));
+    let fresh = PythonUdfCodec::new(
+        CodecOptions::default().with_cache(Arc::new(CallableCache::new(64 << 20))),
+    );
     let decode_only = mean(&mut || fresh.try_decode_udf("add_one", &payload).map(|_| ()))?;
     let start = Instant::now();
     fresh

@@ -61,6 +61,16 @@ impl ClusterKey {
         }
     }
 
+    /// The key a process is configured with: the file when one is given,
+    /// else the [`CLUSTER_KEY_ENV`] environment variable, else none. Every
+    /// entry point (worker, CLI, Python package) looks the key up this way.
+    pub fn from_file_or_env(file: Option<&Path>) -> Result<Option<Self>> {
+        match file {
+            Some(path) => Self::from_file(path).map(Some),
+            None => Self::from_env(CLUSTER_KEY_ENV),
+        }
+    }
+
     fn mac(&self, parts: &[&[u8]]) -> Hmac<Sha256> {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)

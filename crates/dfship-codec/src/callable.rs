@@ -10,54 +10,11 @@ use std::sync::{Arc, OnceLock};
 use datafusion::error::{DataFusionError, Result};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use sha2::{Digest, Sha256};
 
 use crate::cache::CallableCache;
 use crate::error::UdfPayloadError;
+use crate::pickled::{sha256, PickleContent, PickledCallable};
 use crate::python;
-
-pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
-
-/// The Python and cloudpickle versions that produced a pickle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PicklerVersions {
-    pub python_major: u8,
-    pub python_minor: u8,
-    pub cloudpickle_major: u8,
-}
-
-/// A cloudpickled callable, its digest, and who pickled it.
-#[derive(Debug, Clone)]
-pub(crate) struct PickledCallable {
-    bytes: Arc<[u8]>,
-    digest: [u8; 32],
-    versions: PicklerVersions,
-}
-
-impl PickledCallable {
-    /// Wraps pickle bytes whose digest the caller has already verified.
-    pub(crate) fn new(bytes: Arc<[u8]>, digest: [u8; 32], versions: PicklerVersions) -> Self {
-        Self {
-            bytes,
-            digest,
-            versions,
-        }
-    }
-
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-
-    pub(crate) fn digest(&self) -> &[u8; 32] {
-        &self.digest
-    }
-
-    pub(crate) fn versions(&self) -> PicklerVersions {
-        self.versions
-    }
-}
 
 pub(crate) struct PythonCallable {
     live: PyOnceLock<Py<PyAny>>,
@@ -68,12 +25,7 @@ pub(crate) struct PythonCallable {
 impl std::fmt::Debug for PythonCallable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PythonCallable")
-            .field(
-                "digest",
-                &self
-                    .digest()
-                    .map(|d| format!("{:02x}{:02x}{:02x}{:02x}…", d[0], d[1], d[2], d[3])),
-            )
+            .field("digest", &self.pickled.get().map(|p| p.short_digest()))
             .field(
                 "pickled_bytes",
                 &self.pickled.get().map(|p| p.bytes().len()),
@@ -150,23 +102,27 @@ impl PythonCallable {
                     "Python UDF '{udf_name}' has neither a callable nor a pickle"
                 ))
             })?;
-            let bytes = python::dumps(py, live.bind(py)).map_err(|e| UdfPayloadError::Pickle {
+            let pickle_error = |e: PyErr| UdfPayloadError::Pickle {
                 name: udf_name.to_string(),
                 detail: python::describe_exception(py, &e),
-            })?;
-            let versions = python::local_versions(py).map_err(|e| UdfPayloadError::Pickle {
-                name: udf_name.to_string(),
-                detail: python::describe_exception(py, &e),
-            })?;
+            };
+            let bytes = python::dumps(py, live.bind(py)).map_err(pickle_error)?;
+            let versions = python::local_versions(py).map_err(pickle_error)?;
             let digest = sha256(&bytes);
-            Ok(PickledCallable::new(bytes.into(), digest, versions))
+            Ok(PickledCallable::new(
+                bytes.into(),
+                digest,
+                versions,
+                PickleContent::Callable,
+            ))
         })?;
         Ok(self.pickled.get_or_init(|| pickled))
     }
 }
 
 /// Unpickles `pickled` through `cache`, after checking that this process can
-/// load what that pickler wrote.
+/// load what that pickler wrote. Returns the unpickled object (for a
+/// datafusion-python payload, the whole tuple).
 pub(crate) fn load_pickle<'py>(
     py: Python<'py>,
     cache: &CallableCache,
@@ -177,34 +133,10 @@ pub(crate) fn load_pickle<'py>(
         name: udf_name.to_string(),
         detail: python::describe_exception(py, &e),
     })?;
-    check_versions(udf_name, pickled.versions(), local)?;
-    cache.get_or_load(py, pickled.digest(), || {
+    pickled.versions().check_loadable_by(udf_name, local)?;
+    cache.get_or_load(py, pickled.digest(), pickled.bytes().len(), || {
         python::loads(py, pickled.bytes()).map_err(|e| unpickle_error(py, udf_name, &e).into())
     })
-}
-
-pub(crate) fn check_versions(
-    udf_name: &str,
-    payload: PicklerVersions,
-    local: PicklerVersions,
-) -> Result<(), UdfPayloadError> {
-    if (payload.python_major, payload.python_minor) != (local.python_major, local.python_minor) {
-        return Err(UdfPayloadError::PythonVersion {
-            name: udf_name.to_string(),
-            payload_major: payload.python_major,
-            payload_minor: payload.python_minor,
-            local_major: local.python_major,
-            local_minor: local.python_minor,
-        });
-    }
-    if payload.cloudpickle_major != local.cloudpickle_major {
-        return Err(UdfPayloadError::CloudpickleVersion {
-            name: udf_name.to_string(),
-            payload: payload.cloudpickle_major,
-            local: local.cloudpickle_major,
-        });
-    }
-    Ok(())
 }
 
 pub(crate) fn unpickle_error(py: Python<'_>, udf_name: &str, error: &PyErr) -> UdfPayloadError {

@@ -1,41 +1,48 @@
-//! Ship Python scalar UDFs inside DataFusion physical plans.
+//! Ship Python scalar UDFs inside DataFusion plans.
 //!
 //! [`PythonUdfCodec`] is a datafusion-proto `PhysicalExtensionCodec`: a plan
 //! that calls a [`PythonScalarUdf`] carries the cloudpickled callable inline,
 //! so the process that decodes it needs no registration; every other UDF
-//! (native, FFI) travels by name as usual.
+//! (native, FFI) travels by name as usual. [`PythonUdfLogicalCodec`] does the
+//! same for logical plans (datafusion-python's `LogicalPlan.to_bytes()`).
 //!
-//! Module map:
-//! - [`python_udf`]: the `ScalarUDFImpl` that calls Python through pyarrow.
-//! - [`codec`]: the extension codec (encode/decode dispatch, strict mode, limits).
-//! - [`wire`]: byte layouts, ours (`DFSHIPU`) and datafusion-python's (`DFPYUDF`).
-//! - [`auth`]: the shared cluster key (HMAC-SHA256).
-//! - [`cache`]: the per-process cache of unpickled callables.
-//! - [`python`]: interpreter start-up and environment.
-//! - `declarations`: loading `udf()` declarations from a Python file or module.
+//! Layers, bottom up (a module only uses the ones above it in this list):
+//! - pure bytes, no interpreter: `error`, `auth` (the cluster key),
+//!   `signature` (types and their Arrow IPC form), `pickled` (a pickle's
+//!   digest and versions), and [`wire`] (the `DFSHIPU` and `DFPYUDF` byte layouts);
+//! - the interpreter: `python` (start-up, environment, cloudpickle calls),
+//!   `cache` (unpickled callables by digest), `callable` (live or pickled);
+//! - UDFs and formats: `python_udf` (the `ScalarUDFImpl`), `payload` (the
+//!   Python work of each format, `encode`/`decode` per format), `declarations`
+//!   (`dfship.udf` declarations from files and modules);
+//! - codecs: `options`, `codec` (dispatch, strict mode, limits), `logical_codec`.
 
 mod auth;
 mod cache;
 mod callable;
-pub mod codec;
+mod codec;
 mod declarations;
 mod error;
+mod logical_codec;
 mod options;
-pub mod python;
-pub mod python_udf;
+mod payload;
+mod pickled;
+mod python;
+mod python_udf;
 mod signature;
 pub mod wire;
 
 pub use auth::{ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
-pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_CAPACITY};
-pub use callable::PicklerVersions;
+pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_BYTES};
 pub use codec::PythonUdfCodec;
 pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
 };
 pub use error::UdfPayloadError;
+pub use logical_codec::PythonUdfLogicalCodec;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};
-pub use python::ensure_python;
+pub use pickled::{PickleContent, PickledCallable, PicklerVersions};
+pub use python::{ensure_python, is_running as python_is_running, use_python_environment};
 pub use python_udf::PythonScalarUdf;
 pub use signature::UdfSignature;
 pub use wire::WireFormat;

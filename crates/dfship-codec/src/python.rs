@@ -17,13 +17,31 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyModule};
 
-use crate::callable::PicklerVersions;
+use crate::pickled::PicklerVersions;
 
 static STARTUP: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 
 /// Starts the interpreter if needed and checks that `cloudpickle` and
 /// `pyarrow` import. Cheap after the first call.
+///
+/// Safe to call with the GIL held: start-up needs the GIL, so a caller that
+/// holds it while another thread is starting the interpreter would wait for
+/// that thread while it waits for the GIL. Such a caller detaches from the
+/// interpreter while it waits.
 pub fn ensure_python() -> Result<()> {
+    if let Some(done) = STARTUP.get() {
+        return done.clone().map_err(DataFusionError::Configuration);
+    }
+    // SAFETY: PyGILState_Check may be called once the interpreter runs.
+    let attached = is_running() && unsafe { pyo3::ffi::PyGILState_Check() } == 1;
+    if attached {
+        Python::attach(|py| py.detach(start_once))
+    } else {
+        start_once()
+    }
+}
+
+fn start_once() -> Result<()> {
     STARTUP
         .get_or_init(|| {
             let already_running = is_running();

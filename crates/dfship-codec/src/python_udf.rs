@@ -19,8 +19,11 @@ use datafusion::logical_expr::{
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
+use bytes::Bytes;
+
 use crate::cache::CallableCache;
-use crate::callable::{PickledCallable, PythonCallable};
+use crate::callable::PythonCallable;
+use crate::pickled::PickledCallable;
 use crate::python;
 use crate::signature::UdfSignature;
 use crate::wire::WireFormat;
@@ -49,7 +52,7 @@ pub struct PythonScalarUdf {
     callable: PythonCallable,
     /// The payload this UDF was decoded from; encoding in the same format
     /// re-emits it byte for byte.
-    received: Option<(WireFormat, Arc<[u8]>)>,
+    received: Option<(WireFormat, Bytes)>,
 }
 
 impl PythonScalarUdf {
@@ -77,7 +80,7 @@ impl PythonScalarUdf {
         udf_signature: UdfSignature,
         pickled: PickledCallable,
         cache: Arc<CallableCache>,
-        received: (WireFormat, Arc<[u8]>),
+        received: (WireFormat, Bytes),
     ) -> Self {
         Self::with_callable(
             udf_signature,
@@ -89,7 +92,7 @@ impl PythonScalarUdf {
     pub(crate) fn from_unpickled(
         udf_signature: UdfSignature,
         callable: Bound<'_, PyAny>,
-        received: (WireFormat, Arc<[u8]>),
+        received: (WireFormat, Bytes),
     ) -> Self {
         Self::with_callable(
             udf_signature,
@@ -101,7 +104,7 @@ impl PythonScalarUdf {
     fn with_callable(
         udf_signature: UdfSignature,
         callable: PythonCallable,
-        received: Option<(WireFormat, Arc<[u8]>)>,
+        received: Option<(WireFormat, Bytes)>,
     ) -> Self {
         let signature = if udf_signature.input_types.is_empty() {
             Signature::nullary(udf_signature.volatility)
@@ -135,7 +138,7 @@ impl PythonScalarUdf {
         &self.callable
     }
 
-    pub(crate) fn received(&self, format: WireFormat) -> Option<&Arc<[u8]>> {
+    pub(crate) fn received(&self, format: WireFormat) -> Option<&Bytes> {
         self.received
             .as_ref()
             .filter(|(received_format, _)| *received_format == format)

@@ -31,6 +31,7 @@ fn payload_with(codec: &PythonUdfCodec, name: &str, body: &str) -> Vec<u8> {
         .encode_udf(&udf)
         .unwrap()
         .expect("a Python UDF is encoded inline")
+        .to_vec()
 }
 
 fn payload(name: &str) -> Vec<u8> {

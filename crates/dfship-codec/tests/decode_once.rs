@@ -4,11 +4,13 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
 
-use arrow::datatypes::DataType;
+use arrow::array::{AsArray, Int64Array};
+use arrow::datatypes::{DataType, Field, Int64Type};
 use common::*;
-use datafusion::logical_expr::Volatility;
+use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, Volatility};
 use dfship_codec::{CallableCache, CodecOptions, PythonUdfCodec, WireFormat};
 
 #[tokio::test]
@@ -26,7 +28,7 @@ async fn a_stage_decoded_for_100_tasks_unpickles_once() {
     let bytes = encode(Arc::clone(&plan), &PythonUdfCodec::default()).unwrap();
     let expected = pretty(&run(plan).await.unwrap());
 
-    let cache = Arc::new(CallableCache::new(16));
+    let cache = Arc::new(CallableCache::new(64 << 20));
     let worker = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
     let tasks: Vec<_> = (0..100).map(|_| decode(&bytes, &worker).unwrap()).collect();
     assert_eq!(cache.stats().loads, 0, "decoding alone unpickles nothing");
@@ -40,31 +42,72 @@ async fn a_stage_decoded_for_100_tasks_unpickles_once() {
     assert_eq!(stats.entries, 1);
 }
 
-#[tokio::test]
-async fn concurrent_first_calls_unpickle_once() {
-    let ctx = session_with_data().await;
-    ctx.register_udf(python_udf(
+/// Calls a decoded one-argument Int64 UDF on `[1, 2, 3]`.
+fn call(udf: &ScalarUDF) -> datafusion::error::Result<ColumnarValue> {
+    udf.invoke_with_args(ScalarFunctionArgs {
+        args: vec![ColumnarValue::Array(Arc::new(Int64Array::from(vec![
+            1, 2, 3,
+        ])))],
+        arg_fields: vec![Arc::new(Field::new("a", DataType::Int64, true))],
+        number_rows: 3,
+        return_field: Arc::new(Field::new("r", DataType::Int64, true)),
+        config_options: Arc::new(Default::default()),
+    })
+}
+
+#[test]
+fn concurrent_first_calls_unpickle_once() {
+    // Unpickling this callable takes 0.5 s with the GIL released (its
+    // closure holds an object restored by a sleeping function), so eight
+    // tasks that call it at once really do race for the same cache entry.
+    let udf = python_udf(
         "racing_udf",
         vec![DataType::Int64],
         DataType::Int64,
         Volatility::Immutable,
-        "import pyarrow.compute as pc\n",
-        "lambda a: pc.add(a, 11)",
-    ));
-    let plan = physical_plan(&ctx, "SELECT racing_udf(a) FROM v").await;
-    let bytes = encode(plan, &PythonUdfCodec::default()).unwrap();
-    let cache = Arc::new(CallableCache::new(16));
+        "import time\nimport pyarrow.compute as pc\n\
+         def restore(delay):\n    time.sleep(delay)\n    return delay\n\
+         class SlowToLoad:\n    def __reduce__(self):\n        return (restore, (0.5,))\n\
+         slow = SlowToLoad()\n",
+        "lambda a, _slow=slow: pc.add(a, 11)",
+    );
+    let payload = PythonUdfCodec::default().encode_udf(&udf).unwrap().unwrap();
+    let cache = Arc::new(CallableCache::new(64 << 20));
     let worker = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
-    let handles: Vec<_> = (0..8)
+    const TASKS: usize = 8;
+    let barrier = Arc::new(Barrier::new(TASKS));
+    let threads: Vec<_> = (0..TASKS)
         .map(|_| {
-            let task = decode(&bytes, &worker).unwrap();
-            tokio::spawn(run(task))
+            // Each task decodes the stage on its own, as a worker's tasks do.
+            let task = worker.decode_udf("racing_udf", &payload).unwrap();
+            let barrier = Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                barrier.wait();
+                let started = Instant::now();
+                let result = call(&task);
+                (started, Instant::now(), result)
+            })
         })
         .collect();
-    for handle in handles {
-        handle.await.unwrap().unwrap();
+    let calls: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (_, _, result) in &calls {
+        let ColumnarValue::Array(array) = result.as_ref().unwrap() else {
+            panic!("an array")
+        };
+        assert_eq!(array.as_primitive::<Int64Type>().values(), &[12, 13, 14]);
     }
-    assert_eq!(cache.stats().loads, 1);
+    let last_start = calls.iter().map(|(start, _, _)| *start).max().unwrap();
+    let first_end = calls.iter().map(|(_, end, _)| *end).min().unwrap();
+    assert!(
+        last_start < first_end,
+        "every call started before the first one finished (they overlapped)"
+    );
+    let stats = cache.stats();
+    assert_eq!(
+        stats.loads, 1,
+        "one unpickle for {TASKS} racing calls: {stats:?}"
+    );
+    assert_eq!(stats.hits, TASKS as u64 - 1, "{stats:?}");
 }
 
 #[tokio::test]
@@ -88,36 +131,59 @@ async fn re_encoding_emits_the_received_bytes() {
 }
 
 #[test]
-fn the_cache_is_bounded() {
+fn the_cache_is_bounded_by_pickle_bytes() {
     init_python();
-    let cache = Arc::new(CallableCache::new(2));
+    // Five UDFs closing over ~100 kB each; the cache holds 250 kB of pickles.
+    let cache = Arc::new(CallableCache::new(250_000));
     let codec = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
-    for i in 0..5 {
-        let name = format!("bounded_{i}");
-        let udf = python_udf(
-            &name,
-            vec![],
-            DataType::Int64,
-            Volatility::Volatile,
-            "import pyarrow as pa\n",
-            &format!("lambda: pa.array([{i}])"),
-        );
-        let payload = codec.encode_udf(&udf).unwrap().unwrap();
-        let decoded = datafusion_proto::physical_plan::PhysicalExtensionCodec::try_decode_udf(
-            &codec, &name, &payload,
-        )
-        .unwrap();
-        let out = decoded
-            .invoke_with_args(datafusion::logical_expr::ScalarFunctionArgs {
-                args: vec![],
-                arg_fields: vec![],
-                number_rows: 1,
-                return_field: Arc::new(arrow::datatypes::Field::new("r", DataType::Int64, true)),
-                config_options: Arc::new(Default::default()),
-            })
+    let payloads: Vec<_> = (0..5)
+        .map(|i| {
+            let udf = python_udf(
+                &format!("bounded_{i}"),
+                vec![DataType::Int64],
+                DataType::Int64,
+                Volatility::Immutable,
+                &format!("import pyarrow.compute as pc\nblob = b'{i}' * 100_000\n"),
+                "lambda a, _blob=blob: pc.add(a, len(_blob) // 100_000 - 1)",
+            );
+            codec.encode_udf(&udf).unwrap().unwrap()
+        })
+        .collect();
+    let run = |i: usize| {
+        let udf = codec
+            .decode_udf(&format!("bounded_{i}"), &payloads[i])
             .unwrap();
-        assert!(matches!(out, datafusion::logical_expr::ColumnarValue::Array(a) if a.len() == 1));
+        call(&udf).unwrap();
+    };
+    for i in 0..5 {
+        run(i);
     }
     let stats = cache.stats();
     assert_eq!((stats.loads, stats.entries), (5, 2), "{stats:?}");
+    assert!(
+        stats.bytes <= 250_000 && stats.bytes >= 200_000,
+        "{stats:?}"
+    );
+    // The most recent entries stayed; the oldest is loaded again.
+    run(4);
+    assert_eq!(cache.stats().loads, 5);
+    run(0);
+    assert_eq!(cache.stats().loads, 6);
+
+    // An entry larger than the whole budget is kept, alone.
+    let huge = python_udf(
+        "bounded_huge",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        "import pyarrow.compute as pc\nblob = b'h' * 400_000\n",
+        "lambda a, _blob=blob: a",
+    );
+    let payload = codec.encode_udf(&huge).unwrap().unwrap();
+    let decoded = codec.decode_udf("bounded_huge", &payload).unwrap();
+    call(&decoded).unwrap();
+    call(&codec.decode_udf("bounded_huge", &payload).unwrap()).unwrap();
+    let stats = cache.stats();
+    assert_eq!((stats.loads, stats.entries), (7, 1), "{stats:?}");
+    assert!(stats.bytes > 400_000, "{stats:?}");
 }

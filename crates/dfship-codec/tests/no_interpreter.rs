@@ -90,7 +90,7 @@ fn plans_with_python_udfs_round_trip_without_an_interpreter() {
         "the frame is carried byte for byte"
     );
     assert!(
-        !dfship_codec::python::is_running(),
+        !dfship_codec::python_is_running(),
         "no interpreter was started"
     );
 }

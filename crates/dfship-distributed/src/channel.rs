@@ -1,6 +1,8 @@
-//! The transport half of the shim: a `ChannelResolver` whose channels
-//! pre-encode what the default gRPC client would otherwise encode with the
-//! UDF-blind composed codec.
+//! The transport half of the shim: a `ChannelResolver` whose channels hand
+//! what the default gRPC client would otherwise encode with the UDF-blind
+//! composed codec to [`InlineUdfEncoder`] first. This module moves bytes and
+//! nothing else: encoding and its counters belong to the encoder, and the
+//! wording of worker errors to `worker_errors`.
 //!
 //! The coordinator hands each stage plan to the transport still decoded
 //! (`SetPlanRequest.plan = MaybeEncoded::Decoded`), and a shuffle consumer
@@ -28,37 +30,22 @@ use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
-use datafusion::physical_plan::ExecutionPlan;
 use datafusion_distributed::grpc::{create_worker_client, BoxCloneSyncChannel};
 use datafusion_distributed::{
     ChannelResolver, CoordinatorToWorkerMsg, ExecuteTaskRequest, GetWorkerInfoRequest,
     GetWorkerInfoResponse, MaybeEncoded, ProducerHead, SetPlanRequest, WorkerChannel,
     WorkerToCoordinatorMsg,
 };
-use datafusion_proto::bytes::physical_plan_to_bytes_with_proto_converter;
-use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
-use datafusion_proto::physical_plan::DeduplicatingProtoConverter;
 use futures::stream::{BoxStream, StreamExt};
 use http::HeaderMap;
-use prost::Message;
 use url::Url;
 
 use crate::encoder::InlineUdfEncoder;
+use crate::worker_errors::explain_worker_error;
 
-/// Encodes a stage plan as the workers expect it, with Python UDFs inline.
-pub fn encode_stage_plan(
-    plan: Arc<dyn ExecutionPlan>,
-    encoder: &InlineUdfEncoder,
-) -> Result<Vec<u8>> {
-    encoder.count_plan();
-    let converter = DeduplicatingProtoConverter::default();
-    physical_plan_to_bytes_with_proto_converter(plan, encoder, &converter)
-        .map(|bytes| bytes.to_vec())
-}
-
-/// A [`WorkerChannel`] that pre-encodes plans and partitionings with
-/// [`InlineUdfEncoder`], delegates everything else, and explains a worker's
-/// missing by-name UDF.
+/// A [`WorkerChannel`] that has plans and partitionings encoded by
+/// [`InlineUdfEncoder`], delegates everything else, and names the worker in
+/// the errors that come back.
 pub struct InlineUdfChannel {
     inner: Box<dyn WorkerChannel>,
     encoder: Arc<InlineUdfEncoder>,
@@ -73,58 +60,6 @@ impl InlineUdfChannel {
             worker,
         }
     }
-}
-
-/// What upstream says when a by-name UDF is missing from a worker's registry.
-const MISSING_UDF: &str = "PhysicalExtensionCodec is not provided for scalar function ";
-
-/// Rewrites a worker's "missing UDF" error to name the UDF, the worker and the remedy.
-pub fn explain_missing_udf(error: DataFusionError, worker: &Url) -> DataFusionError {
-    let text = error.to_string();
-    let Some(at) = text.find(MISSING_UDF) else {
-        return error;
-    };
-    let name: String = text[at + MISSING_UDF.len()..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '\'')
-        .collect();
-    DataFusionError::Plan(format!(
-        "worker {worker} has no scalar function '{name}'. It is not a Python UDF, so it travels \
-         by name and every worker must register it: start the workers with \
-         `--ffi-udf SPEC` providing '{name}' (SPEC is /path/to/lib.so:symbol or \
-         python.module:attribute), or register it in their session builder. ({text})"
-    ))
-}
-
-/// Explains a missing by-name UDF, and otherwise adds the worker's URL to
-/// an error that does not name it yet (errors from deeper stages keep the
-/// name of the worker they started on).
-pub fn explain_worker_error(error: DataFusionError, worker: &Url) -> DataFusionError {
-    let error = explain_missing_udf(error, worker);
-    let text = error.to_string();
-    let url = worker.as_str().trim_end_matches('/');
-    if text.contains(url) {
-        return error;
-    }
-    let lost = [
-        "h2 protocol error",
-        "transport error",
-        "broken pipe",
-        "connection reset",
-        "keepalive",
-    ]
-    .iter()
-    .any(|needle| text.to_lowercase().contains(needle));
-    let context = if lost {
-        format!(
-            "lost the connection to worker {url} (it stopped, or the network to it failed); the \
-             query cannot finish without it: check that worker, or run the query again with it \
-             left out of the worker list"
-        )
-    } else {
-        format!("on worker {url}")
-    };
-    DataFusionError::Context(context, Box::new(error))
 }
 
 fn explain_stream<T: Send + 'static>(
@@ -147,7 +82,7 @@ impl WorkerChannel for InlineUdfChannel {
         task_ctx: &Arc<TaskContext>,
     ) -> Result<BoxStream<'static, Result<WorkerToCoordinatorMsg>>> {
         if let MaybeEncoded::Decoded(plan) = set_plan_request.plan {
-            set_plan_request.plan = MaybeEncoded::Encoded(encode_stage_plan(plan, &self.encoder)?);
+            set_plan_request.plan = MaybeEncoded::Encoded(self.encoder.encode_plan(plan)?);
         }
         let stream = self
             .inner
@@ -168,11 +103,10 @@ impl WorkerChannel for InlineUdfChannel {
             partitioning: MaybeEncoded::Decoded(partitioning),
         } = &request.producer_head
         {
-            self.encoder.count_plan();
-            let converter = DeduplicatingProtoConverter::default();
-            let proto = serialize_partitioning(partitioning, self.encoder.as_ref(), &converter)?;
             request.producer_head = ProducerHead::RepartitionExec {
-                partitioning: MaybeEncoded::Encoded(proto.encode_to_vec()),
+                partitioning: MaybeEncoded::Encoded(
+                    self.encoder.encode_partitioning(partitioning)?,
+                ),
             };
         }
         let streams = self

@@ -20,20 +20,27 @@
 //! Plan nodes go through the codecs in the usual order, exactly as the
 //! composed codec does.
 //!
-//! The coordinator hands this encoder to the transport through
-//! [`crate::InlineUdfChannelResolver`]. Once upstream asks user codecs for
-//! UDFs, the shim can go: `tests/upstream_ordering.rs` fails when that happens.
+//! The encoder owns all encoding the shim does — stage plans
+//! ([`InlineUdfEncoder::encode_plan`]) and shuffle partitionings
+//! ([`InlineUdfEncoder::encode_partitioning`]) — and counts what it wrote.
+//! The transport ([`crate::InlineUdfChannelResolver`]) only calls it. Once
+//! upstream asks user codecs for UDFs, the shim can go:
+//! `tests/upstream_ordering.rs` fails when that happens.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 use datafusion_distributed::DistributedCodec;
+use datafusion_proto::bytes::physical_plan_to_bytes_with_proto_converter;
+use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
 use datafusion_proto::physical_plan::{
-    ComposedPhysicalExtensionCodec, PhysicalExtensionCodec, PhysicalProtoConverterExtension,
+    ComposedPhysicalExtensionCodec, DeduplicatingProtoConverter, PhysicalExtensionCodec,
+    PhysicalProtoConverterExtension,
 };
 use dfship_codec::PythonUdfCodec;
 use prost::Message;
@@ -45,8 +52,8 @@ use prost::Message;
 pub(crate) struct CodecEnvelope {
     #[prost(uint32, tag = "1")]
     pub encoder_position: u32,
-    #[prost(bytes = "vec", tag = "2")]
-    pub blob: Vec<u8>,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub blob: Bytes,
 }
 
 /// Encodes plans the way `[DistributedCodec, user codecs…]` decodes them,
@@ -69,7 +76,7 @@ struct EncoderCounters {
 /// What an [`InlineUdfEncoder`] has written so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EncoderStats {
-    /// Stage plans (and partitionings) encoded for the transport.
+    /// Stage plans and shuffle partitionings encoded for the transport.
     pub plans: u64,
     /// Python UDF calls written inline.
     pub inline_udfs: u64,
@@ -117,8 +124,20 @@ impl InlineUdfEncoder {
         }
     }
 
-    pub(crate) fn count_plan(&self) {
+    /// A stage plan as the workers decode it, with Python UDFs inline.
+    pub fn encode_plan(&self, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
         self.stats.plans.fetch_add(1, Ordering::Relaxed);
+        let converter = DeduplicatingProtoConverter::default();
+        physical_plan_to_bytes_with_proto_converter(plan, self, &converter)
+            .map(|bytes| bytes.to_vec())
+    }
+
+    /// A shuffle producer's partitioning (`ProducerHead::RepartitionExec`),
+    /// encoded with the same codec list as stage plans.
+    pub fn encode_partitioning(&self, partitioning: &Partitioning) -> Result<Vec<u8>> {
+        self.stats.plans.fetch_add(1, Ordering::Relaxed);
+        let converter = DeduplicatingProtoConverter::default();
+        serialize_partitioning(partitioning, self, &converter).map(|proto| proto.encode_to_vec())
     }
 
     /// The codec the workers decode with, for reading what this encoder wrote.
@@ -126,7 +145,7 @@ impl InlineUdfEncoder {
         ComposedPhysicalExtensionCodec::new(self.codecs.clone())
     }
 
-    fn envelope(position: usize, blob: Vec<u8>, buf: &mut Vec<u8>) -> Result<()> {
+    fn envelope(position: usize, blob: Bytes, buf: &mut Vec<u8>) -> Result<()> {
         CodecEnvelope {
             encoder_position: position as u32,
             blob,
@@ -158,7 +177,7 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
         for (position, codec) in self.codecs.iter().enumerate() {
             let mut blob = Vec::new();
             match codec.try_encode(Arc::clone(&node), &mut blob, proto_converter) {
-                Ok(()) => return Self::envelope(position, blob, buf),
+                Ok(()) => return Self::envelope(position, blob.into(), buf),
                 Err(error) => last_error = Some(error),
             }
         }

@@ -1,25 +1,31 @@
 //! Python UDFs inline across datafusion-distributed 4.0 stages.
 //!
-//! - [`encoder`]: the encode-side codec composition that gets past the
-//!   codec-ordering trap (read its module docs first).
-//! - [`channel`]: the `ChannelResolver`/`WorkerChannel` wrapper that applies it.
-//! - [`explain`]: the distributed plan and how its UDFs travel, as text.
-//! - [`ffi`]: loading FFI UDFs (shared library or Python capsule), which travel by name.
-//! - [`leaf`]: an even split of file scans over tasks (works around an upstream planning error).
-//! - [`prebuilt`]: running datafusion-python's serialized logical/physical plans distributed.
-//! - [`routing`]: reproducible round-robin task routing.
-//! - [`session`]: worker session builder and coordinator context builder.
+//! Modules, one concern each (all private; the surface is the `pub use` list):
+//! - `encoder`: the encode-side codec composition that gets past the
+//!   codec-ordering trap, and all the encoding the shim does (read its docs first).
+//! - `channel`: transport only — the `ChannelResolver`/`WorkerChannel` that
+//!   hands plans to the encoder; gRPC channels with timeouts and keepalive.
+//! - `worker_errors`: how errors coming back from workers are worded.
+//! - `session`: the worker session builder and the coordinator context builder.
+//! - `prebuilt`: datafusion-python's serialized logical/physical plans, run distributed.
+//! - `explain`: the distributed plan and how its UDFs travel, as text.
+//! - `ffi`: loading FFI UDFs (shared library or Python capsule), which travel by name.
+//! - `leaf`: an even split of file scans over tasks (works around an upstream planning error).
+//! - `routing`: reproducible round-robin task routing.
 
-pub mod channel;
-pub mod encoder;
-pub mod explain;
-pub mod ffi;
-pub mod leaf;
-pub mod prebuilt;
-pub mod routing;
-pub mod session;
+mod channel;
+mod encoder;
+mod explain;
+mod ffi;
+mod leaf;
+mod prebuilt;
+mod routing;
+mod session;
+mod worker_errors;
 
-pub use channel::{encode_stage_plan, ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver};
+pub use channel::{ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
-pub use ffi::load_ffi_udf;
+pub use explain::{describe_udfs, explain_plan};
+pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
+pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};

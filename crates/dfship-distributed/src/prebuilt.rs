@@ -24,19 +24,16 @@ use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::common::{DFSchema, DFSchemaRef};
 use datafusion::dataframe::DataFrame;
-use datafusion::datasource::TableProvider;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::context::QueryPlanner;
-use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{
-    Expr, Extension, LogicalPlan, ScalarUDF, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
+    Expr, Extension, LogicalPlan, UserDefinedLogicalNode, UserDefinedLogicalNodeCore,
 };
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_planner::{DefaultPhysicalPlanner, ExtensionPlanner, PhysicalPlanner};
 use datafusion::prelude::SessionContext;
-use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
-use dfship_codec::PythonUdfCodec;
+use dfship_codec::{PythonUdfCodec, PythonUdfLogicalCodec};
 
 /// A physical plan standing in a logical plan until physical planning.
 #[derive(Debug, Clone)]
@@ -129,57 +126,6 @@ impl QueryPlanner for PrebuiltAwareQueryPlanner {
     }
 }
 
-/// The Python-UDF codec on the logical side: datafusion-python 55 writes
-/// `DFPYUDF` payloads into logical plans too. Plan nodes and table providers
-/// of its own are declined with an error saying what is supported.
-#[derive(Debug)]
-pub struct PythonUdfLogicalCodec(pub Arc<PythonUdfCodec>);
-
-fn unsupported(what: &str) -> DataFusionError {
-    DataFusionError::NotImplemented(format!(
-        "this plan contains {what}, which only datafusion-python itself can decode; plans that \
-         run on the cluster read files (Parquet, CSV, JSON) at paths every worker can reach, and \
-         call built-in functions and Python scalar UDFs"
-    ))
-}
-
-impl LogicalExtensionCodec for PythonUdfLogicalCodec {
-    fn try_decode(
-        &self,
-        _buf: &[u8],
-        _inputs: &[LogicalPlan],
-        _ctx: &TaskContext,
-    ) -> Result<Extension> {
-        Err(unsupported("a custom logical plan node"))
-    }
-    fn try_encode(&self, _node: &Extension, _buf: &mut Vec<u8>) -> Result<()> {
-        Err(unsupported("a custom logical plan node"))
-    }
-    fn try_decode_table_provider(
-        &self,
-        _buf: &[u8],
-        _table_ref: &datafusion::common::TableReference,
-        _schema: datafusion::arrow::datatypes::SchemaRef,
-        _ctx: &TaskContext,
-    ) -> Result<Arc<dyn TableProvider>> {
-        Err(unsupported("a custom or in-memory table"))
-    }
-    fn try_encode_table_provider(
-        &self,
-        _table_ref: &datafusion::common::TableReference,
-        _node: Arc<dyn TableProvider>,
-        _buf: &mut Vec<u8>,
-    ) -> Result<()> {
-        Err(unsupported("a custom or in-memory table"))
-    }
-    fn try_decode_udf(&self, name: &str, buf: &[u8]) -> Result<Arc<ScalarUDF>> {
-        self.0.try_decode_udf(name, buf)
-    }
-    fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
-        self.0.try_encode_udf(node, buf)
-    }
-}
-
 /// A DataFrame over datafusion-python 55 logical plan bytes
 /// (`DataFrame.logical_plan().to_bytes()`), planned and run distributed.
 pub async fn dataframe_from_logical_bytes(
@@ -190,7 +136,7 @@ pub async fn dataframe_from_logical_bytes(
     let plan = datafusion_proto::bytes::logical_plan_from_bytes_with_extension_codec(
         bytes,
         &ctx.task_ctx(),
-        &PythonUdfLogicalCodec(codec),
+        &PythonUdfLogicalCodec::new(codec),
     )
     .map_err(|e| explain_decode("logical", e))?;
     ctx.execute_logical_plan(plan).await

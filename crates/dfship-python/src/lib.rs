@@ -197,7 +197,7 @@ impl ClusterContext {
         let ctx = self.ctx.clone();
         let codec = Arc::clone(self.inline.codec());
         let df = wait(py, async move {
-            dfship_distributed::prebuilt::dataframe_from_logical_bytes(&ctx, codec, &data).await
+            dfship_distributed::dataframe_from_logical_bytes(&ctx, codec, &data).await
         })?;
         Ok(DataFrame {
             df,
@@ -210,7 +210,7 @@ impl ClusterContext {
         let ctx = self.ctx.clone();
         let codec = Arc::clone(self.inline.codec());
         let df = wait(py, async move {
-            dfship_distributed::prebuilt::dataframe_from_physical_bytes(&ctx, codec, &data).await
+            dfship_distributed::dataframe_from_physical_bytes(&ctx, codec, &data).await
         })?;
         Ok(DataFrame {
             df,
@@ -250,7 +250,7 @@ impl DataFrame {
     fn explain(&self, py: Python<'_>) -> PyResult<String> {
         let df = self.df.clone();
         let plan = wait(py, async move { df.create_physical_plan().await })?;
-        Ok(dfship_distributed::explain::explain_plan(&self.ctx, &plan))
+        Ok(dfship_distributed::explain_plan(&self.ctx, &plan))
     }
 }
 

@@ -76,7 +76,7 @@ impl WorkerOptions {
 /// means Python UDFs never run here.
 pub fn prepare_python(options: &WorkerOptions) -> Result<()> {
     if let Some(env) = &options.python_env {
-        dfship_codec::python::use_python_environment(env)?;
+        dfship_codec::use_python_environment(env)?;
     }
     if options.strict {
         return Ok(());
@@ -113,7 +113,7 @@ pub async fn serve(
     let worker = Worker::from_session_builder(builder);
     // Pings detect a coordinator or peer that vanished without closing its
     // connection, so its tasks stop instead of waiting forever.
-    let keepalive = dfship_distributed::channel::ChannelOptions::default();
+    let keepalive = dfship_distributed::ChannelOptions::default();
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(keepalive.keepalive_interval))
         .http2_keepalive_timeout(Some(keepalive.keepalive_timeout))

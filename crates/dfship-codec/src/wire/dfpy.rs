@@ -75,7 +75,7 @@ pub fn read_header<'a>(
 
 /// Prefixes a pickled `(name, func, input_schema, return_schema, volatility)`
 /// tuple with the `DFPYUDF` header.
-pub(crate) fn write_frame(python_major: u8, python_minor: u8, pickle: &[u8]) -> Vec<u8> {
+pub fn write_frame(python_major: u8, python_minor: u8, pickle: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + pickle.len());
     out.extend_from_slice(DFPY_MAGIC);
     out.push(DFPY_VERSION);

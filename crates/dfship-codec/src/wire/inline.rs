@@ -30,12 +30,14 @@
 //! signature, the digest and the pickle). A frame must end exactly after the
 //! pickle.
 
+use bytes::Bytes;
+use datafusion::error::Result;
+
 use crate::auth::ClusterKey;
-use crate::callable::{PickledCallable, PicklerVersions};
 use crate::error::UdfPayloadError;
+use crate::pickled::{sha256, PickleContent, PickledCallable, PicklerVersions};
 use crate::signature::{volatility_code, volatility_from_code, UdfSignature};
 use crate::wire::reader::FrameReader;
-use datafusion::error::Result;
 
 /// The first seven bytes of every frame of ours.
 pub const INLINE_MAGIC: &[u8; 7] = b"DFSHIPU";
@@ -47,17 +49,15 @@ const DIGEST_LEN: usize = 32;
 const TAG_LEN: usize = 32;
 
 /// A frame whose framing, authentication and integrity have been checked.
-/// The pickle has not been touched.
+/// The pickle has not been touched; it is a view into the frame's bytes.
 #[derive(Debug)]
-pub(crate) struct InlineFrame<'a> {
+pub struct InlineFrame {
     pub signature: UdfSignature,
-    pub versions: PicklerVersions,
-    pub digest: [u8; 32],
-    pub pickle: &'a [u8],
+    pub pickled: PickledCallable,
 }
 
 /// Writes a frame; signs it when a key is given.
-pub(crate) fn write_frame(
+pub fn write_frame(
     signature: &UdfSignature,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
@@ -115,11 +115,12 @@ fn push_length_prefixed(out: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
 /// Reads and checks a frame. `expected_name` is the name the plan calls the
 /// function by. With a key, the tag is verified before anything else is
 /// interpreted; the pickle is never touched.
-pub(crate) fn read_frame<'a>(
+pub fn read_frame(
     expected_name: &str,
-    bytes: &'a [u8],
+    frame: &Bytes,
     key: Option<&ClusterKey>,
-) -> Result<InlineFrame<'a>, UdfPayloadError> {
+) -> Result<InlineFrame, UdfPayloadError> {
+    let bytes: &[u8] = frame;
     let mut reader = FrameReader::new(expected_name, bytes);
     let magic = reader.take("the magic", INLINE_MAGIC.len())?;
     if magic != INLINE_MAGIC {
@@ -163,6 +164,7 @@ pub(crate) fn read_frame<'a>(
     };
     let tag_end = reader.offset();
     let pickle = reader.length_prefixed("the pickled callable")?;
+    let pickle_start = reader.offset() - pickle.len();
     reader.expect_end()?;
 
     if let Some(key) = key {
@@ -188,7 +190,7 @@ pub(crate) fn read_frame<'a>(
             found: name.to_string(),
         });
     }
-    if crate::callable::sha256(pickle) != digest {
+    if sha256(pickle) != digest {
         return Err(UdfPayloadError::DigestMismatch {
             name: expected_name.to_string(),
         });
@@ -198,8 +200,11 @@ pub(crate) fn read_frame<'a>(
         UdfSignature::from_wire(expected_name, input_schema, return_schema, volatility)?;
     Ok(InlineFrame {
         signature,
-        versions,
-        digest,
-        pickle,
+        pickled: PickledCallable::new(
+            frame.slice(pickle_start..),
+            digest,
+            versions,
+            PickleContent::Callable,
+        ),
     })
 }

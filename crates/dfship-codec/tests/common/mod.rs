@@ -36,7 +36,7 @@ pub fn init_python() {
             "no Python environment at {}; run scripts/setup.sh first",
             venv.display()
         );
-        dfship_codec::python::use_python_environment(&venv).expect("activate the venv");
+        dfship_codec::use_python_environment(&venv).expect("activate the venv");
         dfship_codec::ensure_python().expect("cloudpickle and pyarrow import");
     });
 }
