@@ -26,6 +26,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheel"
 
+echo "python-tests: the stub of the native module against the built wheel (mypy.stubtest)"
+# From outside the source tree, so the installed package is what is checked.
+(cd "$venv" && bin/python -m mypy.stubtest dfship._native --mypy-config-file "$root/python/pyproject.toml")
+
 echo "python-tests: pytest against $(basename "$wheel")"
 # From the repository root, so the source tree's python/dfship (without the
 # native module) is not what `import dfship` finds.

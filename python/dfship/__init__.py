@@ -31,15 +31,50 @@ from dfship.udf import PythonUDF, udf
 
 if TYPE_CHECKING:
     from dfship.cluster import LocalCluster
-    from dfship.context import ClusterContext, DataFrame, DfshipError
+    from dfship.context import ClusterContext, DataFrame
+    from dfship.errors import (
+        DfshipError,
+        PayloadRefusedError,
+        PlanningError,
+        UdfLoadError,
+        UdfRaisedError,
+        UdfResultError,
+        VersionMismatchError,
+        WorkerLostError,
+    )
 
-__all__ = ["ClusterContext", "DataFrame", "DfshipError", "LocalCluster", "PythonUDF", "udf"]
+_ERRORS = (
+    "DfshipError",
+    "PayloadRefusedError",
+    "PlanningError",
+    "UdfLoadError",
+    "UdfRaisedError",
+    "UdfResultError",
+    "VersionMismatchError",
+    "WorkerLostError",
+)
+
+__all__ = [
+    "ClusterContext",
+    "DataFrame",
+    "DfshipError",
+    "LocalCluster",
+    "PayloadRefusedError",
+    "PlanningError",
+    "PythonUDF",
+    "UdfLoadError",
+    "UdfRaisedError",
+    "UdfResultError",
+    "VersionMismatchError",
+    "WorkerLostError",
+    "udf",
+]
 
 _LAZY = {
     "ClusterContext": "dfship.context",
     "DataFrame": "dfship.context",
-    "DfshipError": "dfship.context",
     "LocalCluster": "dfship.cluster",
+    **dict.fromkeys(_ERRORS, "dfship.errors"),
 }
 
 

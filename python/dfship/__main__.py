@@ -1,48 +1,39 @@
-"""``python -m dfship worker ...``: a worker inside this Python environment."""
+"""``python -m dfship worker ...``: a worker inside this Python environment.
+
+The worker's command line is parsed by the same parser as the
+``dfship-worker`` binary's (``python -m dfship worker --help`` lists it), so
+flags and environment variables mean the same everywhere.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+_USAGE = """usage: python -m dfship worker [FLAGS]
+
+commands:
+  worker   serve a worker in this Python process; the UDFs it runs import
+           modules from this environment (`python -m dfship worker --help`)
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfship")
-    commands = parser.add_subparsers(dest="command", required=True)
-    worker = commands.add_parser(
-        "worker",
-        help="serve a worker; UDFs it runs import modules from this environment",
-    )
-    worker.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    worker.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default 50051)")
-    worker.add_argument("--strict", action="store_true", help="refuse every inline Python UDF")
-    worker.add_argument("--cluster-key-file", help="require payloads signed with the key in this file")
-    worker.add_argument("--max-payload-bytes", type=int, help="refuse larger inline payloads")
-    worker.add_argument("--warn-payload-bytes", type=int, help="warn about larger inline payloads")
-    worker.add_argument(
-        "--ffi-udf",
-        action="append",
-        default=[],
-        help="an FFI UDF to register by name: /path/lib.so:symbol or module:attribute (repeatable)",
-    )
-    args = parser.parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_USAGE, end="")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command != "worker":
+        print(f"python -m dfship: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
+        return 2
 
     from dfship import _native
 
     try:
-        _native.run_worker(
-            args.host,
-            args.port,
-            strict=args.strict,
-            cluster_key_file=args.cluster_key_file,
-            max_payload_bytes=args.max_payload_bytes,
-            warn_payload_bytes=args.warn_payload_bytes,
-            ffi_udfs=args.ffi_udf,
-        )
+        return _native.run_worker(rest)
     except _native.DfshipError as error:
         print(f"dfship worker: {error}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,20 +1,63 @@
-"""Type stubs of the native extension (crates/dfship-python)."""
+"""Type stubs of the native extension (crates/dfship-python).
+
+Checked against the built module by ``mypy.stubtest`` (scripts/python-tests.sh).
+"""
 
 from collections.abc import Sequence
+from typing import final
 
 import pyarrow as pa
 
-class DfshipError(Exception):
-    """An error from the engine: planning, a worker, or a UDF (its type and message are in the text)."""
+__all__ = [
+    "ClusterContext",
+    "DataFrame",
+    "DfshipError",
+    "PayloadRefusedError",
+    "PlanningError",
+    "UdfLoadError",
+    "UdfRaisedError",
+    "UdfResultError",
+    "VersionMismatchError",
+    "WorkerLostError",
+    "run_worker",
+]
 
+class DfshipError(Exception):
+    """An error from the engine. Subclasses say what caused it; the message says what to do."""
+
+class PlanningError(DfshipError):
+    """The query could not be planned: SQL, schema, configuration, or a function no process provides."""
+
+class PayloadRefusedError(DfshipError):
+    """A process refused a UDF's inline payload before unpickling it: strict mode, a missing or wrong
+    cluster-key signature, a size limit, or corrupted bytes."""
+
+class VersionMismatchError(DfshipError):
+    """A UDF was pickled by another Python minor or cloudpickle major version than the one that runs it."""
+
+class UdfLoadError(DfshipError):
+    """A UDF's callable could not be pickled or unpickled (e.g. a module it imports is missing
+    where it runs)."""
+
+class UdfRaisedError(DfshipError):
+    """A UDF raised an exception; its type, message and traceback tail are in the message."""
+
+class UdfResultError(DfshipError):
+    """A UDF returned bad data: wrong length, type or nullability, or an invalid Arrow array."""
+
+class WorkerLostError(DfshipError):
+    """A worker stopped or became unreachable during the query."""
+
+@final
 class DataFrame:
     def schema(self) -> pa.Schema: ...
     def collect(self) -> list[pa.RecordBatch]: ...
     def explain(self) -> str: ...
 
+@final
 class ClusterContext:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         workers: Sequence[str],
         *,
         cluster_key: bytes | None = None,
@@ -24,12 +67,12 @@ class ClusterContext:
         warn_payload_bytes: int | None = None,
         target_partitions: int | None = None,
         bytes_per_partition: int | None = None,
-    ) -> None: ...
+    ) -> ClusterContext: ...
     def register_udf(self, udf: object) -> None: ...
     def register_parquet(self, name: str, path: str) -> None: ...
     def register_csv(self, name: str, path: str, has_header: bool = True, delimiter: str = ",") -> None: ...
     def register_record_batches(
-        self, name: str, batches: list[pa.RecordBatch], schema: pa.Schema
+        self, name: str, batches: Sequence[pa.RecordBatch], schema: pa.Schema
     ) -> None: ...
     def deregister_table(self, name: str) -> None: ...
     def sql(self, query: str) -> DataFrame: ...
@@ -37,13 +80,6 @@ class ClusterContext:
     def load_datafusion_physical_plan(self, data: bytes) -> DataFrame: ...
     def shipped(self) -> tuple[int, int]: ...
 
-def run_worker(
-    host: str = "127.0.0.1",
-    port: int = 50051,
-    *,
-    strict: bool = False,
-    cluster_key_file: str | None = None,
-    max_payload_bytes: int | None = None,
-    warn_payload_bytes: int | None = None,
-    ffi_udfs: list[str] = ...,
-) -> None: ...
+def run_worker(argv: Sequence[str]) -> int:
+    """Serves a worker in this process until SIGINT/SIGTERM, with the command line `argv` parsed
+    exactly as `dfship-worker` parses its own. Returns the process exit code."""

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from dfship import _native
-from dfship._native import DfshipError
+from dfship.errors import DfshipError, PlanningError
 from dfship.udf import PythonUDF
 
 if TYPE_CHECKING:
     import pandas
 
-__all__ = ["ClusterContext", "DataFrame", "DfshipError"]
+__all__ = ["ClusterContext", "DataFrame"]
 
 
 class DataFrame:
@@ -32,8 +32,9 @@ class DataFrame:
     def collect(self) -> pa.Table:
         """Runs the query on the cluster and returns the result as a ``pyarrow.Table``.
 
-        Raises :class:`DfshipError` with the engine's message; a UDF's own
-        exception type, message and traceback tail are part of that message.
+        Raises a :class:`DfshipError` subclass naming the cause (see
+        :mod:`dfship.errors`); a UDF's own exception type, message and
+        traceback tail are part of the message of :class:`UdfRaisedError`.
         """
         return pa.Table.from_batches(self._native.collect(), schema=self.schema)
 
@@ -54,8 +55,9 @@ class ClusterContext:
 
     ``workers`` are URLs such as ``http://10.0.0.5:50051`` (see
     :class:`dfship.LocalCluster` for a local one). Keyword arguments set the
-    codec: ``cluster_key`` (bytes) or ``cluster_key_file`` signs payloads for
-    workers started with the same key; ``strict`` refuses inline UDFs;
+    codec: ``cluster_key`` (bytes) or ``cluster_key_file`` (else the
+    ``DFSHIP_CLUSTER_KEY`` environment variable, as for workers and the CLI)
+    signs payloads for workers started with the same key; ``strict`` refuses inline UDFs;
     ``max_payload_bytes``/``warn_payload_bytes`` bound pickled UDF sizes.
     ``target_partitions`` and ``bytes_per_partition`` shape how file scans
     split into tasks.
@@ -141,7 +143,7 @@ class ClusterContext:
                 try:
                     return DataFrame(self._native.load_datafusion_physical_plan(data))
                 except DfshipError as physical_error:
-                    raise DfshipError(
+                    raise PlanningError(
                         f"these bytes are neither plan kind.\nAs a logical plan: {logical_error}\n"
                         f"As a physical plan: {physical_error}"
                     ) from None

@@ -72,7 +72,7 @@ def udf(
     if callable(func):
         if input_types is None or return_type is None or volatility is None:
             raise TypeError("udf(func, input_types, return_type, volatility, name=None)")
-        return PythonUDF(func, input_types, return_type, volatility, name)  # type: ignore[arg-type]
+        return PythonUDF(func, input_types, return_type, volatility, name)
     # Decorator form: the arguments shift left by one.
     decorator_inputs, decorator_return, decorator_volatility = func, input_types, return_type
     decorator_name = volatility if name is None else name
@@ -80,6 +80,6 @@ def udf(
         raise TypeError("@udf(input_types, return_type, volatility, name=None)")
 
     def wrap(f: Callable[..., pa.Array]) -> PythonUDF:
-        return PythonUDF(f, decorator_inputs, decorator_return, decorator_volatility, decorator_name)  # type: ignore[arg-type]
+        return PythonUDF(f, decorator_inputs, decorator_return, decorator_volatility, decorator_name)
 
     return wrap

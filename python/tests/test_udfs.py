@@ -45,7 +45,7 @@ def test_a_udf_exception_reaches_python_and_the_cluster_recovers(ctx: dfship.Clu
         raise ValueError(f"cannot handle {len(values)} values today")
 
     ctx.register_udf(dfship.udf(explode, [pa.int64()], pa.int64(), "immutable", name="explode"))
-    with pytest.raises(dfship.DfshipError) as raised:
+    with pytest.raises(dfship.UdfRaisedError) as raised:
         ctx.sql("SELECT explode(id) FROM facts").collect()
     assert "ValueError" in str(raised.value)
     assert "cannot handle" in str(raised.value)
@@ -53,8 +53,21 @@ def test_a_udf_exception_reaches_python_and_the_cluster_recovers(ctx: dfship.Clu
     assert ctx.sql("SELECT count(*) AS c FROM facts").collect().to_pylist() == [{"c": 2400}]
 
 
+def test_a_udf_returning_bad_data_is_a_result_error(ctx: dfship.ClusterContext) -> None:
+    ctx.register_udf(dfship.udf(lambda a: a[:1], [pa.int64()], pa.int64(), "immutable", name="short"))
+    with pytest.raises(dfship.UdfResultError, match="one value per input row"):
+        ctx.sql("SELECT short(id) FROM facts").collect()
+    as_text = dfship.udf(
+        lambda a: pc.cast(a, pa.string()), [pa.int64()], pa.int64(), "immutable", name="as_text"
+    )
+    ctx.register_udf(as_text)
+    with pytest.raises(dfship.UdfResultError, match="declared to return Int64 but returned Utf8"):
+        ctx.sql("SELECT as_text(id) FROM facts").collect()
+    assert ctx.sql("SELECT count(*) AS c FROM facts").collect().to_pylist() == [{"c": 2400}]
+
+
 def test_planning_errors_are_python_exceptions(ctx: dfship.ClusterContext) -> None:
-    with pytest.raises(dfship.DfshipError, match="no_such_table"):
+    with pytest.raises(dfship.PlanningError, match="no_such_table"):
         ctx.sql("SELECT * FROM no_such_table")
     with pytest.raises(TypeError, match="dfship.udf"):
         ctx.register_udf(lambda a: a)  # type: ignore[arg-type]
@@ -114,7 +127,7 @@ def test_a_udf_importing_a_helper_module(cluster: dfship.LocalCluster, dataset: 
     ctx = cluster.context(bytes_per_partition=1)
     ctx.register_parquet("facts", dataset / "facts")
     ctx.register_udf(declared)
-    with pytest.raises(dfship.DfshipError) as raised:
+    with pytest.raises(dfship.UdfLoadError) as raised:
         ctx.sql(query).collect()
     assert "dfship_test_helper" in str(raised.value)
     assert "register_pickle_by_value" in str(raised.value)
@@ -139,22 +152,39 @@ def test_a_udf_importing_a_helper_module(cluster: dfship.LocalCluster, dataset: 
         cloudpickle.unregister_pickle_by_value(helper)
 
 
-def test_strict_workers_refuse_inline_udfs(dataset: Path) -> None:
+@pytest.mark.parametrize(
+    "strict",
+    [{"worker_args": ["--strict"]}, {"env": {"DFSHIP_STRICT": "1"}}, {"env": {"DFSHIP_STRICT": "true"}}],
+    ids=["flag", "env-1", "env-true"],
+)
+def test_strict_workers_refuse_inline_udfs(dataset: Path, strict: dict[str, object]) -> None:
     # Two workers: with one, a single-task stage may run on the coordinator itself.
-    with dfship.LocalCluster(workers=2, worker_args=["--strict"]) as strict:
-        ctx = strict.context(bytes_per_partition=1)
+    with dfship.LocalCluster(workers=2, **strict) as cluster:  # type: ignore[arg-type]
+        ctx = cluster.context(bytes_per_partition=1)
         ctx.register_parquet("facts", dataset / "facts")
         ctx.register_udf(dfship.udf(lambda a: a, [pa.int64()], pa.int64(), "immutable", name="same"))
-        with pytest.raises(dfship.DfshipError, match="strict mode"):
+        with pytest.raises(dfship.PayloadRefusedError, match="strict mode"):
             ctx.sql("SELECT sum(same(id)) FROM facts").collect()
 
 
-def test_a_cluster_key(dataset: Path, tmp_path: Path) -> None:
+def test_a_cluster_key(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = tmp_path / "cluster.key"
     key.write_text("a long enough shared secret")
-    with dfship.LocalCluster(workers=2, worker_args=["--cluster-key-file", str(key)]) as keyed:
+    # Workers get the key from the environment, the coordinator from a file,
+    # the environment, or not at all.
+    monkeypatch.delenv("DFSHIP_CLUSTER_KEY", raising=False)
+    with dfship.LocalCluster(workers=2, env={"DFSHIP_CLUSTER_KEY": key.read_text()}) as keyed:
         udf = dfship.udf(lambda a: pc.add(a, 1), [pa.int64()], pa.int64(), "immutable", name="inc")
-        for options, error in [({"cluster_key_file": key}, None), ({}, "unsigned")]:
+        for options, environment, error in [
+            ({"cluster_key_file": key}, None, None),
+            ({}, key.read_text(), None),
+            ({}, None, "unsigned"),
+            ({"cluster_key": b"another secret of enough length"}, None, "HMAC"),
+        ]:
+            if environment is None:
+                monkeypatch.delenv("DFSHIP_CLUSTER_KEY", raising=False)
+            else:
+                monkeypatch.setenv("DFSHIP_CLUSTER_KEY", environment)
             ctx = keyed.context(bytes_per_partition=1, **options)
             ctx.register_parquet("facts", dataset / "facts")
             ctx.register_udf(udf)
@@ -163,5 +193,26 @@ def test_a_cluster_key(dataset: Path, tmp_path: Path) -> None:
                     {"s": SUM_IDS + 2400}
                 ]
             else:
-                with pytest.raises(dfship.DfshipError, match=error):
+                with pytest.raises(dfship.PayloadRefusedError, match=error):
                     ctx.sql("SELECT sum(inc(id)) AS s FROM facts").collect()
+
+
+def test_a_lost_worker_is_a_worker_lost_error(dataset: Path) -> None:
+    cluster = dfship.LocalCluster(workers=2).start()
+    try:
+        ctx = cluster.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        cluster._processes[1].kill()
+        cluster._processes[1].wait()
+        with pytest.raises(dfship.WorkerLostError, match=cluster.urls[1].removeprefix("http://")):
+            ctx.sql("SELECT category, count(*) FROM facts GROUP BY category").collect()
+    finally:
+        cluster.stop()
+
+
+def test_every_error_class_is_a_dfship_error() -> None:
+    import dfship.errors
+
+    for name in dfship.errors.__all__:
+        assert issubclass(getattr(dfship, name), dfship.DfshipError), name
+        assert issubclass(getattr(dfship, name), Exception), name

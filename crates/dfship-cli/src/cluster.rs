@@ -8,7 +8,7 @@ use clap::Args;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
-use dfship_codec::{ClusterKey, CodecOptions, CLUSTER_KEY_ENV};
+use dfship_codec::{ClusterKey, CodecOptions};
 use dfship_distributed::ClusterContextBuilder;
 
 /// Where the cluster is and what the query may use.
@@ -73,10 +73,7 @@ pub struct ExplainArgs {
 
 impl ClusterArgs {
     pub async fn context(&self) -> Result<SessionContext> {
-        let key = match &self.cluster_key_file {
-            Some(path) => Some(ClusterKey::from_file(path)?),
-            None => ClusterKey::from_env(CLUSTER_KEY_ENV)?,
-        };
+        let key = ClusterKey::from_file_or_env(self.cluster_key_file.as_deref())?;
         let mut builder = ClusterContextBuilder::new(&self.workers)?
             .with_codec_options(CodecOptions::default().with_optional_cluster_key(key));
         if let Some(bytes) = self.bytes_per_partition {

@@ -22,6 +22,9 @@ pub struct DemoArgs {
     /// Rows of the generated `trips` table.
     #[arg(long, default_value_t = 400_000)]
     pub rows: usize,
+    /// Show the workers' logs here instead of writing them to files.
+    #[arg(long)]
+    pub verbose: bool,
 }
 
 const DEMO_UDFS: &str = include_str!("demo_udfs.py");
@@ -121,12 +124,25 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .flat_map(|spec| ["--ffi-udf".to_string(), spec.clone()])
         .collect();
     let bar = spinner(format!("starting {} worker processes", args.workers));
-    let cluster = LocalCluster::start(args.workers, &worker_args)?;
+    // Outside the dataset's temporary directory, so the logs outlive the demo.
+    let log_dir = (!args.verbose)
+        .then(|| std::env::temp_dir().join(format!("dfship-demo-logs-{}", std::process::id())));
+    if let Some(log_dir) = &log_dir {
+        std::fs::create_dir_all(log_dir)
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+    }
+    let cluster = LocalCluster::start(args.workers, &worker_args, log_dir.as_deref())?;
     bar.finish_with_message(format!(
         "{} workers: {}",
         args.workers,
         cluster.urls.join(", ")
     ));
+    if let Some(log_dir) = &log_dir {
+        println!(
+            "worker logs: {}/worker-*.log (or run with --verbose to see them here)",
+            log_dir.display()
+        );
+    }
 
     let udf_file = dir.path().join("demo_udfs.py");
     std::fs::write(&udf_file, DEMO_UDFS)

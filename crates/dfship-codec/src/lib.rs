@@ -29,6 +29,7 @@ mod payload;
 mod pickled;
 mod python;
 mod python_udf;
+mod result_check;
 mod signature;
 pub mod wire;
 
@@ -38,7 +39,7 @@ pub use codec::PythonUdfCodec;
 pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
 };
-pub use error::UdfPayloadError;
+pub use error::{ErrorKind, UdfPayloadError};
 pub use logical_codec::PythonUdfLogicalCodec;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};
 pub use pickled::{PickleContent, PickledCallable, PicklerVersions};

@@ -32,9 +32,9 @@ pub fn ensure_python() -> Result<()> {
     if let Some(done) = STARTUP.get() {
         return done.clone().map_err(DataFusionError::Configuration);
     }
-    // SAFETY: PyGILState_Check may be called once the interpreter runs.
-    let attached = is_running() && unsafe { pyo3::ffi::PyGILState_Check() } == 1;
-    if attached {
+    if is_running() {
+        // The caller may hold the GIL (the limited API cannot tell): attach
+        // (a no-op if it does) and detach fully while waiting.
         Python::attach(|py| py.detach(start_once))
     } else {
         start_once()

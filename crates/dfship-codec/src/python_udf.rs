@@ -9,7 +9,7 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use arrow::array::{make_array, Array, ArrayData, ArrayRef};
+use arrow::array::{ArrayData, ArrayRef};
 use arrow::datatypes::{DataType, Field, FieldRef};
 use arrow::pyarrow::{FromPyArrow, ToPyArrow};
 use datafusion::error::{DataFusionError, Result};
@@ -23,8 +23,10 @@ use bytes::Bytes;
 
 use crate::cache::CallableCache;
 use crate::callable::PythonCallable;
+use crate::error::ErrorKind;
 use crate::pickled::PickledCallable;
 use crate::python;
+use crate::result_check::checked_result;
 use crate::signature::UdfSignature;
 use crate::wire::WireFormat;
 
@@ -162,9 +164,14 @@ impl PythonScalarUdf {
                 })?;
             let arguments = PyTuple::new(py, arguments)
                 .map_err(|e| self.python_error(py, "building its argument tuple failed", &e))?;
-            let result = callable
-                .call1(arguments)
-                .map_err(|e| self.python_error(py, "raised", &e))?;
+            let result = callable.call1(arguments).map_err(|e| {
+                DataFusionError::Execution(format!(
+                    "{} Python UDF '{}' raised: {}",
+                    ErrorKind::UdfRaised.tag(),
+                    self.name_str(),
+                    python::describe_exception(py, &e)
+                ))
+            })?;
             ArrayData::from_pyarrow_bound(&result).map_err(|e| {
                 let type_name = result
                     .get_type()
@@ -172,8 +179,9 @@ impl PythonScalarUdf {
                     .map(|n| n.to_string())
                     .unwrap_or_default();
                 DataFusionError::Execution(format!(
-                    "Python UDF '{}' must return a pyarrow.Array of type {}, but returned a {type_name} \
-                     that is not an Arrow array ({e})",
+                    "{} Python UDF '{}' must return a pyarrow.Array of type {}, but returned a \
+                     {type_name} that is not an Arrow array ({e})",
+                    ErrorKind::UdfBadResult.tag(),
                     self.name_str(),
                     self.udf_signature.return_field.data_type()
                 ))
@@ -187,35 +195,6 @@ impl PythonScalarUdf {
             self.name_str(),
             python::describe_exception(py, error)
         ))
-    }
-
-    fn check_result(&self, array: &dyn Array, number_rows: usize) -> Result<()> {
-        let expected_type = self.udf_signature.return_field.data_type();
-        if array.len() != number_rows {
-            return Err(DataFusionError::Execution(format!(
-                "Python UDF '{}' returned {} rows for a batch of {number_rows}; it must return \
-                 exactly one value per input row",
-                self.name_str(),
-                array.len()
-            )));
-        }
-        if array.data_type() != expected_type {
-            return Err(DataFusionError::Execution(format!(
-                "Python UDF '{}' is declared to return {expected_type} but returned {}; cast the \
-                 result (e.g. `result.cast(...)`) or declare the return type it produces",
-                self.name_str(),
-                array.data_type()
-            )));
-        }
-        if !self.udf_signature.return_field.is_nullable() && array.null_count() > 0 {
-            return Err(DataFusionError::Execution(format!(
-                "Python UDF '{}' is declared non-nullable but returned {} nulls; declare the \
-                 return field nullable or return no nulls",
-                self.name_str(),
-                array.null_count()
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -265,8 +244,8 @@ impl ScalarUDFImpl for PythonScalarUdf {
             .iter()
             .map(|arg| arg.to_array(number_rows))
             .collect::<Result<Vec<_>>>()?;
-        let array = make_array(self.call(&arrays)?);
-        self.check_result(array.as_ref(), number_rows)?;
+        let data = self.call(&arrays)?;
+        let array = checked_result(&self.udf_signature, data, number_rows)?;
         Ok(ColumnarValue::Array(array))
     }
 }

@@ -36,6 +36,7 @@ use datafusion_distributed::{
     GetWorkerInfoResponse, MaybeEncoded, ProducerHead, SetPlanRequest, WorkerChannel,
     WorkerToCoordinatorMsg,
 };
+use dfship_codec::ErrorKind;
 use futures::stream::{BoxStream, StreamExt};
 use http::HeaderMap;
 use url::Url;
@@ -193,8 +194,9 @@ impl InlineUdfChannelResolver {
             .keep_alive_while_idle(true);
         let channel = endpoint.connect().await.map_err(|e| {
             DataFusionError::Execution(format!(
-                "cannot connect to worker {url} within {:?}: {e} ({e:?}); check that it runs \
+                "{} cannot connect to worker {url} within {:?}: {e} ({e:?}); check that it runs \
                  and that this host can reach it",
+                ErrorKind::WorkerLost.tag(),
                 self.options.connect_timeout
             ))
         })?;

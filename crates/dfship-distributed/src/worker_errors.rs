@@ -4,6 +4,7 @@
 //! came from.
 
 use datafusion::error::DataFusionError;
+use dfship_codec::ErrorKind;
 use url::Url;
 
 /// What upstream says when a by-name UDF is missing from a worker's registry.
@@ -20,10 +21,11 @@ fn explain_missing_udf(error: DataFusionError, worker: &Url) -> DataFusionError 
         .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '\'')
         .collect();
     DataFusionError::Plan(format!(
-        "worker {worker} has no scalar function '{name}'. It is not a Python UDF, so it travels \
+        "{} worker {worker} has no scalar function '{name}'. It is not a Python UDF, so it travels \
          by name and every worker must register it: start the workers with \
          `--ffi-udf SPEC` providing '{name}' (SPEC is /path/to/lib.so:symbol or \
-         python.module:attribute), or register it in their session builder. ({text})"
+         python.module:attribute), or register it in their session builder. ({text})",
+        ErrorKind::Planning.tag()
     ))
 }
 
@@ -48,9 +50,10 @@ pub(crate) fn explain_worker_error(error: DataFusionError, worker: &Url) -> Data
     .any(|needle| text.to_lowercase().contains(needle));
     let context = if lost {
         format!(
-            "lost the connection to worker {url} (it stopped, or the network to it failed); the \
+            "{} lost the connection to worker {url} (it stopped, or the network to it failed); the \
              query cannot finish without it: check that worker, or run the query again with it \
-             left out of the worker list"
+             left out of the worker list",
+            ErrorKind::WorkerLost.tag()
         )
     } else {
         format!("on worker {url}")

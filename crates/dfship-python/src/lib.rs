@@ -19,17 +19,60 @@ use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
-use dfship_codec::{ClusterKey, CodecOptions};
+use dfship_codec::{ClusterKey, CodecOptions, ErrorKind};
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
 create_exception!(
-    _native,
+    dfship._native,
     DfshipError,
     PyException,
-    "An error from the engine: planning, a worker, or a UDF (its type and message are in the text)."
+    "An error from the engine. Subclasses say what caused it; the message says what to do."
+);
+create_exception!(
+    dfship._native,
+    PlanningError,
+    DfshipError,
+    "The query could not be planned: SQL, schema, configuration, or a function no process provides."
+);
+create_exception!(
+    dfship._native,
+    PayloadRefusedError,
+    DfshipError,
+    "A process refused a UDF's inline payload before unpickling it: strict mode, a missing or wrong \
+     cluster-key signature, a size limit, or corrupted bytes."
+);
+create_exception!(
+    dfship._native,
+    VersionMismatchError,
+    DfshipError,
+    "A UDF was pickled by another Python minor or cloudpickle major version than the one that runs it."
+);
+create_exception!(
+    dfship._native,
+    UdfLoadError,
+    DfshipError,
+    "A UDF's callable could not be pickled or unpickled (e.g. a module it imports is missing where it runs)."
+);
+create_exception!(
+    dfship._native,
+    UdfRaisedError,
+    DfshipError,
+    "A UDF raised an exception; its type, message and traceback tail are in the message."
+);
+create_exception!(
+    dfship._native,
+    UdfResultError,
+    DfshipError,
+    "A UDF returned bad data: wrong length, type or nullability, or an invalid Arrow array."
+);
+create_exception!(
+    dfship._native,
+    WorkerLostError,
+    DfshipError,
+    "A worker stopped or became unreachable during the query."
 );
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -43,8 +86,19 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// The engine's error as the Python exception of its kind.
 fn to_py(error: DataFusionError) -> PyErr {
-    DfshipError::new_err(error.to_string())
+    let message = error.to_string();
+    match ErrorKind::of(&error) {
+        ErrorKind::Planning => PlanningError::new_err(message),
+        ErrorKind::PayloadRefused => PayloadRefusedError::new_err(message),
+        ErrorKind::VersionMismatch => VersionMismatchError::new_err(message),
+        ErrorKind::UdfLoadFailed => UdfLoadError::new_err(message),
+        ErrorKind::UdfRaised => UdfRaisedError::new_err(message),
+        ErrorKind::UdfBadResult => UdfResultError::new_err(message),
+        ErrorKind::WorkerLost => WorkerLostError::new_err(message),
+        ErrorKind::Other => DfshipError::new_err(message),
+    }
 }
 
 /// Runs `future` on the runtime with the GIL released.
@@ -81,13 +135,12 @@ impl ClusterContext {
         dfship_codec::ensure_python().map_err(to_py)?;
         let key = match (cluster_key, cluster_key_file) {
             (Some(_), Some(_)) => {
-                return Err(DfshipError::new_err(
+                return Err(PlanningError::new_err(
                     "give cluster_key or cluster_key_file, not both",
                 ))
             }
             (Some(bytes), None) => Some(ClusterKey::new(bytes).map_err(to_py)?),
-            (None, Some(path)) => Some(ClusterKey::from_file(path).map_err(to_py)?),
-            (None, None) => None,
+            (None, file) => ClusterKey::from_file_or_env(file.as_deref()).map_err(to_py)?,
         };
         let mut options = CodecOptions::default()
             .with_strict(strict)
@@ -143,7 +196,7 @@ impl ClusterContext {
         let delimiter = match delimiter.as_bytes() {
             [byte] => *byte,
             _ => {
-                return Err(DfshipError::new_err(format!(
+                return Err(PlanningError::new_err(format!(
                     "delimiter must be one byte, got {delimiter:?}"
                 )))
             }
@@ -254,33 +307,26 @@ impl DataFrame {
     }
 }
 
-/// Serves a worker in this process until SIGINT/SIGTERM. Prints
-/// `dfship-worker listening on URL` once it accepts connections.
+/// Serves a worker in this process until SIGINT/SIGTERM, with the command
+/// line `argv` parsed exactly as `dfship-worker` parses its own (same flags,
+/// same environment variables). Prints `dfship-worker listening on URL` once
+/// it accepts connections. Returns the process exit code.
 #[pyfunction]
-#[pyo3(signature = (host="127.0.0.1", port=50051, *, strict=false, cluster_key_file=None, max_payload_bytes=None, warn_payload_bytes=None, ffi_udfs=Vec::new()))]
-#[allow(clippy::too_many_arguments)]
-fn run_worker(
-    py: Python<'_>,
-    host: &str,
-    port: u16,
-    strict: bool,
-    cluster_key_file: Option<PathBuf>,
-    max_payload_bytes: Option<usize>,
-    warn_payload_bytes: Option<usize>,
-    ffi_udfs: Vec<String>,
-) -> PyResult<()> {
+fn run_worker(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
+    use clap::Parser;
+    let program = "python -m dfship worker".to_string();
+    let command =
+        match dfship_worker::WorkerCommand::try_parse_from(std::iter::once(program).chain(argv)) {
+            Ok(command) => command,
+            Err(error) => {
+                // --help and --version print and succeed; usage errors print and fail.
+                let _ = error.print();
+                return Ok(error.exit_code());
+            }
+        };
     dfship_worker::init_logging();
-    let options = dfship_worker::WorkerOptions {
-        host: host.to_string(),
-        port,
-        python_env: None,
-        cluster_key_file,
-        strict,
-        max_payload_bytes: max_payload_bytes.unwrap_or(dfship_codec::DEFAULT_MAX_PAYLOAD_BYTES),
-        ffi_udfs,
-        warn_payload_bytes: warn_payload_bytes.unwrap_or(dfship_codec::DEFAULT_WARN_PAYLOAD_BYTES),
-    };
-    wait(py, dfship_worker::run(options))
+    wait(py, dfship_worker::run(command.options))?;
+    Ok(0)
 }
 
 #[pymodule]
@@ -288,6 +334,17 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClusterContext>()?;
     m.add_class::<DataFrame>()?;
     m.add_function(wrap_pyfunction!(run_worker, m)?)?;
-    m.add("DfshipError", m.py().get_type::<DfshipError>())?;
+    let py = m.py();
+    m.add("DfshipError", py.get_type::<DfshipError>())?;
+    m.add("PlanningError", py.get_type::<PlanningError>())?;
+    m.add("PayloadRefusedError", py.get_type::<PayloadRefusedError>())?;
+    m.add(
+        "VersionMismatchError",
+        py.get_type::<VersionMismatchError>(),
+    )?;
+    m.add("UdfLoadError", py.get_type::<UdfLoadError>())?;
+    m.add("UdfRaisedError", py.get_type::<UdfRaisedError>())?;
+    m.add("UdfResultError", py.get_type::<UdfResultError>())?;
+    m.add("WorkerLostError", py.get_type::<WorkerLostError>())?;
     Ok(())
 }

@@ -7,17 +7,21 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser};
 use datafusion::error::{DataFusionError, Result};
 use datafusion_distributed::Worker;
 use dfship_codec::{
-    ClusterKey, CodecOptions, CLUSTER_KEY_ENV, DEFAULT_MAX_PAYLOAD_BYTES,
-    DEFAULT_WARN_PAYLOAD_BYTES,
+    ClusterKey, CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES,
 };
 use dfship_distributed::PythonWorkerSessionBuilder;
 use tokio::net::TcpListener;
 
-/// Options of a worker process (also used by `dfship worker`).
+/// Options of a worker process, declared once for every way to start one:
+/// the `dfship-worker` binary, `dfship worker`, and `python -m dfship worker`
+/// (which hands its arguments to [`WorkerCommand`]). Each flag also reads the
+/// environment variable named in its help; boolean variables accept
+/// `1/0/true/false/yes/no/on/off`.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerOptions {
     /// Address to listen on.
@@ -38,7 +42,7 @@ pub struct WorkerOptions {
     pub cluster_key_file: Option<PathBuf>,
 
     /// Refuse every inline Python UDF (only UDFs registered by name run).
-    #[arg(long, env = "DFSHIP_STRICT")]
+    #[arg(long, env = "DFSHIP_STRICT", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
     pub strict: bool,
 
     /// Refuse inline payloads larger than this many bytes.
@@ -54,13 +58,22 @@ pub struct WorkerOptions {
     pub warn_payload_bytes: usize,
 }
 
+/// A worker's command line on its own (`dfship-worker`, `python -m dfship worker`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "dfship-worker",
+    version,
+    about = "A datafusion-distributed worker that runs Python UDFs sent inline in plans"
+)]
+pub struct WorkerCommand {
+    #[command(flatten)]
+    pub options: WorkerOptions,
+}
+
 impl WorkerOptions {
     /// The cluster key from `--cluster-key-file`, else from the environment.
     pub fn cluster_key(&self) -> Result<Option<ClusterKey>> {
-        match &self.cluster_key_file {
-            Some(path) => ClusterKey::from_file(path).map(Some),
-            None => ClusterKey::from_env(CLUSTER_KEY_ENV),
-        }
+        ClusterKey::from_file_or_env(self.cluster_key_file.as_deref())
     }
 
     pub fn codec_options(&self) -> Result<CodecOptions> {

@@ -1,0 +1,62 @@
+//! What a Python UDF returns is untrusted: it is checked against the UDF's
+//! declared signature, and fully validated as Arrow data, before the engine
+//! touches it.
+//!
+//! arrow's C Data Interface import (`from_ffi`) builds arrays without
+//! validating them, so a string array whose bytes are not UTF-8 or whose
+//! offsets point past its buffer would be undefined behaviour in the first
+//! kernel that reads it. `ArrayData::validate_full` checks buffers, offsets,
+//! UTF-8, dictionary keys and, for nested types, that children declared
+//! non-nullable hold no nulls where their parent is valid.
+
+use arrow::array::{make_array, ArrayData, ArrayRef};
+use datafusion::error::{DataFusionError, Result};
+
+use crate::error::ErrorKind;
+use crate::signature::UdfSignature;
+
+/// `data` as an array, once it has the batch's length, the declared type
+/// and nullability, and passes full Arrow validation.
+pub(crate) fn checked_result(
+    signature: &UdfSignature,
+    data: ArrayData,
+    number_rows: usize,
+) -> Result<ArrayRef> {
+    let bad = |detail: String| {
+        DataFusionError::Execution(format!(
+            "{} Python UDF '{}' {detail}",
+            ErrorKind::UdfBadResult.tag(),
+            signature.name
+        ))
+    };
+    if data.len() != number_rows {
+        return Err(bad(format!(
+            "returned {} rows for a batch of {number_rows}; it must return exactly one value per \
+             input row",
+            data.len()
+        )));
+    }
+    let expected_type = signature.return_field.data_type();
+    if data.data_type() != expected_type {
+        return Err(bad(format!(
+            "is declared to return {expected_type} but returned {}; cast the result (e.g. \
+             `result.cast(...)`) or declare the return type it produces",
+            data.data_type()
+        )));
+    }
+    data.validate_full().map_err(|e| {
+        bad(format!(
+            "returned an invalid Arrow array ({e}); build the result with pyarrow functions \
+             that validate their input (e.g. `pa.array(...)`), or call `result.validate(full=True)` \
+             in the UDF to find the problem"
+        ))
+    })?;
+    if !signature.return_field.is_nullable() && data.null_count() > 0 {
+        return Err(bad(format!(
+            "is declared non-nullable but returned {} nulls; declare the return field nullable \
+             or return no nulls",
+            data.null_count()
+        )));
+    }
+    Ok(make_array(data))
+}

@@ -1,0 +1,46 @@
+"""The exceptions dfship raises, one class per cause, all under ``DfshipError``::
+
+    DfshipError
+    ├── PlanningError          the query could not be planned
+    ├── PayloadRefusedError    a process refused a UDF payload without unpickling it
+    ├── VersionMismatchError   pickled by another Python minor / cloudpickle major version
+    ├── UdfLoadError           the callable could not be pickled or unpickled
+    ├── UdfRaisedError         the UDF raised an exception
+    ├── UdfResultError         the UDF returned the wrong length, type, nulls or invalid data
+    └── WorkerLostError        a worker stopped or became unreachable
+
+Catch by cause::
+
+    try:
+        table = ctx.sql("SELECT risky(x) FROM t").collect()
+    except dfship.UdfRaisedError as error:
+        ...  # the UDF's exception type, message and traceback tail are in str(error)
+    except dfship.WorkerLostError:
+        ...  # retry without that worker
+
+Every message starts with the tag of its kind (e.g. ``[udf-raised]``) and says what to do.
+"""
+
+from __future__ import annotations
+
+from dfship._native import (
+    DfshipError,
+    PayloadRefusedError,
+    PlanningError,
+    UdfLoadError,
+    UdfRaisedError,
+    UdfResultError,
+    VersionMismatchError,
+    WorkerLostError,
+)
+
+__all__ = [
+    "DfshipError",
+    "PayloadRefusedError",
+    "PlanningError",
+    "UdfLoadError",
+    "UdfRaisedError",
+    "UdfResultError",
+    "VersionMismatchError",
+    "WorkerLostError",
+]
