@@ -94,6 +94,73 @@ async fn nulls_from_a_non_nullable_udf_are_refused() {
     );
 }
 
+/// Arrays Python can build without validating them, each invalid in a way
+/// that would be undefined behaviour in a Rust kernel: they are refused with
+/// an error naming the UDF, and the next query runs.
+#[tokio::test]
+async fn invalid_arrow_results_are_refused_before_the_engine_reads_them() {
+    let nested = DataType::Struct(vec![Field::new("x", DataType::Int64, false)].into());
+    let cases = [
+        (
+            "bad_utf8",
+            DataType::Utf8,
+            "lambda a: pa.array([b'\\xff\\xfe'] * len(a), pa.binary()).view(pa.string())",
+            "invalid",
+        ),
+        (
+            "bad_offsets",
+            DataType::Utf8,
+            "lambda a: pa.Array.from_buffers(pa.string(), len(a), [None,              pa.py_buffer(__import__('struct').pack('<' + 'i' * (len(a) + 1), *([0, 5, 2] + [2] * (len(a) - 2)))),              pa.py_buffer(b'hello')])",
+            "offset",
+        ),
+        (
+            "bad_nested_nulls",
+            nested.clone(),
+            "lambda a: pa.StructArray.from_arrays([pa.array([None] * len(a), pa.int64())],              fields=[pa.field('x', pa.int64(), nullable=False)])",
+            "null",
+        ),
+    ];
+    for (name, returns, body, detail) in cases {
+        let udf = python_udf(
+            name,
+            vec![DataType::Int64],
+            returns,
+            Volatility::Immutable,
+            PA,
+            body,
+        );
+        let ctx = session_with_data().await;
+        ctx.register_udf(udf);
+        let error = ctx
+            .sql(&format!("SELECT {name}(a) FROM v"))
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!(
+                "[udf-bad-result] Python UDF '{name}' returned an invalid Arrow array"
+            )),
+            "{text}"
+        );
+        assert!(text.to_lowercase().contains(detail), "{name}: {text}");
+        assert_eq!(
+            dfship_codec::ErrorKind::of(&error),
+            dfship_codec::ErrorKind::UdfBadResult
+        );
+        let rows = ctx
+            .sql("SELECT count(*) FROM v")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(rows[0].num_rows(), 1);
+    }
+}
+
 #[tokio::test]
 async fn python_exceptions_carry_type_message_and_traceback() {
     let setup = format!("{PA}def inner(a):\n    raise ValueError(f'bad input of length {{len(a)}}')\ndef explode(a):\n    return inner(a)\n");
