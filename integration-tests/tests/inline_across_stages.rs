@@ -38,8 +38,8 @@ fn coordinator(urls: &[String], inline: InlineUdfs) -> SessionContext {
     ctx
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_query_matrix_matches_single_node() {
+/// Runs the matrix on 3 in-process workers; returns the workers' callable cache.
+async fn run_matrix() -> Arc<CallableCache> {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
     let worker_cache = Arc::new(CallableCache::new(64 << 20));
@@ -86,7 +86,28 @@ async fn the_query_matrix_matches_single_node() {
         ));
     }
     println!("{}", report.join("\n"));
-    let stats = worker_cache.stats();
+    worker_cache
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_query_matrix_matches_single_node() {
+    run_matrix().await;
+    let stats = dfship_codec::runner_pool_stats().expect("the runner pool is the default");
+    assert!(
+        stats.loads > 0 && stats.calls > stats.loads,
+        "runners received each callable once and reused it across tasks: {stats:?}"
+    );
+    assert_eq!(stats.lost, 0, "{stats:?}");
+    println!("runner pool: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_query_matrix_matches_single_node_in_process() {
+    dfship_codec::configure_python_execution(
+        dfship_codec::PythonExecution::default().with_mode(dfship_codec::PythonMode::InProcess),
+    )
+    .unwrap();
+    let stats = run_matrix().await.stats();
     assert!(
         stats.loads > 0,
         "workers unpickled the callables they were sent: {stats:?}"

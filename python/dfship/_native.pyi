@@ -67,6 +67,10 @@ class ClusterContext:
         warn_payload_bytes: int | None = None,
         target_partitions: int | None = None,
         bytes_per_partition: int | None = None,
+        python_mode: str | None = None,
+        python_runners: int | None = None,
+        udf_timeout: float | None = None,
+        runner_memory_limit: int | None = None,
     ) -> ClusterContext: ...
     def register_udf(self, udf: object) -> None: ...
     def register_parquet(self, name: str, path: str) -> None: ...

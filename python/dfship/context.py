@@ -61,6 +61,14 @@ class ClusterContext:
     ``max_payload_bytes``/``warn_payload_bytes`` bound pickled UDF sizes.
     ``target_partitions`` and ``bytes_per_partition`` shape how file scans
     split into tasks.
+
+    The stages this process keeps (small queries may run here entirely) run
+    their Python UDFs like a worker does: ``python_mode`` ``"pool"`` (the
+    default: runner processes of this interpreter, one per core unless
+    ``python_runners`` says otherwise) or ``"in-process"``;
+    ``udf_timeout`` (seconds per batch) and ``runner_memory_limit`` (bytes)
+    bound each runner. These settings are per process: every context in it
+    must use the same ones.
     """
 
     def __init__(
@@ -74,6 +82,10 @@ class ClusterContext:
         warn_payload_bytes: int | None = None,
         target_partitions: int | None = None,
         bytes_per_partition: int | None = None,
+        python_mode: str | None = None,
+        python_runners: int | None = None,
+        udf_timeout: float | None = None,
+        runner_memory_limit: int | None = None,
     ) -> None:
         if isinstance(workers, str):
             workers = [w for w in workers.split(",") if w]
@@ -87,6 +99,10 @@ class ClusterContext:
             warn_payload_bytes=warn_payload_bytes,
             target_partitions=target_partitions,
             bytes_per_partition=bytes_per_partition,
+            python_mode=python_mode,
+            python_runners=python_runners,
+            udf_timeout=udf_timeout,
+            runner_memory_limit=runner_memory_limit,
         )
 
     def register_udf(self, udf: PythonUDF) -> None:

@@ -38,6 +38,10 @@ pub struct ClusterArgs {
     /// File holding the shared cluster key (else $DFSHIP_CLUSTER_KEY, if set).
     #[arg(long, env = "DFSHIP_CLUSTER_KEY_FILE")]
     pub cluster_key_file: Option<PathBuf>,
+
+    /// How the stages this coordinator keeps run their Python UDFs.
+    #[command(flatten)]
+    pub python: dfship_worker::PythonOptions,
 }
 
 fn parse_table(text: &str) -> std::result::Result<(String, PathBuf), String> {
@@ -73,6 +77,7 @@ pub struct ExplainArgs {
 
 impl ClusterArgs {
     pub async fn context(&self) -> Result<SessionContext> {
+        self.python.apply()?;
         let key = ClusterKey::from_file_or_env(self.cluster_key_file.as_deref())?;
         let mut builder = ClusterContextBuilder::new(&self.workers)?
             .with_codec_options(CodecOptions::default().with_optional_cluster_key(key));

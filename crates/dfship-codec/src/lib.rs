@@ -12,6 +12,9 @@
 //!   digest and versions), and [`wire`] (the `DFSHIPU` and `DFPYUDF` byte layouts);
 //! - the interpreter: `python` (start-up, environment, cloudpickle calls),
 //!   `cache` (unpickled callables by digest), `callable` (live or pickled);
+//! - where Python runs: `execution` (a pool of runner processes by default,
+//!   or the interpreter on dedicated threads), `result_check` (what a UDF
+//!   returns is validated before the engine reads it);
 //! - UDFs and formats: `python_udf` (the `ScalarUDFImpl`), `payload` (the
 //!   Python work of each format, `encode`/`decode` per format), `declarations`
 //!   (`dfship.udf` declarations from files and modules);
@@ -23,6 +26,7 @@ mod callable;
 mod codec;
 mod declarations;
 mod error;
+mod execution;
 mod logical_codec;
 mod options;
 mod payload;
@@ -40,6 +44,11 @@ pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
 };
 pub use error::{ErrorKind, UdfPayloadError};
+pub use execution::{
+    configure_python_execution, default_python, default_runners, end_task, python_execution,
+    runner_pool_stats, start_python, task_token, CancelToken, PoolStats, PythonExecution,
+    PythonMode, TaskOptions,
+};
 pub use logical_codec::PythonUdfLogicalCodec;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};
 pub use pickled::{PickleContent, PickledCallable, PicklerVersions};

@@ -9,23 +9,19 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use arrow::array::{ArrayData, ArrayRef};
 use arrow::datatypes::{DataType, Field, FieldRef};
-use arrow::pyarrow::{FromPyArrow, ToPyArrow};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
 use bytes::Bytes;
 
 use crate::cache::CallableCache;
 use crate::callable::PythonCallable;
-use crate::error::ErrorKind;
+use crate::execution::{self, TaskOptions};
 use crate::pickled::PickledCallable;
-use crate::python;
 use crate::result_check::checked_result;
 use crate::signature::UdfSignature;
 use crate::wire::WireFormat;
@@ -51,7 +47,7 @@ use crate::wire::WireFormat;
 pub struct PythonScalarUdf {
     udf_signature: UdfSignature,
     signature: Signature,
-    callable: PythonCallable,
+    callable: Arc<PythonCallable>,
     /// The payload this UDF was decoded from; encoding in the same format
     /// re-emits it byte for byte.
     received: Option<(WireFormat, Bytes)>,
@@ -116,7 +112,7 @@ impl PythonScalarUdf {
         Self {
             udf_signature,
             signature,
-            callable,
+            callable: Arc::new(callable),
             received,
         }
     }
@@ -149,52 +145,6 @@ impl PythonScalarUdf {
 
     fn name_str(&self) -> &str {
         &self.udf_signature.name
-    }
-
-    fn call(&self, arrays: &[ArrayRef]) -> Result<ArrayData> {
-        python::ensure_python()?;
-        Python::attach(|py| {
-            let callable = self.callable.get(py, self.name_str())?;
-            let arguments = arrays
-                .iter()
-                .map(|array| array.to_data().to_pyarrow(py))
-                .collect::<PyResult<Vec<_>>>()
-                .map_err(|e| {
-                    self.python_error(py, "converting its arguments to pyarrow failed", &e)
-                })?;
-            let arguments = PyTuple::new(py, arguments)
-                .map_err(|e| self.python_error(py, "building its argument tuple failed", &e))?;
-            let result = callable.call1(arguments).map_err(|e| {
-                DataFusionError::Execution(format!(
-                    "{} Python UDF '{}' raised: {}",
-                    ErrorKind::UdfRaised.tag(),
-                    self.name_str(),
-                    python::describe_exception(py, &e)
-                ))
-            })?;
-            ArrayData::from_pyarrow_bound(&result).map_err(|e| {
-                let type_name = result
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default();
-                DataFusionError::Execution(format!(
-                    "{} Python UDF '{}' must return a pyarrow.Array of type {}, but returned a \
-                     {type_name} that is not an Arrow array ({e})",
-                    ErrorKind::UdfBadResult.tag(),
-                    self.name_str(),
-                    self.udf_signature.return_field.data_type()
-                ))
-            })
-        })
-    }
-
-    fn python_error(&self, py: Python<'_>, what: &str, error: &PyErr) -> DataFusionError {
-        DataFusionError::Execution(format!(
-            "Python UDF '{}' {what}: {}",
-            self.name_str(),
-            python::describe_exception(py, error)
-        ))
     }
 }
 
@@ -244,7 +194,20 @@ impl ScalarUDFImpl for PythonScalarUdf {
             .iter()
             .map(|arg| arg.to_array(number_rows))
             .collect::<Result<Vec<_>>>()?;
-        let data = self.call(&arrays)?;
+        let task = args
+            .config_options
+            .extensions
+            .get::<TaskOptions>()
+            .map(|options| options.task_id.as_str())
+            .filter(|id| !id.is_empty());
+        let data = execution::evaluate(
+            self.name_str(),
+            self.udf_signature.return_field.data_type(),
+            &self.callable,
+            &arrays,
+            number_rows,
+            task,
+        )?;
         let array = checked_result(&self.udf_signature, data, number_rows)?;
         Ok(ColumnarValue::Array(array))
     }

@@ -10,6 +10,7 @@
 //! non-nullable hold no nulls where their parent is valid.
 
 use arrow::array::{make_array, ArrayData, ArrayRef};
+use arrow::datatypes::DataType;
 use datafusion::error::{DataFusionError, Result};
 
 use crate::error::ErrorKind;
@@ -44,13 +45,8 @@ pub(crate) fn checked_result(
             data.data_type()
         )));
     }
-    data.validate_full().map_err(|e| {
-        bad(format!(
-            "returned an invalid Arrow array ({e}); build the result with pyarrow functions \
-             that validate their input (e.g. `pa.array(...)`), or call `result.validate(full=True)` \
-             in the UDF to find the problem"
-        ))
-    })?;
+    data.validate_full()
+        .map_err(|e| invalid_array(&signature.name, &e.to_string()))?;
     if !signature.return_field.is_nullable() && data.null_count() > 0 {
         return Err(bad(format!(
             "is declared non-nullable but returned {} nulls; declare the return field nullable \
@@ -59,4 +55,22 @@ pub(crate) fn checked_result(
         )));
     }
     Ok(make_array(data))
+}
+
+/// A UDF returned an array whose buffers, offsets or values are not valid Arrow.
+pub(crate) fn invalid_array(udf_name: &str, detail: &str) -> DataFusionError {
+    DataFusionError::Execution(format!(
+        "{} Python UDF '{udf_name}' returned an invalid Arrow array ({detail}); build the result \
+         with pyarrow functions that validate their input (e.g. `pa.array(...)`), or call \
+         `result.validate(full=True)` in the UDF to find the problem",
+        ErrorKind::UdfBadResult.tag()
+    ))
+}
+
+/// A UDF returned something that is not an Arrow array; `what` says what.
+pub(crate) fn not_an_array(udf_name: &str, declared: &DataType, what: &str) -> DataFusionError {
+    DataFusionError::Execution(format!(
+        "{} Python UDF '{udf_name}' must return a pyarrow.Array of type {declared}, but {what}",
+        ErrorKind::UdfBadResult.tag()
+    ))
 }

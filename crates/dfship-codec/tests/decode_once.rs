@@ -1,6 +1,7 @@
 //! Decoding is lazy (no unpickling until the first call), unpickles each
-//! callable once per process however many tasks decode it, and re-encoding
-//! emits the bytes that were received.
+//! callable once per process (in-process mode) or once per runner (the
+//! pool) however many tasks decode it, and re-encoding emits the bytes that
+//! were received.
 
 mod common;
 
@@ -15,6 +16,7 @@ use dfship_codec::{CallableCache, CodecOptions, PythonUdfCodec, WireFormat};
 
 #[tokio::test]
 async fn a_stage_decoded_for_100_tasks_unpickles_once() {
+    in_process();
     let ctx = session_with_data().await;
     ctx.register_udf(python_udf(
         "tasks_udf",
@@ -57,6 +59,7 @@ fn call(udf: &ScalarUDF) -> datafusion::error::Result<ColumnarValue> {
 
 #[test]
 fn concurrent_first_calls_unpickle_once() {
+    in_process();
     // Unpickling this callable takes 0.5 s with the GIL released (its
     // closure holds an object restored by a sleeping function), so eight
     // tasks that call it at once really do race for the same cache entry.
@@ -132,6 +135,7 @@ async fn re_encoding_emits_the_received_bytes() {
 
 #[test]
 fn the_cache_is_bounded_by_pickle_bytes() {
+    in_process();
     init_python();
     // Five UDFs closing over ~100 kB each; the cache holds 250 kB of pickles.
     let cache = Arc::new(CallableCache::new(250_000));
@@ -186,4 +190,41 @@ fn the_cache_is_bounded_by_pickle_bytes() {
     let stats = cache.stats();
     assert_eq!((stats.loads, stats.entries), (7, 1), "{stats:?}");
     assert!(stats.bytes > 400_000, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_decoded_for_100_tasks_loads_once_per_runner() {
+    dfship_codec::configure_python_execution(
+        dfship_codec::PythonExecution::default().with_runners(2),
+    )
+    .unwrap();
+    let ctx = session_with_data().await;
+    ctx.register_udf(python_udf(
+        "pooled_udf",
+        vec![DataType::Int64],
+        DataType::Int64,
+        Volatility::Immutable,
+        "import pyarrow.compute as pc\n",
+        "lambda a: pc.multiply(a, 5)",
+    ));
+    let plan = physical_plan(&ctx, "SELECT pooled_udf(a) AS t FROM v").await;
+    let bytes = encode(Arc::clone(&plan), &PythonUdfCodec::default()).unwrap();
+    let expected = pretty(&run(plan).await.unwrap());
+    let worker = PythonUdfCodec::default();
+    let tasks: Vec<_> = (0..100).map(|_| decode(&bytes, &worker).unwrap()).collect();
+    let runs: Vec<_> = tasks
+        .into_iter()
+        .map(|task| tokio::spawn(run(task)))
+        .collect();
+    for task in runs {
+        assert_eq!(pretty(&task.await.unwrap().unwrap()), expected);
+    }
+    let stats = dfship_codec::runner_pool_stats().expect("the pool is the default");
+    assert!(stats.started <= 2 && stats.started >= 1, "{stats:?}");
+    assert_eq!(stats.lost, 0, "{stats:?}");
+    assert!(
+        stats.loads <= stats.started,
+        "each runner received the callable once, whatever the number of tasks: {stats:?}"
+    );
+    assert_eq!(stats.calls, 101, "{stats:?}");
 }

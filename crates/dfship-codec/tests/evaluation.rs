@@ -69,7 +69,9 @@ async fn non_array_results_are_refused() {
     );
     let error = query_error(udf, "SELECT not_array(a) FROM v").await;
     assert!(
-        error.contains("'not_array' must return a pyarrow.Array of type Int64, but returned a int"),
+        error.contains(
+            "'not_array' must return a pyarrow.Array of type Int64, but it returned a int"
+        ),
         "{error}"
     );
 }
@@ -230,6 +232,8 @@ fn non_callables_are_refused_at_creation() {
 
 #[tokio::test]
 async fn arrays_reach_python_zero_copy() {
+    // Zero-copy is a property of in-process mode; the pool sends Arrow IPC.
+    in_process();
     // pyarrow sees the very buffer DataFusion holds: its address matches.
     use arrow::array::{Array, Int64Array};
     use std::sync::Arc;

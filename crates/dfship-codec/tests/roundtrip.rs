@@ -86,6 +86,8 @@ async fn closure_with_captured_state() {
 #[tokio::test]
 async fn function_imported_by_reference() {
     let helpers = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python");
+    // Where the UDF runs (the runners), the module is installed: on its path.
+    std::env::set_var("PYTHONPATH", helpers);
     let setup =
         format!("import sys\nsys.path.insert(0, {helpers:?})\nimport dfship_test_helpers\n");
     for format in FORMATS {

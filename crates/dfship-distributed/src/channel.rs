@@ -42,6 +42,7 @@ use http::HeaderMap;
 use url::Url;
 
 use crate::encoder::InlineUdfEncoder;
+use crate::task_lifetime::TASK_ID_HEADER;
 use crate::worker_errors::explain_worker_error;
 
 /// A [`WorkerChannel`] that has plans and partitionings encoded by
@@ -84,6 +85,12 @@ impl WorkerChannel for InlineUdfChannel {
     ) -> Result<BoxStream<'static, Result<WorkerToCoordinatorMsg>>> {
         if let MaybeEncoded::Decoded(plan) = set_plan_request.plan {
             set_plan_request.plan = MaybeEncoded::Encoded(self.encoder.encode_plan(plan)?);
+        }
+        // Names this task, so the worker can stop its Python calls when the
+        // query ends (see `task_lifetime`).
+        let mut headers = headers;
+        if let Ok(id) = http::HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()) {
+            headers.insert(TASK_ID_HEADER, id);
         }
         let stream = self
             .inner

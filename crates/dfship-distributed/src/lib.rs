@@ -7,6 +7,8 @@
 //!   hands plans to the encoder; gRPC channels with timeouts and keepalive.
 //! - `worker_errors`: how errors coming back from workers are worded.
 //! - `session`: the worker session builder and the coordinator context builder.
+//! - `worker_server`: the gRPC server every worker runs, with its layers.
+//! - `task_lifetime`: stopping a task's Python calls when its query ends.
 //! - `prebuilt`: datafusion-python's serialized logical/physical plans, run distributed.
 //! - `explain`: the distributed plan and how its UDFs travel, as text.
 //! - `ffi`: loading FFI UDFs (shared library or Python capsule), which travel by name.
@@ -21,7 +23,9 @@ mod leaf;
 mod prebuilt;
 mod routing;
 mod session;
+mod task_lifetime;
 mod worker_errors;
+mod worker_server;
 
 pub use channel::{ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
@@ -29,3 +33,5 @@ pub use explain::{describe_udfs, explain_plan};
 pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
 pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
+pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
+pub use worker_server::serve_worker;

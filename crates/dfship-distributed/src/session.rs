@@ -18,11 +18,12 @@ use datafusion_distributed::{
     WorkerPlanRewriteEventResponse, WorkerQueryContext, WorkerResolver, WorkerSessionBuilder,
 };
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
-use dfship_codec::{CodecOptions, PythonUdfCodec};
+use dfship_codec::{CodecOptions, PythonUdfCodec, TaskOptions};
 use url::Url;
 
 use crate::channel::InlineUdfChannelResolver;
 use crate::encoder::InlineUdfEncoder;
+use crate::task_lifetime::TASK_ID_HEADER;
 
 /// The codec and channels both sides of a cluster install.
 #[derive(Clone)]
@@ -107,9 +108,21 @@ fn log_task_plan(event: WorkerPlanRewriteEvent) -> Result<WorkerPlanRewriteEvent
 #[async_trait]
 impl WorkerSessionBuilder for PythonWorkerSessionBuilder {
     async fn build_session_state(&self, ctx: WorkerQueryContext) -> Result<SessionState> {
-        let builder = ctx
+        let mut builder = ctx
             .builder
             .with_distributed_worker_plan_rewrite_handler(log_task_plan);
+        let task_id = ctx
+            .headers
+            .get(TASK_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        if !task_id.is_empty() {
+            if let Some(config) = builder.config() {
+                let mut options = TaskOptions::default();
+                options.task_id = task_id.to_string();
+                config.options_mut().extensions.insert(options);
+            }
+        }
         let mut state = self.inline.install(builder).build();
         for udf in &self.by_name {
             state.register_udf(Arc::clone(udf))?;

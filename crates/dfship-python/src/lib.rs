@@ -19,7 +19,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
-use dfship_codec::{ClusterKey, CodecOptions, ErrorKind};
+use dfship_codec::{ClusterKey, CodecOptions, ErrorKind, PythonExecution};
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -119,7 +119,7 @@ struct ClusterContext {
 #[pymethods]
 impl ClusterContext {
     #[new]
-    #[pyo3(signature = (workers, *, cluster_key=None, cluster_key_file=None, strict=false, max_payload_bytes=None, warn_payload_bytes=None, target_partitions=None, bytes_per_partition=None))]
+    #[pyo3(signature = (workers, *, cluster_key=None, cluster_key_file=None, strict=false, max_payload_bytes=None, warn_payload_bytes=None, target_partitions=None, bytes_per_partition=None, python_mode=None, python_runners=None, udf_timeout=None, runner_memory_limit=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -131,8 +131,19 @@ impl ClusterContext {
         warn_payload_bytes: Option<usize>,
         target_partitions: Option<usize>,
         bytes_per_partition: Option<usize>,
+        python_mode: Option<&str>,
+        python_runners: Option<usize>,
+        udf_timeout: Option<f64>,
+        runner_memory_limit: Option<u64>,
     ) -> PyResult<Self> {
         dfship_codec::ensure_python().map_err(to_py)?;
+        configure_execution(
+            py,
+            python_mode,
+            python_runners,
+            udf_timeout,
+            runner_memory_limit,
+        )?;
         let key = match (cluster_key, cluster_key_file) {
             (Some(_), Some(_)) => {
                 return Err(PlanningError::new_err(
@@ -324,9 +335,47 @@ fn run_worker(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
                 return Ok(error.exit_code());
             }
         };
+    let mut options = command.options;
+    if options.python.python_executable.is_none() && options.python.python_env.is_none() {
+        // Runners run this very interpreter, so they import what it imports.
+        options.python.python_executable = Some(host_python(py)?);
+    }
     dfship_worker::init_logging();
-    wait(py, dfship_worker::run(command.options))?;
+    wait(py, dfship_worker::run(options))?;
     Ok(0)
+}
+
+/// `sys.executable`: the interpreter this process runs.
+fn host_python(py: Python<'_>) -> PyResult<PathBuf> {
+    py.import("sys")?.getattr("executable")?.extract()
+}
+
+/// Sets up how this process runs Python UDFs (for the stages a coordinator
+/// keeps), with this interpreter as the runners' Python.
+fn configure_execution(
+    py: Python<'_>,
+    mode: Option<&str>,
+    runners: Option<usize>,
+    udf_timeout: Option<f64>,
+    runner_memory_limit: Option<u64>,
+) -> PyResult<()> {
+    let mut execution = PythonExecution::default().with_python(host_python(py)?);
+    if let Some(mode) = mode {
+        execution = execution.with_mode(mode.parse().map_err(PlanningError::new_err)?);
+    }
+    if let Some(runners) = runners {
+        execution = execution.with_runners(runners);
+    }
+    if let Some(seconds) = udf_timeout {
+        if !(seconds > 0.0 && seconds.is_finite()) {
+            return Err(PlanningError::new_err(format!(
+                "udf_timeout must be a positive number of seconds, got {seconds}"
+            )));
+        }
+        execution = execution.with_udf_timeout(Some(std::time::Duration::from_secs_f64(seconds)));
+    }
+    execution = execution.with_runner_memory_limit(runner_memory_limit);
+    dfship_codec::configure_python_execution(execution).map_err(to_py)
 }
 
 #[pymodule]

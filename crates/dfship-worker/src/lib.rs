@@ -2,7 +2,10 @@
 //!
 //! A worker is a datafusion-distributed `Worker` whose sessions carry the
 //! Python UDF codec (so inline Python UDFs need no registration) and whose
-//! interpreter comes from the Python environment given with `--python-env`.
+//! UDFs run in a pool of runner processes from the Python environment given
+//! with `--python-env` ([`PythonOptions`]).
+
+mod python_options;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,12 +13,13 @@ use std::path::PathBuf;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser};
 use datafusion::error::{DataFusionError, Result};
-use datafusion_distributed::Worker;
 use dfship_codec::{
     ClusterKey, CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES,
 };
 use dfship_distributed::PythonWorkerSessionBuilder;
 use tokio::net::TcpListener;
+
+pub use python_options::{parse_bytes, parse_duration, PythonOptions};
 
 /// Options of a worker process, declared once for every way to start one:
 /// the `dfship-worker` binary, `dfship worker`, and `python -m dfship worker`
@@ -31,10 +35,6 @@ pub struct WorkerOptions {
     /// Port to listen on; 0 picks a free one (the address is printed on start).
     #[arg(long, env = "DFSHIP_WORKER_PORT", default_value_t = 50051)]
     pub port: u16,
-
-    /// Python virtual environment whose packages UDFs may import (default: $VIRTUAL_ENV).
-    #[arg(long, env = "DFSHIP_PYTHON_ENV")]
-    pub python_env: Option<PathBuf>,
 
     /// File holding the shared cluster key; payloads must then be signed with it.
     /// The key may also come from the DFSHIP_CLUSTER_KEY environment variable.
@@ -56,6 +56,9 @@ pub struct WorkerOptions {
     /// Log a warning for inline payloads larger than this many bytes.
     #[arg(long, env = "DFSHIP_WARN_PAYLOAD_BYTES", default_value_t = DEFAULT_WARN_PAYLOAD_BYTES)]
     pub warn_payload_bytes: usize,
+
+    #[command(flatten)]
+    pub python: PythonOptions,
 }
 
 /// A worker's command line on its own (`dfship-worker`, `python -m dfship worker`).
@@ -85,16 +88,15 @@ impl WorkerOptions {
     }
 }
 
-/// Prepares Python (environment, cloudpickle, pyarrow) unless strict mode
-/// means Python UDFs never run here.
+/// Sets up Python UDF execution and, unless strict mode means Python UDFs
+/// never run here, checks it works now rather than at the first query: the
+/// runners start (pool), or the interpreter imports cloudpickle and pyarrow.
 pub fn prepare_python(options: &WorkerOptions) -> Result<()> {
-    if let Some(env) = &options.python_env {
-        dfship_codec::use_python_environment(env)?;
-    }
+    options.python.apply()?;
     if options.strict {
         return Ok(());
     }
-    dfship_codec::ensure_python()
+    dfship_codec::start_python()
 }
 
 /// Binds the listener; port 0 picks a free port.
@@ -123,21 +125,7 @@ pub async fn serve(
         tracing::info!(udf = udf.name(), spec = spec.as_str(), "registered FFI UDF");
         builder = builder.with_udf(udf);
     }
-    let worker = Worker::from_session_builder(builder);
-    // Pings detect a coordinator or peer that vanished without closing its
-    // connection, so its tasks stop instead of waiting forever.
-    let keepalive = dfship_distributed::ChannelOptions::default();
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(keepalive.keepalive_interval))
-        .http2_keepalive_timeout(Some(keepalive.keepalive_timeout))
-        .tcp_keepalive(Some(keepalive.keepalive_interval))
-        .add_service(worker.into_worker_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))
+    dfship_distributed::serve_worker(builder, listener, shutdown).await
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -166,7 +154,16 @@ pub async fn run(options: WorkerOptions) -> Result<()> {
     let (listener, address) = bind(&options).await?;
     // Scripts and tests wait for this exact line.
     println!("dfship-worker listening on http://{address}");
-    tracing::info!(%address, strict = options.strict, signed = options.cluster_key()?.is_some(), "worker started");
+    let execution = dfship_codec::python_execution();
+    tracing::info!(
+        %address,
+        strict = options.strict,
+        signed = options.cluster_key()?.is_some(),
+        python_mode = ?execution.mode,
+        python_runners = execution.runners,
+        python = %execution.python.display(),
+        "worker started"
+    );
     serve(listener, &options, shutdown_signal()).await?;
     tracing::info!(%address, "worker stopped");
     Ok(())

@@ -41,6 +41,15 @@ pub fn init_python() {
     });
 }
 
+/// Runs this test process's Python UDFs in-process (nextest runs each test
+/// in its own process, so this affects one test).
+pub fn in_process() {
+    dfship_codec::configure_python_execution(
+        dfship_codec::PythonExecution::default().with_mode(dfship_codec::PythonMode::InProcess),
+    )
+    .expect("the first configuration of this test process");
+}
+
 /// Evaluates a Python expression (after running `setup`, if any, in the same namespace).
 pub fn py_object(setup: &str, expression: &str) -> Py<PyAny> {
     init_python();
