@@ -279,6 +279,11 @@ impl SpawnedCluster {
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(|c| c.id()).collect()
     }
+
+    /// The runner processes of each worker (its child processes), by pid.
+    pub fn runner_pids(&self) -> Vec<Vec<u32>> {
+        self.pids().into_iter().map(child_pids).collect()
+    }
 }
 
 impl Drop for SpawnedCluster {
@@ -300,4 +305,30 @@ pub fn ffi_example_spec() -> String {
         library.display()
     );
     format!("{}:dfship_ffi_scalar_udf", library.display())
+}
+
+/// The processes whose parent is `parent` (from /proc).
+pub fn child_pids(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return children;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children.sort_unstable();
+    children
 }

@@ -8,9 +8,20 @@ use dfship_integration_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_query_matrix_on_worker_processes() {
+    matrix_on_workers(&[]).await;
+}
+
+/// The same matrix, with workers running Python in-process instead of in
+/// runner processes: the same results (both equal single-node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_query_matrix_on_in_process_workers() {
+    matrix_on_workers(&["--python-mode", "in-process"]).await;
+}
+
+async fn matrix_on_workers(worker_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
-    let cluster = SpawnedCluster::start(3, &[]);
+    let cluster = SpawnedCluster::start(3, worker_args);
     let inline = InlineUdfs::new(CodecOptions::default());
     let distributed = ClusterContextBuilder::new(&cluster.urls)
         .unwrap()

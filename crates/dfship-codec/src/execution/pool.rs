@@ -138,7 +138,7 @@ impl RunnerPool {
     }
 
     /// Evaluates one call on a runner; returns the (unchecked) result.
-    pub(crate) fn call(&self, call: &RunnerCall<'_>) -> Result<ArrayData> {
+    pub(crate) fn call(&'static self, call: &RunnerCall<'_>) -> Result<ArrayData> {
         let arguments = protocol::encode_arguments(call.arrays, call.number_rows)?;
         let mut runner = match self.acquire(call.pickled.digest(), call.cancel)? {
             Lease::Idle(runner) => runner,
@@ -167,7 +167,7 @@ impl RunnerPool {
                 let how = runner.describe_failure(&failure);
                 drop(runner);
                 self.counters.lost.fetch_add(1, Ordering::Relaxed);
-                self.give_up_slot();
+                self.replace_lost_runner();
                 Err(self.failure_error(call, &failure, &how))
             }
         }
@@ -382,6 +382,26 @@ impl RunnerPool {
         state.checked_out -= 1;
         state.idle.push(runner);
         self.changed.notify_all();
+    }
+
+    /// A runner died or was killed: start its replacement in the background
+    /// (keeping its slot), so the next call does not pay for the start-up.
+    fn replace_lost_runner(&'static self) {
+        let spawned = std::thread::Builder::new()
+            .name("dfship-runner-start".to_string())
+            .spawn(move || match Runner::start(&self.config) {
+                Ok(runner) => {
+                    self.counters.started.fetch_add(1, Ordering::Relaxed);
+                    self.give_back(runner);
+                }
+                Err(detail) => {
+                    tracing::warn!(%detail, "cannot replace a lost UDF runner; the next call retries");
+                    self.give_up_slot();
+                }
+            });
+        if spawned.is_err() {
+            self.give_up_slot();
+        }
     }
 
     fn give_up_slot(&self) {

@@ -93,7 +93,8 @@ impl Runner {
                 if moved < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // A runner never outlives its parent.
+                // A runner never outlives its parent. (The signal follows the
+                // death of the thread that forked, hence `spawn_from_lasting_thread`.)
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 if let Some(bytes) = memory_limit {
                     let limit = libc::rlimit {
@@ -107,7 +108,7 @@ impl Runner {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|e| {
+        let child = spawn_from_lasting_thread(command).map_err(|e| {
             format!(
                 "cannot start a UDF runner with {}: {e}; point --python-executable (or \
                  --python-env) at a Python interpreter that has pyarrow and cloudpickle",
@@ -257,6 +258,39 @@ impl Runner {
             RunnerFailure::Died(status) => describe_exit(*status),
         }
     }
+}
+
+/// Forks and execs `command` on one thread that lives as long as the
+/// process: `PR_SET_PDEATHSIG` fires when the *thread* that forked a child
+/// exits, and the threads that start runners (tokio's blocking threads, a
+/// replacement thread) come and go.
+fn spawn_from_lasting_thread(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, std::sync::mpsc::SyncSender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Request>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, queue) = std::sync::mpsc::channel::<Request>();
+        let started = std::thread::Builder::new()
+            .name("dfship-runner-spawner".to_string())
+            .spawn(move || {
+                for (mut command, reply) in queue {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start the runner spawner thread");
+        }
+        std::sync::Mutex::new(requests)
+    });
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("the runner spawner thread has stopped"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the runner spawner thread has stopped"))?
 }
 
 impl Drop for Runner {
