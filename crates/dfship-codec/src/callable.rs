@@ -20,12 +20,15 @@ use crate::result_check::not_an_array;
 
 use crate::cache::CallableCache;
 use crate::error::UdfPayloadError;
-use crate::pickled::{sha256, PickleContent, PickledCallable};
+use crate::pickled::{sha256, short_hex, PickleContent, PickledCallable};
 use crate::python;
+use crate::store::PayloadStore;
 
 pub(crate) struct PythonCallable {
     live: PyOnceLock<Py<PyAny>>,
     pickled: OnceLock<PickledCallable>,
+    /// For a callable a plan names by digest: where its pickle is kept.
+    reference: Option<(Arc<PayloadStore>, [u8; 32])>,
     cache: Arc<CallableCache>,
 }
 
@@ -49,6 +52,7 @@ impl PythonCallable {
         Self {
             live,
             pickled: OnceLock::new(),
+            reference: None,
             cache: CallableCache::global(),
         }
     }
@@ -59,13 +63,32 @@ impl PythonCallable {
         Self {
             live: PyOnceLock::new(),
             pickled: cell,
+            reference: None,
             cache,
         }
     }
 
-    /// The digest, when the callable has been pickled (or came pickled).
+    /// A callable whose pickle this process received earlier, in another
+    /// frame, and keeps in `store`.
+    pub(crate) fn from_reference(
+        digest: [u8; 32],
+        store: Arc<PayloadStore>,
+        cache: Arc<CallableCache>,
+    ) -> Self {
+        Self {
+            live: PyOnceLock::new(),
+            pickled: OnceLock::new(),
+            reference: Some((store, digest)),
+            cache,
+        }
+    }
+
+    /// The digest, when the callable has been pickled (or came pickled, or named).
     pub(crate) fn digest(&self) -> Option<&[u8; 32]> {
-        self.pickled.get().map(PickledCallable::digest)
+        self.pickled
+            .get()
+            .map(PickledCallable::digest)
+            .or(self.reference.as_ref().map(|(_, digest)| digest))
     }
 
     /// The same callable: equal digests, or the very same live Python object.
@@ -87,20 +110,27 @@ impl PythonCallable {
         if let Some(live) = self.live.get(py) {
             return Ok(live.bind(py).clone());
         }
-        let pickled = self.pickled.get().ok_or_else(|| {
-            DataFusionError::Internal(format!(
-                "Python UDF '{udf_name}' has neither a callable nor a pickle"
-            ))
-        })?;
+        let pickled = self.pickled(udf_name)?;
         let object = load_pickle(py, &self.cache, pickled, udf_name)?;
         let live = self.live.get_or_init(py, || object.unbind());
         Ok(live.bind(py).clone())
     }
 
-    /// The pickle, pickling the live callable on first use.
+    /// The pickle: fetched from the store for a callable named by digest,
+    /// pickled from the live callable on first use otherwise.
     pub(crate) fn pickled(&self, udf_name: &str) -> Result<&PickledCallable> {
         if let Some(pickled) = self.pickled.get() {
             return Ok(pickled);
+        }
+        if let Some((store, digest)) = &self.reference {
+            let pickled = store
+                .get(digest)
+                .ok_or_else(|| UdfPayloadError::MissingPickle {
+                    name: udf_name.to_string(),
+                    digest: short_hex(digest),
+                    waited_secs: store.wait().as_secs(),
+                })?;
+            return Ok(self.pickled.get_or_init(|| pickled));
         }
         python::ensure_python()?;
         let pickled = Python::attach(|py| -> Result<PickledCallable> {

@@ -9,7 +9,7 @@
 //! - Plan nodes are declined, so the codec composes with others (e.g. in a
 //!   `ComposedPhysicalExtensionCodec` after datafusion-distributed's own).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use datafusion::error::{DataFusionError, Result};
@@ -22,7 +22,8 @@ use crate::error::UdfPayloadError;
 use crate::options::CodecOptions;
 use crate::payload;
 use crate::python_udf::PythonScalarUdf;
-use crate::wire::{family_of, Family, WireFormat};
+use crate::signature::UdfSignature;
+use crate::wire::{self, family_of, Family, WireFormat};
 
 /// Ships Python scalar UDFs inline and leaves every other UDF to travel by name.
 ///
@@ -37,11 +38,48 @@ use crate::wire::{family_of, Family, WireFormat};
 #[derive(Debug, Clone, Default)]
 pub struct PythonUdfCodec {
     options: CodecOptions,
+    frames: Arc<Mutex<FrameCache>>,
+}
+
+/// Pickles at least this large go to a destination once per query, then by digest.
+pub const BY_DIGEST_MIN_BYTES: usize = 64 * 1024;
+
+/// How many frames a codec keeps built.
+const FRAMES_KEPT: usize = 32;
+
+type FrameKey = (UdfSignature, [u8; 32], bool);
+
+/// Frames already built, by signature, digest and kind.
+#[derive(Debug)]
+struct FrameCache(lru::LruCache<FrameKey, Bytes>);
+
+impl Default for FrameCache {
+    fn default() -> Self {
+        Self(lru::LruCache::new(
+            std::num::NonZeroUsize::new(FRAMES_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
+        ))
+    }
+}
+
+impl std::ops::Deref for FrameCache {
+    type Target = lru::LruCache<FrameKey, Bytes>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for FrameCache {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl PythonUdfCodec {
     pub fn new(options: CodecOptions) -> Self {
-        Self { options }
+        Self {
+            options,
+            frames: Arc::default(),
+        }
     }
 
     pub fn options(&self) -> &CodecOptions {
@@ -50,19 +88,62 @@ impl PythonUdfCodec {
 
     /// The inline payload for `udf`, or `None` when it travels by name.
     pub fn encode_udf(&self, udf: &ScalarUDF) -> Result<Option<Bytes>> {
+        self.encode_udf_to(udf, &mut |_| true)
+    }
+
+    /// The inline payload for `udf` for one destination that keeps the
+    /// pickles it receives (a worker, during one query): `first_time(digest)`
+    /// says whether that destination has not been sent this pickle yet, and
+    /// records that it now has. A pickle of at least [`BY_DIGEST_MIN_BYTES`]
+    /// goes to each destination once; its other plans name it by digest
+    /// (see [`crate::wire::inline`]).
+    pub fn encode_udf_to(
+        &self,
+        udf: &ScalarUDF,
+        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+    ) -> Result<Option<Bytes>> {
         let Some(python_udf) = udf.inner().downcast_ref::<PythonScalarUdf>() else {
             return Ok(None);
         };
         let format = self.options.write_format();
-        let payload = match python_udf.received(format) {
-            Some(received) => received.clone(),
-            None => Bytes::from(match format {
-                WireFormat::Inline => payload::inline::encode(python_udf, &self.options)?,
-                WireFormat::DataFusionPython => payload::dfpy::encode(python_udf, &self.options)?,
-            }),
+        let payload = match (format, python_udf.received(format)) {
+            (WireFormat::DataFusionPython, Some(received)) => received.clone(),
+            (WireFormat::DataFusionPython, None) => {
+                Bytes::from(payload::dfpy::encode(python_udf, &self.options)?)
+            }
+            // A frame by digest is already as small as it gets.
+            (WireFormat::Inline, Some(received)) if wire::inline::is_by_digest(received) => {
+                received.clone()
+            }
+            (WireFormat::Inline, received) => {
+                let pickled = python_udf.callable().pickled(udf.name())?;
+                let large = pickled.bytes().len() >= BY_DIGEST_MIN_BYTES;
+                let by_digest = large && !first_time(pickled.digest());
+                match received {
+                    // Re-encoding what was received emits the same bytes.
+                    Some(received) if !by_digest => received.clone(),
+                    _ => self.frame(python_udf, pickled.digest(), by_digest)?,
+                }
+            }
         };
         self.check_size(udf.name(), payload.len())?;
         Ok(Some(payload))
+    }
+
+    /// Our frame for `udf`, built once per signature, digest and kind (a
+    /// stage plan goes to every task: the frame is shared, not rebuilt).
+    fn frame(&self, udf: &PythonScalarUdf, digest: &[u8; 32], by_digest: bool) -> Result<Bytes> {
+        let key = (udf.udf_signature().clone(), *digest, by_digest);
+        if let Some(frame) = self.frames().get(&key) {
+            return Ok(frame.clone());
+        }
+        let frame = Bytes::from(payload::inline::encode(udf, &self.options, by_digest)?);
+        self.frames().put(key, frame.clone());
+        Ok(frame)
+    }
+
+    fn frames(&self) -> std::sync::MutexGuard<'_, FrameCache> {
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Rebuilds the Python UDF `name` from its inline payload.

@@ -144,6 +144,17 @@ pub enum UdfPayloadError {
 
     #[error("[udf-load-failed] Python UDF '{name}' could not be pickled: {detail}")]
     Pickle { name: String, detail: String },
+
+    #[error(
+        "[udf-load-failed] the plan names Python UDF '{name}' by the digest of its pickle \
+         ({digest}), but this process did not receive that pickle within {waited_secs} s (it \
+         restarted during the query, or kept too many others); run the query again"
+    )]
+    MissingPickle {
+        name: String,
+        digest: String,
+        waited_secs: u64,
+    },
 }
 
 impl UdfPayloadError {
@@ -163,7 +174,9 @@ impl UdfPayloadError {
             | TooLarge { .. }
             | Strict { .. } => ErrorKind::PayloadRefused,
             PythonVersion { .. } | CloudpickleVersion { .. } => ErrorKind::VersionMismatch,
-            ModuleNotFound { .. } | Unpickle { .. } | Pickle { .. } => ErrorKind::UdfLoadFailed,
+            ModuleNotFound { .. } | Unpickle { .. } | Pickle { .. } | MissingPickle { .. } => {
+                ErrorKind::UdfLoadFailed
+            }
         }
     }
 

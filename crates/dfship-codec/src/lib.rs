@@ -35,11 +35,12 @@ mod python;
 mod python_udf;
 mod result_check;
 mod signature;
+mod store;
 pub mod wire;
 
 pub use auth::{ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
 pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_BYTES};
-pub use codec::PythonUdfCodec;
+pub use codec::{PythonUdfCodec, BY_DIGEST_MIN_BYTES};
 pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
 };
@@ -55,4 +56,5 @@ pub use pickled::{PickleContent, PickledCallable, PicklerVersions};
 pub use python::{ensure_python, is_running as python_is_running, use_python_environment};
 pub use python_udf::PythonScalarUdf;
 pub use signature::UdfSignature;
+pub use store::{PayloadStore, DEFAULT_STORE_BYTES, DEFAULT_STORE_WAIT};
 pub use wire::WireFormat;

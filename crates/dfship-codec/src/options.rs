@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::auth::ClusterKey;
 use crate::cache::CallableCache;
+use crate::store::PayloadStore;
 use crate::wire::WireFormat;
 
 /// Payloads above this many bytes are refused by default (Ray's hard limit).
@@ -30,6 +31,7 @@ pub struct CodecOptions {
     max_payload_bytes: usize,
     warn_payload_bytes: usize,
     cache: Arc<CallableCache>,
+    store: Arc<PayloadStore>,
 }
 
 impl Default for CodecOptions {
@@ -41,6 +43,7 @@ impl Default for CodecOptions {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             warn_payload_bytes: DEFAULT_WARN_PAYLOAD_BYTES,
             cache: CallableCache::global(),
+            store: PayloadStore::global(),
         }
     }
 }
@@ -87,6 +90,17 @@ impl CodecOptions {
     pub fn with_cache(mut self, cache: Arc<CallableCache>) -> Self {
         self.cache = cache;
         self
+    }
+
+    /// Where pickles received in full are kept for frames that name them
+    /// by digest (default: the process-wide store).
+    pub fn with_store(mut self, store: Arc<PayloadStore>) -> Self {
+        self.store = store;
+        self
+    }
+
+    pub fn store(&self) -> &Arc<PayloadStore> {
+        &self.store
     }
 
     pub fn write_format(&self) -> WireFormat {

@@ -24,6 +24,7 @@ use crate::execution::{self, TaskOptions};
 use crate::pickled::PickledCallable;
 use crate::result_check::checked_result;
 use crate::signature::UdfSignature;
+use crate::store::PayloadStore;
 use crate::wire::WireFormat;
 
 /// A scalar UDF whose body is a Python callable; it travels inline.
@@ -83,6 +84,20 @@ impl PythonScalarUdf {
         Self::with_callable(
             udf_signature,
             PythonCallable::from_pickle(pickled, cache),
+            Some(received),
+        )
+    }
+
+    pub(crate) fn from_reference(
+        udf_signature: UdfSignature,
+        digest: [u8; 32],
+        store: Arc<PayloadStore>,
+        cache: Arc<CallableCache>,
+        received: (WireFormat, Bytes),
+    ) -> Self {
+        Self::with_callable(
+            udf_signature,
+            PythonCallable::from_reference(digest, store, cache),
             Some(received),
         )
     }

@@ -84,7 +84,11 @@ impl WorkerChannel for InlineUdfChannel {
         task_ctx: &Arc<TaskContext>,
     ) -> Result<BoxStream<'static, Result<WorkerToCoordinatorMsg>>> {
         if let MaybeEncoded::Decoded(plan) = set_plan_request.plan {
-            set_plan_request.plan = MaybeEncoded::Encoded(self.encoder.encode_plan(plan)?);
+            set_plan_request.plan = MaybeEncoded::Encoded(self.encoder.encode_plan_for(
+                plan,
+                self.worker.as_str(),
+                set_plan_request.task_key.query_id.as_bytes(),
+            )?);
         }
         // Names this task, so the worker can stop its Python calls when the
         // query ends (see `task_lifetime`).

@@ -27,8 +27,10 @@
 //! upstream asks user codecs for UDFs, the shim can go:
 //! `tests/upstream_ordering.rs` fails when that happens.
 
+use std::collections::HashSet;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use datafusion::error::{DataFusionError, Result};
@@ -43,6 +45,7 @@ use datafusion_proto::physical_plan::{
     PhysicalProtoConverterExtension,
 };
 use dfship_codec::PythonUdfCodec;
+use lru::LruCache;
 use prost::Message;
 
 /// The envelope `ComposedPhysicalExtensionCodec` reads: which codec of the
@@ -64,7 +67,14 @@ pub struct InlineUdfEncoder {
     udf_codec: Arc<PythonUdfCodec>,
     udf_codec_position: u32,
     stats: EncoderCounters,
+    /// Which large pickles each (worker, query) has been sent.
+    sent: Mutex<LruCache<(String, Vec<u8>), SentPickles>>,
 }
+
+type SentPickles = Arc<Mutex<HashSet<[u8; 32]>>>;
+
+/// How many (worker, query) pairs the encoder remembers what it sent.
+const DESTINATIONS_KEPT: usize = 1024;
 
 #[derive(Debug, Default)]
 struct EncoderCounters {
@@ -113,6 +123,9 @@ impl InlineUdfEncoder {
             udf_codec_position: u32::try_from(position)
                 .map_err(|_| DataFusionError::Configuration("too many user codecs".to_string()))?,
             stats: EncoderCounters::default(),
+            sent: Mutex::new(LruCache::new(
+                NonZeroUsize::new(DESTINATIONS_KEPT).unwrap_or(NonZeroUsize::MIN),
+            )),
         })
     }
 
@@ -130,6 +143,58 @@ impl InlineUdfEncoder {
         let converter = DeduplicatingProtoConverter::default();
         physical_plan_to_bytes_with_proto_converter(plan, self, &converter)
             .map(|bytes| bytes.to_vec())
+    }
+
+    /// A stage plan for one task of `query` on `worker`: a large pickle
+    /// travels in the first of the query's plans for that worker and is
+    /// named by digest in the others (the worker keeps what it received).
+    pub fn encode_plan_for(
+        self: &Arc<Self>,
+        plan: Arc<dyn ExecutionPlan>,
+        worker: &str,
+        query: &[u8],
+    ) -> Result<Vec<u8>> {
+        self.stats.plans.fetch_add(1, Ordering::Relaxed);
+        let sent = {
+            let mut destinations = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (worker.to_string(), query.to_vec());
+            match destinations.get(&key) {
+                Some(sent) => Arc::clone(sent),
+                None => {
+                    let sent = SentPickles::default();
+                    destinations.put(key, Arc::clone(&sent));
+                    sent
+                }
+            }
+        };
+        let destination = ForDestination {
+            encoder: Arc::clone(self),
+            sent,
+        };
+        let converter = DeduplicatingProtoConverter::default();
+        physical_plan_to_bytes_with_proto_converter(plan, &destination, &converter)
+            .map(|bytes| bytes.to_vec())
+    }
+
+    /// Writes `node` inline (or by digest, when `first_time` says the
+    /// destination has its pickle), wrapped for the workers' codec list.
+    fn encode_udf_with(
+        &self,
+        node: &ScalarUDF,
+        buf: &mut Vec<u8>,
+        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+    ) -> Result<()> {
+        match self.udf_codec.encode_udf_to(node, first_time)? {
+            Some(payload) => {
+                self.stats.inline_udfs.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .inline_bytes
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                Self::envelope(self.udf_codec_position as usize, payload, buf)
+            }
+            // Not a Python UDF: write nothing, so it travels by name.
+            None => Ok(()),
+        }
     }
 
     /// A shuffle producer's partitioning (`ProducerHead::RepartitionExec`),
@@ -191,17 +256,7 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
     }
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
-        match self.udf_codec.encode_udf(node)? {
-            Some(payload) => {
-                self.stats.inline_udfs.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .inline_bytes
-                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                Self::envelope(self.udf_codec_position as usize, payload, buf)
-            }
-            // Not a Python UDF: write nothing, so it travels by name.
-            None => Ok(()),
-        }
+        self.encode_udf_with(node, buf, &mut |_| true)
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
@@ -214,5 +269,64 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
 
     fn try_encode_udwf(&self, _node: &WindowUDF, _buf: &mut Vec<u8>) -> Result<()> {
         Ok(())
+    }
+}
+
+/// The encoder, for the plans of one (worker, query): remembers which large
+/// pickles that worker was sent.
+struct ForDestination {
+    encoder: Arc<InlineUdfEncoder>,
+    sent: SentPickles,
+}
+
+impl std::fmt::Debug for ForDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForDestination").finish_non_exhaustive()
+    }
+}
+
+impl PhysicalExtensionCodec for ForDestination {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.encoder.try_decode(buf, inputs, ctx, proto_converter)
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        proto_converter: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<()> {
+        self.encoder.try_encode(node, buf, proto_converter)
+    }
+
+    fn try_decode_udf(&self, name: &str, buf: &[u8]) -> Result<Arc<ScalarUDF>> {
+        self.encoder.try_decode_udf(name, buf)
+    }
+
+    fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.encoder.encode_udf_with(node, buf, &mut |digest| {
+            self.sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*digest)
+        })
+    }
+
+    fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
+        self.encoder.try_decode_udaf(name, buf)
+    }
+
+    fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.encoder.try_encode_udaf(node, buf)
+    }
+
+    fn try_encode_udwf(&self, node: &WindowUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.encoder.try_encode_udwf(node, buf)
     }
 }

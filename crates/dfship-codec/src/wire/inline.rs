@@ -12,7 +12,7 @@
 //! | 8 | 1 | Python major version of the pickler |
 //! | 9 | 1 | Python minor version of the pickler |
 //! | 10 | 1 | cloudpickle major version of the pickler |
-//! | 11 | 1 | flags: bit 0 set = an HMAC tag is present; other bits must be 0 |
+//! | 11 | 1 | flags: bit 0 = an HMAC tag is present; bit 1 = the pickle is sent by digest (below); other bits must be 0 |
 //! | 12 | 2 | `N`, length of the name |
 //! | 14 | N | UDF name, UTF-8 |
 //! | +0 | 1 | volatility: 0 immutable, 1 stable, 2 volatile |
@@ -22,13 +22,21 @@
 //! | … | R | Arrow IPC schema stream with one field: the return field |
 //! | … | 32 | SHA-256 of the pickled callable (the cache key) |
 //! | … | 32 | HMAC-SHA256 tag, only when flag bit 0 is set |
-//! | … | 4 | `P`, length of the pickle |
-//! | … | P | `cloudpickle.dumps(callable)` |
+//! | … | 4 | `P`, length of the pickle (absent when flag bit 1 is set) |
+//! | … | P | `cloudpickle.dumps(callable)` (absent when flag bit 1 is set) |
 //!
 //! The tag is computed with the shared cluster key over every byte of the
 //! frame except the 32 tag bytes themselves (so it covers the flags, the
 //! signature, the digest and the pickle). A frame must end exactly after the
-//! pickle.
+//! pickle (or, by digest, after the digest or tag).
+//!
+//! **By digest.** A coordinator sends the pickle of a large closure to each
+//! worker once per query: the first of that query's stage plans for a worker
+//! carries the whole frame, the others a frame with flag bit 1 set and no
+//! pickle, which names the pickle by its digest. The receiver keeps pickles
+//! it received in full (`crate::PayloadStore`) and looks the digest up when
+//! it needs the callable. Such a frame is signed like any other, and the
+//! pickle it names was checked (digest, tag) when its own frame arrived.
 
 use bytes::Bytes;
 use datafusion::error::Result;
@@ -45,22 +53,62 @@ pub const INLINE_MAGIC: &[u8; 7] = b"DFSHIPU";
 pub const INLINE_VERSION: u8 = 1;
 
 const FLAG_SIGNED: u8 = 0b0000_0001;
+const FLAG_BY_DIGEST: u8 = 0b0000_0010;
 const DIGEST_LEN: usize = 32;
 const TAG_LEN: usize = 32;
 
 /// A frame whose framing, authentication and integrity have been checked.
-/// The pickle has not been touched; it is a view into the frame's bytes.
+/// The pickle has not been touched.
 #[derive(Debug)]
 pub struct InlineFrame {
     pub signature: UdfSignature,
-    pub pickled: PickledCallable,
+    pub pickle: FramePickle,
 }
 
-/// Writes a frame; signs it when a key is given.
+/// The pickle a frame carries, or the digest it names it by.
+#[derive(Debug)]
+pub enum FramePickle {
+    /// Carried in the frame (a view into the frame's bytes, digest verified).
+    Inline(PickledCallable),
+    /// Sent earlier in a frame of its own; look it up by digest.
+    ByDigest {
+        digest: [u8; 32],
+        versions: PicklerVersions,
+    },
+}
+
+/// Whether `frame` (one of ours) names its pickle by digest instead of carrying it.
+pub fn is_by_digest(frame: &[u8]) -> bool {
+    frame.starts_with(INLINE_MAGIC)
+        && frame
+            .get(11)
+            .is_some_and(|flags| flags & FLAG_BY_DIGEST != 0)
+}
+
+/// Writes a frame carrying the pickle; signs it when a key is given.
 pub fn write_frame(
     signature: &UdfSignature,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
+) -> Result<Vec<u8>> {
+    write(signature, pickled, key, false)
+}
+
+/// Writes a frame that names the pickle by its digest (see the module docs);
+/// signs it when a key is given.
+pub fn write_reference_frame(
+    signature: &UdfSignature,
+    pickled: &PickledCallable,
+    key: Option<&ClusterKey>,
+) -> Result<Vec<u8>> {
+    write(signature, pickled, key, true)
+}
+
+fn write(
+    signature: &UdfSignature,
+    pickled: &PickledCallable,
+    key: Option<&ClusterKey>,
+    by_digest: bool,
 ) -> Result<Vec<u8>> {
     let input_schema = signature.input_schema_ipc()?;
     let return_schema = signature.return_schema_ipc()?;
@@ -80,7 +128,11 @@ pub fn write_frame(
     head.push(pickled.versions().python_major);
     head.push(pickled.versions().python_minor);
     head.push(pickled.versions().cloudpickle_major);
-    head.push(if key.is_some() { FLAG_SIGNED } else { 0 });
+    let mut flags = if key.is_some() { FLAG_SIGNED } else { 0 };
+    if by_digest {
+        flags |= FLAG_BY_DIGEST;
+    }
+    head.push(flags);
     head.extend_from_slice(&name_len.to_le_bytes());
     head.extend_from_slice(name);
     head.push(volatility_code(signature.volatility));
@@ -88,8 +140,10 @@ pub fn write_frame(
     push_length_prefixed(&mut head, &return_schema)?;
     head.extend_from_slice(pickled.digest());
 
-    let mut tail = Vec::with_capacity(4 + pickle.len());
-    push_length_prefixed(&mut tail, pickle)?;
+    let mut tail = Vec::with_capacity(if by_digest { 0 } else { 4 + pickle.len() });
+    if !by_digest {
+        push_length_prefixed(&mut tail, pickle)?;
+    }
 
     let mut frame = head;
     if let Some(key) = key {
@@ -144,7 +198,7 @@ pub fn read_frame(
         cloudpickle_major: reader.u8("the cloudpickle major version")?,
     };
     let flags = reader.u8("the flags")?;
-    if flags & !FLAG_SIGNED != 0 {
+    if flags & !(FLAG_SIGNED | FLAG_BY_DIGEST) != 0 {
         return Err(UdfPayloadError::Malformed {
             name: expected_name.to_string(),
             detail: format!("unknown flag bits {flags:#010b}"),
@@ -163,8 +217,13 @@ pub fn read_frame(
         None
     };
     let tag_end = reader.offset();
-    let pickle = reader.length_prefixed("the pickled callable")?;
-    let pickle_start = reader.offset() - pickle.len();
+    let by_digest = flags & FLAG_BY_DIGEST != 0;
+    let pickle = if by_digest {
+        None
+    } else {
+        Some(reader.length_prefixed("the pickled callable")?)
+    };
+    let pickle_start = reader.offset() - pickle.map_or(0, <[u8]>::len);
     reader.expect_end()?;
 
     if let Some(key) = key {
@@ -190,21 +249,24 @@ pub fn read_frame(
             found: name.to_string(),
         });
     }
-    if sha256(pickle) != digest {
-        return Err(UdfPayloadError::DigestMismatch {
-            name: expected_name.to_string(),
-        });
+    if let Some(pickle) = pickle {
+        if sha256(pickle) != digest {
+            return Err(UdfPayloadError::DigestMismatch {
+                name: expected_name.to_string(),
+            });
+        }
     }
     let volatility = volatility_from_code(expected_name, volatility)?;
     let signature =
         UdfSignature::from_wire(expected_name, input_schema, return_schema, volatility)?;
-    Ok(InlineFrame {
-        signature,
-        pickled: PickledCallable::new(
+    let pickle = match pickle {
+        Some(_) => FramePickle::Inline(PickledCallable::new(
             frame.slice(pickle_start..),
             digest,
             versions,
             PickleContent::Callable,
-        ),
-    })
+        )),
+        None => FramePickle::ByDigest { digest, versions },
+    };
+    Ok(InlineFrame { signature, pickle })
 }
