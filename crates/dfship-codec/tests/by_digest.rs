@@ -50,7 +50,7 @@ async fn the_second_plan_names_the_pickle_and_runs_from_the_first() {
         "the frame by digest carries the signature and digest only: {} bytes",
         by_digest.len()
     );
-    assert!(BY_DIGEST_MIN_BYTES < BLOB);
+    const { assert!(BY_DIGEST_MIN_BYTES < BLOB) };
     let store = Arc::new(PayloadStore::new(64 << 20, Duration::from_millis(200)));
     let worker = receiver(Arc::clone(&store), None);
     let first = worker.decode_udf("big_closure", &full).unwrap();
