@@ -45,6 +45,11 @@ fn udf_from(name: &str, setup: &str, expression: &str) -> ScalarUDF {
 fn main() {
     // `cargo bench` passes --bench; nothing to parse.
     init_python();
+    // Counts and times of this process's own interpreter and callable cache.
+    dfship_codec::configure_python_execution(
+        dfship_codec::PythonExecution::default().with_mode(dfship_codec::PythonMode::InProcess),
+    )
+    .expect("configure Python execution");
     let rt = runtime();
     let data = dataset(&rt);
     let task_ctx = Arc::new(datafusion::execution::TaskContext::default());

@@ -1,6 +1,9 @@
-//! Per-batch cost of calling a Python UDF (`lambda a: pc.add(a, 1)`, arrays
-//! handed to pyarrow zero-copy) against the same function as a native Rust
-//! UDF (arrow's `add`), for batches of 1 k to 64 k rows.
+//! Per-batch cost of calling a Python UDF (`lambda a: pc.add(a, 1)`) against
+//! the same function as a native Rust UDF (arrow's `add`), for batches of
+//! 1 k to 64 k rows, in the Python mode named by `DFSHIP_BENCH_PYTHON_MODE`:
+//! `pool` (a runner process: Arrow IPC over a Unix socket both ways) or
+//! `in-process` (this process's interpreter: zero-copy through the C Data
+//! Interface). `benches/run.sh` runs it once per mode, side by side.
 
 use std::sync::Arc;
 
@@ -49,6 +52,16 @@ fn call(udf: &ScalarUDF, input: &ArrayRef) -> usize {
 
 fn bench(c: &mut Criterion) {
     init_python();
+    let mode = std::env::var("DFSHIP_BENCH_PYTHON_MODE").unwrap_or_else(|_| "pool".to_string());
+    dfship_codec::configure_python_execution(
+        dfship_codec::PythonExecution::default()
+            .with_mode(
+                mode.parse()
+                    .expect("DFSHIP_BENCH_PYTHON_MODE is pool or in-process"),
+            )
+            .with_runners(1),
+    )
+    .expect("configure Python execution");
     let python = python_udf(
         "py_plus_one",
         vec![DataType::Int64],
@@ -57,8 +70,8 @@ fn bench(c: &mut Criterion) {
         "lambda a: pc.add(a, 1)",
     );
     let native = native_plus_one();
-    let mut group = c.benchmark_group("invoke");
-    for rows in [1024usize, 4096, 16384, 65536] {
+    let mut group = c.benchmark_group(format!("invoke_{}", mode.replace('-', "_")));
+    for rows in [1024usize, 8192, 65536] {
         let input: ArrayRef = Arc::new(Int64Array::from_iter_values(0..rows as i64));
         group.throughput(Throughput::Elements(rows as u64));
         group.bench_with_input(BenchmarkId::new("python", rows), &input, |b, input| {

@@ -151,12 +151,6 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def children_cpu_seconds() -> float:
-    """CPU of the children this process has waited for (the `dfship sql` coordinator)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def profile_datafusion(data: Path, runs: int, raw: Path) -> dict:
     import datafusion
 
@@ -219,12 +213,13 @@ def profile_dfship(data: Path, runs: int, bin_dir: Path, venv: Path, raw: Path) 
     result = {}
     for name, query in (("row_score", QUERY), ("passthrough", BASELINE)):
         # `dfship sql --repeat` runs a warm-up first: runs + 1 executions in each window.
+        # CPU of each process tree (a worker with its UDF runners; the
+        # coordinator with its own) over the timed runs only.
         with dfship_workers(2, bin_dir, venv) as (processes, urls):
-            before = {p.pid: cpu_seconds(p.pid) for p in processes}
-            coordinator_before = children_cpu_seconds()
-            walls = run_dfship_query(urls, query, runs, data, bin_dir, venv)
-            cpu = {f"worker {i + 1}": cpu_seconds(p.pid) - before[p.pid] for i, p in enumerate(processes)}
-            cpu["coordinator"] = children_cpu_seconds() - coordinator_before
+            per_run: list[dict] = []
+            pids = [p.pid for p in processes]
+            walls = run_dfship_query(urls, query, runs, data, bin_dir, venv, pids, per_run)
+            cpu = {name: sum(run[name] for run in per_run) * (runs + 1) / runs for name in per_run[0]}
         with dfship_workers(2, bin_dir, venv) as (processes, urls):
             spy = PySpy([p.pid for p in processes], raw / f"dfship-{name}.raw")
             run_dfship_query(urls, query, runs, data, bin_dir, venv)

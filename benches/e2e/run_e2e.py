@@ -163,14 +163,51 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) for every process (/proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[1] is the parent; fields[11], [12] are utime, stime (stat fields 14, 15).
+        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+    return table
+
+
+def tree_cpu(table: dict[int, tuple[int, float]], root: int) -> dict[int, float]:
+    """CPU seconds of `root` and each of its descendants (a worker and its UDF runners)."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    seen, stack = {}, [root]
+    while stack:
+        pid = stack.pop()
+        if pid in table and pid not in seen:
+            seen[pid] = table[pid][1]
+            stack.extend(children.get(pid, []))
+    return seen
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two samples of one process tree (processes born in between count whole)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 @contextlib.contextmanager
-def dfship_workers(count: int, bin_dir: Path, venv: Path):
+def dfship_workers(count: int, bin_dir: Path, venv: Path, extra_args: tuple[str, ...] = ()):
     """Starts `count` release worker processes on free ports; yields (processes, urls)."""
     processes, urls = [], []
     try:
         for _ in range(count):
             p = subprocess.Popen(
-                [str(bin_dir / "dfship-worker"), "--port", "0", "--python-env", str(venv)],
+                [str(bin_dir / "dfship-worker"), "--port", "0", "--python-env", str(venv), *extra_args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
@@ -188,10 +225,22 @@ def dfship_workers(count: int, bin_dir: Path, venv: Path):
 
 
 def run_dfship_query(
-    urls: list[str], query: str, runs: int, data: Path, bin_dir: Path, venv: Path
+    urls: list[str],
+    query: str,
+    runs: int,
+    data: Path,
+    bin_dir: Path,
+    venv: Path,
+    workers: list[int] = (),
+    cpu: list[dict] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> list[float]:
-    """Runs `query` runs+1 times in one `dfship sql --repeat` process; returns the timings after the first."""
-    result = subprocess.run(
+    """Runs `query` runs+1 times in one `dfship sql --repeat` process; returns the timings after the first.
+
+    With `cpu` given, appends for each timed run the CPU seconds spent by the
+    coordinator's and each worker's process tree (runners included).
+    """
+    process = subprocess.Popen(
         [
             str(bin_dir / "dfship"),
             "sql",
@@ -205,29 +254,62 @@ def run_dfship_query(
             f"stores={data / 'stores'}",
             "--repeat",
             str(runs + 1),
+            *extra_args,
             query,
         ],
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "VIRTUAL_ENV": str(venv)},
-        check=False,
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"dfship sql failed for {query!r}:\n{result.stderr}")
-    seen = [float(s) for s in re.findall(r"dfship-timing run=\d+ seconds=([0-9.]+)", result.stderr)]
+    roots = {"coordinator": process.pid, **{f"worker {i}": pid for i, pid in enumerate(workers)}}
+
+    def sample() -> dict[str, dict[int, float]]:
+        table = process_table()
+        return {name: tree_cpu(table, pid) for name, pid in roots.items()}
+
+    samples, lines = [], []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("dfship-timing"):
+            samples.append(sample())
+    if process.wait() != 0:
+        raise RuntimeError(f"dfship sql failed for {query!r}:\n{''.join(lines)}")
+    seen = [float(s) for s in re.findall(r"dfship-timing run=\d+ seconds=([0-9.]+)", "".join(lines))]
+    if cpu is not None:
+        # The first timing line ends the warm-up; each later one ends a timed run.
+        for before, after in zip(samples, samples[1:], strict=False):
+            cpu.append({name: round(cpu_between(before[name], after[name]), 3) for name in roots})
     return seen[1:]  # the first run is the warm-up
 
 
 def bench_dfship(
-    data: Path, runs: int, workers: int, bin_dir: Path, venv: Path, queries: dict[str, str] = QUERIES
-) -> tuple[dict, dict]:
-    times, memory = {}, {}
+    data: Path,
+    runs: int,
+    workers: int,
+    bin_dir: Path,
+    venv: Path,
+    queries: dict[str, str] = QUERIES,
+    extra_args: tuple[str, ...] = (),
+) -> tuple[dict, dict, dict]:
+    times, memory, cpu = {}, {}, {}
     for name, query in queries.items():
         # Fresh workers per query, so their peak RSS belongs to this query.
-        with dfship_workers(workers, bin_dir, venv) as (processes, urls):
-            times[name] = run_dfship_query(urls, query, runs, data, bin_dir, venv)
+        with dfship_workers(workers, bin_dir, venv, extra_args) as (processes, urls):
+            cpu[name] = []
+            times[name] = run_dfship_query(
+                urls,
+                query,
+                runs,
+                data,
+                bin_dir,
+                venv,
+                [p.pid for p in processes],
+                cpu[name],
+                extra_args,
+            )
             memory[name] = [round(peak_rss_mib(p.pid), 1) for p in processes]
-    return times, memory
+    return times, memory, cpu
 
 
 def summary(times: list[float]) -> dict[str, float]:
@@ -256,12 +338,20 @@ def main() -> int:
     make_data(args.data, args.rows, args.files)
     results: dict[str, dict] = {}
     memory: dict[str, dict] = {}
+    cpu: dict[str, dict] = {}
     print("datafusion-python ...", flush=True)
     results["datafusion-python"] = bench_datafusion(args.data, args.runs)
-    for workers in (1, 2):
-        print(f"dfship, {workers} worker(s) ...", flush=True)
-        label = f"dfship {workers} worker" + ("s" if workers > 1 else "")
-        results[label], memory[label] = bench_dfship(args.data, args.runs, workers, args.bin, args.venv)
+    systems = [
+        ("dfship 1 worker", 1, ()),
+        ("dfship 2 workers", 2, ()),
+        # Python in the engine's process (one interpreter, one GIL per process), for comparison.
+        ("dfship 1 worker in-process", 1, ("--python-mode", "in-process")),
+    ]
+    for label, workers, extra in systems:
+        print(f"{label} ...", flush=True)
+        results[label], memory[label], cpu[label] = bench_dfship(
+            args.data, args.runs, workers, args.bin, args.venv, extra_args=extra
+        )
     if not args.skip_spark:
         print("PySpark local[2] ...", flush=True)
         results["pyspark local[2]"] = bench_spark(args.data, args.runs)
@@ -285,16 +375,23 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
         json.dumps(
-            {"meta": meta, "summary": table, "times": results, "worker_peak_rss_mib": memory}, indent=2
+            {
+                "meta": meta,
+                "summary": table,
+                "times": results,
+                "worker_peak_rss_mib": memory,
+                "cpu_seconds_per_run": cpu,
+            },
+            indent=2,
         )
     )
-    (args.out / "results.md").write_text(render(meta, table, memory))
+    (args.out / "results.md").write_text(render(meta, table, memory, cpu, results))
     chart(table, args.out / "results.png")
-    print(render(meta, table, memory))
+    print(render(meta, table, memory, cpu, results))
     return 0
 
 
-def render(meta: dict, table: dict, memory: dict) -> str:
+def render(meta: dict, table: dict, memory: dict, cpu: dict, times: dict) -> str:
     base = table["datafusion-python"]
     lines = [
         f"Measured {meta['date']} on {meta['machine']}; Python {meta['python']}, datafusion-python "
@@ -324,6 +421,30 @@ def render(meta: dict, table: dict, memory: dict) -> str:
         lines.append(
             f"| {query} | " + " | ".join(", ".join(str(m) for m in memory[s][query]) for s in memory) + " |"
         )
+    lines += [
+        "",
+        "CPU seconds per run (median over runs) of each process tree — the coordinator and each worker,",
+        "their UDF runners included — and CPU-seconds / wall (2 cores: at most 2.0):",
+        "",
+        "| query | system | coordinator | workers | CPU / wall |",
+        "|---|---|---:|---|---:|",
+    ]
+    for query in QUERIES:
+        for system, per_query in cpu.items():
+            runs = per_query[query]
+            if not runs:
+                continue
+            names = [n for n in runs[0] if n != "coordinator"]
+            coordinator = statistics.median(r["coordinator"] for r in runs)
+            workers = [statistics.median(r[n] for r in runs) for n in names]
+            used = statistics.median(
+                sum(r.values()) / wall for r, wall in zip(runs, times[system][query], strict=False)
+            )
+            lines.append(
+                f"| {query} | {system} | {coordinator:.2f} | "
+                + ", ".join(f"{w:.2f}" for w in workers)
+                + f" | {used:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

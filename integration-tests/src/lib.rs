@@ -9,7 +9,6 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, TimeUnit};
 use datafusion::error::Result;
 use datafusion::logical_expr::{ScalarUDF, Volatility};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use datafusion_distributed::Worker;
 use dfship_codec::{CodecOptions, PythonScalarUdf, UdfSignature};
 use dfship_distributed::PythonWorkerSessionBuilder;
 use pyo3::prelude::*;
@@ -154,12 +153,9 @@ impl InProcessCluster {
                 "http://127.0.0.1:{}",
                 listener.local_addr().unwrap().port()
             ));
-            let worker = Worker::from_session_builder(builder.clone());
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let builder = builder.clone();
             servers.spawn(async move {
-                tonic::transport::Server::builder()
-                    .add_service(worker.into_worker_server())
-                    .serve_with_incoming(incoming)
+                dfship_distributed::serve_worker(builder, listener, std::future::pending())
                     .await
                     .expect("the worker serves");
             });

@@ -158,6 +158,7 @@ pub struct ClusterContextBuilder {
     by_name: Vec<Arc<ScalarUDF>>,
     python: Vec<ScalarUDF>,
     bytes_per_partition: Option<usize>,
+    max_tasks_per_stage: Option<usize>,
 }
 
 impl ClusterContextBuilder {
@@ -191,6 +192,7 @@ impl ClusterContextBuilder {
             by_name: Vec::new(),
             python: Vec::new(),
             bytes_per_partition: None,
+            max_tasks_per_stage: None,
         })
     }
 
@@ -245,6 +247,12 @@ impl ClusterContextBuilder {
         self
     }
 
+    /// At most this many tasks per stage (default: one per worker).
+    pub fn with_max_tasks_per_stage(mut self, tasks: usize) -> Self {
+        self.max_tasks_per_stage = Some(tasks.max(1));
+        self
+    }
+
     pub fn build(self) -> Result<SessionContext> {
         let inline = self.inline.unwrap_or_else(|| InlineUdfs::new(self.options));
         let mut builder = inline.install(
@@ -261,6 +269,9 @@ impl ClusterContextBuilder {
         );
         if let Some(bytes) = self.bytes_per_partition {
             builder = builder.with_distributed_file_scan_config_bytes_per_partition(bytes)?;
+        }
+        if let Some(tasks) = self.max_tasks_per_stage {
+            builder = builder.with_distributed_max_tasks_per_stage(tasks)?;
         }
         let ctx = SessionContext::from(builder.build());
         for udf in self.by_name {
