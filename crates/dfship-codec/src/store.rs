@@ -85,6 +85,13 @@ impl PayloadStore {
         self.arrived.notify_all();
     }
 
+    /// Whether the store holds exactly `pickle` under `digest` (so its digest
+    /// need not be computed again). Does not wait.
+    pub fn holds(&self, digest: &[u8; 32], pickle: &[u8]) -> bool {
+        let held = self.lock().pickles.peek(digest).cloned();
+        held.is_some_and(|held| held.bytes().as_ref() == pickle)
+    }
+
     /// The pickle with `digest`, waiting for it while it may still be in flight.
     pub fn get(&self, digest: &[u8; 32]) -> Option<PickledCallable> {
         let deadline = Instant::now() + self.wait;

@@ -202,7 +202,10 @@ impl InlineUdfChannelResolver {
             .tcp_keepalive(Some(self.options.keepalive_interval))
             .http2_keep_alive_interval(self.options.keepalive_interval)
             .keep_alive_timeout(self.options.keepalive_timeout)
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            // Stage plans can carry megabytes of pickled closures: let HTTP/2
+            // flow control grow its windows instead of 64 KiB round trips.
+            .http2_adaptive_window(true);
         let channel = endpoint.connect().await.map_err(|e| {
             DataFusionError::Execution(format!(
                 "{} cannot connect to worker {url} within {:?}: {e} ({e:?}); check that it runs \

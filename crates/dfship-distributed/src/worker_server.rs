@@ -27,6 +27,7 @@ pub async fn serve_worker(
         .http2_keepalive_interval(Some(keepalive.keepalive_interval))
         .http2_keepalive_timeout(Some(keepalive.keepalive_timeout))
         .tcp_keepalive(Some(keepalive.keepalive_interval))
+        .http2_adaptive_window(Some(true))
         .layer(TaskLifetimeLayer)
         .add_service(worker.into_worker_server())
         .serve_with_incoming_shutdown(

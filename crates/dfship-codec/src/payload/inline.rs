@@ -32,7 +32,11 @@ pub(crate) fn decode(
     payload: Bytes,
     options: &CodecOptions,
 ) -> Result<PythonScalarUdf> {
-    let frame = wire::inline::read_frame(name, &payload, options.cluster_key())?;
+    let store = options.store();
+    let frame =
+        wire::inline::read_frame_with(name, &payload, options.cluster_key(), &|digest, pickle| {
+            store.holds(digest, pickle)
+        })?;
     let received = (WireFormat::Inline, payload);
     Ok(match frame.pickle {
         FramePickle::Inline(pickled) => {
