@@ -18,16 +18,27 @@ echo "bench: release build of the worker, the CLI and the criterion benches"
 cargo build --release --locked -p dfship-worker -p dfship-cli -p dfship-benches --bins --benches
 
 echo "bench: micro benchmarks (criterion)"
+criterion() {
+    cargo bench --locked -p dfship-benches "$@" -- --noplot --warm-up-time 1 --measurement-time 3 2>/dev/null \
+        | grep -E '^[a-z_]+/|time:' | paste - - | sed -E 's/ +/ /g'
+}
 {
     echo "## Micro benchmarks"
     echo
     cargo bench --locked -p dfship-benches --bench counts 2>/dev/null | grep -E '^(\||###|$)'
     echo
+    cargo bench --locked -p dfship-benches --bench closures 2>/dev/null | grep -E '^(\||###|$)'
+    echo
+    .venv/bin/python benches/e2e/transport.py
+    echo
     echo '### Criterion (median time per iteration)'
     echo
     echo '```'
-    cargo bench --locked -p dfship-benches --bench codec --bench invoke -- --noplot --warm-up-time 1 --measurement-time 3 2>/dev/null \
-        | grep -E '^[a-z_]+/|time:' | paste - - | sed -E 's/ +/ /g'
+    criterion --bench codec
+    # Per-batch cost of one call, runner pool against in-process (side by side).
+    DFSHIP_BENCH_PYTHON_MODE=pool criterion --bench invoke
+    DFSHIP_BENCH_PYTHON_MODE=in-process criterion --bench invoke
+    criterion --bench auth
     echo '```'
 } > "$out/micro.md"
 cat "$out/micro.md"

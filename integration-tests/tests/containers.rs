@@ -72,6 +72,12 @@ fn here() -> PathBuf {
 impl Cluster {
     /// Starts the workers and a coordinator; waits until every worker listens.
     fn start(test: &str, workers: Vec<WorkerSpec>) -> Self {
+        Self::start_with(test, workers, |_| {})
+    }
+
+    /// [`Self::start`], after `prepare` has written what the workers need
+    /// into the shared data folder (mounted at /data everywhere).
+    fn start_with(test: &str, workers: Vec<WorkerSpec>, prepare: impl FnOnce(&Path)) -> Self {
         let prefix = format!("dfship-{test}");
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/containers/runs");
         let data = root.join(test);
@@ -83,6 +89,7 @@ impl Cluster {
         )
         .unwrap();
         std::fs::write(data.join("keys/wrong.key"), "somebody else's secret").unwrap();
+        prepare(&data);
         let mut cluster = Self {
             network: prefix.clone(),
             prefix,
@@ -535,15 +542,52 @@ fn a_cluster_with_a_key() {
 
     let marker = cluster.data.join("unpickled.marker");
     let query = "SELECT marker(id) FROM facts";
+    // Every RPC is refused before anything is decoded, let alone unpickled.
     let forged = cluster.sql(&all, "unpickle_marker.py", query, &wrong);
     assert_fails_with(
         &forged,
         "a coordinator with the wrong key",
-        &["does not match the cluster key"],
+        &["does not match this worker's cluster key"],
     );
     let unsigned = cluster.sql(&all, "unpickle_marker.py", query, &[]);
-    assert_fails_with(&unsigned, "a coordinator without a key", &["is unsigned"]);
+    assert_fails_with(
+        &unsigned,
+        "a coordinator without a key",
+        &["requires the cluster key"],
+    );
     assert!(!exists(&marker), "no worker unpickled the refused payloads");
+
+    // A client on the cluster network without the key runs no plan at all:
+    // a scan returns nothing, and a plan that writes files writes none.
+    let scan = cluster.sql(&all, "basic.py", "SELECT * FROM facts", &[]);
+    assert_fails_with(
+        &scan,
+        "a scan without the key",
+        &["requires the cluster key"],
+    );
+    assert!(
+        !scan.stdout.contains("cat_"),
+        "no rows came back:\n{}",
+        scan.stdout
+    );
+    let write = cluster.sql(
+        &all,
+        "basic.py",
+        "COPY (SELECT id, category FROM facts) TO '/tmp/exfiltrated/' STORED AS CSV",
+        &[],
+    );
+    assert_fails_with(
+        &write,
+        "a write without the key",
+        &["requires the cluster key"],
+    );
+    for worker in all {
+        let listed = docker(&["exec", &cluster.container(worker), "ls", "/tmp/exfiltrated"]);
+        assert!(
+            !listed.status.success(),
+            "worker {worker} wrote no file for an unauthenticated client"
+        );
+    }
 
     // Control: signed with the right key, the payload is unpickled and runs its code.
     let _ = cluster.sql(&all, "unpickle_marker.py", query, &right);
@@ -555,4 +599,80 @@ fn a_cluster_with_a_key() {
 
 fn exists(path: &Path) -> bool {
     path.exists()
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn a_cluster_with_mutual_tls() {
+    let names: Vec<String> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|w| format!("dfship-tls-{w}"))
+        .collect();
+    let mutual = |name| WorkerSpec {
+        name,
+        image: NODE,
+        args: vec![
+            "--tls-cert",
+            "/data/tls/cert.pem",
+            "--tls-key",
+            "/data/tls/key.pem",
+            "--tls-ca",
+            "/data/tls/ca.pem",
+        ],
+    };
+    // One certificate, valid for every worker's name, signed by a fresh CA.
+    let cluster = Cluster::start_with(
+        "tls",
+        vec![mutual("w1"), mutual("w2"), mutual("w3")],
+        |data| {
+            dfship_distributed::generate_tls_files(&data.join("tls"), &names)
+                .expect("generate certificates");
+        },
+    );
+    cluster.write_dataset();
+    let https: Vec<String> = names
+        .iter()
+        .map(|n| format!("https://{n}:{PORT}"))
+        .collect();
+    let https = https.join(",");
+    let run = |workers: &str, extra: &[&str]| {
+        let mut args = vec![
+            "dfship",
+            "sql",
+            "--workers",
+            workers,
+            "--udfs",
+            "/udfs/basic.py",
+            "--table",
+            "facts=/data/facts",
+            "--bytes-per-partition",
+            "1",
+        ];
+        args.extend(extra.iter().copied());
+        args.push(SUM_DOUBLE);
+        cluster.exec(&args, Duration::from_secs(120))
+    };
+    let client_certificate = [
+        "--tls-ca",
+        "/data/tls/ca.pem",
+        "--tls-cert",
+        "/data/tls/cert.pem",
+        "--tls-key",
+        "/data/tls/key.pem",
+    ];
+    let ok = run(&https, &client_certificate);
+    assert_ok(&ok, "a query over mutual TLS");
+    assert!(ok.stdout.contains(SUM_DOUBLE_VALUE), "{}", ok.stdout);
+
+    let plaintext = cluster.urls(&["w1", "w2", "w3"]);
+    let refused = run(&plaintext, &[]);
+    assert_fails_with(&refused, "a plaintext client", &["w1"]);
+    let no_certificate = run(&https, &["--tls-ca", "/data/tls/ca.pem"]);
+    assert!(
+        !no_certificate.success,
+        "a TLS client without a certificate is refused:\n{}",
+        no_certificate.stdout
+    );
+    let no_tls = run(&https, &[]);
+    assert_fails_with(&no_tls, "a client without TLS settings", &["--tls-ca"]);
 }

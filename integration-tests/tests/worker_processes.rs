@@ -19,10 +19,14 @@ async fn the_query_matrix_on_in_process_workers() {
 }
 
 async fn matrix_on_workers(worker_args: &[&str]) {
+    matrix_on_workers_with(worker_args, CodecOptions::default()).await;
+}
+
+async fn matrix_on_workers_with(worker_args: &[&str], options: CodecOptions) {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
     let cluster = SpawnedCluster::start(3, worker_args);
-    let inline = InlineUdfs::new(CodecOptions::default());
+    let inline = InlineUdfs::new(options);
     let distributed = ClusterContextBuilder::new(&cluster.urls)
         .unwrap()
         .with_config(
@@ -103,4 +107,61 @@ async fn a_worker_process_survives_a_failing_udf() {
             .unwrap(),
         vec!["| 4801 |"]
     );
+}
+
+/// The matrix on workers that require the cluster key for every RPC, from a
+/// coordinator that has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_query_matrix_on_keyed_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("cluster.key");
+    std::fs::write(&key_file, "a secret shared by the cluster").unwrap();
+    matrix_on_workers_with(
+        &["--cluster-key-file", key_file.to_str().unwrap()],
+        CodecOptions::default()
+            .with_cluster_key(dfship_codec::ClusterKey::from_file(&key_file).unwrap()),
+    )
+    .await;
+}
+
+/// A worker refuses to listen beyond loopback unprotected, naming the way
+/// out; with `--insecure` it starts and warns loudly.
+#[test]
+fn a_worker_refuses_to_listen_beyond_loopback_without_a_key() {
+    let refused = std::process::Command::new(worker_binary())
+        .args(["--host", "0.0.0.0", "--port", "0"])
+        .env_remove("DFSHIP_CLUSTER_KEY")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--insecure"), "{stderr}");
+    assert!(stderr.contains("--cluster-key-file"), "{stderr}");
+
+    let mut insecure = std::process::Command::new(worker_binary())
+        .args([
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--insecure",
+            "--python-runners",
+            "1",
+        ])
+        .args(["--python-env", venv().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(insecure.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(
+        line.starts_with("dfship-worker listening on http://0.0.0.0:"),
+        "{line}"
+    );
+    insecure.kill().unwrap();
+    let output = insecure.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("WARNING: INSECURE"), "{stderr}");
 }

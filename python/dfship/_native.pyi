@@ -19,6 +19,7 @@ __all__ = [
     "UdfResultError",
     "VersionMismatchError",
     "WorkerLostError",
+    "generate_tls_files",
     "run_worker",
 ]
 
@@ -71,6 +72,10 @@ class ClusterContext:
         python_runners: int | None = None,
         udf_timeout: float | None = None,
         runner_memory_limit: int | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        max_message_bytes: int | None = None,
     ) -> ClusterContext: ...
     def register_udf(self, udf: object) -> None: ...
     def register_parquet(self, name: str, path: str) -> None: ...
@@ -87,3 +92,8 @@ class ClusterContext:
 def run_worker(argv: Sequence[str]) -> int:
     """Serves a worker in this process until SIGINT/SIGTERM, with the command line `argv` parsed
     exactly as `dfship-worker` parses its own. Returns the process exit code."""
+
+def generate_tls_files(directory: str, hosts: Sequence[str]) -> tuple[str, str, str]:
+    """Writes a fresh certificate authority and a certificate for `hosts` (names or IP addresses)
+    into `directory`: `(ca, cert, key)` paths. For local clusters and tests (`LocalCluster(tls=True)`);
+    use your own PKI in production."""

@@ -6,6 +6,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +31,11 @@ class LocalCluster:
     ``worker_args`` are extra ``dfship worker`` flags (``--strict``,
     ``--cluster-key-file F``, ``--ffi-udf SPEC``...). ``env`` adds environment
     variables for the workers.
+
+    ``tls=True`` generates an ephemeral certificate authority and a
+    certificate for 127.0.0.1 in a temporary folder: the workers serve mutual
+    TLS (``https://`` URLs) and :meth:`context` connects with the same files
+    (``self.tls`` holds their paths: ``ca``, ``cert``, ``key``).
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class LocalCluster:
         *,
         worker_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        tls: bool = False,
         python: str | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
@@ -50,6 +57,16 @@ class LocalCluster:
         self.startup_timeout = startup_timeout
         self.urls: list[str] = []
         self._processes: list[subprocess.Popen[str]] = []
+        self.tls: dict[str, str] | None = None
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        if tls:
+            from dfship import _native
+
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="dfship-tls-")
+            ca, cert, key = _native.generate_tls_files(self._tls_dir.name, ["localhost", "127.0.0.1"])
+            self.tls = {"ca": str(ca), "cert": str(cert), "key": str(key)}
+            self.worker_args += ["--tls-cert", self.tls["cert"], "--tls-key", self.tls["key"]]
+            self.worker_args += ["--tls-ca", self.tls["ca"]]
 
     def start(self) -> LocalCluster:
         """Starts the workers and waits until each accepts connections."""
@@ -111,9 +128,14 @@ class LocalCluster:
         self.urls.clear()
 
     def context(self, **options: Any) -> Any:
-        """A :class:`dfship.ClusterContext` for these workers (options as for it)."""
+        """A :class:`dfship.ClusterContext` for these workers (options as for it;
+        with ``tls=True``, the cluster's TLS files unless given)."""
         from dfship.context import ClusterContext
 
+        if self.tls is not None:
+            options.setdefault("tls_ca", self.tls["ca"])
+            options.setdefault("tls_cert", self.tls["cert"])
+            options.setdefault("tls_key", self.tls["key"])
         return ClusterContext(self.urls, **options)
 
     def __enter__(self) -> LocalCluster:

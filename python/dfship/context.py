@@ -69,6 +69,11 @@ class ClusterContext:
     ``udf_timeout`` (seconds per batch) and ``runner_memory_limit`` (bytes)
     bound each runner. These settings are per process: every context in it
     must use the same ones.
+
+    ``tls_ca`` (PEM) makes connections TLS (worker URLs ``https://``),
+    verifying the workers' certificates; ``tls_cert``/``tls_key`` present a
+    client certificate to workers that require one (mutual TLS).
+    ``max_message_bytes`` bounds each gRPC message received.
     """
 
     def __init__(
@@ -86,6 +91,10 @@ class ClusterContext:
         python_runners: int | None = None,
         udf_timeout: float | None = None,
         runner_memory_limit: int | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         if isinstance(workers, str):
             workers = [w for w in workers.split(",") if w]
@@ -93,7 +102,7 @@ class ClusterContext:
         self._native = _native.ClusterContext(
             self.workers,
             cluster_key=cluster_key,
-            cluster_key_file=os.fspath(cluster_key_file) if cluster_key_file is not None else None,
+            cluster_key_file=_path(cluster_key_file),
             strict=strict,
             max_payload_bytes=max_payload_bytes,
             warn_payload_bytes=warn_payload_bytes,
@@ -103,6 +112,10 @@ class ClusterContext:
             python_runners=python_runners,
             udf_timeout=udf_timeout,
             runner_memory_limit=runner_memory_limit,
+            tls_ca=_path(tls_ca),
+            tls_cert=_path(tls_cert),
+            tls_key=_path(tls_key),
+            max_message_bytes=max_message_bytes,
         )
 
     def register_udf(self, udf: PythonUDF) -> None:
@@ -171,6 +184,10 @@ class ClusterContext:
     def shipped(self) -> tuple[int, int]:
         """(stage plans sent to workers, inline Python UDF calls written into them) so far."""
         return self._native.shipped()
+
+
+def _path(path: str | os.PathLike[str] | None) -> str | None:
+    return os.fspath(path) if path is not None else None
 
 
 def _as_table(data: Any) -> pa.Table:

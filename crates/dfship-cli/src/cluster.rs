@@ -9,7 +9,7 @@ use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 use dfship_codec::{ClusterKey, CodecOptions};
-use dfship_distributed::ClusterContextBuilder;
+use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 
 /// Where the cluster is and what the query may use.
 #[derive(Debug, Args)]
@@ -42,6 +42,10 @@ pub struct ClusterArgs {
     /// How the stages this coordinator keeps run their Python UDFs.
     #[command(flatten)]
     pub python: dfship_worker::PythonOptions,
+
+    /// TLS and message limits of the connections to the workers.
+    #[command(flatten)]
+    pub transport: dfship_worker::TransportOptions,
 }
 
 fn parse_table(text: &str) -> std::result::Result<(String, PathBuf), String> {
@@ -76,11 +80,22 @@ pub struct ExplainArgs {
 }
 
 impl ClusterArgs {
-    pub async fn context(&self) -> Result<SessionContext> {
+    /// The cluster key, read once (file, else `DFSHIP_CLUSTER_KEY`, which is
+    /// then removed from the environment); call it before Python starts.
+    pub fn take_cluster_key(&self) -> Result<Option<ClusterKey>> {
+        match &self.cluster_key_file {
+            Some(path) => ClusterKey::from_file(path).map(Some),
+            None => ClusterKey::take_from_env(dfship_codec::CLUSTER_KEY_ENV),
+        }
+    }
+
+    pub async fn context(&self, key: Option<ClusterKey>) -> Result<SessionContext> {
         self.python.apply()?;
-        let key = ClusterKey::from_file_or_env(self.cluster_key_file.as_deref())?;
-        let mut builder = ClusterContextBuilder::new(&self.workers)?
-            .with_codec_options(CodecOptions::default().with_optional_cluster_key(key));
+        let inline = InlineUdfs::with_channel_options(
+            CodecOptions::default().with_optional_cluster_key(key),
+            self.transport.channel_options()?,
+        );
+        let mut builder = ClusterContextBuilder::new(&self.workers)?.with_inline_udfs(inline);
         if let Some(bytes) = self.bytes_per_partition {
             builder = builder.with_file_scan_bytes_per_partition(bytes);
         }
@@ -118,8 +133,8 @@ pub async fn register_table(
     }
 }
 
-pub async fn sql(args: SqlArgs) -> Result<()> {
-    let ctx = args.cluster.context().await?;
+pub async fn sql(args: SqlArgs, key: Option<ClusterKey>) -> Result<()> {
+    let ctx = args.cluster.context(key).await?;
     for run in 1..args.repeat {
         let started = Instant::now();
         let batches = ctx.sql(&args.query).await?.collect().await?;
@@ -162,8 +177,8 @@ pub async fn sql(args: SqlArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn explain(args: ExplainArgs) -> Result<()> {
-    let ctx = args.cluster.context().await?;
+pub async fn explain(args: ExplainArgs, key: Option<ClusterKey>) -> Result<()> {
+    let ctx = args.cluster.context(key).await?;
     let plan = ctx.sql(&args.query).await?.create_physical_plan().await?;
     println!("{}", dfship_distributed::explain_plan(&ctx, &plan));
     Ok(())

@@ -4,6 +4,7 @@
 //! - `dfship explain`: the distributed plan, and how each UDF travels.
 //! - `dfship worker`: run a worker (same as `dfship-worker`).
 //! - `dfship demo`: start a local cluster and run Python UDF queries on a generated dataset.
+//! - `dfship tls-init`: a certificate authority and certificate for test clusters.
 
 mod cluster;
 mod demo;
@@ -34,17 +35,57 @@ enum Command {
     Worker(dfship_worker::WorkerOptions),
     /// Start a local cluster, generate a dataset and run Python UDF queries on it.
     Demo(demo::DemoArgs),
+    /// Write a fresh certificate authority and a certificate for test or
+    /// local clusters (ca.pem, cert.pem, key.pem); use your own PKI in production.
+    TlsInit(TlsInitArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+#[derive(clap::Args)]
+struct TlsInitArgs {
+    /// Folder to write ca.pem, cert.pem and key.pem into.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// A host name or IP address the certificate is valid for (repeatable).
+    #[arg(long = "host", required = true)]
+    hosts: Vec<String>,
+}
+
+fn main() -> ExitCode {
     dfship_worker::init_logging();
-    let result = match Cli::parse().command {
-        Command::Sql(args) => cluster::sql(args).await,
-        Command::Explain(args) => cluster::explain(args).await,
-        Command::Worker(options) => dfship_worker::run(options).await,
-        Command::Demo(args) => demo::run(args).await,
+    let command = Cli::parse().command;
+    // A cluster key is read, and removed from the environment, before any
+    // other thread (the runtime's) or Python starts.
+    let key = match &command {
+        Command::Sql(args) => args.cluster.take_cluster_key(),
+        Command::Explain(args) => args.cluster.take_cluster_key(),
+        Command::Worker(options) => options.take_cluster_key(),
+        Command::Demo(_) | Command::TlsInit(_) => Ok(None),
     };
+    let result = key.and_then(|key| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        runtime.block_on(async move {
+            match command {
+                Command::Sql(args) => cluster::sql(args, key).await,
+                Command::Explain(args) => cluster::explain(args, key).await,
+                Command::Worker(options) => dfship_worker::run(options, key).await,
+                Command::Demo(args) => demo::run(args).await,
+                Command::TlsInit(args) => {
+                    let files = dfship_distributed::generate_tls_files(&args.out, &args.hosts)?;
+                    println!(
+                        "wrote {}, {} and {} (valid for {})",
+                        files.ca.display(),
+                        files.cert.display(),
+                        files.key.display(),
+                        args.hosts.join(", ")
+                    );
+                    Ok(())
+                }
+            }
+        })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

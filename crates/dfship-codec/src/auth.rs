@@ -2,7 +2,15 @@
 //!
 //! Unpickling runs arbitrary code, so a worker that holds a key refuses any
 //! payload whose tag it cannot verify, before `cloudpickle.loads` is reached.
-//! Verification is constant-time (`hmac`'s `verify_slice`).
+//! Verification is constant-time (`hmac`'s `verify_slice`), and so is
+//! comparing two keys. The same secret also authenticates every RPC to a
+//! worker (a key derived from it, see `dfship_distributed`'s `rpc_auth`).
+//!
+//! Hygiene: a key file is read once and may hold at most
+//! [`MAX_KEY_FILE_BYTES`]; a warning names a key file that group or others
+//! can read; the bytes are zeroed when the key is dropped; and
+//! [`ClusterKey::take_from_env`] removes the variable from the environment,
+//! so a UDF (or any child process) never sees it.
 
 use std::fmt;
 use std::path::Path;
@@ -17,9 +25,22 @@ pub const CLUSTER_KEY_ENV: &str = "DFSHIP_CLUSTER_KEY";
 /// The shortest key accepted, in bytes.
 pub const MIN_KEY_BYTES: usize = 16;
 
+/// The largest key file accepted, in bytes.
+pub const MAX_KEY_FILE_BYTES: u64 = 4096;
+
 /// A secret shared by the coordinator and every worker.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClusterKey(Vec<u8>);
+#[derive(Clone)]
+pub struct ClusterKey(zeroize::Zeroizing<Vec<u8>>);
+
+impl PartialEq for ClusterKey {
+    /// Constant-time in the contents (the length is not secret).
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.0.len() && bool::from(self.0.as_slice().ct_eq(other.0.as_slice()))
+    }
+}
+
+impl Eq for ClusterKey {}
 
 impl fmt::Debug for ClusterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -38,18 +59,42 @@ impl ClusterKey {
                 bytes.len()
             )));
         }
-        Ok(Self(bytes))
+        Ok(Self(zeroize::Zeroizing::new(bytes)))
     }
 
     /// Reads a key file; surrounding whitespace (a trailing newline) is ignored.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| {
+        let unreadable = |e: std::io::Error| {
             DataFusionError::Configuration(format!(
                 "cannot read the cluster key file {}: {e}; check the path and its permissions",
                 path.display()
             ))
-        })?;
+        };
+        let metadata = std::fs::metadata(path).map_err(unreadable)?;
+        if metadata.len() > MAX_KEY_FILE_BYTES {
+            return Err(DataFusionError::Configuration(format!(
+                "the cluster key file {} is {} bytes; a key file holds at most {MAX_KEY_FILE_BYTES} \
+                 bytes (e.g. `head -c 32 /dev/urandom | base64 > cluster.key`); is it the right file?",
+                path.display(),
+                metadata.len()
+            )));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = metadata.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "the cluster key file can be read by other users; restrict it with \
+                     `chmod 600 {}`",
+                    path.display()
+                );
+            }
+        }
+        let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(unreadable)?);
         Self::new(bytes.trim_ascii().to_vec())
     }
 
@@ -59,6 +104,18 @@ impl ClusterKey {
             None => Ok(None),
             Some(value) => Self::new(value.as_encoded_bytes().trim_ascii().to_vec()).map(Some),
         }
+    }
+
+    /// Reads the key from an environment variable and removes the variable
+    /// from this process's environment, so neither UDFs nor child processes
+    /// can read it. Call it early, before other threads start (changing the
+    /// environment is not thread-safe) and before Python starts.
+    pub fn take_from_env(var: &str) -> Result<Option<Self>> {
+        let key = Self::from_env(var);
+        if std::env::var_os(var).is_some() {
+            std::env::remove_var(var);
+        }
+        key
     }
 
     /// The key a process is configured with: the file when one is given,
@@ -81,13 +138,66 @@ impl ClusterKey {
         mac
     }
 
-    /// The tag over the concatenation of `parts`.
-    pub(crate) fn sign(&self, parts: &[&[u8]]) -> [u8; 32] {
+    /// The HMAC-SHA256 tag over the concatenation of `parts`.
+    pub fn sign(&self, parts: &[&[u8]]) -> [u8; 32] {
         self.mac(parts).finalize().into_bytes().into()
     }
 
     /// Constant-time check of `tag` over the concatenation of `parts`.
-    pub(crate) fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+    pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
         self.mac(parts).verify_slice(tag).is_ok()
+    }
+
+    /// A key for one purpose, derived from this one (HMAC of the purpose),
+    /// so each use of the shared secret has a key of its own.
+    pub fn derive(&self, purpose: &[u8]) -> [u8; 32] {
+        self.sign(&[purpose])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_files_are_bounded_and_keys_compare_by_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.key");
+        std::fs::write(&big, vec![b'k'; MAX_KEY_FILE_BYTES as usize + 1]).unwrap();
+        let error = ClusterKey::from_file(&big).unwrap_err().to_string();
+        assert!(error.contains("holds at most"), "{error}");
+        let good = dir.path().join("cluster.key");
+        std::fs::write(&good, "a long enough shared secret\n").unwrap();
+        let key = ClusterKey::from_file(&good).unwrap();
+        assert_eq!(
+            key,
+            ClusterKey::new(*b"a long enough shared secret").unwrap()
+        );
+        assert_ne!(
+            key,
+            ClusterKey::new(*b"a long enough shared secreT").unwrap()
+        );
+        assert_ne!(
+            key,
+            ClusterKey::new(*b"a long enough shared secret!").unwrap()
+        );
+        assert!(format!("{key:?}").contains("redacted"));
+    }
+
+    #[test]
+    fn taking_the_key_from_the_environment_removes_it() {
+        const VAR: &str = "DFSHIP_TEST_TAKEN_KEY";
+        std::env::set_var(VAR, "a key read once and then gone");
+        let key = ClusterKey::take_from_env(VAR).unwrap();
+        assert!(key.is_some());
+        assert!(std::env::var_os(VAR).is_none());
+        assert!(ClusterKey::take_from_env(VAR).unwrap().is_none());
+    }
+
+    #[test]
+    fn derived_keys_differ_by_purpose() {
+        let key = ClusterKey::new(vec![1u8; 32]).unwrap();
+        assert_ne!(key.derive(b"a"), key.derive(b"b"));
+        assert_eq!(key.derive(b"a"), key.derive(b"a"));
     }
 }

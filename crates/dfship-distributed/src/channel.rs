@@ -42,7 +42,10 @@ use http::HeaderMap;
 use url::Url;
 
 use crate::encoder::InlineUdfEncoder;
+use crate::message_limit::LimitedChannel;
+use crate::rpc_auth::{RpcAuthenticator, SignedChannel};
 use crate::task_lifetime::TASK_ID_HEADER;
+use crate::tls::TlsConfig;
 use crate::worker_errors::explain_worker_error;
 
 /// A [`WorkerChannel`] that has plans and partitionings encoded by
@@ -143,8 +146,10 @@ impl WorkerChannel for InlineUdfChannel {
     }
 }
 
-/// Bounds on how long a dead or unreachable worker can hold up a query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How connections to workers (and a worker's server) behave: how long a
+/// dead or unreachable worker can hold up a query, how large a message may
+/// be, and TLS.
+#[derive(Debug, Clone)]
 pub struct ChannelOptions {
     /// How long connecting to a worker may take.
     pub connect_timeout: Duration,
@@ -152,15 +157,28 @@ pub struct ChannelOptions {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is declared dead.
     pub keepalive_timeout: Duration,
+    /// The largest gRPC message accepted, either way.
+    pub max_message_bytes: usize,
+    /// TLS for connections to `https://` workers, and for a worker's server.
+    pub tls: Option<TlsConfig>,
 }
 
+/// The largest gRPC message accepted by default: a stage plan may carry
+/// Python UDF payloads up to `dfship_codec::DEFAULT_MAX_PAYLOAD_BYTES`
+/// (100 MiB) and is encoded once more around them; record batches are far
+/// smaller.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
 impl Default for ChannelOptions {
-    /// 5 s to connect; a silent peer is detected within about 15 s.
+    /// 5 s to connect; a silent peer is detected within about 15 s; messages
+    /// up to [`DEFAULT_MAX_MESSAGE_BYTES`]; no TLS.
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(10),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            tls: None,
         }
     }
 }
@@ -176,23 +194,27 @@ pub struct InlineUdfChannelResolver {
     channels: Arc<Mutex<HashMap<Url, ChannelCell>>>,
     options: ChannelOptions,
     encoder: Arc<InlineUdfEncoder>,
+    auth: Option<RpcAuthenticator>,
 }
 
 impl InlineUdfChannelResolver {
-    pub fn new(encoder: Arc<InlineUdfEncoder>) -> Self {
-        Self::with_options(encoder, ChannelOptions::default())
-    }
-
-    pub fn with_options(encoder: Arc<InlineUdfEncoder>, options: ChannelOptions) -> Self {
+    /// Channels with `options`; with `auth`, every request carries a proof
+    /// of the cluster key.
+    pub fn new(
+        encoder: Arc<InlineUdfEncoder>,
+        options: ChannelOptions,
+        auth: Option<RpcAuthenticator>,
+    ) -> Self {
         Self {
             channels: Arc::default(),
             options,
             encoder,
+            auth,
         }
     }
 
     async fn connect(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| {
                 DataFusionError::Configuration(format!(
                     "'{url}' is not a valid worker URL ({e}); use http://HOST:PORT"
@@ -206,6 +228,27 @@ impl InlineUdfChannelResolver {
             // Stage plans can carry megabytes of pickled closures: let HTTP/2
             // flow control grow its windows instead of 64 KiB round trips.
             .http2_adaptive_window(true);
+        match (url.scheme(), &self.options.tls) {
+            ("https", Some(tls)) => {
+                endpoint = endpoint.tls_config(tls.client()?).map_err(|e| {
+                    DataFusionError::Configuration(format!("cannot set up TLS for {url}: {e}"))
+                })?;
+            }
+            ("https", None) => {
+                return Err(DataFusionError::Configuration(format!(
+                    "worker {url} is https:// but this process has no TLS settings; give \
+                     --tls-ca (and --tls-cert/--tls-key if the workers require client \
+                     certificates)"
+                )))
+            }
+            (_, Some(tls)) if tls.ca.is_some() => {
+                return Err(DataFusionError::Configuration(format!(
+                    "this process is set up for TLS (--tls-ca) but worker {url} is not https://; \
+                     write its URL as https://HOST:PORT"
+                )))
+            }
+            _ => {}
+        }
         let channel = endpoint.connect().await.map_err(|e| {
             DataFusionError::Execution(format!(
                 "{} cannot connect to worker {url} within {:?}: {e} ({e:?}); check that it runs \
@@ -214,7 +257,11 @@ impl InlineUdfChannelResolver {
                 self.options.connect_timeout
             ))
         })?;
-        Ok(BoxCloneSyncChannel::new(channel))
+        let limited = LimitedChannel::new(channel, self.options.max_message_bytes);
+        Ok(match &self.auth {
+            Some(auth) => BoxCloneSyncChannel::new(SignedChannel::new(limited, auth.clone())),
+            None => BoxCloneSyncChannel::new(limited),
+        })
     }
 
     async fn channel(&self, url: &Url) -> Result<BoxCloneSyncChannel> {

@@ -8,6 +8,9 @@
 //! - `worker_errors`: how errors coming back from workers are worded.
 //! - `session`: the worker session builder and the coordinator context builder.
 //! - `worker_server`: the gRPC server every worker runs, with its layers.
+//! - `rpc_auth`: every RPC to a keyed worker proves the cluster key.
+//! - `tls`: TLS (rustls) for channels and servers; certificates for local clusters.
+//! - `message_limit`: a bound on the messages a channel receives.
 //! - `task_lifetime`: stopping a task's Python calls when its query ends.
 //! - `prebuilt`: datafusion-python's serialized logical/physical plans, run distributed.
 //! - `explain`: the distributed plan and how its UDFs travel, as text.
@@ -20,18 +23,25 @@ mod encoder;
 mod explain;
 mod ffi;
 mod leaf;
+mod message_limit;
 mod prebuilt;
 mod routing;
+mod rpc_auth;
 mod session;
 mod task_lifetime;
+mod tls;
 mod worker_errors;
 mod worker_server;
 
-pub use channel::{ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver};
+pub use channel::{
+    ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver, DEFAULT_MAX_MESSAGE_BYTES,
+};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use explain::{describe_udfs, explain_plan};
 pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
 pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
+pub use rpc_auth::{RpcAuthLayer, RpcAuthenticator, SignedChannel, AUTH_HEADER, MAX_CLOCK_SKEW};
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
+pub use tls::{generate_tls_files, GeneratedTls, TlsConfig};
 pub use worker_server::serve_worker;

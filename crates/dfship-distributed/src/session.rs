@@ -21,8 +21,9 @@ use datafusion_proto::physical_plan::PhysicalExtensionCodec;
 use dfship_codec::{CodecOptions, PythonUdfCodec, TaskOptions};
 use url::Url;
 
-use crate::channel::InlineUdfChannelResolver;
+use crate::channel::{ChannelOptions, InlineUdfChannelResolver};
 use crate::encoder::InlineUdfEncoder;
+use crate::rpc_auth::RpcAuthenticator;
 use crate::task_lifetime::TASK_ID_HEADER;
 
 /// The codec and channels both sides of a cluster install.
@@ -31,10 +32,19 @@ pub struct InlineUdfs {
     codec: Arc<PythonUdfCodec>,
     encoder: Arc<InlineUdfEncoder>,
     channels: InlineUdfChannelResolver,
+    channel_options: ChannelOptions,
 }
 
 impl InlineUdfs {
+    /// The codec with `options`, and channels with default [`ChannelOptions`].
     pub fn new(options: CodecOptions) -> Self {
+        Self::with_channel_options(options, ChannelOptions::default())
+    }
+
+    /// The codec with `options`, and channels with `channels` (TLS, limits).
+    /// With a cluster key in `options`, the key also authenticates every RPC.
+    pub fn with_channel_options(options: CodecOptions, channels: ChannelOptions) -> Self {
+        let auth = options.cluster_key().map(RpcAuthenticator::new);
         let codec = Arc::new(PythonUdfCodec::new(options));
         let user_codecs: Vec<Arc<dyn PhysicalExtensionCodec>> = vec![codec.clone()];
         let encoder = Arc::new(
@@ -42,10 +52,16 @@ impl InlineUdfs {
                 .unwrap_or_else(|_| unreachable!("the codec is in the list")),
         );
         Self {
-            channels: InlineUdfChannelResolver::new(Arc::clone(&encoder)),
+            channels: InlineUdfChannelResolver::new(Arc::clone(&encoder), channels.clone(), auth),
+            channel_options: channels,
             codec,
             encoder,
         }
+    }
+
+    /// How this side's connections behave.
+    pub fn channel_options(&self) -> &ChannelOptions {
+        &self.channel_options
     }
 
     pub fn codec(&self) -> &Arc<PythonUdfCodec> {
@@ -74,10 +90,20 @@ pub struct PythonWorkerSessionBuilder {
 
 impl PythonWorkerSessionBuilder {
     pub fn new(options: CodecOptions) -> Self {
+        Self::with_channel_options(options, ChannelOptions::default())
+    }
+
+    /// A worker whose server and whose channels to other workers (shuffles)
+    /// use `channels` (TLS, message limits).
+    pub fn with_channel_options(options: CodecOptions, channels: ChannelOptions) -> Self {
         Self {
-            inline: InlineUdfs::new(options),
+            inline: InlineUdfs::with_channel_options(options, channels),
             by_name: Vec::new(),
         }
+    }
+
+    pub(crate) fn inline(&self) -> &InlineUdfs {
+        &self.inline
     }
 
     /// A UDF that travels by name and must be found in this worker's registry.

@@ -10,26 +10,50 @@ use datafusion_distributed::Worker;
 use tokio::net::TcpListener;
 
 use crate::channel::ChannelOptions;
+use crate::rpc_auth::{RpcAuthLayer, RpcAuthenticator};
 use crate::session::PythonWorkerSessionBuilder;
 use crate::task_lifetime::TaskLifetimeLayer;
 
-/// Serves a worker on `listener` until `shutdown` resolves.
+/// Serves a worker on `listener` until `shutdown` resolves: with the
+/// builder's cluster key, every request must prove it ([`RpcAuthLayer`],
+/// checked before anything is decoded); with its TLS settings, connections
+/// are TLS (mutual when a CA is given); messages are bounded either way.
 pub async fn serve_worker(
     builder: PythonWorkerSessionBuilder,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let options: ChannelOptions = builder.inline().channel_options().clone();
+    let auth = builder
+        .codec()
+        .options()
+        .cluster_key()
+        .map(RpcAuthenticator::new);
     let worker = Worker::from_session_builder(builder);
     // Pings detect a coordinator or peer that vanished without closing its
     // connection, so its tasks stop instead of waiting forever.
-    let keepalive = ChannelOptions::default();
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(keepalive.keepalive_interval))
-        .http2_keepalive_timeout(Some(keepalive.keepalive_timeout))
-        .tcp_keepalive(Some(keepalive.keepalive_interval))
-        .http2_adaptive_window(Some(true))
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .tcp_keepalive(Some(options.keepalive_interval))
+        .http2_adaptive_window(Some(true));
+    if let Some(tls) = options.tls.as_ref().filter(|tls| tls.identity.is_some()) {
+        server = server.tls_config(tls.server()?).map_err(|e| {
+            DataFusionError::Configuration(format!(
+                "cannot set up TLS with --tls-cert/--tls-key: {e}; check that they are a PEM \
+                 certificate and its private key"
+            ))
+        })?;
+    }
+    server
+        .layer(RpcAuthLayer::new(auth))
         .layer(TaskLifetimeLayer)
-        .add_service(worker.into_worker_server())
+        .add_service(
+            worker
+                .into_worker_server()
+                .max_decoding_message_size(options.max_message_bytes)
+                .max_encoding_message_size(options.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

@@ -20,7 +20,7 @@ use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
 use dfship_codec::{ClusterKey, CodecOptions, ErrorKind, PythonExecution};
-use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
+use dfship_distributed::{ChannelOptions, ClusterContextBuilder, InlineUdfs, TlsConfig};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -119,7 +119,7 @@ struct ClusterContext {
 #[pymethods]
 impl ClusterContext {
     #[new]
-    #[pyo3(signature = (workers, *, cluster_key=None, cluster_key_file=None, strict=false, max_payload_bytes=None, warn_payload_bytes=None, target_partitions=None, bytes_per_partition=None, python_mode=None, python_runners=None, udf_timeout=None, runner_memory_limit=None))]
+    #[pyo3(signature = (workers, *, cluster_key=None, cluster_key_file=None, strict=false, max_payload_bytes=None, warn_payload_bytes=None, target_partitions=None, bytes_per_partition=None, python_mode=None, python_runners=None, udf_timeout=None, runner_memory_limit=None, tls_ca=None, tls_cert=None, tls_key=None, max_message_bytes=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -135,6 +135,10 @@ impl ClusterContext {
         python_runners: Option<usize>,
         udf_timeout: Option<f64>,
         runner_memory_limit: Option<u64>,
+        tls_ca: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        max_message_bytes: Option<usize>,
     ) -> PyResult<Self> {
         dfship_codec::ensure_python().map_err(to_py)?;
         configure_execution(
@@ -162,7 +166,15 @@ impl ClusterContext {
         if let Some(bytes) = warn_payload_bytes {
             options = options.with_warn_payload_bytes(bytes);
         }
-        let inline = InlineUdfs::new(options);
+        let mut channels = ChannelOptions {
+            tls: TlsConfig::from_files(tls_cert.as_deref(), tls_key.as_deref(), tls_ca.as_deref())
+                .map_err(to_py)?,
+            ..ChannelOptions::default()
+        };
+        if let Some(bytes) = max_message_bytes {
+            channels.max_message_bytes = bytes;
+        }
+        let inline = InlineUdfs::with_channel_options(options, channels);
         let mut config = SessionConfig::new();
         if let Some(partitions) = target_partitions {
             config = config.with_target_partitions(partitions.max(1));
@@ -336,13 +348,33 @@ fn run_worker(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
             }
         };
     let mut options = command.options;
+    let key = options.take_cluster_key().map_err(to_py)?;
+    // Python keeps its own copy of the environment: drop the key there too,
+    // so a UDF run in this process never reads it.
+    py.import("os")?
+        .getattr("environ")?
+        .call_method1("pop", (dfship_codec::CLUSTER_KEY_ENV, py.None()))?;
     if options.python.python_executable.is_none() && options.python.python_env.is_none() {
         // Runners run this very interpreter, so they import what it imports.
         options.python.python_executable = Some(host_python(py)?);
     }
     dfship_worker::init_logging();
-    wait(py, dfship_worker::run(options))?;
+    wait(py, dfship_worker::run(options, key))?;
     Ok(0)
+}
+
+/// Writes a fresh certificate authority and a certificate for `hosts`
+/// (names or IP addresses) into `directory`: `(ca, cert, key)` paths. For
+/// local clusters and tests (`LocalCluster(tls=True)`); use your own PKI in
+/// production.
+#[pyfunction]
+fn generate_tls_files(
+    directory: PathBuf,
+    hosts: Vec<String>,
+) -> PyResult<(String, String, String)> {
+    let files = dfship_distributed::generate_tls_files(&directory, &hosts).map_err(to_py)?;
+    let text = |path: PathBuf| path.to_string_lossy().into_owned();
+    Ok((text(files.ca), text(files.cert), text(files.key)))
 }
 
 /// `sys.executable`: the interpreter this process runs.
@@ -383,6 +415,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClusterContext>()?;
     m.add_class::<DataFrame>()?;
     m.add_function(wrap_pyfunction!(run_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(generate_tls_files, m)?)?;
     let py = m.py();
     m.add("DfshipError", py.get_type::<DfshipError>())?;
     m.add("PlanningError", py.get_type::<PlanningError>())?;

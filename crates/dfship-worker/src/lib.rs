@@ -6,6 +6,7 @@
 //! with `--python-env` ([`PythonOptions`]).
 
 mod python_options;
+mod transport_options;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,12 +15,14 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser};
 use datafusion::error::{DataFusionError, Result};
 use dfship_codec::{
-    ClusterKey, CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES,
+    ClusterKey, CodecOptions, CLUSTER_KEY_ENV, DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_WARN_PAYLOAD_BYTES,
 };
-use dfship_distributed::PythonWorkerSessionBuilder;
+use dfship_distributed::{ChannelOptions, PythonWorkerSessionBuilder};
 use tokio::net::TcpListener;
 
 pub use python_options::{parse_bytes, parse_duration, PythonOptions};
+pub use transport_options::TransportOptions;
 
 /// Options of a worker process, declared once for every way to start one:
 /// the `dfship-worker` binary, `dfship worker`, and `python -m dfship worker`
@@ -57,8 +60,17 @@ pub struct WorkerOptions {
     #[arg(long, env = "DFSHIP_WARN_PAYLOAD_BYTES", default_value_t = DEFAULT_WARN_PAYLOAD_BYTES)]
     pub warn_payload_bytes: usize,
 
+    /// Listen beyond loopback without a cluster key or mutual TLS: anyone
+    /// who reaches the port can then run plans that read and write files as
+    /// this worker. Only for isolated networks; a loud warning is logged.
+    #[arg(long, env = "DFSHIP_INSECURE", action = ArgAction::SetTrue, value_parser = BoolishValueParser::new())]
+    pub insecure: bool,
+
     #[command(flatten)]
     pub python: PythonOptions,
+
+    #[command(flatten)]
+    pub transport: TransportOptions,
 }
 
 /// A worker's command line on its own (`dfship-worker`, `python -m dfship worker`).
@@ -74,17 +86,68 @@ pub struct WorkerCommand {
 }
 
 impl WorkerOptions {
-    /// The cluster key from `--cluster-key-file`, else from the environment.
-    pub fn cluster_key(&self) -> Result<Option<ClusterKey>> {
-        ClusterKey::from_file_or_env(self.cluster_key_file.as_deref())
+    /// The cluster key, read once: from `--cluster-key-file`, else from
+    /// `DFSHIP_CLUSTER_KEY`, which is then removed from the environment so
+    /// no UDF or child process can read it. Call it first thing, before
+    /// other threads and Python start.
+    pub fn take_cluster_key(&self) -> Result<Option<ClusterKey>> {
+        let key = match &self.cluster_key_file {
+            Some(path) => Some(ClusterKey::from_file(path)?),
+            None => ClusterKey::take_from_env(CLUSTER_KEY_ENV)?,
+        };
+        // A key file wins; a variable set beside it must not linger either.
+        if std::env::var_os(CLUSTER_KEY_ENV).is_some() {
+            std::env::remove_var(CLUSTER_KEY_ENV);
+        }
+        Ok(key)
     }
 
-    pub fn codec_options(&self) -> Result<CodecOptions> {
-        Ok(CodecOptions::default()
+    pub fn codec_options(&self, key: Option<ClusterKey>) -> CodecOptions {
+        CodecOptions::default()
             .with_strict(self.strict)
-            .with_optional_cluster_key(self.cluster_key()?)
+            .with_optional_cluster_key(key)
             .with_max_payload_bytes(self.max_payload_bytes)
-            .with_warn_payload_bytes(self.warn_payload_bytes))
+            .with_warn_payload_bytes(self.warn_payload_bytes)
+    }
+
+    /// Refuses to listen beyond loopback unprotected (no key, no mutual
+    /// TLS) unless `--insecure`, which then warns loudly.
+    pub fn check_exposure(
+        &self,
+        key: Option<&ClusterKey>,
+        channels: &ChannelOptions,
+    ) -> Result<()> {
+        let loopback = self.host == "localhost"
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let mutual_tls = channels
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.requires_client_certificates());
+        if loopback || key.is_some() || mutual_tls {
+            return Ok(());
+        }
+        if !self.insecure {
+            return Err(DataFusionError::Configuration(format!(
+                "refusing to listen on {} without a cluster key: anyone who can reach the port \
+                 could run plans that read and write files as this worker. Give \
+                 --cluster-key-file (or DFSHIP_CLUSTER_KEY), or mutual TLS with --tls-cert, \
+                 --tls-key and --tls-ca; or pass --insecure if this network is isolated and you \
+                 accept the risk",
+                self.host
+            )));
+        }
+        let warning = format!(
+            "INSECURE: listening on {} with no cluster key and no mutual TLS (--insecure): \
+             anyone who reaches this port can run plans that read and write files as this \
+             worker, and run Python code in its UDF runners",
+            self.host
+        );
+        eprintln!("dfship-worker: WARNING: {warning}");
+        tracing::warn!("{warning}");
+        Ok(())
     }
 }
 
@@ -117,9 +180,12 @@ pub async fn bind(options: &WorkerOptions) -> Result<(TcpListener, SocketAddr)> 
 pub async fn serve(
     listener: TcpListener,
     options: &WorkerOptions,
+    key: Option<ClusterKey>,
+    channels: ChannelOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    let mut builder = PythonWorkerSessionBuilder::new(options.codec_options()?);
+    let mut builder =
+        PythonWorkerSessionBuilder::with_channel_options(options.codec_options(key), channels);
     for spec in &options.ffi_udfs {
         let udf = dfship_distributed::load_ffi_udf(spec)?;
         tracing::info!(udf = udf.name(), spec = spec.as_str(), "registered FFI UDF");
@@ -149,22 +215,34 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs a worker process to completion: checks, bind, announce, serve.
-pub async fn run(options: WorkerOptions) -> Result<()> {
+/// `key` comes from [`WorkerOptions::take_cluster_key`], called before.
+pub async fn run(options: WorkerOptions, key: Option<ClusterKey>) -> Result<()> {
+    let channels = options.transport.channel_options()?;
+    options.check_exposure(key.as_ref(), &channels)?;
     prepare_python(&options)?;
     let (listener, address) = bind(&options).await?;
+    let tls = channels
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.identity.is_some());
     // Scripts and tests wait for this exact line.
-    println!("dfship-worker listening on http://{address}");
+    println!(
+        "dfship-worker listening on {}://{address}",
+        if tls { "https" } else { "http" }
+    );
     let execution = dfship_codec::python_execution();
     tracing::info!(
         %address,
         strict = options.strict,
-        signed = options.cluster_key()?.is_some(),
+        authenticated = key.is_some(),
+        tls,
+        mutual_tls = channels.tls.as_ref().is_some_and(|t| t.requires_client_certificates()),
         python_mode = ?execution.mode,
         python_runners = execution.runners,
         python = %execution.python.display(),
         "worker started"
     );
-    serve(listener, &options, shutdown_signal()).await?;
+    serve(listener, &options, key, channels, shutdown_signal()).await?;
     tracing::info!(%address, "worker stopped");
     Ok(())
 }

@@ -1,0 +1,181 @@
+"""Keyed workers refuse every RPC without a fresh proof of the key — checked
+with grpcio, a gRPC client that shares no code with dfship — and TLS keeps
+plaintext and certificate-less clients out. UDFs never see the key, and what
+they return is validated before the engine uses it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+import dfship
+
+KEY = "a shared secret of enough length"
+METHODS = {
+    "/worker.WorkerService/GetWorkerInfo": "unary_unary",
+    "/worker.WorkerService/ExecuteTask": "unary_stream",
+    "/worker.WorkerService/CoordinatorChannel": "stream_stream",
+    # Not served at all: refused before routing, like the rest.
+    "/observability.ObservabilityService/Ping": "unary_unary",
+}
+
+
+def proof(key: str, path: str, millis: int, nonce: bytes) -> str:
+    """The documented proof (crates/dfship-distributed/src/rpc_auth.rs), computed here independently."""
+    rpc_key = hmac.new(key.encode(), b"dfship-rpc-auth-v1", hashlib.sha256).digest()
+    message = b"dfship-rpc\nv1\n" + path.encode() + b"\n" + str(millis).encode() + b"\n" + nonce
+    tag = hmac.new(rpc_key, message, hashlib.sha256).hexdigest()
+    return f"v1.{millis}.{nonce.hex()}.{tag}"
+
+
+def now_millis() -> int:
+    return int(time.time() * 1000)
+
+
+def call(channel: grpc.Channel, path: str, metadata: list[tuple[str, str]] | None = None) -> grpc.StatusCode:
+    """Calls `path` with an empty message; the status code it ends with."""
+    kind = METHODS[path]
+    try:
+        if kind == "unary_unary":
+            channel.unary_unary(path)(b"", metadata=metadata, timeout=10)
+        elif kind == "unary_stream":
+            list(channel.unary_stream(path)(b"", metadata=metadata, timeout=10))
+        else:
+            list(channel.stream_stream(path)(iter([b""]), metadata=metadata, timeout=10))
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[dfship.LocalCluster]:
+    with dfship.LocalCluster(workers=2, env={"DFSHIP_CLUSTER_KEY": KEY}) as cluster:
+        yield cluster
+
+
+def test_every_method_refuses_a_client_without_the_key(keyed: dfship.LocalCluster) -> None:
+    with grpc.insecure_channel(keyed.urls[0].removeprefix("http://")) as channel:
+        for path in METHODS:
+            assert call(channel, path) == grpc.StatusCode.UNAUTHENTICATED, path
+            wrong = proof("another secret of enough length", path, now_millis(), os.urandom(16))
+            assert call(channel, path, [("dfship-auth", wrong)]) == grpc.StatusCode.UNAUTHENTICATED, path
+            garbage = [("dfship-auth", "v1.0.00.00")]
+            assert call(channel, path, garbage) == grpc.StatusCode.UNAUTHENTICATED, path
+
+
+def test_a_captured_proof_cannot_be_replayed(keyed: dfship.LocalCluster) -> None:
+    path = "/worker.WorkerService/GetWorkerInfo"
+    with grpc.insecure_channel(keyed.urls[0].removeprefix("http://")) as channel:
+        fresh = [("dfship-auth", proof(KEY, path, now_millis(), os.urandom(16)))]
+        assert call(channel, path, fresh) == grpc.StatusCode.OK, "a valid proof passes"
+        assert call(channel, path, fresh) == grpc.StatusCode.UNAUTHENTICATED, "but only once"
+        old = [("dfship-auth", proof(KEY, path, now_millis() - 10 * 60 * 1000, os.urandom(16)))]
+        assert call(channel, path, old) == grpc.StatusCode.UNAUTHENTICATED, "and not after the window"
+        other = [
+            ("dfship-auth", proof(KEY, "/worker.WorkerService/ExecuteTask", now_millis(), os.urandom(16)))
+        ]
+        assert call(channel, path, other) == grpc.StatusCode.UNAUTHENTICATED, "nor for another method"
+
+
+def test_the_keyed_coordinator_runs_queries(keyed: dfship.LocalCluster, dataset: Path) -> None:
+    ctx = keyed.context(bytes_per_partition=1, cluster_key=KEY.encode())
+    ctx.register_parquet("facts", dataset / "facts")
+    ctx.register_udf(dfship.udf(lambda a: pc.add(a, 1), [pa.int64()], pa.int64(), "immutable", name="inc"))
+    assert ctx.sql("SELECT sum(inc(id)) AS s FROM facts").collect().to_pylist() == [
+        {"s": sum(range(1, 2401)) + 2400}
+    ]
+    unkeyed = keyed.context(bytes_per_partition=1)
+    unkeyed.register_parquet("facts", dataset / "facts")
+    with pytest.raises(dfship.DfshipError, match="cluster key"):
+        unkeyed.sql("SELECT count(*) FROM facts").collect()
+
+
+@pytest.mark.parametrize("mode", ["pool", "in-process"])
+def test_udfs_do_not_see_the_key(dataset: Path, mode: str) -> None:
+    env = {"DFSHIP_CLUSTER_KEY": KEY}
+    with dfship.LocalCluster(workers=2, env=env, worker_args=["--python-mode", mode]) as cluster:
+        ctx = cluster.context(bytes_per_partition=1, cluster_key=KEY.encode())
+        ctx.register_parquet("facts", dataset / "facts")
+
+        def sees_key(values: pa.Array) -> pa.Array:
+            import os
+
+            return pa.array(["DFSHIP_CLUSTER_KEY" in os.environ] * len(values), pa.bool_())
+
+        ctx.register_udf(dfship.udf(sees_key, [pa.int64()], pa.bool_(), "immutable", name="sees_key"))
+        rows = ctx.sql("SELECT sees_key(id) AS seen, count(*) AS n FROM facts GROUP BY 1").collect()
+        assert rows.to_pylist() == [{"seen": False, "n": 2400}]
+
+
+def test_tls_keeps_out_plaintext_and_certificate_less_clients(dataset: Path) -> None:
+    with dfship.LocalCluster(workers=2, tls=True) as cluster:
+        assert all(url.startswith("https://") for url in cluster.urls)
+        assert cluster.tls is not None
+        ctx = cluster.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        assert ctx.sql("SELECT count(*) AS n FROM facts").collect().to_pylist() == [{"n": 2400}]
+
+        target = cluster.urls[0].removeprefix("https://")
+        path = "/worker.WorkerService/GetWorkerInfo"
+        with grpc.insecure_channel(target) as plaintext:
+            assert call(plaintext, path) == grpc.StatusCode.UNAVAILABLE
+        ca = Path(cluster.tls["ca"]).read_bytes()
+        without_certificate = grpc.ssl_channel_credentials(root_certificates=ca)
+        with grpc.secure_channel(target, without_certificate) as channel:
+            assert call(channel, path) == grpc.StatusCode.UNAVAILABLE
+        with_certificate = grpc.ssl_channel_credentials(
+            root_certificates=ca,
+            private_key=Path(cluster.tls["key"]).read_bytes(),
+            certificate_chain=Path(cluster.tls["cert"]).read_bytes(),
+        )
+        with grpc.secure_channel(target, with_certificate) as channel:
+            assert call(channel, path) == grpc.StatusCode.OK, "the cluster's own certificate gets in"
+
+        # A coordinator without the TLS settings says what is missing.
+        with pytest.raises(dfship.DfshipError, match="--tls-ca"):
+            bare = dfship.ClusterContext(cluster.urls, bytes_per_partition=1)
+            bare.register_parquet("facts", dataset / "facts")
+            bare.sql("SELECT count(*) FROM facts").collect()
+
+
+INVALID = {
+    "bad_utf8": (pa.string(), lambda a: pa.array([b"\xff\xfe"] * len(a), pa.binary()).view(pa.string())),
+    "bad_offsets": (
+        pa.string(),
+        lambda a: pa.Array.from_buffers(
+            pa.string(),
+            len(a),
+            [
+                None,
+                pa.py_buffer(pa.array([0, 5, 2] + [2] * (len(a) - 2), pa.int32()).buffers()[1]),
+                pa.py_buffer(b"hello"),
+            ],
+        ),
+    ),
+    "bad_nested_nulls": (
+        pa.struct([pa.field("x", pa.int64(), nullable=False)]),
+        lambda a: pa.StructArray.from_arrays(
+            [pa.array([None] * len(a), pa.int64())], fields=[pa.field("x", pa.int64(), nullable=False)]
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID))
+def test_invalid_results_are_refused_and_the_workers_keep_serving(
+    ctx: dfship.ClusterContext, name: str
+) -> None:
+    returns, body = INVALID[name]
+    ctx.register_udf(dfship.udf(body, [pa.int64()], returns, "immutable", name=name))
+    with pytest.raises(dfship.UdfResultError, match=f"'{name}'"):
+        ctx.sql(f"SELECT {name}(id) FROM facts").collect()
+    assert ctx.sql("SELECT count(*) AS c FROM facts").collect().to_pylist() == [{"c": 2400}]
