@@ -167,6 +167,28 @@ impl InProcessCluster {
     }
 }
 
+/// A coordinator for `urls` with the dataset in `dir` registered and the
+/// Python UDF `py_triple` (3 × its argument), known only to it; file scans
+/// spread over every worker.
+pub async fn triple_context(urls: &[String], options: CodecOptions, dir: &Path) -> SessionContext {
+    let ctx = dfship_distributed::ClusterContextBuilder::new(urls)
+        .expect("worker URLs")
+        .with_config(datafusion::prelude::SessionConfig::new().with_target_partitions(4))
+        .with_codec_options(options)
+        .with_file_scan_bytes_per_partition(1)
+        .build()
+        .expect("a coordinator context");
+    register_dataset(&ctx, dir).await.expect("the dataset");
+    ctx.register_udf(python_udf(
+        "py_triple",
+        vec![DataType::Int64],
+        DataType::Int64,
+        "",
+        "lambda a: pc.multiply(a, 3)",
+    ));
+    ctx
+}
+
 /// A worker session builder with default codec options and `cache` for unpickled callables.
 pub fn worker_builder(cache: Arc<dfship_codec::CallableCache>) -> PythonWorkerSessionBuilder {
     PythonWorkerSessionBuilder::new(CodecOptions::default().with_cache(cache))

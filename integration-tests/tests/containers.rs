@@ -57,11 +57,13 @@ struct WorkerSpec {
     args: Vec<&'static str>,
 }
 
+/// A worker without a key on the test's private network: it listens beyond
+/// loopback, so it must be told the network is isolated (`--insecure`).
 fn worker(name: &'static str) -> WorkerSpec {
     WorkerSpec {
         name,
         image: NODE,
-        args: vec!["--ffi-udf", FFI],
+        args: vec!["--ffi-udf", FFI, "--insecure"],
     }
 }
 
@@ -240,13 +242,17 @@ impl Cluster {
 
     /// `dfship sql` on the coordinator against `workers`, with a UDF file from containers/udfs.
     fn sql(&self, workers: &[&str], udfs: &str, query: &str, extra: &[&str]) -> Run {
-        let workers = self.urls(workers);
+        self.sql_at(&self.urls(workers), udfs, query, extra)
+    }
+
+    /// [`Self::sql`] against worker URLs written out (e.g. `https://…`).
+    fn sql_at(&self, workers: &str, udfs: &str, query: &str, extra: &[&str]) -> Run {
         let udfs = format!("/udfs/{udfs}");
         let mut args = vec![
             "dfship",
             "sql",
             "--workers",
-            &workers,
+            workers,
             "--udfs",
             &udfs,
             "--table",
@@ -386,7 +392,7 @@ fn a_worker_on_another_python_version() {
     let skewed = WorkerSpec {
         name: "py313",
         image: NODE_PY313,
-        args: vec![],
+        args: vec!["--insecure"],
     };
     let cluster = Cluster::start("skew", vec![worker("w1"), worker("w2"), skewed]);
     cluster.write_dataset();
@@ -635,23 +641,8 @@ fn a_cluster_with_mutual_tls() {
         .map(|n| format!("https://{n}:{PORT}"))
         .collect();
     let https = https.join(",");
-    let run = |workers: &str, extra: &[&str]| {
-        let mut args = vec![
-            "dfship",
-            "sql",
-            "--workers",
-            workers,
-            "--udfs",
-            "/udfs/basic.py",
-            "--table",
-            "facts=/data/facts",
-            "--bytes-per-partition",
-            "1",
-        ];
-        args.extend(extra.iter().copied());
-        args.push(SUM_DOUBLE);
-        cluster.exec(&args, Duration::from_secs(120))
-    };
+    let run =
+        |workers: &str, extra: &[&str]| cluster.sql_at(workers, "basic.py", SUM_DOUBLE, extra);
     let client_certificate = [
         "--tls-ca",
         "/data/tls/ca.pem",

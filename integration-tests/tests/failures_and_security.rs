@@ -5,33 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::datatypes::DataType;
-use datafusion::prelude::{SessionConfig, SessionContext};
 use dfship_codec::{CallableCache, ClusterKey, CodecOptions};
-use dfship_distributed::{ClusterContextBuilder, PythonWorkerSessionBuilder};
+use dfship_distributed::PythonWorkerSessionBuilder;
 use dfship_integration_tests::*;
-
-async fn cluster_context(
-    urls: &[String],
-    options: CodecOptions,
-    dir: &std::path::Path,
-) -> SessionContext {
-    let ctx = ClusterContextBuilder::new(urls)
-        .unwrap()
-        .with_config(SessionConfig::new().with_target_partitions(4))
-        .with_codec_options(options)
-        .with_file_scan_bytes_per_partition(1)
-        .build()
-        .unwrap();
-    register_dataset(&ctx, dir).await.unwrap();
-    ctx.register_udf(python_udf(
-        "py_triple",
-        vec![DataType::Int64],
-        DataType::Int64,
-        "",
-        "lambda a: pc.multiply(a, 3)",
-    ));
-    ctx
-}
 
 async fn dataset() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -47,7 +23,7 @@ fn key(byte: u8) -> ClusterKey {
 async fn a_raising_udf_reports_the_python_exception_and_workers_recover() {
     let dir = dataset().await;
     let cluster = InProcessCluster::start(2, worker_builder(CallableCache::global())).await;
-    let ctx = cluster_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
+    let ctx = triple_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
     ctx.register_udf(python_udf(
         "py_fails",
         vec![DataType::Int64],
@@ -78,7 +54,7 @@ async fn a_raising_udf_reports_the_python_exception_and_workers_recover() {
 async fn eight_concurrent_queries_on_two_workers() {
     let dir = dataset().await;
     let cluster = InProcessCluster::start(2, worker_builder(CallableCache::global())).await;
-    let ctx = Arc::new(cluster_context(&cluster.urls, CodecOptions::default(), dir.path()).await);
+    let ctx = Arc::new(triple_context(&cluster.urls, CodecOptions::default(), dir.path()).await);
     let expected: i64 = (1..=4800i64).map(|v| v * 3).sum();
     let queries = (0..8).map(|i| {
         let ctx = Arc::clone(&ctx);
@@ -113,7 +89,7 @@ async fn keyed_workers_refuse_clients_without_the_key() {
     let cluster = InProcessCluster::start(2, workers).await;
     let query = "SELECT py_triple(id) FROM facts WHERE id < 5";
 
-    let unsigned = cluster_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
+    let unsigned = triple_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
     let error = unsigned
         .sql(query)
         .await
@@ -129,7 +105,7 @@ async fn keyed_workers_refuse_clients_without_the_key() {
         "{error}"
     );
 
-    let wrong = cluster_context(
+    let wrong = triple_context(
         &cluster.urls,
         CodecOptions::default().with_cluster_key(key(8)),
         dir.path(),
@@ -148,7 +124,7 @@ async fn keyed_workers_refuse_clients_without_the_key() {
         "{error}"
     );
 
-    let signed = cluster_context(
+    let signed = triple_context(
         &cluster.urls,
         CodecOptions::default().with_cluster_key(key(7)),
         dir.path(),
@@ -165,7 +141,7 @@ async fn strict_workers_refuse_inline_udfs() {
         PythonWorkerSessionBuilder::new(CodecOptions::default().with_strict(true)),
     )
     .await;
-    let ctx = cluster_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
+    let ctx = triple_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
     let error = ctx
         .sql("SELECT py_triple(id) FROM facts")
         .await

@@ -7,27 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use arrow::datatypes::DataType;
-use datafusion::prelude::{SessionConfig, SessionContext};
-use dfship_distributed::ClusterContextBuilder;
+use datafusion::prelude::SessionContext;
 use dfship_integration_tests::*;
-
-async fn cluster_context(urls: &[String], dir: &Path) -> SessionContext {
-    let ctx = ClusterContextBuilder::new(urls)
-        .unwrap()
-        .with_config(SessionConfig::new().with_target_partitions(4))
-        .with_file_scan_bytes_per_partition(1)
-        .build()
-        .unwrap();
-    register_dataset(&ctx, dir).await.unwrap();
-    ctx.register_udf(python_udf(
-        "py_triple",
-        vec![DataType::Int64],
-        DataType::Int64,
-        "",
-        "lambda a: pc.multiply(a, 3)",
-    ));
-    ctx
-}
 
 /// A healthy query: the sum of 3 × id over `facts` (ids 1..=4800).
 async fn assert_healthy(ctx: &SessionContext) {
@@ -66,7 +47,7 @@ async fn crashes_and_memory_exhaustion_stay_in_one_runner() {
         started.iter().all(|worker| worker.len() == 2),
         "each worker starts its 2 runners: {started:?}"
     );
-    let ctx = cluster_context(&cluster.urls, dir.path()).await;
+    let ctx = triple_context(&cluster.urls, Default::default(), dir.path()).await;
     assert_healthy(&ctx).await;
 
     let faults = [
@@ -119,7 +100,7 @@ async fn a_hung_udf_is_stopped_by_the_timeout_and_its_runner_replaced() {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
     let cluster = SpawnedCluster::start(2, &["--python-runners", "2", "--udf-timeout", "2"]);
-    let ctx = cluster_context(&cluster.urls, dir.path()).await;
+    let ctx = triple_context(&cluster.urls, Default::default(), dir.path()).await;
     ctx.register_udf(python_udf(
         "py_spin",
         vec![DataType::Int64],
@@ -174,7 +155,7 @@ async fn a_slow_udf_completes_and_a_cancelled_query_frees_its_runners() {
     write_tiny(dir.path()).await;
     // One runner per worker: a call left running would block the next query.
     let cluster = SpawnedCluster::start(2, &["--python-runners", "1"]);
-    let ctx = cluster_context(&cluster.urls, dir.path()).await;
+    let ctx = triple_context(&cluster.urls, Default::default(), dir.path()).await;
     ctx.register_parquet(
         "tiny",
         dir.path().join("tiny").to_str().unwrap(),

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from dfship.cluster import LocalCluster
     from dfship.context import ClusterContext, DataFrame
     from dfship.errors import (
+        AuthenticationError,
         DfshipError,
         PayloadRefusedError,
         PlanningError,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     )
 
 _ERRORS = (
+    "AuthenticationError",
     "DfshipError",
     "PayloadRefusedError",
     "PlanningError",
@@ -55,6 +57,7 @@ _ERRORS = (
 )
 
 __all__ = [
+    "AuthenticationError",
     "ClusterContext",
     "DataFrame",
     "DfshipError",

@@ -9,6 +9,7 @@ from typing import final
 import pyarrow as pa
 
 __all__ = [
+    "AuthenticationError",
     "ClusterContext",
     "DataFrame",
     "DfshipError",
@@ -45,6 +46,9 @@ class UdfRaisedError(DfshipError):
 
 class UdfResultError(DfshipError):
     """A UDF returned bad data: wrong length, type or nullability, or an invalid Arrow array."""
+
+class AuthenticationError(DfshipError):
+    """A worker refused this client: it lacks the cluster key, holds another one, or replayed a request."""
 
 class WorkerLostError(DfshipError):
     """A worker stopped or became unreachable during the query."""

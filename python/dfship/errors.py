@@ -7,7 +7,8 @@
     ├── UdfLoadError           the callable could not be pickled or unpickled
     ├── UdfRaisedError         the UDF raised an exception
     ├── UdfResultError         the UDF returned the wrong length, type, nulls or invalid data
-    └── WorkerLostError        a worker stopped or became unreachable
+    ├── WorkerLostError        a worker stopped or became unreachable
+    └── AuthenticationError    a worker refused this client (no or another cluster key)
 
 Catch by cause::
 
@@ -24,6 +25,7 @@ Every message starts with the tag of its kind (e.g. ``[udf-raised]``) and says w
 from __future__ import annotations
 
 from dfship._native import (
+    AuthenticationError,
     DfshipError,
     PayloadRefusedError,
     PlanningError,
@@ -35,6 +37,7 @@ from dfship._native import (
 )
 
 __all__ = [
+    "AuthenticationError",
     "DfshipError",
     "PayloadRefusedError",
     "PlanningError",

@@ -218,6 +218,9 @@ pub enum ErrorKind {
     UdfBadResult,
     /// A worker stopped or became unreachable during the query.
     WorkerLost,
+    /// A worker refused this client: it lacks the cluster key (or the key
+    /// differs), or a replayed request.
+    Unauthenticated,
     /// The query could not be planned: SQL, schema, configuration, or a
     /// by-name function no process provides.
     Planning,
@@ -226,13 +229,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    const TAGGED: [ErrorKind; 7] = [
+    const TAGGED: [ErrorKind; 8] = [
         ErrorKind::PayloadRefused,
         ErrorKind::VersionMismatch,
         ErrorKind::UdfLoadFailed,
         ErrorKind::UdfRaised,
         ErrorKind::UdfBadResult,
         ErrorKind::WorkerLost,
+        ErrorKind::Unauthenticated,
         ErrorKind::Planning,
     ];
 
@@ -245,6 +249,7 @@ impl ErrorKind {
             ErrorKind::UdfRaised => "udf-raised",
             ErrorKind::UdfBadResult => "udf-bad-result",
             ErrorKind::WorkerLost => "worker-lost",
+            ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::Planning => "planning",
             ErrorKind::Other => "other",
         }

@@ -246,7 +246,11 @@ where
             let path = request.uri().path().to_string();
             if let Err(why) = auth.verify(&path, request.headers().get(AUTH_HEADER)) {
                 tracing::warn!(method = %path, reason = %why, "refused an unauthenticated request");
-                let refused = tonic::Status::unauthenticated(why).into_http();
+                let refused = tonic::Status::unauthenticated(format!(
+                    "{} {why}",
+                    dfship_codec::ErrorKind::Unauthenticated.tag()
+                ))
+                .into_http();
                 return Box::pin(async move { Ok(refused) });
             }
         }

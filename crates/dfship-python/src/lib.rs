@@ -70,6 +70,12 @@ create_exception!(
 );
 create_exception!(
     dfship._native,
+    AuthenticationError,
+    DfshipError,
+    "A worker refused this client: it lacks the cluster key, holds another one, or replayed a request."
+);
+create_exception!(
+    dfship._native,
     WorkerLostError,
     DfshipError,
     "A worker stopped or became unreachable during the query."
@@ -97,6 +103,7 @@ fn to_py(error: DataFusionError) -> PyErr {
         ErrorKind::UdfRaised => UdfRaisedError::new_err(message),
         ErrorKind::UdfBadResult => UdfResultError::new_err(message),
         ErrorKind::WorkerLost => WorkerLostError::new_err(message),
+        ErrorKind::Unauthenticated => AuthenticationError::new_err(message),
         ErrorKind::Other => DfshipError::new_err(message),
     }
 }
@@ -428,5 +435,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UdfRaisedError", py.get_type::<UdfRaisedError>())?;
     m.add("UdfResultError", py.get_type::<UdfResultError>())?;
     m.add("WorkerLostError", py.get_type::<WorkerLostError>())?;
+    m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
     Ok(())
 }

@@ -73,17 +73,21 @@ impl PythonOptions {
     }
 }
 
-/// `30`, `30s`, `500ms`, `2m`, `1h`.
-pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    let text = text.trim();
+/// `"2.5GiB"` as `(2.5, "GiB")`; `None` when it does not start with a number.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration; write e.g. 30s, 500ms, 2m"))?;
-    let seconds = match unit.trim() {
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+/// `30`, `30s`, `500ms`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("'{text}' is not a duration; write e.g. 30s, 500ms, 2m"))?;
+    let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "m" | "min" => value * 60.0,
@@ -103,14 +107,9 @@ pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 /// `1048576`, `512MiB`, `2GiB`, `900KiB`, `1G`, `64M`.
 pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size; write e.g. 512MiB or 2GiB"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("'{text}' is not a size; write e.g. 512MiB or 2GiB"))?;
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
