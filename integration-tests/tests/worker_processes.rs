@@ -165,3 +165,62 @@ fn a_worker_refuses_to_listen_beyond_loopback_without_a_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("WARNING: INSECURE"), "{stderr}");
 }
+
+/// A stage plan above the message limit (coordinator and workers configured
+/// alike) is refused with an error that names the limit, and smaller ones
+/// still run. (datafusion-distributed reports a failed plan send only as the
+/// worker's wait timing out, ten seconds later; dfship names the cause.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_message_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path()).await.unwrap();
+    // Stage plans of the queries below are a few kB; a UDF closing over
+    // 64 kB makes one far larger than the limit.
+    let cluster = SpawnedCluster::start(2, &["--max-message-bytes", "40000"]);
+    let inline = InlineUdfs::with_channel_options(
+        CodecOptions::default(),
+        dfship_distributed::ChannelOptions {
+            max_message_bytes: 40000,
+            ..Default::default()
+        },
+    );
+    let ctx = ClusterContextBuilder::new(&cluster.urls)
+        .unwrap()
+        .with_config(SessionConfig::new().with_target_partitions(4))
+        .with_inline_udfs(inline)
+        .with_file_scan_bytes_per_partition(1)
+        .build()
+        .unwrap();
+    register_dataset(&ctx, dir.path()).await.unwrap();
+    ctx.register_udf(python_udf(
+        "py_triple",
+        vec![arrow::datatypes::DataType::Int64],
+        arrow::datatypes::DataType::Int64,
+        "",
+        "lambda a: pc.multiply(a, 3)",
+    ));
+    ctx.register_udf(python_udf(
+        "py_heavy",
+        vec![arrow::datatypes::DataType::Int64],
+        arrow::datatypes::DataType::Int64,
+        "import os\nblob = os.urandom(64 * 1024)\n",
+        "lambda a, _blob=blob: a",
+    ));
+    let error = ctx
+        .sql("SELECT sum(py_heavy(id)) FROM facts")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("above the message limit of 40000 bytes")
+            && error.contains("--max-message-bytes"),
+        "{error}"
+    );
+    let rows = sorted_rows(&ctx, "SELECT sum(py_triple(id)) AS s FROM facts")
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![format!("| {} |", 3 * 4800 * 4801 / 2)]);
+}

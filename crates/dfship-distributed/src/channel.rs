@@ -46,7 +46,7 @@ use crate::message_limit::LimitedChannel;
 use crate::rpc_auth::{RpcAuthenticator, SignedChannel};
 use crate::task_lifetime::TASK_ID_HEADER;
 use crate::tls::TlsConfig;
-use crate::worker_errors::explain_worker_error;
+use crate::worker_errors::{explain_worker_error, PlanSendFailures};
 
 /// A [`WorkerChannel`] that has plans and partitionings encoded by
 /// [`InlineUdfEncoder`], delegates everything else, and names the worker in
@@ -55,25 +55,73 @@ pub struct InlineUdfChannel {
     inner: Box<dyn WorkerChannel>,
     encoder: Arc<InlineUdfEncoder>,
     worker: Url,
+    max_message_bytes: usize,
+    failures: PlanSendFailures,
 }
 
 impl InlineUdfChannel {
-    pub fn new(inner: Box<dyn WorkerChannel>, encoder: Arc<InlineUdfEncoder>, worker: Url) -> Self {
+    /// Plans above `max_message_bytes` are refused here, with an error that
+    /// says so: a worker refusing one itself would only make the query time
+    /// out (datafusion-distributed does not report that stream's error).
+    pub fn new(
+        inner: Box<dyn WorkerChannel>,
+        encoder: Arc<InlineUdfEncoder>,
+        worker: Url,
+        max_message_bytes: usize,
+    ) -> Self {
         Self {
             inner,
             encoder,
             worker,
+            max_message_bytes,
+            failures: PlanSendFailures::default(),
         }
+    }
+
+    /// Shares what this channel learns about failed plan sends with others
+    /// to the same workers (so a later timeout names the real cause).
+    pub(crate) fn with_failures(mut self, failures: PlanSendFailures) -> Self {
+        self.failures = failures;
+        self
+    }
+
+    /// How errors coming back from this worker are worded.
+    fn explainer(&self) -> impl Fn(DataFusionError) -> DataFusionError + Send + Sync + 'static {
+        let worker = self.worker.clone();
+        let failures = self.failures.clone();
+        move |error| failures.explain(explain_worker_error(error, &worker), &worker)
+    }
+
+    /// The plan as bytes for the worker, or why it cannot be sent.
+    fn encode(
+        &self,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+        query: &[u8],
+    ) -> Result<Vec<u8>> {
+        let encoded = self
+            .encoder
+            .encode_plan_for(plan, self.worker.as_str(), query)?;
+        if encoded.len() > self.max_message_bytes {
+            return Err(DataFusionError::Plan(format!(
+                "{} the stage plan for worker {} is {} bytes, above the message limit of {} \
+                 bytes (--max-message-bytes); it is this large because of the Python UDFs it \
+                 carries: capture less data in their closures, or raise the limit on the \
+                 coordinator and every worker",
+                dfship_codec::ErrorKind::PayloadRefused.tag(),
+                self.worker,
+                encoded.len(),
+                self.max_message_bytes
+            )));
+        }
+        Ok(encoded)
     }
 }
 
 fn explain_stream<T: Send + 'static>(
     stream: BoxStream<'static, Result<T>>,
-    worker: Url,
+    explain: impl Fn(DataFusionError) -> DataFusionError + Send + Sync + 'static,
 ) -> BoxStream<'static, Result<T>> {
-    stream
-        .map(move |item| item.map_err(|e| explain_worker_error(e, &worker)))
-        .boxed()
+    stream.map(move |item| item.map_err(&explain)).boxed()
 }
 
 #[async_trait]
@@ -87,11 +135,14 @@ impl WorkerChannel for InlineUdfChannel {
         task_ctx: &Arc<TaskContext>,
     ) -> Result<BoxStream<'static, Result<WorkerToCoordinatorMsg>>> {
         if let MaybeEncoded::Decoded(plan) = set_plan_request.plan {
-            set_plan_request.plan = MaybeEncoded::Encoded(self.encoder.encode_plan_for(
-                plan,
-                self.worker.as_str(),
-                set_plan_request.task_key.query_id.as_bytes(),
-            )?);
+            let query = set_plan_request.task_key.query_id;
+            match self.encode(plan, query.as_bytes()) {
+                Ok(encoded) => set_plan_request.plan = MaybeEncoded::Encoded(encoded),
+                Err(error) => {
+                    self.failures.record(&self.worker, &error);
+                    return Err(error);
+                }
+            }
         }
         // Names this task, so the worker can stop its Python calls when the
         // query ends (see `task_lifetime`).
@@ -99,12 +150,13 @@ impl WorkerChannel for InlineUdfChannel {
         if let Ok(id) = http::HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()) {
             headers.insert(TASK_ID_HEADER, id);
         }
+        let explain = self.explainer();
         let stream = self
             .inner
             .coordinator_channel(headers, set_plan_request, c2w_stream, metrics, task_ctx)
             .await
-            .map_err(|e| explain_worker_error(e, &self.worker))?;
-        Ok(explain_stream(stream, self.worker.clone()))
+            .map_err(&explain)?;
+        Ok(explain_stream(stream, explain))
     }
 
     async fn execute_task(
@@ -128,10 +180,10 @@ impl WorkerChannel for InlineUdfChannel {
             .inner
             .execute_task(headers, request, metrics, task_ctx)
             .await
-            .map_err(|e| explain_worker_error(e, &self.worker))?;
+            .map_err(self.explainer())?;
         Ok(streams
             .into_iter()
-            .map(|stream| explain_stream(stream, self.worker.clone()))
+            .map(|stream| explain_stream(stream, self.explainer()))
             .collect())
     }
 
@@ -142,7 +194,7 @@ impl WorkerChannel for InlineUdfChannel {
         self.inner
             .get_worker_info(request)
             .await
-            .map_err(|e| explain_worker_error(e, &self.worker))
+            .map_err(self.explainer())
     }
 }
 
@@ -195,6 +247,7 @@ pub struct InlineUdfChannelResolver {
     options: ChannelOptions,
     encoder: Arc<InlineUdfEncoder>,
     auth: Option<RpcAuthenticator>,
+    failures: PlanSendFailures,
 }
 
 impl InlineUdfChannelResolver {
@@ -210,6 +263,7 @@ impl InlineUdfChannelResolver {
             options,
             encoder,
             auth,
+            failures: PlanSendFailures::default(),
         }
     }
 
@@ -287,10 +341,14 @@ impl InlineUdfChannelResolver {
 impl ChannelResolver for InlineUdfChannelResolver {
     async fn get_worker_client_for_url(&self, url: &Url) -> Result<Box<dyn WorkerChannel>> {
         let channel = self.channel(url).await?;
-        Ok(Box::new(InlineUdfChannel::new(
-            create_worker_client(channel),
-            Arc::clone(&self.encoder),
-            url.clone(),
-        )))
+        Ok(Box::new(
+            InlineUdfChannel::new(
+                create_worker_client(channel),
+                Arc::clone(&self.encoder),
+                url.clone(),
+                self.options.max_message_bytes,
+            )
+            .with_failures(self.failures.clone()),
+        ))
     }
 }

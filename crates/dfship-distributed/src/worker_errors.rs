@@ -60,3 +60,48 @@ pub(crate) fn explain_worker_error(error: DataFusionError, worker: &Url) -> Data
     };
     DataFusionError::Context(context, Box::new(error))
 }
+
+/// What upstream says when a worker waited in vain for a task's plan.
+const PLAN_WAIT_TIMEOUT: &str = "timed-out while waiting for the plan to be set";
+
+/// How long a failure to send a plan explains a worker's later timeout.
+const FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Why sending a stage plan to a worker failed, kept for a while.
+///
+/// datafusion-distributed sends each task's plan from a background task
+/// whose error it reports only after the query ends; meanwhile the query
+/// fails with the worker's "timed-out while waiting for the plan to be set"
+/// ten seconds later. Remembering the real cause per worker lets that
+/// timeout be replaced by it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PlanSendFailures(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Url, (std::time::Instant, String)>>>,
+);
+
+impl PlanSendFailures {
+    pub(crate) fn record(&self, worker: &Url, error: &DataFusionError) {
+        tracing::error!(%worker, %error, "could not send a stage plan");
+        let mut failures = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        failures.retain(|_, (when, _)| when.elapsed() < FAILURE_MEMORY);
+        failures.insert(
+            worker.clone(),
+            (std::time::Instant::now(), error.to_string()),
+        );
+    }
+
+    /// `error`, or the recorded reason the worker never got its plan.
+    pub(crate) fn explain(&self, error: DataFusionError, worker: &Url) -> DataFusionError {
+        if !error.to_string().contains(PLAN_WAIT_TIMEOUT) {
+            return error;
+        }
+        let failures = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match failures.get(worker) {
+            Some((when, cause)) if when.elapsed() < FAILURE_MEMORY => DataFusionError::Context(
+                format!("the coordinator could not send worker {worker} its plan: {cause}"),
+                Box::new(error),
+            ),
+            _ => error,
+        }
+    }
+}
