@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from dfship import _native
-from dfship.errors import DfshipError, PlanningError
+from dfship.errors import (
+    DfshipError,
+    PayloadRefusedError,
+    PlanningError,
+    UdfLoadError,
+    VersionMismatchError,
+)
 from dfship.udf import PythonUDF
 
 if TYPE_CHECKING:
@@ -158,6 +164,11 @@ class ClusterContext:
         then as a physical plan. Python UDFs in it (``datafusion.udf``) travel
         inline. Its tables must be files at paths every worker can read:
         datafusion-python cannot serialize in-memory tables.
+
+        The plan is trusted as your own code: its UDFs are loaded in this
+        process, as datafusion-python itself would, even when the cluster has a
+        key, and reach the workers signed with it. Do not pass bytes you did
+        not make or receive from someone you trust.
         """
         kind = type(plan).__name__
         if kind == "LogicalPlan":
@@ -168,6 +179,8 @@ class ClusterContext:
             data = bytes(plan)
             try:
                 return DataFrame(self._native.load_datafusion_logical_plan(data))
+            except (PayloadRefusedError, VersionMismatchError, UdfLoadError):
+                raise  # a logical plan after all: one of its UDFs could not be loaded
             except DfshipError as logical_error:
                 try:
                     return DataFrame(self._native.load_datafusion_physical_plan(data))

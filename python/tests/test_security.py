@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import datafusion
 import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -98,6 +99,49 @@ def test_the_keyed_coordinator_runs_queries(keyed: dfship.LocalCluster, dataset:
     # A scan, so the workers must take part (count(*) alone may come from Parquet metadata).
     with pytest.raises(dfship.AuthenticationError, match="requires the cluster key"):
         unkeyed.sql("SELECT sum(id) FROM facts WHERE category = 'cat_1'").collect()
+
+
+@pytest.mark.parametrize("form", ["logical", "physical", "logical_bytes", "physical_bytes"])
+def test_the_keyed_coordinator_runs_datafusion_python_plans(
+    keyed: dfship.LocalCluster, dataset: Path, form: str
+) -> None:
+    """The user's own datafusion-python plan is trusted by its coordinator, which
+    signs its UDFs for the keyed workers (DFPYUDF itself has no signature)."""
+    local = datafusion.SessionContext()
+    local.register_parquet("facts", str(dataset / "facts"))
+    local.register_udf(
+        datafusion.udf(lambda a: pc.multiply(a, 3), [pa.int64()], pa.int64(), "immutable", name="band")
+    )
+    query = "SELECT category, sum(band(id)) AS s FROM facts WHERE band(id) % 2 = 0 GROUP BY category"
+    df = local.sql(query)
+    plan = {
+        "logical": df.logical_plan,
+        "physical": df.execution_plan,
+        "logical_bytes": lambda: df.logical_plan().to_bytes(),
+        "physical_bytes": lambda: df.execution_plan().to_bytes(),
+    }[form]()
+    expected = local.sql(query).to_arrow_table()
+    ctx = keyed.context(bytes_per_partition=1, cluster_key=KEY.encode())
+    before = ctx.shipped()
+    actual = ctx.execute_datafusion_plan(plan).collect()
+    assert expected.num_rows > 0
+    assert sorted(actual.to_pylist(), key=str) == sorted(expected.to_pylist(), key=str)
+    assert ctx.shipped()[1] > before[1], "the UDF reached the keyed workers inline, signed"
+
+
+def test_a_refused_udf_in_a_datafusion_python_plan_is_a_sentence(keyed: dfship.LocalCluster, dataset: Path) -> None:
+    local = datafusion.SessionContext()
+    local.register_parquet("facts", str(dataset / "facts"))
+    local.register_udf(datafusion.udf(lambda a: a, [pa.int64()], pa.int64(), "immutable", name="band"))
+    data = local.sql("SELECT band(id) FROM facts").logical_plan().to_bytes()
+    at = data.index(b"DFPYUDF") + len(b"DFPYUDF")
+    future = data[:at] + bytes([data[at] + 1]) + data[at + 1 :]  # a format version from the future
+    ctx = keyed.context(bytes_per_partition=1, cluster_key=KEY.encode())
+    with pytest.raises(dfship.PayloadRefusedError) as refused:
+        ctx.execute_datafusion_plan(future)
+    message = str(refused.value)
+    assert "'band'" in message and "format version" in message, message
+    assert "External(" not in message and "{ name" not in message, f"no Rust debug form: {message}"
 
 
 @pytest.mark.parametrize("mode", ["pool", "in-process"])

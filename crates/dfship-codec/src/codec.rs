@@ -39,6 +39,9 @@ use crate::wire::{self, family_of, Family, WireFormat};
 pub struct PythonUdfCodec {
     options: CodecOptions,
     frames: Arc<Mutex<FrameCache>>,
+    /// Load unsigned `DFPYUDF` payloads even when a cluster key is set; see
+    /// [`PythonUdfCodec::trusting_datafusion_python`].
+    trusts_datafusion_python: bool,
 }
 
 /// Pickles at least this large go to a destination once per query, then by digest.
@@ -79,6 +82,29 @@ impl PythonUdfCodec {
         Self {
             options,
             frames: Arc::default(),
+            trusts_datafusion_python: false,
+        }
+    }
+
+    /// This codec, for plans the caller's own process made with
+    /// datafusion-python: their `DFPYUDF` payloads are loaded even when a
+    /// cluster key is set, as datafusion-python itself would load them.
+    /// `DFPYUDF` has no tag, so a keyed codec otherwise refuses it; the UDFs
+    /// read this way leave this process as frames signed with the key, and
+    /// workers still refuse unsigned payloads. `DFSHIPU` frames are still
+    /// verified. Never use it for bytes that came over the network.
+    ///
+    /// ```
+    /// use dfship_codec::{ClusterKey, CodecOptions, PythonUdfCodec};
+    ///
+    /// let key = ClusterKey::new(b"a shared secret of enough length".to_vec()).unwrap();
+    /// let keyed = PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key));
+    /// let for_local_plans = keyed.trusting_datafusion_python();
+    /// ```
+    pub fn trusting_datafusion_python(&self) -> Self {
+        Self {
+            trusts_datafusion_python: true,
+            ..self.clone()
         }
     }
 
@@ -176,9 +202,9 @@ impl PythonUdfCodec {
         let payload = Bytes::copy_from_slice(payload);
         let udf = match family {
             Family::Inline => payload::inline::decode(name, payload, &self.options)?,
-            _ if self.options.cluster_key().is_some() => {
-                // DFPYUDF has no tag: with a key, it can never be trusted.
-                return Err(UdfPayloadError::Unsigned {
+            _ if self.options.cluster_key().is_some() && !self.trusts_datafusion_python => {
+                // DFPYUDF has no tag: with a key, only the caller's own plans are trusted.
+                return Err(UdfPayloadError::UnsignableDataFusionPython {
                     name: name.to_string(),
                 }
                 .into());

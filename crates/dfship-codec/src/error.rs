@@ -79,6 +79,15 @@ pub enum UdfPayloadError {
     Unsigned { name: String },
 
     #[error(
+        "[payload-refused] refusing the datafusion-python (DFPYUDF) payload for scalar function \
+         '{name}': this process requires payloads signed with the cluster key, and DFPYUDF cannot \
+         carry a signature; run datafusion-python plans through a dfship coordinator that has \
+         the key (ClusterContext.execute_datafusion_plan re-signs their UDFs), and keep its \
+         write format at dfship frames"
+    )]
+    UnsignableDataFusionPython { name: String },
+
+    #[error(
         "[payload-refused] refusing inline payload for scalar function '{name}': its HMAC-SHA256 tag does not \
          match the cluster key of this process; coordinator and workers must use the same key"
     )]
@@ -170,6 +179,7 @@ impl UdfPayloadError {
             | NameMismatch { .. }
             | DigestMismatch { .. }
             | Unsigned { .. }
+            | UnsignableDataFusionPython { .. }
             | BadTag { .. }
             | TooLarge { .. }
             | Strict { .. } => ErrorKind::PayloadRefused,
@@ -328,6 +338,7 @@ mod tests {
             },
             DigestMismatch { name: name() },
             Unsigned { name: name() },
+            UnsignableDataFusionPython { name: name() },
             BadTag { name: name() },
             TooLarge {
                 name: name(),

@@ -7,7 +7,7 @@
 //! what is supported. It sits beside the physical codec as datafusion-python
 //! keeps its two Python codecs side by side.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::TableReference;
@@ -19,6 +19,7 @@ use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
 
 use crate::codec::PythonUdfCodec;
+use crate::error::UdfPayloadError;
 
 /// Reads and writes Python scalar UDFs in logical plans, with the options of
 /// the [`PythonUdfCodec`] it wraps.
@@ -30,15 +31,39 @@ use crate::codec::PythonUdfCodec;
 /// let logical = PythonUdfLogicalCodec::new(Arc::new(PythonUdfCodec::default()));
 /// ```
 #[derive(Debug, Clone)]
-pub struct PythonUdfLogicalCodec(Arc<PythonUdfCodec>);
+pub struct PythonUdfLogicalCodec {
+    codec: Arc<PythonUdfCodec>,
+    /// The first payload error a UDF decode raised; see
+    /// [`PythonUdfLogicalCodec::take_udf_error`].
+    udf_error: Arc<Mutex<Option<UdfPayloadError>>>,
+}
 
 impl PythonUdfLogicalCodec {
     pub fn new(codec: Arc<PythonUdfCodec>) -> Self {
-        Self(codec)
+        Self {
+            codec,
+            udf_error: Arc::default(),
+        }
     }
 
     pub fn physical(&self) -> &Arc<PythonUdfCodec> {
-        &self.0
+        &self.codec
+    }
+
+    /// The first payload error raised while decoding a UDF, if any, and
+    /// forgets it.
+    ///
+    /// datafusion-proto 55 reads logical expressions through its own error
+    /// type, whose `Display` prints a wrapped `DataFusionError` with `{:?}`
+    /// (datafusion-proto-common `from_proto::Error`): a refused payload
+    /// reaches the caller as `Plan("DataFusion error: External(Unsigned {
+    /// name: \"band\" })")`. The caller of a logical decode asks here for
+    /// the error as it was raised, with its sentence and kind.
+    pub fn take_udf_error(&self) -> Option<UdfPayloadError> {
+        self.udf_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 
@@ -84,10 +109,15 @@ impl LogicalExtensionCodec for PythonUdfLogicalCodec {
     }
 
     fn try_decode_udf(&self, name: &str, buf: &[u8]) -> Result<Arc<ScalarUDF>> {
-        self.0.try_decode_udf(name, buf)
+        self.codec.try_decode_udf(name, buf).inspect_err(|error| {
+            if let Some(refused) = UdfPayloadError::find(error) {
+                let mut first = self.udf_error.lock().unwrap_or_else(|p| p.into_inner());
+                first.get_or_insert_with(|| refused.clone());
+            }
+        })
     }
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
-        self.0.try_encode_udf(node, buf)
+        self.codec.try_encode_udf(node, buf)
     }
 }

@@ -293,7 +293,7 @@ fn hmac_missing_or_wrong() {
         );
     }
 
-    // Stripping the tag and clearing the flag leaves an unsigned frame: refused.
+    // DFPYUDF cannot carry a tag: refused, with what to do instead.
     let dfpy = payload_with(
         &PythonUdfCodec::new(
             CodecOptions::default().with_write_format(WireFormat::DataFusionPython),
@@ -301,11 +301,49 @@ fn hmac_missing_or_wrong() {
         "signed",
         "lambda a: a",
     );
+    let error = decode_err(&verifier, "signed", &dfpy);
     assert_eq!(
-        decode_err(&verifier, "signed", &dfpy),
-        UdfPayloadError::Unsigned {
+        error,
+        UdfPayloadError::UnsignableDataFusionPython {
             name: "signed".into()
         }
+    );
+    assert!(
+        error.to_string().contains("execute_datafusion_plan"),
+        "{error}"
+    );
+}
+
+/// A keyed coordinator loads the datafusion-python plans its own user hands
+/// it, and what it sends on is signed; our frames are still verified.
+#[test]
+fn a_trusting_codec_loads_datafusion_python_payloads_and_signs_them_on() {
+    let keyed = PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key(1)));
+    let trusting = keyed.trusting_datafusion_python();
+    let dfpy = payload_with(
+        &PythonUdfCodec::new(
+            CodecOptions::default().with_write_format(WireFormat::DataFusionPython),
+        ),
+        "local",
+        "lambda a: pc.add(a, 1)",
+    );
+    let udf = trusting
+        .try_decode_udf("local", &dfpy)
+        .expect("the caller's own datafusion-python payload loads");
+    let mut sent = Vec::new();
+    keyed.try_encode_udf(&udf, &mut sent).unwrap();
+    assert!(sent.starts_with(b"DFSHIPU"), "re-encoded as our frame");
+    assert!(
+        keyed.try_decode_udf("local", &sent).is_ok(),
+        "signed with the key: a keyed worker accepts it"
+    );
+    let unkeyed_frame = payload("local");
+    assert_eq!(
+        decode_err(&trusting, "local", &unkeyed_frame),
+        UdfPayloadError::Unsigned {
+            name: "local".into()
+        },
+        "DFSHIPU frames are still verified"
     );
 }
 

@@ -11,7 +11,11 @@
 //! planning; the distributed planner then splits it into stages.
 //!
 //! Both formats carry Python UDFs as `DFPYUDF` payloads (datafusion-python
-//! writes them into `fun_definition`), which [`PythonUdfCodec`] reads. Tables
+//! writes them into `fun_definition`), which [`PythonUdfCodec`] reads. The
+//! bytes come from the caller's own process, so they are read with
+//! [`PythonUdfCodec::trusting_datafusion_python`]: with a cluster key, their
+//! UDFs (which cannot carry a signature) are loaded here as datafusion-python
+//! itself would load them, and reach the workers as signed frames. Tables
 //! travel as file scans with their paths, so every worker must see those
 //! paths; datafusion-python cannot serialize in-memory tables.
 
@@ -128,22 +132,33 @@ impl QueryPlanner for PrebuiltAwareQueryPlanner {
 
 /// A DataFrame over datafusion-python 55 logical plan bytes
 /// (`DataFrame.logical_plan().to_bytes()`), planned and run distributed.
+///
+/// The bytes are trusted as the caller's own code: their Python UDFs are
+/// unpickled in this process even when `codec` has a cluster key (see
+/// [`PythonUdfCodec::trusting_datafusion_python`]). Do not pass bytes from
+/// an untrusted source.
 pub async fn dataframe_from_logical_bytes(
     ctx: &SessionContext,
     codec: Arc<PythonUdfCodec>,
     bytes: &[u8],
 ) -> Result<DataFrame> {
+    let logical = PythonUdfLogicalCodec::new(Arc::new(codec.trusting_datafusion_python()));
     let plan = datafusion_proto::bytes::logical_plan_from_bytes_with_extension_codec(
         bytes,
         &ctx.task_ctx(),
-        &PythonUdfLogicalCodec::new(codec),
+        &logical,
     )
-    .map_err(|e| explain_decode("logical", e))?;
+    .map_err(|e| match logical.take_udf_error() {
+        // datafusion-proto flattened it to its Debug form: the error as raised.
+        Some(refused) => refused.into(),
+        None => explain_decode("logical", e),
+    })?;
     ctx.execute_logical_plan(plan).await
 }
 
 /// A DataFrame over datafusion-python 55 physical plan bytes
-/// (`DataFrame.execution_plan().to_bytes()`), split into stages and run distributed.
+/// (`DataFrame.execution_plan().to_bytes()`), split into stages and run
+/// distributed. Trusted like [`dataframe_from_logical_bytes`]'s.
 pub async fn dataframe_from_physical_bytes(
     ctx: &SessionContext,
     codec: Arc<PythonUdfCodec>,
@@ -151,10 +166,11 @@ pub async fn dataframe_from_physical_bytes(
 ) -> Result<DataFrame> {
     // datafusion-python writes expressions shared between nodes (a join's
     // dynamic filter and the scan it prunes) once, by id: read them back the same way.
+    let codec = codec.trusting_datafusion_python();
     let plan = datafusion_proto::bytes::physical_plan_from_bytes_with_proto_converter(
         bytes,
         &ctx.task_ctx(),
-        codec.as_ref() as &dyn PhysicalExtensionCodec,
+        &codec as &dyn PhysicalExtensionCodec,
         &datafusion_proto::physical_plan::DeduplicatingProtoConverter::default(),
     )
     .map_err(|e| explain_decode("physical", e))?;
