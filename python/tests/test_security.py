@@ -129,7 +129,9 @@ def test_the_keyed_coordinator_runs_datafusion_python_plans(
     assert ctx.shipped()[1] > before[1], "the UDF reached the keyed workers inline, signed"
 
 
-def test_a_refused_udf_in_a_datafusion_python_plan_is_a_sentence(keyed: dfship.LocalCluster, dataset: Path) -> None:
+def test_a_refused_udf_in_a_datafusion_python_plan_is_a_sentence(
+    keyed: dfship.LocalCluster, dataset: Path
+) -> None:
     local = datafusion.SessionContext()
     local.register_parquet("facts", str(dataset / "facts"))
     local.register_udf(datafusion.udf(lambda a: a, [pa.int64()], pa.int64(), "immutable", name="band"))
