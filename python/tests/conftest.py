@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datafusion
 import pyarrow as pa
@@ -81,3 +82,20 @@ def sorted_rows(table: pa.Table) -> list[tuple]:
     """Rows in a canonical order, for order-insensitive comparison."""
     rows = [tuple(row.values()) for row in table.to_pylist()]
     return sorted(rows, key=repr)
+
+
+PLAN_FORMS = ["logical", "physical", "logical_bytes", "physical_bytes"]
+
+
+def plan_in_form(df: datafusion.DataFrame, form: str) -> Any:
+    """The plan of a datafusion-python DataFrame in one of ``PLAN_FORMS``.
+
+    Take it before the DataFrame runs: once a join has run, datafusion 55
+    serializes its populated dynamic filter in a form that nobody,
+    datafusion-python included, can decode (an upstream bug)."""
+    return {
+        "logical": df.logical_plan,
+        "physical": df.execution_plan,
+        "logical_bytes": lambda: df.logical_plan().to_bytes(),
+        "physical_bytes": lambda: df.execution_plan().to_bytes(),
+    }[form]()

@@ -7,7 +7,7 @@ import datafusion
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from conftest import sorted_rows
+from conftest import PLAN_FORMS, plan_in_form, sorted_rows
 
 import dfship
 
@@ -38,21 +38,12 @@ def _register(local: datafusion.SessionContext) -> None:
 
 
 @pytest.mark.parametrize("query", QUERIES)
-@pytest.mark.parametrize("form", ["logical", "physical", "logical_bytes", "physical_bytes"])
+@pytest.mark.parametrize("form", PLAN_FORMS)
 def test_datafusion_python_plans_run_distributed(
     query: str, form: str, ctx: dfship.ClusterContext, local: datafusion.SessionContext
 ) -> None:
     _register(local)
-    df = local.sql(query)
-    # The plan is taken before datafusion-python runs it: once a join has run,
-    # datafusion 55 serializes its populated dynamic filter in a form that
-    # nobody, datafusion-python included, can decode (an upstream bug).
-    plan = {
-        "logical": df.logical_plan,
-        "physical": df.execution_plan,
-        "logical_bytes": lambda: df.logical_plan().to_bytes(),
-        "physical_bytes": lambda: df.execution_plan().to_bytes(),
-    }[form]()
+    plan = plan_in_form(local.sql(query), form)
     expected = local.sql(query).to_arrow_table()
     before = ctx.shipped()
     distributed = ctx.execute_datafusion_plan(plan)

@@ -17,6 +17,7 @@ import grpc
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import PLAN_FORMS, plan_in_form
 
 import dfship
 
@@ -101,7 +102,7 @@ def test_the_keyed_coordinator_runs_queries(keyed: dfship.LocalCluster, dataset:
         unkeyed.sql("SELECT sum(id) FROM facts WHERE category = 'cat_1'").collect()
 
 
-@pytest.mark.parametrize("form", ["logical", "physical", "logical_bytes", "physical_bytes"])
+@pytest.mark.parametrize("form", PLAN_FORMS)
 def test_the_keyed_coordinator_runs_datafusion_python_plans(
     keyed: dfship.LocalCluster, dataset: Path, form: str
 ) -> None:
@@ -113,13 +114,7 @@ def test_the_keyed_coordinator_runs_datafusion_python_plans(
         datafusion.udf(lambda a: pc.multiply(a, 3), [pa.int64()], pa.int64(), "immutable", name="band")
     )
     query = "SELECT category, sum(band(id)) AS s FROM facts WHERE band(id) % 2 = 0 GROUP BY category"
-    df = local.sql(query)
-    plan = {
-        "logical": df.logical_plan,
-        "physical": df.execution_plan,
-        "logical_bytes": lambda: df.logical_plan().to_bytes(),
-        "physical_bytes": lambda: df.execution_plan().to_bytes(),
-    }[form]()
+    plan = plan_in_form(local.sql(query), form)
     expected = local.sql(query).to_arrow_table()
     ctx = keyed.context(bytes_per_partition=1, cluster_key=KEY.encode())
     before = ctx.shipped()
