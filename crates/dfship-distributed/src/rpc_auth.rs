@@ -23,7 +23,7 @@
 //! traffic in flight can replace a body within the same request. That is
 //! what TLS (`--tls-*`) is for.
 
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -43,7 +43,10 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// payload-signing key directly).
 const RPC_KEY_PURPOSE: &[u8] = b"dfship-rpc-auth-v1";
 
-/// Nonces remembered at most; beyond this the oldest are dropped first.
+/// Nonces remembered at most (~50 MB). A nonce is never forgotten while its
+/// proof could still pass the clock check, so beyond this requests are
+/// refused until older nonces expire: a worker would have to accept more
+/// than 4,000 RPCs a second for two minutes.
 const REPLAY_CACHE_LIMIT: usize = 1_000_000;
 
 /// Makes and checks proofs of the cluster key for RPCs.
@@ -51,7 +54,44 @@ const REPLAY_CACHE_LIMIT: usize = 1_000_000;
 pub struct RpcAuthenticator {
     key: Arc<ClusterKey>,
     skew: Duration,
-    seen: Arc<Mutex<HashMap<[u8; 16], u64>>>,
+    seen: Arc<Mutex<ReplayCache>>,
+}
+
+/// The nonces of accepted proofs, each kept until its proof can no longer
+/// pass the clock check, and forgotten oldest first: O(1) per request.
+#[derive(Debug, Default)]
+struct ReplayCache {
+    seen: HashSet<[u8; 16]>,
+    /// When each nonce may be forgotten, in the order they were accepted.
+    /// The expiry is `now + 2 * skew` at acceptance (the proof's own time is
+    /// within `skew` of that `now`, so it fails the clock check from then
+    /// on), which keeps the queue in time order as long as the clock does.
+    expiries: VecDeque<(u64, [u8; 16])>,
+}
+
+impl ReplayCache {
+    /// Accepts `nonce` once, at `now` (ms), remembering it for `keep_ms`.
+    fn admit(&mut self, nonce: [u8; 16], now: u64, keep_ms: u64) -> Result<(), String> {
+        while let Some(&(expires, old)) = self.expiries.front() {
+            if expires > now {
+                break;
+            }
+            self.expiries.pop_front();
+            self.seen.remove(&old);
+        }
+        if self.seen.contains(&nonce) {
+            return Err("the proof was already used: a replayed request".to_string());
+        }
+        if self.seen.len() >= REPLAY_CACHE_LIMIT {
+            return Err(format!(
+                "more than {REPLAY_CACHE_LIMIT} requests within the replay window; retry later"
+            ));
+        }
+        self.seen.insert(nonce);
+        self.expiries
+            .push_back((now.saturating_add(keep_ms), nonce));
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for RpcAuthenticator {
@@ -180,17 +220,10 @@ impl RpcAuthenticator {
                 skew / 1000
             ));
         }
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= REPLAY_CACHE_LIMIT / 2 {
-            seen.retain(|_, expires| *expires >= now);
-        }
-        if seen.len() >= REPLAY_CACHE_LIMIT {
-            return Err("too many requests within the replay window; retry".to_string());
-        }
-        if seen.insert(nonce, millis + 2 * skew).is_some() {
-            return Err("the proof was already used: a replayed request".to_string());
-        }
-        Ok(())
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(nonce, now, 2 * skew + 1)
     }
 }
 
@@ -315,6 +348,29 @@ mod tests {
             .verify(PATH, Some(&proof))
             .unwrap_err()
             .contains("replayed"));
+    }
+
+    #[test]
+    fn the_replay_cache_forgets_a_nonce_only_once_its_proof_is_stale() {
+        let mut cache = ReplayCache::default();
+        let keep = 2 * 60_000 + 1;
+        for i in 0..10_000u32 {
+            let mut nonce = [0; 16];
+            nonce[..4].copy_from_slice(&i.to_le_bytes());
+            assert_eq!(cache.admit(nonce, 1_000 + u64::from(i), keep), Ok(()));
+        }
+        let first = [0; 16];
+        let replayed = cache.admit(first, 1_000 + keep - 1, keep).unwrap_err();
+        assert!(replayed.contains("replayed"), "{replayed}");
+        assert_eq!(
+            cache.seen.len(),
+            10_000,
+            "nothing forgotten within the window"
+        );
+        // Later, every nonce's proof fails the clock check: all are forgotten.
+        assert_eq!(cache.admit([9; 16], 1_000 + 10_000 + keep, keep), Ok(()));
+        assert_eq!(cache.seen.len(), 1);
+        assert_eq!(cache.expiries.len(), 1);
     }
 
     #[test]
