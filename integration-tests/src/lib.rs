@@ -6,7 +6,7 @@ use std::sync::{Arc, Once};
 
 use arrow::util::pretty::pretty_format_batches;
 use datafusion::arrow::datatypes::{DataType, Field, Fields, TimeUnit};
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{ScalarUDF, Volatility};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use dfship_codec::{CodecOptions, PythonScalarUdf, UdfSignature};
@@ -118,6 +118,18 @@ pub async fn register_dataset(ctx: &SessionContext, dir: &Path) -> Result<()> {
         .await?;
     }
     Ok(())
+}
+
+/// The error a query ends with; panics if it plans badly or succeeds.
+pub async fn query_error(ctx: &SessionContext, sql: &str) -> DataFusionError {
+    let df = ctx
+        .sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql} should plan: {e}"));
+    match df.collect().await {
+        Ok(_) => panic!("{sql} should fail"),
+        Err(error) => error,
+    }
 }
 
 /// Rows of a query, pretty-printed and sorted, for order-insensitive comparison.

@@ -31,13 +31,8 @@ async fn a_raising_udf_reports_the_python_exception_and_workers_recover() {
         "class QuotaExceeded(Exception):\n    pass\ndef fails(a):\n    raise QuotaExceeded(f'quota exceeded after {len(a)} rows')\n",
         "fails",
     ));
-    let error = ctx
-        .sql("SELECT py_fails(id) FROM facts")
+    let error = query_error(&ctx, "SELECT py_fails(id) FROM facts")
         .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
         .to_string();
     assert!(
         error.contains("Python UDF 'py_fails' raised: QuotaExceeded: quota exceeded after"),
@@ -90,14 +85,7 @@ async fn keyed_workers_refuse_clients_without_the_key() {
     let query = "SELECT py_triple(id) FROM facts WHERE id < 5";
 
     let unsigned = triple_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
-    let error = unsigned
-        .sql(query)
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = query_error(&unsigned, query).await.to_string();
     // Refused at the door: every RPC must prove the key (the pickles' own
     // tags are checked by the codec tests, bad_input.rs).
     assert!(
@@ -111,14 +99,7 @@ async fn keyed_workers_refuse_clients_without_the_key() {
         dir.path(),
     )
     .await;
-    let error = wrong
-        .sql(query)
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = query_error(&wrong, query).await.to_string();
     assert!(
         error.contains("does not match this worker's cluster key"),
         "{error}"
@@ -142,13 +123,8 @@ async fn strict_workers_refuse_inline_udfs() {
     )
     .await;
     let ctx = triple_context(&cluster.urls, CodecOptions::default(), dir.path()).await;
-    let error = ctx
-        .sql("SELECT py_triple(id) FROM facts")
+    let error = query_error(&ctx, "SELECT py_triple(id) FROM facts")
         .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
         .to_string();
     assert!(
         error.contains("strict mode is on") && error.contains("py_triple"),

@@ -87,14 +87,7 @@ async fn a_worker_without_the_ffi_udf_says_how_to_register_it() {
         dir.path(),
     )
     .await;
-    let error = ctx
-        .sql(MIXED)
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = query_error(&ctx, MIXED).await.to_string();
     assert!(
         error.contains("has no scalar function 'fnv1a_hash'"),
         "{error}"

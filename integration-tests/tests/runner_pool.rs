@@ -18,10 +18,6 @@ async fn assert_healthy(ctx: &SessionContext) {
     assert_eq!(rows, vec![format!("| {} |", 3 * 4800 * 4801 / 2)]);
 }
 
-async fn query_error(ctx: &SessionContext, sql: &str) -> datafusion::error::DataFusionError {
-    ctx.sql(sql).await.unwrap().collect().await.unwrap_err()
-}
-
 /// Waits until every worker has `runners` live runner processes again.
 fn wait_for_runners(cluster: &SpawnedCluster, runners: usize) -> Vec<Vec<u32>> {
     let until = Instant::now() + Duration::from_secs(30);

@@ -92,13 +92,8 @@ async fn without_the_shim_workers_cannot_resolve_python_udfs() {
         "",
         "lambda a: a",
     ));
-    let error = ctx
-        .sql("SELECT unshipped(id) FROM facts")
+    let error = query_error(&ctx, "SELECT unshipped(id) FROM facts")
         .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
         .to_string();
     println!("{error}");
     assert!(

@@ -82,13 +82,8 @@ async fn a_worker_process_survives_a_failing_udf() {
         "",
         "lambda a: 1 // 0",
     ));
-    let error = ctx
-        .sql("SELECT py_zero_div(id) FROM facts")
+    let error = query_error(&ctx, "SELECT py_zero_div(id) FROM facts")
         .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
         .to_string();
     assert!(
         error.contains("ZeroDivisionError: integer division or modulo by zero"),
@@ -206,13 +201,8 @@ async fn an_oversized_message_is_refused_with_a_clear_error() {
         "import os\nblob = os.urandom(64 * 1024)\n",
         "lambda a, _blob=blob: a",
     ));
-    let error = ctx
-        .sql("SELECT sum(py_heavy(id)) FROM facts")
+    let error = query_error(&ctx, "SELECT sum(py_heavy(id)) FROM facts")
         .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap_err()
         .to_string();
     assert!(
         error.contains("above the message limit of 40000 bytes")
