@@ -14,16 +14,20 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::ScalarUDF;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
 
 use crate::error::UdfPayloadError;
 use crate::options::CodecOptions;
 use crate::payload;
+use crate::function::PythonFunction;
+use crate::python_udaf::PythonAggregateUdf;
 use crate::python_udf::PythonScalarUdf;
+use crate::python_udwf::PythonWindowUdf;
 use crate::signature::UdfSignature;
-use crate::wire::{self, family_of, Family, WireFormat};
+use crate::window_node::{self, PythonWindowNode};
+use crate::wire::{self, family_of, Family, FunctionKind, WireFormat};
 
 /// Ships Python scalar UDFs inline and leaves every other UDF to travel by name.
 ///
@@ -50,7 +54,7 @@ pub const BY_DIGEST_MIN_BYTES: usize = 64 * 1024;
 /// How many frames a codec keeps built.
 const FRAMES_KEPT: usize = 32;
 
-type FrameKey = (UdfSignature, [u8; 32], bool);
+type FrameKey = (FunctionKind, UdfSignature, [u8; 32], bool);
 
 /// Frames already built, by signature, digest and kind.
 #[derive(Debug)]
@@ -128,42 +132,77 @@ impl PythonUdfCodec {
         udf: &ScalarUDF,
         first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
     ) -> Result<Option<Bytes>> {
-        let Some(python_udf) = udf.inner().downcast_ref::<PythonScalarUdf>() else {
-            return Ok(None);
-        };
+        match udf.inner().downcast_ref::<PythonScalarUdf>() {
+            Some(python) => self.encode_function_to(python.function(), first_time).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The inline payload for the aggregate `udaf`, or `None` when it travels by name.
+    pub fn encode_udaf(&self, udaf: &AggregateUDF) -> Result<Option<Bytes>> {
+        self.encode_udaf_to(udaf, &mut |_| true)
+    }
+
+    /// [`Self::encode_udf_to`] for an aggregate UDF.
+    pub fn encode_udaf_to(
+        &self,
+        udaf: &AggregateUDF,
+        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+    ) -> Result<Option<Bytes>> {
+        match udaf.inner().downcast_ref::<PythonAggregateUdf>() {
+            Some(python) => self.encode_function_to(python.function(), first_time).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The inline payload for the window UDF `udwf`, or `None` when it travels by name.
+    pub fn encode_udwf(&self, udwf: &WindowUDF) -> Result<Option<Bytes>> {
+        match udwf.inner().downcast_ref::<PythonWindowUdf>() {
+            Some(python) => self.encode_function_to(python.function(), &mut |_| true).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn encode_function_to(
+        &self,
+        function: &PythonFunction,
+        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+    ) -> Result<Bytes> {
+        let name = &function.signature.name;
         let format = self.options.write_format();
-        let payload = match (format, python_udf.received(format)) {
+        let payload = match (format, function.received(format)) {
             (WireFormat::DataFusionPython, Some(received)) => received.clone(),
             (WireFormat::DataFusionPython, None) => {
-                Bytes::from(payload::dfpy::encode(python_udf, &self.options)?)
+                Bytes::from(payload::dfpy::encode(function, &self.options)?)
             }
             // A frame by digest is already as small as it gets.
             (WireFormat::Inline, Some(received)) if wire::inline::is_by_digest(received) => {
                 received.clone()
             }
             (WireFormat::Inline, received) => {
-                let pickled = python_udf.callable().pickled(udf.name())?;
+                let pickled = function.callable.pickled(name)?;
                 let large = pickled.bytes().len() >= BY_DIGEST_MIN_BYTES;
                 let by_digest = large && !first_time(pickled.digest());
                 match received {
                     // Re-encoding what was received emits the same bytes.
                     Some(received) if !by_digest => received.clone(),
-                    _ => self.frame(python_udf, pickled.digest(), by_digest)?,
+                    _ => self.frame(function, pickled.digest(), by_digest)?,
                 }
             }
         };
-        self.check_size(udf.name(), payload.len())?;
-        Ok(Some(payload))
+        self.check_size(name, payload.len())?;
+        Ok(payload)
     }
 
-    /// Our frame for `udf`, built once per signature, digest and kind (a
-    /// stage plan goes to every task: the frame is shared, not rebuilt).
-    fn frame(&self, udf: &PythonScalarUdf, digest: &[u8; 32], by_digest: bool) -> Result<Bytes> {
-        let key = (udf.udf_signature().clone(), *digest, by_digest);
+    /// Our frame for `function`, built once per kind, signature, digest and
+    /// kind of frame (a stage plan goes to every task: the frame is shared,
+    /// not rebuilt).
+    fn frame(&self, function: &PythonFunction, digest: &[u8; 32], by_digest: bool) -> Result<Bytes> {
+        let key = (function.kind, function.signature.clone(), *digest, by_digest);
         if let Some(frame) = self.frames().get(&key) {
             return Ok(frame.clone());
         }
-        let frame = Bytes::from(payload::inline::encode(udf, &self.options, by_digest)?);
+        let frame = Bytes::from(payload::inline::encode(function, &self.options, by_digest)?);
         self.frames().put(key, frame.clone());
         Ok(frame)
     }
@@ -174,9 +213,37 @@ impl PythonUdfCodec {
 
     /// Rebuilds the Python UDF `name` from its inline payload.
     pub fn decode_udf(&self, name: &str, payload: &[u8]) -> Result<Arc<ScalarUDF>> {
+        let function = self.decode_function(FunctionKind::Scalar, name, payload)?;
+        Ok(Arc::new(
+            PythonScalarUdf::from_function(function).into_scalar_udf(),
+        ))
+    }
+
+    /// Rebuilds the Python aggregate UDF `name` from its inline payload.
+    pub fn decode_udaf(&self, name: &str, payload: &[u8]) -> Result<Arc<AggregateUDF>> {
+        let function = self.decode_function(FunctionKind::Aggregate, name, payload)?;
+        Ok(Arc::new(
+            PythonAggregateUdf::from_function(function).into_aggregate_udf(),
+        ))
+    }
+
+    /// Rebuilds the Python window UDF `name` from its inline payload.
+    pub fn decode_udwf(&self, name: &str, payload: &[u8]) -> Result<Arc<WindowUDF>> {
+        let function = self.decode_function(FunctionKind::Window, name, payload)?;
+        Ok(Arc::new(
+            PythonWindowUdf::from_function(function).into_window_udf(),
+        ))
+    }
+
+    fn decode_function(
+        &self,
+        expected: FunctionKind,
+        name: &str,
+        payload: &[u8],
+    ) -> Result<PythonFunction> {
         self.check_size(name, payload.len())?;
         let family = family_of(payload);
-        match family {
+        let kind = match family {
             Family::Unknown if payload.is_empty() => {
                 return Err(UdfPayloadError::NotInline {
                     name: name.to_string(),
@@ -190,28 +257,38 @@ impl PythonUdfCodec {
                 }
                 .into())
             }
-            Family::Inline | Family::DataFusionPython if self.options.strict() => {
+            Family::Inline(_) | Family::DataFusionPython(_) if self.options.strict() => {
                 return Err(UdfPayloadError::Strict {
                     name: name.to_string(),
                 }
                 .into())
             }
-            Family::Inline | Family::DataFusionPython => {}
+            Family::Inline(kind) | Family::DataFusionPython(kind) => kind,
+        };
+        if kind != expected {
+            return Err(UdfPayloadError::Malformed {
+                name: name.to_string(),
+                detail: format!(
+                    "the plan calls it as a {} function but its payload holds a {} function",
+                    expected.describe(),
+                    kind.describe()
+                ),
+            }
+            .into());
         }
         // The one copy of the payload a decoded UDF keeps; the pickle is a view into it.
         let payload = Bytes::copy_from_slice(payload);
-        let udf = match family {
-            Family::Inline => payload::inline::decode(name, payload, &self.options)?,
+        match family {
+            Family::Inline(_) => payload::inline::decode(name, payload, &self.options),
             _ if self.options.cluster_key().is_some() && !self.trusts_datafusion_python => {
-                // DFPYUDF has no tag: with a key, only the caller's own plans are trusted.
-                return Err(UdfPayloadError::UnsignableDataFusionPython {
+                // DFPY* has no tag: with a key, only the caller's own plans are trusted.
+                Err(UdfPayloadError::UnsignableDataFusionPython {
                     name: name.to_string(),
                 }
-                .into());
+                .into())
             }
-            _ => payload::dfpy::decode(name, payload, &self.options)?,
-        };
-        Ok(Arc::new(udf.into_scalar_udf()))
+            _ => payload::dfpy::decode(name, payload, &self.options),
+        }
     }
 
     fn check_size(&self, name: &str, size: usize) -> Result<(), UdfPayloadError> {
@@ -239,14 +316,17 @@ impl PythonUdfCodec {
 impl PhysicalExtensionCodec for PythonUdfCodec {
     fn try_decode(
         &self,
-        _buf: &[u8],
-        _inputs: &[Arc<dyn ExecutionPlan>],
-        _ctx: &TaskContext,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        ctx: &TaskContext,
         _proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if buf.starts_with(window_node::WINDOW_NODE_MAGIC) {
+            return window_node::decode(buf, inputs, ctx, self);
+        }
         Err(DataFusionError::NotImplemented(
-            "PythonUdfCodec decodes only Python scalar UDFs, not execution plan nodes; compose \
-             it with the codec that wrote this node"
+            "PythonUdfCodec decodes only Python UDFs and the window nodes that call them, not \
+             other execution plan nodes; compose it with the codec that wrote this node"
                 .to_string(),
         ))
     }
@@ -254,12 +334,16 @@ impl PhysicalExtensionCodec for PythonUdfCodec {
     fn try_encode(
         &self,
         node: Arc<dyn ExecutionPlan>,
-        _buf: &mut Vec<u8>,
+        buf: &mut Vec<u8>,
         _proto_converter: &dyn PhysicalProtoConverterExtension,
     ) -> Result<()> {
+        if let Some(window) = node.downcast_ref::<PythonWindowNode>() {
+            buf.extend_from_slice(&window_node::encode(window, self)?);
+            return Ok(());
+        }
         Err(DataFusionError::NotImplemented(format!(
-            "PythonUdfCodec encodes only Python scalar UDFs, not execution plan nodes such as {}; \
-             compose it with a codec for that node",
+            "PythonUdfCodec encodes only Python UDFs and the window nodes that call them, not \
+             execution plan nodes such as {}; compose it with a codec for that node",
             node.name()
         )))
     }
@@ -270,6 +354,28 @@ impl PhysicalExtensionCodec for PythonUdfCodec {
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
         if let Some(payload) = self.encode_udf(node)? {
+            buf.extend_from_slice(&payload);
+        }
+        Ok(())
+    }
+
+    fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
+        self.decode_udaf(name, buf)
+    }
+
+    fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
+        if let Some(payload) = self.encode_udaf(node)? {
+            buf.extend_from_slice(&payload);
+        }
+        Ok(())
+    }
+
+    fn try_decode_udwf(&self, name: &str, buf: &[u8]) -> Result<Arc<WindowUDF>> {
+        self.decode_udwf(name, buf)
+    }
+
+    fn try_encode_udwf(&self, node: &WindowUDF, buf: &mut Vec<u8>) -> Result<()> {
+        if let Some(payload) = self.encode_udwf(node)? {
             buf.extend_from_slice(&payload);
         }
         Ok(())

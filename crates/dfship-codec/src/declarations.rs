@@ -147,6 +147,7 @@ fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<ScalarUDF>> {
         input_types,
         return_field: Arc::new(return_field),
         volatility,
+        state_fields: Vec::new(),
     };
     Ok(PythonScalarUdf::new(signature, func).map(PythonScalarUdf::into_scalar_udf))
 }

@@ -10,22 +10,17 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, FieldRef};
-use datafusion::error::{DataFusionError, Result};
+use datafusion::error::Result;
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
 };
 use pyo3::prelude::*;
 
-use bytes::Bytes;
-
-use crate::cache::CallableCache;
-use crate::callable::PythonCallable;
 use crate::execution::{self, TaskOptions};
-use crate::pickled::PickledCallable;
+use crate::function::PythonFunction;
 use crate::result_check::checked_result;
 use crate::signature::UdfSignature;
-use crate::store::PayloadStore;
-use crate::wire::WireFormat;
+use crate::wire::FunctionKind;
 
 /// A scalar UDF whose body is a Python callable; it travels inline.
 ///
@@ -46,126 +41,57 @@ use crate::wire::WireFormat;
 /// ```
 #[derive(Debug)]
 pub struct PythonScalarUdf {
-    udf_signature: UdfSignature,
+    function: PythonFunction,
     signature: Signature,
-    callable: Arc<PythonCallable>,
-    /// The payload this UDF was decoded from; encoding in the same format
-    /// re-emits it byte for byte.
-    received: Option<(WireFormat, Bytes)>,
 }
 
 impl PythonScalarUdf {
-    /// A UDF calling `callable`, which must be callable.
     pub fn new(udf_signature: UdfSignature, callable: Bound<'_, PyAny>) -> Result<Self> {
-        if !callable.is_callable() {
-            return Err(DataFusionError::Plan(format!(
-                "the Python UDF '{}' must be given a callable, got an object of type {}",
-                udf_signature.name,
-                callable
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            )));
-        }
-        Ok(Self::with_callable(
-            udf_signature,
-            PythonCallable::from_live(callable),
-            None,
-        ))
+        PythonFunction::live(FunctionKind::Scalar, udf_signature, callable).map(Self::from_function)
     }
 
-    pub(crate) fn from_pickle(
-        udf_signature: UdfSignature,
-        pickled: PickledCallable,
-        cache: Arc<CallableCache>,
-        received: (WireFormat, Bytes),
-    ) -> Self {
-        Self::with_callable(
-            udf_signature,
-            PythonCallable::from_pickle(pickled, cache),
-            Some(received),
-        )
-    }
-
-    pub(crate) fn from_reference(
-        udf_signature: UdfSignature,
-        digest: [u8; 32],
-        store: Arc<PayloadStore>,
-        cache: Arc<CallableCache>,
-        received: (WireFormat, Bytes),
-    ) -> Self {
-        Self::with_callable(
-            udf_signature,
-            PythonCallable::from_reference(digest, store, cache),
-            Some(received),
-        )
-    }
-
-    pub(crate) fn from_unpickled(
-        udf_signature: UdfSignature,
-        callable: Bound<'_, PyAny>,
-        received: (WireFormat, Bytes),
-    ) -> Self {
-        Self::with_callable(
-            udf_signature,
-            PythonCallable::from_live(callable),
-            Some(received),
-        )
-    }
-
-    fn with_callable(
-        udf_signature: UdfSignature,
-        callable: PythonCallable,
-        received: Option<(WireFormat, Bytes)>,
-    ) -> Self {
-        let signature = if udf_signature.input_types.is_empty() {
-            Signature::nullary(udf_signature.volatility)
-        } else {
-            Signature::exact(udf_signature.input_types.clone(), udf_signature.volatility)
-        };
+    pub(crate) fn from_function(function: PythonFunction) -> Self {
+        let signature = engine_signature(&function.signature);
         Self {
-            udf_signature,
+            function,
             signature,
-            callable: Arc::new(callable),
-            received,
         }
     }
 
-    /// Wraps this UDF for registration with a `SessionContext`.
     pub fn into_scalar_udf(self) -> ScalarUDF {
         ScalarUDF::new_from_impl(self)
     }
 
-    /// Name, argument types, return field and volatility.
     pub fn udf_signature(&self) -> &UdfSignature {
-        &self.udf_signature
+        &self.function.signature
     }
 
-    /// The SHA-256 of the pickled callable, once it has been pickled.
+    /// The SHA-256 of the pickled callable, once it has been pickled or received.
     pub fn digest(&self) -> Option<[u8; 32]> {
-        self.callable.digest().copied()
+        self.function.digest()
     }
 
-    pub(crate) fn callable(&self) -> &PythonCallable {
-        &self.callable
-    }
-
-    pub(crate) fn received(&self, format: WireFormat) -> Option<&Bytes> {
-        self.received
-            .as_ref()
-            .filter(|(received_format, _)| *received_format == format)
-            .map(|(_, bytes)| bytes)
+    pub(crate) fn function(&self) -> &PythonFunction {
+        &self.function
     }
 
     fn name_str(&self) -> &str {
-        &self.udf_signature.name
+        &self.function.signature.name
+    }
+}
+
+/// DataFusion's signature for a Python UDF: exactly the declared input types.
+pub(crate) fn engine_signature(udf_signature: &UdfSignature) -> Signature {
+    if udf_signature.input_types.is_empty() {
+        Signature::nullary(udf_signature.volatility)
+    } else {
+        Signature::exact(udf_signature.input_types.clone(), udf_signature.volatility)
     }
 }
 
 impl PartialEq for PythonScalarUdf {
     fn eq(&self, other: &Self) -> bool {
-        self.udf_signature == other.udf_signature && self.callable.same_as(&other.callable)
+        self.function.same_as(&other.function)
     }
 }
 
@@ -173,7 +99,7 @@ impl Eq for PythonScalarUdf {}
 
 impl Hash for PythonScalarUdf {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.udf_signature.hash(state);
+        self.function.signature.hash(state);
     }
 }
 
@@ -187,11 +113,11 @@ impl ScalarUDFImpl for PythonScalarUdf {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(self.udf_signature.return_field.data_type().clone())
+        Ok(self.function.signature.return_field.data_type().clone())
     }
 
     fn return_field_from_args(&self, _args: ReturnFieldArgs) -> Result<FieldRef> {
-        let declared = &self.udf_signature.return_field;
+        let declared = &self.function.signature.return_field;
         Ok(Arc::new(
             Field::new(
                 self.name_str(),
@@ -217,13 +143,13 @@ impl ScalarUDFImpl for PythonScalarUdf {
             .filter(|id| !id.is_empty());
         let data = execution::evaluate(
             self.name_str(),
-            self.udf_signature.return_field.data_type(),
-            &self.callable,
+            self.function.signature.return_field.data_type(),
+            &self.function.callable,
             &arrays,
             number_rows,
             task,
         )?;
-        let array = checked_result(&self.udf_signature, data, number_rows)?;
+        let array = checked_result(&self.function.signature, data, number_rows)?;
         Ok(ColumnarValue::Array(array))
     }
 }

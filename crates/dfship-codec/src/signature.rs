@@ -23,6 +23,10 @@ pub struct UdfSignature {
     pub input_types: Vec<DataType>,
     pub return_field: FieldRef,
     pub volatility: Volatility,
+    /// An aggregate's intermediate state, one field per value its
+    /// accumulator's `state()` returns (`state_0`, `state_1`, …); empty for
+    /// scalar and window UDFs.
+    pub state_fields: Vec<FieldRef>,
 }
 
 impl UdfSignature {
@@ -40,7 +44,38 @@ impl UdfSignature {
             input_types,
             return_field,
             volatility,
+            state_fields: Vec::new(),
         }
+    }
+
+    /// This signature with an aggregate's state types.
+    pub fn with_state_types(mut self, state_types: Vec<DataType>) -> Self {
+        self.state_fields = state_types
+            .into_iter()
+            .enumerate()
+            .map(|(i, data_type)| Arc::new(Field::new(format!("state_{i}"), data_type, true)))
+            .collect();
+        self
+    }
+
+    pub(crate) fn state_schema_ipc(&self) -> Result<Vec<u8>> {
+        schema_to_ipc(&Schema::new(self.state_fields.clone()))
+    }
+
+    /// The state schema read from the wire (`state_schema` IPC bytes).
+    pub(crate) fn with_state_schema_ipc(
+        mut self,
+        state_schema: &[u8],
+    ) -> Result<Self, UdfPayloadError> {
+        let schema = schema_from_ipc(&self.name, "state schema", state_schema)?;
+        if schema.fields().is_empty() {
+            return Err(UdfPayloadError::Malformed {
+                name: self.name.clone(),
+                detail: "an aggregate's state schema must hold at least one field".to_string(),
+            });
+        }
+        self.state_fields = schema.fields().iter().cloned().collect();
+        Ok(self)
     }
 
     /// Replaces the return field (to declare it non-nullable, or attach metadata).
@@ -90,6 +125,7 @@ impl UdfSignature {
                 .collect(),
             return_field: Arc::clone(&returns.fields()[0]),
             volatility,
+            state_fields: Vec::new(),
         })
     }
 }

@@ -44,7 +44,7 @@ use datafusion_proto::physical_plan::{
     ComposedPhysicalExtensionCodec, DeduplicatingProtoConverter, PhysicalExtensionCodec,
     PhysicalProtoConverterExtension,
 };
-use dfship_codec::PythonUdfCodec;
+use dfship_codec::{wrap_python_windows, PythonUdfCodec, PythonWindowUdf};
 use lru::LruCache;
 use prost::Message;
 
@@ -140,6 +140,7 @@ impl InlineUdfEncoder {
     /// A stage plan as the workers decode it, with Python UDFs inline.
     pub fn encode_plan(&self, plan: Arc<dyn ExecutionPlan>) -> Result<Vec<u8>> {
         self.stats.plans.fetch_add(1, Ordering::Relaxed);
+        let plan = wrap_python_windows(plan)?;
         let converter = DeduplicatingProtoConverter::default();
         physical_plan_to_bytes_with_proto_converter(plan, self, &converter)
             .map(|bytes| bytes.to_vec())
@@ -171,6 +172,7 @@ impl InlineUdfEncoder {
             encoder: Arc::clone(self),
             sent,
         };
+        let plan = wrap_python_windows(plan)?;
         let converter = DeduplicatingProtoConverter::default();
         physical_plan_to_bytes_with_proto_converter(plan, &destination, &converter)
             .map(|bytes| bytes.to_vec())
@@ -184,7 +186,23 @@ impl InlineUdfEncoder {
         buf: &mut Vec<u8>,
         first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
     ) -> Result<()> {
-        match self.udf_codec.encode_udf_to(node, first_time)? {
+        let payload = self.udf_codec.encode_udf_to(node, first_time)?;
+        self.write_payload(payload, buf)
+    }
+
+    /// [`Self::encode_udf_with`] for an aggregate UDF.
+    fn encode_udaf_with(
+        &self,
+        node: &AggregateUDF,
+        buf: &mut Vec<u8>,
+        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+    ) -> Result<()> {
+        let payload = self.udf_codec.encode_udaf_to(node, first_time)?;
+        self.write_payload(payload, buf)
+    }
+
+    fn write_payload(&self, payload: Option<Bytes>, buf: &mut Vec<u8>) -> Result<()> {
+        match payload {
             Some(payload) => {
                 self.stats.inline_udfs.fetch_add(1, Ordering::Relaxed);
                 self.stats
@@ -263,11 +281,22 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
         self.decoder().try_decode_udaf(name, buf)
     }
 
-    fn try_encode_udaf(&self, _node: &AggregateUDF, _buf: &mut Vec<u8>) -> Result<()> {
-        Ok(())
+    fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.encode_udaf_with(node, buf, &mut |_| true)
     }
 
-    fn try_encode_udwf(&self, _node: &WindowUDF, _buf: &mut Vec<u8>) -> Result<()> {
+    /// Window UDFs travel by name here: the workers' composed codec cannot
+    /// decode a window UDF payload, so Python window UDFs travel inside a
+    /// `PythonWindowNode` instead (see `dfship_codec::wrap_python_windows`).
+    fn try_encode_udwf(&self, node: &WindowUDF, _buf: &mut Vec<u8>) -> Result<()> {
+        if node.inner().downcast_ref::<PythonWindowUdf>().is_some() {
+            return Err(DataFusionError::Internal(format!(
+                "Python window UDF '{}' is used outside a window node dfship knows \
+                 (WindowAggExec, BoundedWindowAggExec), so it cannot reach the workers; please \
+                 report the query",
+                node.name()
+            )));
+        }
         Ok(())
     }
 }
@@ -323,7 +352,12 @@ impl PhysicalExtensionCodec for ForDestination {
     }
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
-        self.encoder.try_encode_udaf(node, buf)
+        self.encoder.encode_udaf_with(node, buf, &mut |digest| {
+            self.sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*digest)
+        })
     }
 
     fn try_encode_udwf(&self, node: &WindowUDF, buf: &mut Vec<u8>) -> Result<()> {

@@ -35,6 +35,7 @@ use datafusion::error::{DataFusionError, Result};
 use crate::callable::PythonCallable;
 
 pub use pool::PoolStats;
+pub(crate) use runner::RUNNER_SOURCE;
 
 /// How a process evaluates Python UDFs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -229,12 +230,14 @@ pub(crate) fn evaluate(
         Executor::Pool(pool) => {
             let pickled = callable.pickled(udf_name)?;
             let cancel = task.map(task_token);
+            let arguments = protocol::encode_arguments(arrays, number_rows)?;
             wait_off_runtime(|| {
                 pool.call(&pool::RunnerCall {
                     udf_name,
                     returns,
                     pickled,
-                    arrays,
+                    message: protocol::CALL,
+                    body: &arguments,
                     number_rows,
                     cancel: cancel.as_ref(),
                 })
@@ -246,6 +249,73 @@ pub(crate) fn evaluate(
             let name = udf_name.to_string();
             let returns = returns.clone();
             wait_off_runtime(|| threads.run(move || callable.call(&name, &returns, &arrays)))
+        }
+    }
+}
+
+/// What a stateless call of an aggregate or window UDF works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatelessKind {
+    /// The callable is an accumulator factory.
+    Aggregate,
+    /// The callable is a window evaluator factory.
+    Window,
+}
+
+/// One op of an aggregate or window UDF (`python/dfship/_runner.py`,
+/// `_aggregate` and `_window`, documents the ops and their batches). All the
+/// state it needs travels in `batches`, so any runner may serve it. Returns
+/// the one result column, unchecked.
+pub(crate) fn stateless(
+    udf_name: &str,
+    returns: &DataType,
+    callable: &Arc<PythonCallable>,
+    kind: StatelessKind,
+    op: u8,
+    batches: &[arrow::array::RecordBatch],
+    number_rows: usize,
+) -> Result<ArrayData> {
+    let message = match kind {
+        StatelessKind::Aggregate => protocol::AGGREGATE,
+        StatelessKind::Window => protocol::WINDOW,
+    };
+    let body = protocol::encode_op(op, batches)?;
+    match &executor().1 {
+        Executor::Pool(pool) => {
+            let pickled = callable.pickled(udf_name)?;
+            wait_off_runtime(|| {
+                pool.call(&pool::RunnerCall {
+                    udf_name,
+                    returns,
+                    pickled,
+                    message,
+                    body: &body,
+                    number_rows,
+                    cancel: None,
+                })
+            })
+        }
+        Executor::InProcess(threads) => {
+            let callable = Arc::clone(callable);
+            let name = udf_name.to_string();
+            let returns = returns.clone();
+            wait_off_runtime(|| {
+                threads.run(move || {
+                    let reply = callable.stateless(&name, message, &body).map_err(
+                        |(class, text)| {
+                            pool::runner_error(
+                                &name,
+                                &returns,
+                                protocol::RunnerErrorClass::from_code(class),
+                                &text,
+                                None,
+                            )
+                        },
+                    )?;
+                    protocol::decode_result(reply)
+                        .map_err(|detail| crate::result_check::invalid_array(&name, &detail))
+                })
+            })
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use arrow::array::{ArrayData, ArrayRef};
+use arrow::array::ArrayData;
 use arrow::datatypes::DataType;
 use datafusion::error::{DataFusionError, Result};
 
@@ -35,7 +35,10 @@ pub(crate) struct RunnerCall<'a> {
     pub udf_name: &'a str,
     pub returns: &'a DataType,
     pub pickled: &'a PickledCallable,
-    pub arrays: &'a [ArrayRef],
+    /// The message (`CALL`, `AGGREGATE`, `WINDOW`) and its body after the digest.
+    pub message: u8,
+    pub body: &'a [u8],
+    /// Rows of the batch, for error messages.
     pub number_rows: usize,
     pub cancel: Option<&'a CancelToken>,
 }
@@ -139,7 +142,6 @@ impl RunnerPool {
 
     /// Evaluates one call on a runner; returns the (unchecked) result.
     pub(crate) fn call(&'static self, call: &RunnerCall<'_>) -> Result<ArrayData> {
-        let arguments = protocol::encode_arguments(call.arrays, call.number_rows)?;
         let mut runner = match self.acquire(call.pickled.digest(), call.cancel)? {
             Lease::Idle(runner) => runner,
             Lease::Start => match Runner::start(&self.config) {
@@ -157,7 +159,7 @@ impl RunnerPool {
                 }
             },
         };
-        let outcome = self.call_on(&mut runner, call, &arguments);
+        let outcome = self.call_on(&mut runner, call);
         match outcome {
             Ok(result) => {
                 self.give_back(runner);
@@ -179,7 +181,6 @@ impl RunnerPool {
         &self,
         runner: &mut Runner,
         call: &RunnerCall<'_>,
-        arguments: &[u8],
     ) -> Result<Result<ArrayData>, RunnerFailure> {
         let digest = call.pickled.digest();
         let cancelled = || call.cancel.is_some_and(CancelToken::is_cancelled);
@@ -220,7 +221,7 @@ impl RunnerPool {
             }
         }
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        runner.send(protocol::CALL, &[digest, arguments])?;
+        runner.send(call.message, &[digest, call.body])?;
         let deadline = self
             .config
             .udf_timeout
@@ -242,56 +243,17 @@ impl RunnerPool {
 
     /// A runner's ERROR message as the error users see.
     fn runner_error(&self, call: &RunnerCall<'_>, body: &[u8]) -> DataFusionError {
-        let name = call.udf_name;
         let class = body
             .first()
             .and_then(|code| RunnerErrorClass::from_code(*code));
         let text = String::from_utf8_lossy(body.get(1..).unwrap_or_default()).into_owned();
-        let message = match class {
-            Some(RunnerErrorClass::Raised) => {
-                format!(
-                    "{} Python UDF '{name}' raised: {text}",
-                    ErrorKind::UdfRaised.tag()
-                )
-            }
-            Some(RunnerErrorClass::ModuleMissing) => {
-                return UdfPayloadError::ModuleNotFound {
-                    name: name.to_string(),
-                    module: text,
-                }
-                .into()
-            }
-            Some(RunnerErrorClass::UnpickleFailed) => {
-                return UdfPayloadError::Unpickle {
-                    name: name.to_string(),
-                    detail: text,
-                }
-                .into()
-            }
-            Some(RunnerErrorClass::NotAnArray) => return not_an_array(name, call.returns, &text),
-            Some(RunnerErrorClass::OutOfMemory) => self.out_of_memory(name, &text),
-            Some(RunnerErrorClass::Protocol | RunnerErrorClass::Startup) | None => format!(
-                "{} the runner of Python UDF '{name}' failed: {text}",
-                ErrorKind::UdfLoadFailed.tag()
-            ),
-        };
-        DataFusionError::Execution(message)
-    }
-
-    fn out_of_memory(&self, name: &str, detail: &str) -> String {
-        match self.config.runner_memory_limit {
-            Some(limit) => format!(
-                "{} Python UDF '{name}' ran out of memory: its runner may use at most {} \
-                 (--runner-memory-limit); process smaller batches, use less memory per batch, \
-                 or raise the limit ({detail})",
-                ErrorKind::UdfRaised.tag(),
-                human_bytes(limit)
-            ),
-            None => format!(
-                "{} Python UDF '{name}' ran out of memory ({detail})",
-                ErrorKind::UdfRaised.tag()
-            ),
-        }
+        runner_error(
+            call.udf_name,
+            call.returns,
+            class,
+            &text,
+            self.config.runner_memory_limit,
+        )
     }
 
     /// The error for a call whose runner failed.
@@ -409,6 +371,62 @@ impl RunnerPool {
         state.checked_out -= 1;
         self.changed.notify_all();
     }
+}
+
+/// What a runner (or, in-process, the same Python code) reported as the
+/// error users see: `class` and `text` of an ERROR message.
+pub(crate) fn runner_error(
+    name: &str,
+    returns: &DataType,
+    class: Option<RunnerErrorClass>,
+    text: &str,
+    memory_limit: Option<u64>,
+) -> DataFusionError {
+    let message = match class {
+        Some(RunnerErrorClass::Raised) => {
+            format!(
+                "{} Python UDF '{name}' raised: {text}",
+                ErrorKind::UdfRaised.tag()
+            )
+        }
+        Some(RunnerErrorClass::ModuleMissing) => {
+            return UdfPayloadError::ModuleNotFound {
+                name: name.to_string(),
+                module: text.to_string(),
+            }
+            .into()
+        }
+        Some(RunnerErrorClass::UnpickleFailed) => {
+            return UdfPayloadError::Unpickle {
+                name: name.to_string(),
+                detail: text.to_string(),
+            }
+            .into()
+        }
+        Some(RunnerErrorClass::NotAnArray) => return not_an_array(name, returns, text),
+        Some(RunnerErrorClass::BadResult) => format!(
+            "{} Python UDF '{name}': {text}",
+            ErrorKind::UdfBadResult.tag()
+        ),
+        Some(RunnerErrorClass::OutOfMemory) => match memory_limit {
+            Some(limit) => format!(
+                "{} Python UDF '{name}' ran out of memory: its runner may use at most {} \
+                 (--runner-memory-limit); process smaller batches, use less memory per batch, \
+                 or raise the limit ({text})",
+                ErrorKind::UdfRaised.tag(),
+                human_bytes(limit)
+            ),
+            None => format!(
+                "{} Python UDF '{name}' ran out of memory ({text})",
+                ErrorKind::UdfRaised.tag()
+            ),
+        },
+        Some(RunnerErrorClass::Protocol | RunnerErrorClass::Startup) | None => format!(
+            "{} the runner of Python UDF '{name}' failed: {text}",
+            ErrorKind::UdfLoadFailed.tag()
+        ),
+    };
+    DataFusionError::Execution(message)
 }
 
 /// "No deadline": a month.

@@ -19,6 +19,8 @@ use arrow::ipc::writer::StreamWriter;
 pub(crate) const LOAD: u8 = 1;
 pub(crate) const CALL: u8 = 2;
 pub(crate) const FORGET: u8 = 3;
+pub(crate) const AGGREGATE: u8 = 4;
+pub(crate) const WINDOW: u8 = 5;
 pub(crate) const READY: u8 = 10;
 pub(crate) const LOADED: u8 = 11;
 pub(crate) const RESULT: u8 = 12;
@@ -37,6 +39,7 @@ pub(crate) enum RunnerErrorClass {
     OutOfMemory,
     Protocol,
     Startup,
+    BadResult,
 }
 
 impl RunnerErrorClass {
@@ -49,6 +52,7 @@ impl RunnerErrorClass {
             4 => Self::OutOfMemory,
             5 => Self::Protocol,
             6 => Self::Startup,
+            7 => Self::BadResult,
             _ => return None,
         })
     }
@@ -121,6 +125,21 @@ pub(crate) fn encode_arguments(
     writer.write(&batch)?;
     writer.finish()?;
     writer.into_inner()
+}
+
+/// The body of an `AGGREGATE` or `WINDOW` message after the digest:
+/// `op | (length u64 LE | one-batch Arrow IPC stream)*`.
+pub(crate) fn encode_op(op: u8, batches: &[RecordBatch]) -> arrow::error::Result<Vec<u8>> {
+    let mut body = vec![op];
+    for batch in batches {
+        let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema())?;
+        writer.write(batch)?;
+        writer.finish()?;
+        let stream = writer.into_inner()?;
+        body.extend_from_slice(&(stream.len() as u64).to_le_bytes());
+        body.extend_from_slice(&stream);
+    }
+    Ok(body)
 }
 
 /// The one column of a result stream. arrow-ipc validates what it decodes

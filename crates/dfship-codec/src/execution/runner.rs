@@ -21,7 +21,7 @@ use crate::pickled::PicklerVersions;
 
 /// The runner's source, embedded so a worker's Python environment needs only
 /// pyarrow and cloudpickle, not the dfship package.
-const RUNNER_SOURCE: &str = include_str!("../../../../python/dfship/_runner.py");
+pub(crate) const RUNNER_SOURCE: &str = include_str!("../../../../python/dfship/_runner.py");
 
 /// How long a fresh runner may take to import pyarrow and cloudpickle.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);

@@ -12,36 +12,38 @@ use crate::error::UdfPayloadError;
 use crate::options::CodecOptions;
 use crate::pickled::{sha256, PickleContent, PickledCallable, PicklerVersions};
 use crate::python;
-use crate::python_udf::PythonScalarUdf;
+use crate::function::PythonFunction;
 use crate::signature::{volatility_from_str, volatility_str, UdfSignature};
-use crate::wire::{self, WireFormat};
+use crate::wire::dfpy::family_name;
+use crate::wire::{self, FunctionKind, WireFormat};
 
 /// Pickles `(name, func, input_schema, return_schema, volatility)` behind the `DFPYUDF` header.
-pub(crate) fn encode(udf: &PythonScalarUdf, _options: &CodecOptions) -> Result<Vec<u8>> {
-    let signature = udf.udf_signature();
+pub(crate) fn encode(function: &PythonFunction, _options: &CodecOptions) -> Result<Vec<u8>> {
+    let signature = &function.signature;
     let input_schema = signature.input_schema_ipc()?;
     let return_schema = signature.return_schema_ipc()?;
     python::ensure_python()?;
     Python::attach(|py| {
-        let func = udf.callable().get(py, &signature.name)?;
+        let func = function.callable.get(py, &signature.name)?;
         let pickle_error = |e: PyErr| UdfPayloadError::Pickle {
             name: signature.name.clone(),
             detail: python::describe_exception(py, &e),
         };
-        let tuple = PyTuple::new(
-            py,
-            [
-                PyString::new(py, &signature.name).into_any(),
-                func,
-                PyBytes::new(py, &input_schema).into_any(),
-                PyBytes::new(py, &return_schema).into_any(),
-                PyString::new(py, volatility_str(signature.volatility)).into_any(),
-            ],
-        )
-        .map_err(pickle_error)?;
+        let mut items = vec![
+            PyString::new(py, &signature.name).into_any(),
+            func,
+            PyBytes::new(py, &input_schema).into_any(),
+            PyBytes::new(py, &return_schema).into_any(),
+        ];
+        if function.kind == FunctionKind::Aggregate {
+            items.push(PyBytes::new(py, &signature.state_schema_ipc()?).into_any());
+        }
+        items.push(PyString::new(py, volatility_str(signature.volatility)).into_any());
+        let tuple = PyTuple::new(py, items).map_err(pickle_error)?;
         let pickle = python::dumps(py, tuple.as_any()).map_err(pickle_error)?;
         let local = python::local_versions(py).map_err(pickle_error)?;
         Ok(wire::dfpy::write_frame(
+            function.kind,
             local.python_major,
             local.python_minor,
             &pickle,
@@ -51,12 +53,9 @@ pub(crate) fn encode(udf: &PythonScalarUdf, _options: &CodecOptions) -> Result<V
 
 /// Unpickles the tuple (through the cache) and checks every element.
 /// The format has no tag: the codec refuses it when a cluster key is set.
-pub(crate) fn decode(
-    name: &str,
-    payload: Bytes,
-    options: &CodecOptions,
-) -> Result<PythonScalarUdf> {
+pub(crate) fn decode(name: &str, payload: Bytes, options: &CodecOptions) -> Result<PythonFunction> {
     let header = wire::dfpy::read_header(name, &payload)?;
+    let kind = header.kind;
     let (python_major, python_minor) = (header.python_major, header.python_minor);
     let pickle = payload.slice(payload.len() - header.pickle.len()..);
     python::ensure_python()?;
@@ -79,17 +78,16 @@ pub(crate) fn decode(
             PickleContent::DataFusionPythonTuple,
         );
         let tuple = callable::load_pickle(py, options.cache(), &pickled, name)?;
-        let (signature, func) = read_tuple(name, &tuple)?;
-        Ok(PythonScalarUdf::from_unpickled(
-            signature,
-            func,
-            (WireFormat::DataFusionPython, payload.clone()),
-        ))
+        let (signature, func) = read_tuple(kind, name, &tuple)?;
+        let mut function = PythonFunction::live(kind, signature, func)?;
+        function.received = Some((WireFormat::DataFusionPython, payload.clone()));
+        Ok(function)
     })
 }
 
 /// `(name, func, input_schema, return_schema, volatility)`, each checked.
 fn read_tuple<'py>(
+    kind: FunctionKind,
     name: &str,
     tuple: &Bound<'py, PyAny>,
 ) -> Result<(UdfSignature, Bound<'py, PyAny>), UdfPayloadError> {
@@ -97,29 +95,37 @@ fn read_tuple<'py>(
         name: name.to_string(),
         detail,
     };
+    let family = family_name(kind);
+    let layout = match kind {
+        FunctionKind::Scalar => "name, func, input_schema, return_schema, volatility",
+        FunctionKind::Aggregate => {
+            "name, accumulator, input_schema, return_schema, state_schema, volatility"
+        }
+        FunctionKind::Window => "name, evaluator, input_schema, return_schema, volatility",
+    };
+    let arity = layout.split(", ").count();
     let tuple = tuple.cast::<PyTuple>().map_err(|_| {
         malformed(format!(
-            "the DFPYUDF pickle holds a {} instead of a 5-tuple",
+            "the {family} pickle holds a {} instead of a {arity}-tuple",
             type_name(tuple)
         ))
     })?;
-    if tuple.len() != 5 {
+    if tuple.len() != arity {
         return Err(malformed(format!(
-            "the DFPYUDF tuple has {} elements instead of 5 (name, func, input_schema, \
-             return_schema, volatility)",
+            "the {family} tuple has {} elements instead of {arity} ({layout})",
             tuple.len()
         )));
     }
     let item = |index: usize| {
         tuple.get_item(index).map_err(|e| {
             malformed(format!(
-                "cannot read element {index} of the DFPYUDF tuple: {e}"
+                "cannot read element {index} of the {family} tuple: {e}"
             ))
         })
     };
     let wrong_type = |index: usize, expected: &str, found: &Bound<'py, PyAny>| {
         malformed(format!(
-            "element {index} of the DFPYUDF tuple must be {expected}, found {}",
+            "element {index} of the {family} tuple must be {expected}, found {}",
             type_name(found)
         ))
     };
@@ -146,18 +152,25 @@ fn read_tuple<'py>(
     let return_schema = return_schema
         .cast::<PyBytes>()
         .map_err(|_| wrong_type(3, "the return schema (bytes)", &return_schema))?;
-    let volatility = item(4)?;
+    let volatility = item(arity - 1)?;
     let volatility = volatility
         .cast::<PyString>()
-        .map_err(|_| wrong_type(4, "the volatility (str)", &volatility))?
+        .map_err(|_| wrong_type(arity - 1, "the volatility (str)", &volatility))?
         .to_string();
     let volatility = volatility_from_str(name, &volatility)?;
-    let signature = UdfSignature::from_wire(
+    let mut signature = UdfSignature::from_wire(
         name,
         input_schema.as_bytes(),
         return_schema.as_bytes(),
         volatility,
     )?;
+    if kind == FunctionKind::Aggregate {
+        let state_schema = item(4)?;
+        let state_schema = state_schema
+            .cast::<PyBytes>()
+            .map_err(|_| wrong_type(4, "the state schema (bytes)", &state_schema))?;
+        signature = signature.with_state_schema_ipc(state_schema.as_bytes())?;
+    }
     Ok((signature, func))
 }
 

@@ -1,4 +1,5 @@
-//! `DFSHIPU` v1: this project's own frame for an inline Python scalar UDF.
+//! `DFSHIPU` v1: this project's own frame for an inline Python scalar UDF;
+//! `DFSHIPA` and `DFSHIPW` are the same frame for aggregate and window UDFs.
 //!
 //! Everything a receiver must check comes before the pickle, so it can refuse
 //! a payload (wrong key, wrong Python, corrupted bytes) without unpickling, and
@@ -20,10 +21,16 @@
 //! | +5 | I | Arrow IPC schema stream, fields `arg_0`…`arg_n` (exact input types) |
 //! | … | 4 | `R`, length of the return schema |
 //! | … | R | Arrow IPC schema stream with one field: the return field |
+//! | … | 4 | `S`, length of the state schema (`DFSHIPA` only) |
+//! | … | S | Arrow IPC schema stream, fields `state_0`…`state_n` (`DFSHIPA` only) |
 //! | … | 32 | SHA-256 of the pickled callable (the cache key) |
 //! | … | 32 | HMAC-SHA256 tag, only when flag bit 0 is set |
 //! | … | 4 | `P`, length of the pickle (absent when flag bit 1 is set) |
 //! | … | P | `cloudpickle.dumps(callable)` (absent when flag bit 1 is set) |
+//!
+//! The callable of a `DFSHIPA` frame is an accumulator factory (a class or a
+//! function returning an object with `update`, `merge`, `state`, `evaluate`),
+//! that of a `DFSHIPW` frame a window evaluator factory, as in datafusion-python.
 //!
 //! The tag is computed with the shared cluster key over every byte of the
 //! frame except the 32 tag bytes themselves (so it covers the flags, the
@@ -46,9 +53,31 @@ use crate::error::UdfPayloadError;
 use crate::pickled::{sha256, PickleContent, PickledCallable, PicklerVersions};
 use crate::signature::{volatility_code, volatility_from_code, UdfSignature};
 use crate::wire::reader::FrameReader;
+use crate::wire::FunctionKind;
 
-/// The first seven bytes of every frame of ours.
+/// The first seven bytes of every scalar UDF frame of ours.
 pub const INLINE_MAGIC: &[u8; 7] = b"DFSHIPU";
+/// The first seven bytes of an aggregate UDF frame.
+pub const AGGREGATE_MAGIC: &[u8; 7] = b"DFSHIPA";
+/// The first seven bytes of a window UDF frame.
+pub const WINDOW_MAGIC: &[u8; 7] = b"DFSHIPW";
+
+/// The magic of our frame for functions of `kind`.
+pub fn magic(kind: FunctionKind) -> &'static [u8; 7] {
+    match kind {
+        FunctionKind::Scalar => INLINE_MAGIC,
+        FunctionKind::Aggregate => AGGREGATE_MAGIC,
+        FunctionKind::Window => WINDOW_MAGIC,
+    }
+}
+
+fn family_name(kind: FunctionKind) -> &'static str {
+    match kind {
+        FunctionKind::Scalar => "DFSHIPU",
+        FunctionKind::Aggregate => "DFSHIPA",
+        FunctionKind::Window => "DFSHIPW",
+    }
+}
 /// The frame version this build writes and reads.
 pub const INLINE_VERSION: u8 = 1;
 
@@ -61,6 +90,7 @@ const TAG_LEN: usize = 32;
 /// The pickle has not been touched.
 #[derive(Debug)]
 pub struct InlineFrame {
+    pub kind: FunctionKind,
     pub signature: UdfSignature,
     pub pickle: FramePickle,
 }
@@ -79,7 +109,7 @@ pub enum FramePickle {
 
 /// Whether `frame` (one of ours) names its pickle by digest instead of carrying it.
 pub fn is_by_digest(frame: &[u8]) -> bool {
-    frame.starts_with(INLINE_MAGIC)
+    matches!(super::family_of(frame), super::Family::Inline(_))
         && frame
             .get(11)
             .is_some_and(|flags| flags & FLAG_BY_DIGEST != 0)
@@ -87,24 +117,27 @@ pub fn is_by_digest(frame: &[u8]) -> bool {
 
 /// Writes a frame carrying the pickle; signs it when a key is given.
 pub fn write_frame(
+    kind: FunctionKind,
     signature: &UdfSignature,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
 ) -> Result<Vec<u8>> {
-    write(signature, pickled, key, false)
+    write(kind, signature, pickled, key, false)
 }
 
 /// Writes a frame that names the pickle by its digest (see the module docs);
 /// signs it when a key is given.
 pub fn write_reference_frame(
+    kind: FunctionKind,
     signature: &UdfSignature,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
 ) -> Result<Vec<u8>> {
-    write(signature, pickled, key, true)
+    write(kind, signature, pickled, key, true)
 }
 
 fn write(
+    kind: FunctionKind,
     signature: &UdfSignature,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
@@ -123,7 +156,7 @@ fn write(
     let pickle = pickled.bytes();
 
     let mut head = Vec::with_capacity(64 + name.len() + input_schema.len() + return_schema.len());
-    head.extend_from_slice(INLINE_MAGIC);
+    head.extend_from_slice(magic(kind));
     head.push(INLINE_VERSION);
     head.push(pickled.versions().python_major);
     head.push(pickled.versions().python_minor);
@@ -138,6 +171,9 @@ fn write(
     head.push(volatility_code(signature.volatility));
     push_length_prefixed(&mut head, &input_schema)?;
     push_length_prefixed(&mut head, &return_schema)?;
+    if kind == FunctionKind::Aggregate {
+        push_length_prefixed(&mut head, &signature.state_schema_ipc()?)?;
+    }
     head.extend_from_slice(pickled.digest());
 
     let mut tail = Vec::with_capacity(if by_digest { 0 } else { 4 + pickle.len() });
@@ -188,18 +224,18 @@ pub fn read_frame_with(
 ) -> Result<InlineFrame, UdfPayloadError> {
     let bytes: &[u8] = frame;
     let mut reader = FrameReader::new(expected_name, bytes);
-    let magic = reader.take("the magic", INLINE_MAGIC.len())?;
-    if magic != INLINE_MAGIC {
+    reader.take("the magic", INLINE_MAGIC.len())?;
+    let super::Family::Inline(kind) = super::family_of(bytes) else {
         return Err(UdfPayloadError::UnknownFamily {
             name: expected_name.to_string(),
             prefix: super::describe_prefix(bytes),
         });
-    }
+    };
     let version = reader.u8("the frame version")?;
     if version != INLINE_VERSION {
         return Err(UdfPayloadError::UnsupportedVersion {
             name: expected_name.to_string(),
-            family: "DFSHIPU",
+            family: family_name(kind),
             found: version,
             supported: INLINE_VERSION,
         });
@@ -221,6 +257,10 @@ pub fn read_frame_with(
     let volatility = reader.u8("the volatility")?;
     let input_schema = reader.length_prefixed("the argument schema")?;
     let return_schema = reader.length_prefixed("the return schema")?;
+    let state_schema = match kind {
+        FunctionKind::Aggregate => Some(reader.length_prefixed("the state schema")?),
+        _ => None,
+    };
     let digest: [u8; DIGEST_LEN] = reader.array("the SHA-256 digest")?;
     let tag_start = reader.offset();
     let tag = if flags & FLAG_SIGNED != 0 {
@@ -269,8 +309,11 @@ pub fn read_frame_with(
         }
     }
     let volatility = volatility_from_code(expected_name, volatility)?;
-    let signature =
+    let mut signature =
         UdfSignature::from_wire(expected_name, input_schema, return_schema, volatility)?;
+    if let Some(state_schema) = state_schema {
+        signature = signature.with_state_schema_ipc(state_schema)?;
+    }
     let pickle = match pickle {
         Some(_) => FramePickle::Inline(PickledCallable::new(
             frame.slice(pickle_start..),
@@ -280,5 +323,9 @@ pub fn read_frame_with(
         )),
         None => FramePickle::ByDigest { digest, versions },
     };
-    Ok(InlineFrame { signature, pickle })
+    Ok(InlineFrame {
+        kind,
+        signature,
+        pickle,
+    })
 }

@@ -1,8 +1,10 @@
 //! Byte layouts of inline Python UDF payloads.
 //!
-//! - [`inline`]: `DFSHIPU`, this project's own frame (written by default).
-//! - [`dfpy`]: `DFPYUDF` v1, datafusion-python 55's scalar UDF payload (read,
-//!   and written on request for receivers that are datafusion-python).
+//! - [`inline`]: `DFSHIPU` (scalar), `DFSHIPA` (aggregate), `DFSHIPW`
+//!   (window): this project's own frames (written by default).
+//! - [`dfpy`]: `DFPYUDF`/`DFPYUDA`/`DFPYUDW` v1, datafusion-python 55's
+//!   payloads (read, and written on request for receivers that are
+//!   datafusion-python).
 
 pub mod dfpy;
 pub mod inline;
@@ -18,22 +20,46 @@ pub enum WireFormat {
     DataFusionPython,
 }
 
+/// What kind of function a payload holds; each kind has its own magic in
+/// both families (`DFSHIPU`/`DFSHIPA`/`DFSHIPW`, `DFPYUDF`/`DFPYUDA`/`DFPYUDW`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FunctionKind {
+    Scalar,
+    Aggregate,
+    Window,
+}
+
+impl FunctionKind {
+    /// "scalar", "aggregate", "window".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            Self::Aggregate => "aggregate",
+            Self::Window => "window",
+        }
+    }
+
+    const ALL: [FunctionKind; 3] = [Self::Scalar, Self::Aggregate, Self::Window];
+}
+
 /// Which family a payload belongs to, judged from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Family {
-    Inline,
-    DataFusionPython,
+    Inline(FunctionKind),
+    DataFusionPython(FunctionKind),
     Unknown,
 }
 
 pub(crate) fn family_of(bytes: &[u8]) -> Family {
-    if bytes.starts_with(inline::INLINE_MAGIC) {
-        Family::Inline
-    } else if bytes.starts_with(dfpy::DFPY_MAGIC) {
-        Family::DataFusionPython
-    } else {
-        Family::Unknown
+    for kind in FunctionKind::ALL {
+        if bytes.starts_with(inline::magic(kind)) {
+            return Family::Inline(kind);
+        }
+        if bytes.starts_with(dfpy::magic(kind)) {
+            return Family::DataFusionPython(kind);
+        }
     }
+    Family::Unknown
 }
 
 /// The first bytes of a payload, printable, for error messages.

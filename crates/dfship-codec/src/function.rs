@@ -1,0 +1,74 @@
+//! [`PythonFunction`]: what every kind of Python UDF holds — its kind, its
+//! signature, its callable (live or pickled), and the payload it arrived in —
+//! so the formats in [`crate::payload`] encode and decode all kinds alike.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use datafusion::error::{DataFusionError, Result};
+use pyo3::prelude::*;
+
+use crate::callable::PythonCallable;
+use crate::signature::UdfSignature;
+use crate::wire::{FunctionKind, WireFormat};
+
+#[derive(Debug)]
+pub(crate) struct PythonFunction {
+    pub kind: FunctionKind,
+    pub signature: UdfSignature,
+    pub callable: Arc<PythonCallable>,
+    /// The payload this function was decoded from, if any: re-encoding it
+    /// in the same format sends the same bytes.
+    pub received: Option<(WireFormat, Bytes)>,
+}
+
+impl PythonFunction {
+    /// A function made in this process from a live Python object, which must
+    /// be callable (a function, or for aggregates and windows a factory).
+    pub(crate) fn live(
+        kind: FunctionKind,
+        signature: UdfSignature,
+        callable: Bound<'_, PyAny>,
+    ) -> Result<Self> {
+        if !callable.is_callable() {
+            let what = match kind {
+                FunctionKind::Scalar => "a callable",
+                FunctionKind::Aggregate => "an accumulator class or a function returning one",
+                FunctionKind::Window => "a window evaluator class or a function returning one",
+            };
+            return Err(DataFusionError::Plan(format!(
+                "the Python {} UDF '{}' must be given {what}, got an object of type {}",
+                kind.describe(),
+                signature.name,
+                callable
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(Self {
+            kind,
+            signature,
+            callable: Arc::new(PythonCallable::from_live(callable)),
+            received: None,
+        })
+    }
+
+    pub(crate) fn received(&self, format: WireFormat) -> Option<&Bytes> {
+        self.received
+            .as_ref()
+            .filter(|(received_format, _)| *received_format == format)
+            .map(|(_, bytes)| bytes)
+    }
+
+    pub(crate) fn digest(&self) -> Option<[u8; 32]> {
+        self.callable.digest().copied()
+    }
+
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && self.signature == other.signature
+            && self.callable.same_as(&other.callable)
+    }
+}

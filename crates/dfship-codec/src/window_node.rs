@@ -1,0 +1,197 @@
+//! Getting Python window UDFs through `ComposedPhysicalExtensionCodec`.
+//!
+//! datafusion-proto 55.2's `ComposedPhysicalExtensionCodec` — the codec
+//! datafusion-distributed 4.0 decodes every stage plan with — forwards the
+//! scalar and aggregate UDF hooks to the codecs it composes, but not
+//! `try_decode_udwf`/`try_encode_udwf`: it inherits the defaults, so a window
+//! function whose `fun_definition` is set fails on the worker with
+//! "PhysicalExtensionCodec is not provided for window function …", whoever
+//! wrote the payload. Plan *nodes* it does forward.
+//!
+//! So the coordinator wraps each window node that calls a Python window UDF
+//! in a [`PythonWindowNode`] just before encoding ([`wrap_python_windows`]).
+//! The wrapper is not a node datafusion-proto knows, so it reaches our codec's
+//! `try_encode`, which writes the window node itself — its input replaced by
+//! an `EmptyExec` of the same schema — as a plan of its own encoded with
+//! [`PythonUdfCodec`] alone (UDF payloads raw, no envelope). The worker's
+//! composed codec hands that blob back to our `try_decode`, which decodes it
+//! with [`PythonUdfCodec`] (so `try_decode_udwf` is ours) and puts the real,
+//! already decoded input back. The worker never sees the wrapper.
+//!
+//! [`PythonUdfCodec`]: crate::PythonUdfCodec
+
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::windows::{
+    BoundedWindowAggExec, StandardWindowExpr, WindowAggExec, WindowUDFExpr,
+};
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, PhysicalExpr, PlanProperties, WindowExpr,
+};
+
+use crate::python_udwf::PythonWindowUdf;
+
+/// The first bytes of the blob a [`PythonWindowNode`] is written as.
+pub(crate) const WINDOW_NODE_MAGIC: &[u8; 8] = b"DFSHIPWN";
+
+/// A window node that calls a Python window UDF, on its way to a worker.
+#[derive(Debug)]
+pub struct PythonWindowNode {
+    window: Arc<dyn ExecutionPlan>,
+}
+
+impl PythonWindowNode {
+    /// The window node (a `WindowAggExec` or `BoundedWindowAggExec`).
+    pub fn window(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.window
+    }
+}
+
+/// `plan` with every window node that calls a Python window UDF wrapped in
+/// a [`PythonWindowNode`], so it survives the composed codec (module docs).
+pub fn wrap_python_windows(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        if calls_python_window_udf(&node) {
+            Ok(Transformed::yes(
+                Arc::new(PythonWindowNode { window: node }) as Arc<dyn ExecutionPlan>
+            ))
+        } else {
+            Ok(Transformed::no(node))
+        }
+    })
+    .map(|transformed| transformed.data)
+}
+
+fn calls_python_window_udf(node: &Arc<dyn ExecutionPlan>) -> bool {
+    let exprs: &[Arc<dyn WindowExpr>] = if let Some(window) = node.downcast_ref::<WindowAggExec>()
+    {
+        window.window_expr()
+    } else if let Some(window) = node.downcast_ref::<BoundedWindowAggExec>() {
+        window.window_expr()
+    } else {
+        return false;
+    };
+    exprs.iter().any(|expr| {
+        expr.as_any()
+            .downcast_ref::<StandardWindowExpr>()
+            .and_then(|standard| {
+                standard
+                    .get_standard_func_expr()
+                    .as_any()
+                    .downcast_ref::<WindowUDFExpr>()
+            })
+            .is_some_and(|udf| udf.fun().inner().downcast_ref::<PythonWindowUdf>().is_some())
+    })
+}
+
+/// The blob for `node`: its window node with an `EmptyExec` for input,
+/// encoded with `codec` (our codec, so UDF payloads are written raw).
+pub(crate) fn encode(
+    node: &PythonWindowNode,
+    codec: &dyn datafusion_proto::physical_plan::PhysicalExtensionCodec,
+) -> Result<Vec<u8>> {
+    let input = node.window.children().first().map(|c| Arc::clone(c)).ok_or_else(|| {
+        DataFusionError::Internal("a window node without an input".to_string())
+    })?;
+    let stand_in: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(input.schema()));
+    let window = replace_children(Arc::clone(&node.window), vec![stand_in])?;
+    let bytes =
+        datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(window, codec)?;
+    let mut blob = Vec::with_capacity(WINDOW_NODE_MAGIC.len() + bytes.len());
+    blob.extend_from_slice(WINDOW_NODE_MAGIC);
+    blob.extend_from_slice(&bytes);
+    Ok(blob)
+}
+
+/// The window node of `blob`, its input put back.
+pub(crate) fn decode(
+    blob: &[u8],
+    inputs: &[Arc<dyn ExecutionPlan>],
+    ctx: &TaskContext,
+    codec: &dyn datafusion_proto::physical_plan::PhysicalExtensionCodec,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let bytes = &blob[WINDOW_NODE_MAGIC.len()..];
+    let [input] = inputs else {
+        return Err(DataFusionError::Plan(format!(
+            "a Python window node must have one input, this one has {}; the plan is corrupt",
+            inputs.len()
+        )));
+    };
+    let window =
+        datafusion_proto::bytes::physical_plan_from_bytes_with_extension_codec(bytes, ctx, codec)?;
+    if !window.is::<WindowAggExec>() && !window.is::<BoundedWindowAggExec>() {
+        return Err(DataFusionError::Plan(format!(
+            "a Python window node holds a {} instead of a window node; the plan is corrupt",
+            window.name()
+        )));
+    }
+    if window.children().first().map(|c| c.schema()) != Some(input.schema()) {
+        return Err(DataFusionError::Plan(
+            "a Python window node's input does not have the schema it was planned with; the \
+             plan is corrupt"
+                .to_string(),
+        ));
+    }
+    replace_children(window, vec![Arc::clone(input)])
+}
+
+fn replace_children(
+    plan: Arc<dyn ExecutionPlan>,
+    children: Vec<Arc<dyn ExecutionPlan>>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.replace_children(
+        children,
+        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+    )
+}
+
+impl DisplayAs for PythonWindowNode {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "PythonWindowNode: ")?;
+        self.window.fmt_as(t, f)
+    }
+}
+
+impl ExecutionPlan for PythonWindowNode {
+    fn name(&self) -> &str {
+        "PythonWindowNode"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.window.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        self.window.children()
+    }
+
+    fn apply_expressions(
+        &self,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        self.window.apply_expressions(f)
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(PythonWindowNode {
+            window: replace_children(Arc::clone(&self.window), children)?,
+        }))
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        self.window.execute(partition, context)
+    }
+}
