@@ -7,9 +7,11 @@ use std::sync::{Arc, Once};
 use arrow::util::pretty::pretty_format_batches;
 use datafusion::arrow::datatypes::{DataType, Field, Fields, TimeUnit};
 use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::{ScalarUDF, Volatility};
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF, Volatility, WindowUDF};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use dfship_codec::{CodecOptions, PythonScalarUdf, UdfSignature};
+use dfship_codec::{
+    CodecOptions, PythonAggregateUdf, PythonScalarUdf, PythonWindowUdf, UdfSignature,
+};
 use dfship_distributed::PythonWorkerSessionBuilder;
 use pyo3::prelude::*;
 use tokio::net::TcpListener;
@@ -46,6 +48,55 @@ pub fn python_udf(
     setup: &str,
     expression: &str,
 ) -> ScalarUDF {
+    let signature = UdfSignature::new(name, inputs, output, Volatility::Immutable);
+    with_python_object(setup, expression, |object| {
+        PythonScalarUdf::new(signature, object)
+    })
+    .expect("a callable")
+    .into_scalar_udf()
+}
+
+/// A Python aggregate UDF: `expression` (after `setup`, as in [`python_udf`])
+/// yields the accumulator class or factory.
+pub fn python_udaf(
+    name: &str,
+    inputs: Vec<DataType>,
+    output: DataType,
+    state: Vec<DataType>,
+    setup: &str,
+    expression: &str,
+) -> AggregateUDF {
+    let signature =
+        UdfSignature::new(name, inputs, output, Volatility::Immutable).with_state_types(state);
+    with_python_object(setup, expression, |object| {
+        PythonAggregateUdf::new(signature, object)
+    })
+    .expect("an accumulator factory")
+    .into_aggregate_udf()
+}
+
+/// A Python window UDF: `expression` (after `setup`, as in [`python_udf`])
+/// yields the evaluator class or factory.
+pub fn python_udwf(
+    name: &str,
+    inputs: Vec<DataType>,
+    output: DataType,
+    setup: &str,
+    expression: &str,
+) -> WindowUDF {
+    let signature = UdfSignature::new(name, inputs, output, Volatility::Immutable);
+    with_python_object(setup, expression, |object| {
+        PythonWindowUdf::new(signature, object)
+    })
+    .expect("an evaluator factory")
+    .into_window_udf()
+}
+
+fn with_python_object<T>(
+    setup: &str,
+    expression: &str,
+    make: impl FnOnce(Bound<'_, PyAny>) -> T,
+) -> T {
     init_python();
     let source = format!("import pyarrow as pa\nimport pyarrow.compute as pc\n{setup}");
     Python::attach(|py| {
@@ -56,20 +107,15 @@ pub fn python_udf(
             None,
         )
         .expect("setup runs");
-        let callable = py
+        let object = py
             .eval(
                 &std::ffi::CString::new(expression).unwrap(),
                 Some(&globals),
                 None,
             )
             .expect("expression evaluates");
-        PythonScalarUdf::new(
-            UdfSignature::new(name, inputs, output, Volatility::Immutable),
-            callable,
-        )
+        make(object)
     })
-    .expect("a callable")
-    .into_scalar_udf()
 }
 
 /// How many Parquet files `facts` is written as.

@@ -18,7 +18,10 @@ worker needs them registered::
         ctx.register_parquet("t", "/data/t")
         table = ctx.sql("SELECT plus_one(x) AS y FROM t").collect()
 
-``udf`` and ``PythonUDF`` are pure Python; everything else loads the native
+Aggregate and window UDFs are declared with ``udaf`` and ``udwf`` (the forms
+of ``datafusion.udaf``/``udwf``) and travel the same way.
+
+The declarations are pure Python; everything else loads the native
 extension on first use, so a file of UDF declarations imports cheaply (the
 ``dfship`` CLI and the Rust coordinator load such files).
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dfship.udf import PythonUDF, udf
+from dfship.udf import PythonUDAF, PythonUDF, PythonUDWF, udaf, udf, udwf
 
 if TYPE_CHECKING:
     from dfship.cluster import LocalCluster
@@ -64,13 +67,17 @@ __all__ = [
     "LocalCluster",
     "PayloadRefusedError",
     "PlanningError",
+    "PythonUDAF",
     "PythonUDF",
+    "PythonUDWF",
     "UdfLoadError",
     "UdfRaisedError",
     "UdfResultError",
     "VersionMismatchError",
     "WorkerLostError",
+    "udaf",
     "udf",
+    "udwf",
 ]
 
 _LAZY = {

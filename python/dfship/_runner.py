@@ -281,7 +281,8 @@ def stateless_call(pa: Any, kind: int, factory: Any, body: memoryview) -> bytes:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, pa.schema([pa.field("result", result.type)])) as writer:
             writer.write_batch(pa.record_batch([result], names=["result"]))
-        return sink.getvalue().to_pybytes()
+        output: bytes = sink.getvalue().to_pybytes()
+        return output
     except MemoryError as error:
         raise Failure(OUT_OF_MEMORY, _describe(error)) from None
     except Exception as error:

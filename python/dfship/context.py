@@ -16,7 +16,7 @@ from dfship.errors import (
     UdfLoadError,
     VersionMismatchError,
 )
-from dfship.udf import PythonUDF
+from dfship.udf import PythonUDAF, PythonUDF, PythonUDWF
 
 if TYPE_CHECKING:
     import pandas
@@ -124,11 +124,27 @@ class ClusterContext:
             max_message_bytes=max_message_bytes,
         )
 
-    def register_udf(self, udf: PythonUDF) -> None:
-        """Makes a UDF declared with :func:`dfship.udf` callable from SQL by its name."""
-        if not isinstance(udf, PythonUDF):
-            raise TypeError(f"register_udf() needs a dfship.udf(...) declaration, got {type(udf).__name__}")
+    def register_udf(self, udf: PythonUDF | PythonUDAF | PythonUDWF) -> None:
+        """Makes a UDF declared with :func:`dfship.udf` (or ``udaf``, ``udwf``) callable by its name."""
+        if not isinstance(udf, (PythonUDF, PythonUDAF, PythonUDWF)):
+            raise TypeError(
+                f"register_udf() needs a dfship.udf/udaf/udwf(...) declaration, got {type(udf).__name__}"
+            )
         self._native.register_udf(udf)
+
+    def register_udaf(self, udaf: PythonUDAF) -> None:
+        """Makes an aggregate UDF declared with :func:`dfship.udaf` callable by its name."""
+        if not isinstance(udaf, PythonUDAF):
+            kind = type(udaf).__name__
+            raise TypeError(f"register_udaf() needs a dfship.udaf(...) declaration, got {kind}")
+        self._native.register_udf(udaf)
+
+    def register_udwf(self, udwf: PythonUDWF) -> None:
+        """Makes a window UDF declared with :func:`dfship.udwf` callable by its name."""
+        if not isinstance(udwf, PythonUDWF):
+            kind = type(udwf).__name__
+            raise TypeError(f"register_udwf() needs a dfship.udwf(...) declaration, got {kind}")
+        self._native.register_udf(udwf)
 
     def register_parquet(self, name: str, path: str | os.PathLike[str]) -> None:
         """Registers Parquet file(s) at ``path``; every worker must be able to read that path."""

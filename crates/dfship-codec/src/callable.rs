@@ -222,7 +222,8 @@ impl PythonCallable {
             let factory = self
                 .get(py, udf_name)
                 .map_err(|e| (PROTOCOL, e.to_string()))?;
-            let module = runner_module(py).map_err(|e| (PROTOCOL, python::describe_exception(py, &e)))?;
+            let module =
+                runner_module(py).map_err(|e| (PROTOCOL, python::describe_exception(py, &e)))?;
             let pyarrow = py
                 .import("pyarrow")
                 .map_err(|e| (PROTOCOL, python::describe_exception(py, &e)))?;

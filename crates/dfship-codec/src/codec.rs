@@ -19,9 +19,9 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
 
 use crate::error::UdfPayloadError;
+use crate::function::PythonFunction;
 use crate::options::CodecOptions;
 use crate::payload;
-use crate::function::PythonFunction;
 use crate::python_udaf::PythonAggregateUdf;
 use crate::python_udf::PythonScalarUdf;
 use crate::python_udwf::PythonWindowUdf;
@@ -133,7 +133,9 @@ impl PythonUdfCodec {
         first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
     ) -> Result<Option<Bytes>> {
         match udf.inner().downcast_ref::<PythonScalarUdf>() {
-            Some(python) => self.encode_function_to(python.function(), first_time).map(Some),
+            Some(python) => self
+                .encode_function_to(python.function(), first_time)
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -150,7 +152,9 @@ impl PythonUdfCodec {
         first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
     ) -> Result<Option<Bytes>> {
         match udaf.inner().downcast_ref::<PythonAggregateUdf>() {
-            Some(python) => self.encode_function_to(python.function(), first_time).map(Some),
+            Some(python) => self
+                .encode_function_to(python.function(), first_time)
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -158,7 +162,9 @@ impl PythonUdfCodec {
     /// The inline payload for the window UDF `udwf`, or `None` when it travels by name.
     pub fn encode_udwf(&self, udwf: &WindowUDF) -> Result<Option<Bytes>> {
         match udwf.inner().downcast_ref::<PythonWindowUdf>() {
-            Some(python) => self.encode_function_to(python.function(), &mut |_| true).map(Some),
+            Some(python) => self
+                .encode_function_to(python.function(), &mut |_| true)
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -197,8 +203,18 @@ impl PythonUdfCodec {
     /// Our frame for `function`, built once per kind, signature, digest and
     /// kind of frame (a stage plan goes to every task: the frame is shared,
     /// not rebuilt).
-    fn frame(&self, function: &PythonFunction, digest: &[u8; 32], by_digest: bool) -> Result<Bytes> {
-        let key = (function.kind, function.signature.clone(), *digest, by_digest);
+    fn frame(
+        &self,
+        function: &PythonFunction,
+        digest: &[u8; 32],
+        by_digest: bool,
+    ) -> Result<Bytes> {
+        let key = (
+            function.kind,
+            function.signature.clone(),
+            *digest,
+            by_digest,
+        );
         if let Some(frame) = self.frames().get(&key) {
             return Ok(frame.clone());
         }

@@ -1,9 +1,13 @@
 //! Loading Python UDF declarations from a file or module.
 //!
 //! A declaration is any object with a `__dfship_udf__` dict — what the
-//! `dfship` Python package's `udf()` (function or decorator form) produces:
-//! `{"name", "func", "input_types": [pyarrow.DataType], "return_type":
-//! pyarrow.DataType | pyarrow.Field, "volatility": "immutable" | "stable" | "volatile"}`.
+//! `dfship` Python package's `udf()`, `udaf()` and `udwf()` (function or
+//! decorator form) produce: `{"kind": "scalar" | "aggregate" | "window"
+//! (absent: scalar), "name", "func" (for aggregates and windows, the
+//! accumulator or evaluator factory), "input_types": [pyarrow.DataType],
+//! "return_type": pyarrow.DataType | pyarrow.Field, "state_types":
+//! [pyarrow.DataType] (aggregates only), "volatility": "immutable" | "stable"
+//! | "volatile"}`.
 //! Functions defined in a file loaded this way belong to no importable
 //! module, so cloudpickle ships them by value.
 
@@ -13,13 +17,41 @@ use std::sync::Arc;
 use arrow::datatypes::{DataType, Field};
 use arrow::pyarrow::FromPyArrow;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::ScalarUDF;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
+use datafusion::prelude::SessionContext;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::python::{self, describe_exception};
 use crate::signature::volatility_from_str;
-use crate::{PythonScalarUdf, UdfSignature};
+use crate::{PythonAggregateUdf, PythonScalarUdf, PythonWindowUdf, UdfSignature};
+
+/// A declared Python UDF of any kind.
+#[derive(Debug, Clone)]
+pub enum PythonUdf {
+    Scalar(ScalarUDF),
+    Aggregate(AggregateUDF),
+    Window(WindowUDF),
+}
+
+impl PythonUdf {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Scalar(udf) => udf.name(),
+            Self::Aggregate(udaf) => udaf.name(),
+            Self::Window(udwf) => udwf.name(),
+        }
+    }
+
+    /// Makes it callable by its name in `ctx`'s SQL and DataFrames.
+    pub fn register(self, ctx: &SessionContext) {
+        match self {
+            Self::Scalar(udf) => ctx.register_udf(udf),
+            Self::Aggregate(udaf) => ctx.register_udaf(udaf),
+            Self::Window(udwf) => ctx.register_udwf(udwf),
+        }
+    }
+}
 
 const COLLECT: &std::ffi::CStr = c"
 seen = set()
@@ -32,7 +64,7 @@ for value in list(namespace.values()):
 ";
 
 /// Runs the Python file at `path` and returns the UDFs it declares.
-pub fn load_python_udfs_from_file(path: &Path) -> Result<Vec<ScalarUDF>> {
+pub fn load_python_udfs_from_file(path: &Path) -> Result<Vec<PythonUdf>> {
     python::ensure_python()?;
     let shown = path.display().to_string();
     Python::attach(|py| {
@@ -54,7 +86,7 @@ pub fn load_python_udfs_from_file(path: &Path) -> Result<Vec<ScalarUDF>> {
 }
 
 /// Imports `module` and returns the UDFs it declares at top level.
-pub fn load_python_udfs_from_module(module: &str) -> Result<Vec<ScalarUDF>> {
+pub fn load_python_udfs_from_module(module: &str) -> Result<Vec<PythonUdf>> {
     python::ensure_python()?;
     Python::attach(|py| {
         let namespace = py
@@ -69,7 +101,7 @@ fn load_error(source: &str, detail: &str) -> DataFusionError {
     DataFusionError::Plan(format!("cannot load Python UDFs from {source}: {detail}"))
 }
 
-fn collect(py: Python<'_>, namespace: &Bound<'_, PyAny>, source: &str) -> Result<Vec<ScalarUDF>> {
+fn collect(py: Python<'_>, namespace: &Bound<'_, PyAny>, source: &str) -> Result<Vec<PythonUdf>> {
     let globals = PyDict::new(py);
     globals
         .set_item("namespace", namespace)
@@ -93,15 +125,17 @@ fn collect(py: Python<'_>, namespace: &Bound<'_, PyAny>, source: &str) -> Result
     if udfs.is_empty() {
         return Err(load_error(
             source,
-            "it declares no UDF; declare them with `from dfship import udf` (function or decorator form)",
+            "it declares no UDF; declare them with `from dfship import udf, udaf, udwf` (function \
+             or decorator form)",
         ));
     }
     Ok(udfs)
 }
 
-/// The UDF declared by `object`: a `dfship.udf(...)` result (anything with a
-/// `__dfship_udf__` dict of name, func, input_types, return_type, volatility).
-pub fn python_udf_from_declaration(object: &Bound<'_, PyAny>) -> Result<ScalarUDF> {
+/// The UDF declared by `object`: a `dfship.udf(...)`, `dfship.udaf(...)` or
+/// `dfship.udwf(...)` result (anything with a `__dfship_udf__` dict, see the
+/// module docs).
+pub fn python_udf_from_declaration(object: &Bound<'_, PyAny>) -> Result<PythonUdf> {
     let py = object.py();
     let what = || {
         object
@@ -112,7 +146,7 @@ pub fn python_udf_from_declaration(object: &Bound<'_, PyAny>) -> Result<ScalarUD
     let spec = object.getattr("__dfship_udf__").map_err(|_| {
         DataFusionError::Plan(format!(
             "{} is not a UDF declaration; create one with dfship.udf(func, input_types, \
-             return_type, volatility)",
+             return_type, volatility), dfship.udaf(...) or dfship.udwf(...)",
             what()
         ))
     })?;
@@ -120,7 +154,7 @@ pub fn python_udf_from_declaration(object: &Bound<'_, PyAny>) -> Result<ScalarUD
 }
 
 /// One `__dfship_udf__` dict to a UDF (outer error: Python; inner: ours).
-fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<ScalarUDF>> {
+fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<PythonUdf>> {
     let name: String = spec.get_item("name")?.extract()?;
     let func = spec.get_item("func")?;
     let input_types = spec
@@ -149,5 +183,27 @@ fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<ScalarUDF>> {
         volatility,
         state_fields: Vec::new(),
     };
-    Ok(PythonScalarUdf::new(signature, func).map(PythonScalarUdf::into_scalar_udf))
+    let kind: String = match spec.get_item("kind") {
+        Ok(kind) => kind.extract()?,
+        Err(_) => "scalar".to_string(),
+    };
+    Ok(match kind.as_str() {
+        "scalar" => PythonScalarUdf::new(signature, func)
+            .map(|udf| PythonUdf::Scalar(udf.into_scalar_udf())),
+        "aggregate" => {
+            let state_types = spec
+                .get_item("state_types")?
+                .try_iter()?
+                .map(|t| t.and_then(|t| DataType::from_pyarrow_bound(&t)))
+                .collect::<PyResult<Vec<_>>>()?;
+            PythonAggregateUdf::new(signature.with_state_types(state_types), func)
+                .map(|udaf| PythonUdf::Aggregate(udaf.into_aggregate_udf()))
+        }
+        "window" => PythonWindowUdf::new(signature, func)
+            .map(|udwf| PythonUdf::Window(udwf.into_window_udf())),
+        other => Err(DataFusionError::Plan(format!(
+            "UDF declaration '{}' has kind '{other}'; expected scalar, aggregate or window",
+            signature.name
+        ))),
+    })
 }

@@ -47,6 +47,7 @@ pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_BYTES};
 pub use codec::{PythonUdfCodec, BY_DIGEST_MIN_BYTES};
 pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
+    PythonUdf,
 };
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{

@@ -14,7 +14,7 @@ use datafusion::common::TableReference;
 use datafusion::datasource::TableProvider;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::{Extension, LogicalPlan, ScalarUDF};
+use datafusion::logical_expr::{AggregateUDF, Extension, LogicalPlan, ScalarUDF, WindowUDF};
 use datafusion_proto::logical_plan::LogicalExtensionCodec;
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
 
@@ -67,11 +67,23 @@ impl PythonUdfLogicalCodec {
     }
 }
 
+impl PythonUdfLogicalCodec {
+    /// `result`, remembering its payload error (see [`Self::take_udf_error`]).
+    fn remembered<T>(&self, result: Result<T>) -> Result<T> {
+        result.inspect_err(|error| {
+            if let Some(refused) = UdfPayloadError::find(error) {
+                let mut first = self.udf_error.lock().unwrap_or_else(|p| p.into_inner());
+                first.get_or_insert_with(|| refused.clone());
+            }
+        })
+    }
+}
+
 fn unsupported(what: &str) -> DataFusionError {
     DataFusionError::NotImplemented(format!(
         "this plan contains {what}, which only datafusion-python itself can decode; plans that \
          run on the cluster read files (Parquet, CSV, JSON) at paths every worker can reach, and \
-         call built-in functions and Python scalar UDFs"
+         call built-in functions and Python scalar, aggregate and window UDFs"
     ))
 }
 
@@ -109,15 +121,26 @@ impl LogicalExtensionCodec for PythonUdfLogicalCodec {
     }
 
     fn try_decode_udf(&self, name: &str, buf: &[u8]) -> Result<Arc<ScalarUDF>> {
-        self.codec.try_decode_udf(name, buf).inspect_err(|error| {
-            if let Some(refused) = UdfPayloadError::find(error) {
-                let mut first = self.udf_error.lock().unwrap_or_else(|p| p.into_inner());
-                first.get_or_insert_with(|| refused.clone());
-            }
-        })
+        self.remembered(self.codec.try_decode_udf(name, buf))
     }
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
         self.codec.try_encode_udf(node, buf)
+    }
+
+    fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
+        self.remembered(self.codec.try_decode_udaf(name, buf))
+    }
+
+    fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.codec.try_encode_udaf(node, buf)
+    }
+
+    fn try_decode_udwf(&self, name: &str, buf: &[u8]) -> Result<Arc<WindowUDF>> {
+        self.remembered(self.codec.try_decode_udwf(name, buf))
+    }
+
+    fn try_encode_udwf(&self, node: &WindowUDF, buf: &mut Vec<u8>) -> Result<()> {
+        self.codec.try_encode_udwf(node, buf)
     }
 }

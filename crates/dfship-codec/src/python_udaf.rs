@@ -220,7 +220,10 @@ impl PythonGroupsAccumulator {
         Schema::new(fields)
     }
 
-    fn states_batch<'a>(&self, states: impl Iterator<Item = &'a GroupState>) -> Result<RecordBatch> {
+    fn states_batch<'a>(
+        &self,
+        states: impl Iterator<Item = &'a GroupState>,
+    ) -> Result<RecordBatch> {
         let states: Vec<&GroupState> = states.collect();
         let known: ArrayRef = Arc::new(BooleanArray::from(
             states.iter().map(|s| s.is_some()).collect::<Vec<_>>(),
@@ -266,9 +269,7 @@ impl PythonGroupsAccumulator {
         rows: RecordBatch,
         groups: usize,
     ) -> Result<Vec<Vec<ScalarValue>>> {
-        let expected = DataType::Struct(Fields::from(
-            self.states_schema().fields()[1..].to_vec(),
-        ));
+        let expected = DataType::Struct(Fields::from(self.states_schema().fields()[1..].to_vec()));
         let data = execution::stateless(
             self.name(),
             &expected,
@@ -348,7 +349,11 @@ impl PythonGroupsAccumulator {
         let mut fields = vec![Field::new("group", DataType::Int64, false)];
         let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(positions))];
         for (i, value) in values.iter().enumerate() {
-            fields.push(Field::new(format!("arg_{i}"), value.data_type().clone(), true));
+            fields.push(Field::new(
+                format!("arg_{i}"),
+                value.data_type().clone(),
+                true,
+            ));
             columns.push(if all_kept {
                 Arc::clone(value)
             } else {
@@ -361,15 +366,17 @@ impl PythonGroupsAccumulator {
 
     /// Fills in the states of groups that have none (a fresh accumulator's).
     fn fill_unknown(&mut self, groups: &mut [GroupState]) -> Result<()> {
-        let unknown: Vec<usize> = (0..groups.len())
-            .filter(|&g| groups[g].is_none())
-            .collect();
+        let unknown: Vec<usize> = (0..groups.len()).filter(|&g| groups[g].is_none()).collect();
         if unknown.is_empty() {
             return Ok(());
         }
         let states = self.states_batch(unknown.iter().map(|_| &None))?;
         let rows = RecordBatch::try_new(
-            Arc::new(Schema::new(vec![Field::new("group", DataType::Int64, false)])),
+            Arc::new(Schema::new(vec![Field::new(
+                "group",
+                DataType::Int64,
+                false,
+            )])),
             vec![Arc::new(Int64Array::from(Vec::<i64>::new()))],
         )?;
         let fresh = self.call_for_states(UPDATE, states, rows, unknown.len())?;
@@ -386,7 +393,10 @@ impl PythonGroupsAccumulator {
         }
         let states = self.states_batch(groups.iter())?;
         let shape = RecordBatch::try_new(
-            Arc::new(Schema::new(vec![returns.as_ref().clone().with_name("result")])),
+            Arc::new(Schema::new(vec![returns
+                .as_ref()
+                .clone()
+                .with_name("result")])),
             vec![arrow::array::new_empty_array(returns.data_type())],
         )?;
         let data = execution::stateless(
@@ -502,7 +512,8 @@ impl Accumulator for PythonAccumulator {
         if rows == 0 {
             return Ok(());
         }
-        self.0.update_or_merge(UPDATE, values, &vec![0; rows], None, 1)
+        self.0
+            .update_or_merge(UPDATE, values, &vec![0; rows], None, 1)
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
@@ -532,6 +543,7 @@ impl Accumulator for PythonAccumulator {
         if rows == 0 {
             return Ok(());
         }
-        self.0.update_or_merge(MERGE, states, &vec![0; rows], None, 1)
+        self.0
+            .update_or_merge(MERGE, states, &vec![0; rows], None, 1)
     }
 }

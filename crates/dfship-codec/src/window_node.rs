@@ -27,10 +27,10 @@ use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::windows::{
     BoundedWindowAggExec, StandardWindowExpr, WindowAggExec, WindowUDFExpr,
 };
-use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PhysicalExpr, PlanProperties, WindowExpr,
 };
@@ -59,7 +59,7 @@ pub fn wrap_python_windows(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Execu
     plan.transform_up(|node| {
         if calls_python_window_udf(&node) {
             Ok(Transformed::yes(
-                Arc::new(PythonWindowNode { window: node }) as Arc<dyn ExecutionPlan>
+                Arc::new(PythonWindowNode { window: node }) as Arc<dyn ExecutionPlan>,
             ))
         } else {
             Ok(Transformed::no(node))
@@ -69,8 +69,7 @@ pub fn wrap_python_windows(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Execu
 }
 
 fn calls_python_window_udf(node: &Arc<dyn ExecutionPlan>) -> bool {
-    let exprs: &[Arc<dyn WindowExpr>] = if let Some(window) = node.downcast_ref::<WindowAggExec>()
-    {
+    let exprs: &[Arc<dyn WindowExpr>] = if let Some(window) = node.downcast_ref::<WindowAggExec>() {
         window.window_expr()
     } else if let Some(window) = node.downcast_ref::<BoundedWindowAggExec>() {
         window.window_expr()
@@ -86,7 +85,12 @@ fn calls_python_window_udf(node: &Arc<dyn ExecutionPlan>) -> bool {
                     .as_any()
                     .downcast_ref::<WindowUDFExpr>()
             })
-            .is_some_and(|udf| udf.fun().inner().downcast_ref::<PythonWindowUdf>().is_some())
+            .is_some_and(|udf| {
+                udf.fun()
+                    .inner()
+                    .downcast_ref::<PythonWindowUdf>()
+                    .is_some()
+            })
     })
 }
 
@@ -96,9 +100,12 @@ pub(crate) fn encode(
     node: &PythonWindowNode,
     codec: &dyn datafusion_proto::physical_plan::PhysicalExtensionCodec,
 ) -> Result<Vec<u8>> {
-    let input = node.window.children().first().map(|c| Arc::clone(c)).ok_or_else(|| {
-        DataFusionError::Internal("a window node without an input".to_string())
-    })?;
+    let input = node
+        .window
+        .children()
+        .first()
+        .map(|c| Arc::clone(c))
+        .ok_or_else(|| DataFusionError::Internal("a window node without an input".to_string()))?;
     let stand_in: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(input.schema()));
     let window = replace_children(Arc::clone(&node.window), vec![stand_in])?;
     let bytes =

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{FunctionRegistry, SessionState, SessionStateBuilder};
-use datafusion::logical_expr::ScalarUDF;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_distributed::{
     DistributedExt, DistributedTaskContext, SessionStateBuilderExt, WorkerPlanRewriteEvent,
     WorkerPlanRewriteEventResponse, WorkerQueryContext, WorkerResolver, WorkerSessionBuilder,
 };
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
-use dfship_codec::{CodecOptions, PythonUdfCodec, TaskOptions};
+use dfship_codec::{CodecOptions, PythonUdf, PythonUdfCodec, TaskOptions};
 use url::Url;
 
 use crate::channel::{ChannelOptions, InlineUdfChannelResolver};
@@ -182,7 +182,7 @@ pub struct ClusterContextBuilder {
     options: CodecOptions,
     config: SessionConfig,
     by_name: Vec<Arc<ScalarUDF>>,
-    python: Vec<ScalarUDF>,
+    python: Vec<PythonUdf>,
     bytes_per_partition: Option<usize>,
     max_tasks_per_stage: Option<usize>,
 }
@@ -248,7 +248,21 @@ impl ClusterContextBuilder {
 
     /// A Python UDF, known only here: it travels inline to the workers.
     pub fn with_python_udf(mut self, udf: ScalarUDF) -> Self {
-        self.python.push(udf);
+        self.python.push(PythonUdf::Scalar(udf));
+        self
+    }
+
+    /// A Python aggregate UDF (see `dfship_codec::PythonAggregateUdf`), known
+    /// only here: it travels inline to the workers.
+    pub fn with_python_udaf(mut self, udaf: AggregateUDF) -> Self {
+        self.python.push(PythonUdf::Aggregate(udaf));
+        self
+    }
+
+    /// A Python window UDF (see `dfship_codec::PythonWindowUdf`), known only
+    /// here: it travels inline to the workers.
+    pub fn with_python_udwf(mut self, udwf: WindowUDF) -> Self {
+        self.python.push(PythonUdf::Window(udwf));
         self
     }
 
@@ -304,7 +318,7 @@ impl ClusterContextBuilder {
             ctx.register_udf(udf.as_ref().clone());
         }
         for udf in self.python {
-            ctx.register_udf(udf);
+            udf.register(&ctx);
         }
         Ok(ctx)
     }

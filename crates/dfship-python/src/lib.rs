@@ -197,10 +197,11 @@ impl ClusterContext {
         Ok(Self { ctx, inline })
     }
 
-    /// Registers a UDF made by `dfship.udf`; it travels inline to the workers.
+    /// Registers a UDF made by `dfship.udf`, `dfship.udaf` or `dfship.udwf`;
+    /// it travels inline to the workers.
     fn register_udf(&self, udf: &Bound<'_, PyAny>) -> PyResult<()> {
         let udf = dfship_codec::python_udf_from_declaration(udf).map_err(to_py)?;
-        self.ctx.register_udf(udf);
+        udf.register(&self.ctx);
         Ok(())
     }
 

@@ -301,17 +301,18 @@ pub(crate) fn stateless(
             let returns = returns.clone();
             wait_off_runtime(|| {
                 threads.run(move || {
-                    let reply = callable.stateless(&name, message, &body).map_err(
-                        |(class, text)| {
-                            pool::runner_error(
-                                &name,
-                                &returns,
-                                protocol::RunnerErrorClass::from_code(class),
-                                &text,
-                                None,
-                            )
-                        },
-                    )?;
+                    let reply =
+                        callable
+                            .stateless(&name, message, &body)
+                            .map_err(|(class, text)| {
+                                pool::runner_error(
+                                    &name,
+                                    &returns,
+                                    protocol::RunnerErrorClass::from_code(class),
+                                    &text,
+                                    None,
+                                )
+                            })?;
                     protocol::decode_result(reply)
                         .map_err(|detail| crate::result_check::invalid_array(&name, &detail))
                 })

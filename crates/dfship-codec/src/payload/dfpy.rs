@@ -9,10 +9,10 @@ use pyo3::types::{PyBytes, PyString, PyTuple};
 
 use crate::callable;
 use crate::error::UdfPayloadError;
+use crate::function::PythonFunction;
 use crate::options::CodecOptions;
 use crate::pickled::{sha256, PickleContent, PickledCallable, PicklerVersions};
 use crate::python;
-use crate::function::PythonFunction;
 use crate::signature::{volatility_from_str, volatility_str, UdfSignature};
 use crate::wire::dfpy::family_name;
 use crate::wire::{self, FunctionKind, WireFormat};

@@ -49,11 +49,9 @@ pub(crate) fn decode(name: &str, payload: Bytes, options: &CodecOptions) -> Resu
             options.store().insert(&pickled);
             PythonCallable::from_pickle(pickled, options.cache().clone())
         }
-        FramePickle::ByDigest { digest, .. } => PythonCallable::from_reference(
-            digest,
-            options.store().clone(),
-            options.cache().clone(),
-        ),
+        FramePickle::ByDigest { digest, .. } => {
+            PythonCallable::from_reference(digest, options.store().clone(), options.cache().clone())
+        }
     };
     Ok(PythonFunction {
         kind: frame.kind,
