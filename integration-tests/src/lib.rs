@@ -408,3 +408,187 @@ pub fn child_pids(parent: u32) -> Vec<u32> {
     children.sort_unstable();
     children
 }
+
+/// Accumulators and evaluators of the aggregate/window tests (and some broken ones).
+const AGGREGATE_WINDOW_SETUP: &str = r#"
+class WeightedMean:
+    """Multi-field state: weighted sum and weight; NULL inputs are skipped."""
+    def __init__(self):
+        self.total = 0.0
+        self.weight = 0.0
+    def update(self, values, weights):
+        mask = pc.and_(pc.is_valid(values), pc.is_valid(weights))
+        values, weights = pc.filter(values, mask), pc.filter(weights, mask)
+        self.total += pc.sum(pc.multiply(values, weights)).as_py() or 0.0
+        self.weight += pc.sum(weights).as_py() or 0.0
+    def merge(self, states):
+        self.total += pc.sum(states[0]).as_py() or 0.0
+        self.weight += pc.sum(states[1]).as_py() or 0.0
+    def state(self):
+        return [pa.scalar(self.total), pa.scalar(self.weight)]
+    def evaluate(self):
+        return self.total / self.weight if self.weight else None
+
+class CountOdd:
+    """One-field state; counts odd values."""
+    def __init__(self):
+        self.n = 0
+    def update(self, values):
+        self.n += pc.sum(pc.equal(pc.bit_wise_and(values, 1), 1)).as_py() or 0
+    def merge(self, states):
+        self.n += pc.sum(states[0]).as_py() or 0
+    def state(self):
+        return [self.n]
+    def evaluate(self):
+        return self.n
+
+class RunningSum:
+    def evaluate_all(self, values, num_rows):
+        return pc.cumulative_sum(pc.fill_null(values[0], 0))
+
+class FrameMean:
+    def uses_window_frame(self):
+        return True
+    def evaluate(self, values, eval_range):
+        start, end = eval_range
+        frame = values[0].slice(start, end - start)
+        return pc.mean(frame).as_py()
+
+class DenseRankTimesTen:
+    def include_rank(self):
+        return True
+    def evaluate_all_with_rank(self, num_rows, ranks):
+        out = []
+        for i, (start, end) in enumerate(ranks):
+            out.extend([(i + 1) * 10] * (end - start))
+        return pa.array(out, pa.int64())
+
+class BadState(CountOdd):
+    def state(self):
+        return [self.n, self.n]
+
+class RaisingMerge(CountOdd):
+    def merge(self, states):
+        raise ValueError("merge is broken on purpose")
+
+class ShortWindow:
+    def evaluate_all(self, values, num_rows):
+        return pa.array([1.0] * (num_rows + 1))
+"#;
+
+/// Registers the Python aggregate and window UDFs of
+/// [`AGGREGATE_WINDOW_MATRIX`] (and `py_bad_state`, `py_raising_merge`,
+/// `py_short`, which fail on purpose).
+pub fn register_aggregate_window_udfs(ctx: &SessionContext) {
+    let f64_ = DataType::Float64;
+    let i64_ = DataType::Int64;
+    ctx.register_udaf(python_udaf(
+        "py_wmean",
+        vec![f64_.clone(), f64_.clone()],
+        f64_.clone(),
+        vec![f64_.clone(), f64_.clone()],
+        AGGREGATE_WINDOW_SETUP,
+        "WeightedMean",
+    ));
+    ctx.register_udaf(python_udaf(
+        "py_count_odd",
+        vec![i64_.clone()],
+        i64_.clone(),
+        vec![i64_.clone()],
+        AGGREGATE_WINDOW_SETUP,
+        "CountOdd",
+    ));
+    ctx.register_udwf(python_udwf(
+        "py_running",
+        vec![f64_.clone()],
+        f64_.clone(),
+        AGGREGATE_WINDOW_SETUP,
+        "RunningSum",
+    ));
+    ctx.register_udwf(python_udwf(
+        "py_frame_mean",
+        vec![f64_.clone()],
+        f64_.clone(),
+        AGGREGATE_WINDOW_SETUP,
+        "FrameMean",
+    ));
+    ctx.register_udwf(python_udwf(
+        "py_rank10",
+        vec![],
+        i64_.clone(),
+        AGGREGATE_WINDOW_SETUP,
+        "DenseRankTimesTen",
+    ));
+    ctx.register_udaf(python_udaf(
+        "py_bad_state",
+        vec![i64_.clone()],
+        i64_.clone(),
+        vec![i64_.clone()],
+        AGGREGATE_WINDOW_SETUP,
+        "BadState",
+    ));
+    ctx.register_udaf(python_udaf(
+        "py_raising_merge",
+        vec![i64_.clone()],
+        i64_.clone(),
+        vec![i64_.clone()],
+        AGGREGATE_WINDOW_SETUP,
+        "RaisingMerge",
+    ));
+    ctx.register_udwf(python_udwf(
+        "py_short",
+        vec![f64_.clone()],
+        f64_,
+        AGGREGATE_WINDOW_SETUP,
+        "ShortWindow",
+    ));
+}
+
+/// Queries with Python aggregate and window UDFs: NULLs, empty groups,
+/// whole table, HAVING, PARTITION BY/ORDER BY, a bounded frame, ranks, an
+/// aggregate used as a window function.
+pub const AGGREGATE_WINDOW_MATRIX: &[(&str, &str)] = &[
+    (
+        "group_by_with_nulls",
+        "SELECT k, round(py_wmean(value, CAST(k AS DOUBLE)), 6) AS m, py_count_odd(id) AS o \
+         FROM facts GROUP BY k",
+    ),
+    (
+        "empty_groups",
+        "SELECT category, py_count_odd(id) AS o, round(py_wmean(value, CAST(k AS DOUBLE)), 6) AS m \
+         FROM facts WHERE k IS NULL AND id % 2 = 0 GROUP BY category",
+    ),
+    (
+        "whole_table",
+        "SELECT round(py_wmean(value, CAST(id AS DOUBLE)), 6) AS m, py_count_odd(id) AS o FROM facts",
+    ),
+    (
+        "whole_table_no_rows",
+        "SELECT py_count_odd(id) AS o, py_wmean(value, value) AS m FROM facts WHERE id < 0",
+    ),
+    (
+        "having",
+        "SELECT category, py_count_odd(id) AS o FROM facts GROUP BY category \
+         HAVING py_count_odd(id) > 599",
+    ),
+    (
+        "window_partition_order",
+        "SELECT id, round(py_running(value) OVER (PARTITION BY category ORDER BY id), 6) AS r \
+         FROM facts WHERE id < 300",
+    ),
+    (
+        "window_bounded_frame",
+        "SELECT id, round(py_frame_mean(value) OVER (PARTITION BY k ORDER BY id \
+         ROWS BETWEEN 2 PRECEDING AND 1 FOLLOWING), 6) AS r FROM facts WHERE id < 200",
+    ),
+    (
+        "window_rank",
+        "SELECT id, py_rank10() OVER (PARTITION BY category ORDER BY k) AS r \
+         FROM facts WHERE id < 120",
+    ),
+    (
+        "aggregate_as_window",
+        "SELECT id, py_count_odd(id) OVER (PARTITION BY category ORDER BY id) AS r \
+         FROM facts WHERE id < 150",
+    ),
+];

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use dfship_integration_tests::{AGGREGATE_WINDOW_MATRIX, MATRIX};
 
 const NODE: &str = "dfship-node:bookworm";
 const NODE_PY313: &str = "dfship-node:trixie";
@@ -357,9 +358,10 @@ fn query_matrix_across_containers() {
         .lines()
         .filter(|l| l.starts_with("PASS "))
         .count();
+    let expected = MATRIX.len() + AGGREGATE_WINDOW_MATRIX.len() + 1;
     assert_eq!(
-        passed, 15,
-        "14 matrix queries and the FFI query pass:\n{}",
+        passed, expected,
+        "the scalar and aggregate/window matrices and the FFI query pass:\n{}",
         check.stdout
     );
 }
@@ -544,6 +546,25 @@ fn a_cluster_with_a_key() {
         &all,
         "a query signed with the cluster key",
         &right,
+    );
+
+    // Aggregate and window UDFs reach keyed workers as signed frames; an
+    // unkeyed coordinator is refused.
+    let query = "SELECT category, py_spread(id) AS s, max(p) AS n FROM (SELECT id, category, \
+                 py_position(id) OVER (PARTITION BY category ORDER BY id) AS p FROM facts) \
+                 GROUP BY category ORDER BY category";
+    let run = cluster.sql(&all, "aggregates.py", query, &right);
+    assert_ok(&run, "aggregate and window UDFs with the key");
+    assert!(
+        run.stdout.contains("| cat_0    | 4796 | 1200 |"),
+        "spread and position per category:\n{}",
+        run.stdout
+    );
+    let unsigned = cluster.sql(&all, "aggregates.py", query, &[]);
+    assert_fails_with(
+        &unsigned,
+        "aggregate and window UDFs without the key",
+        &["requires the cluster key"],
     );
 
     let marker = cluster.data.join("unpickled.marker");

@@ -285,9 +285,10 @@ impl PythonUdfCodec {
             return Err(UdfPayloadError::Malformed {
                 name: name.to_string(),
                 detail: format!(
-                    "the plan calls it as a {} function but its payload holds a {} function",
-                    expected.describe(),
-                    kind.describe()
+                    "the plan calls it as {} but its payload holds {}; the plan is corrupt or \
+                     was written by a different program",
+                    expected.a_function(),
+                    kind.a_function()
                 ),
             }
             .into());

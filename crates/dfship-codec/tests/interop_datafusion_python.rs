@@ -12,7 +12,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::DataType;
 use common::*;
 use datafusion::logical_expr::Volatility;
-use dfship_codec::wire::dfpy::DFPY_MAGIC;
+use dfship_codec::wire::dfpy::{DFPY_AGGREGATE_MAGIC, DFPY_MAGIC, DFPY_WINDOW_MAGIC};
 use dfship_codec::{CodecOptions, PythonUdfCodec, WireFormat};
 
 fn venv_python(script: &str, dir: &Path) -> String {
@@ -48,12 +48,18 @@ async fn plans_from_datafusion_python_run_here() {
     let log = venv_python("dfpy_export.py", dir.path());
     let codec = PythonUdfCodec::default();
     let mut checked = 0;
-    for name in ["projection", "closure_filter", "two_args_aggregate"] {
+    for (name, magic) in [
+        ("projection", DFPY_MAGIC),
+        ("closure_filter", DFPY_MAGIC),
+        ("two_args_aggregate", DFPY_MAGIC),
+        ("udaf", DFPY_AGGREGATE_MAGIC),
+        ("udwf", DFPY_WINDOW_MAGIC),
+    ] {
         assert!(log.contains(&format!("wrote {name}")), "{log}");
         let bytes = std::fs::read(dir.path().join(format!("{name}.plan"))).unwrap();
         assert!(
-            find(&bytes, DFPY_MAGIC).is_some(),
-            "{name} carries DFPYUDF payloads"
+            find(&bytes, magic).is_some(),
+            "{name} carries datafusion-python payloads"
         );
         let plan = decode(&bytes, &codec).unwrap_or_else(|e| panic!("{name}: {e}"));
         let actual = pretty(&run(plan).await.unwrap());
@@ -61,7 +67,7 @@ async fn plans_from_datafusion_python_run_here() {
         assert_eq!(actual, expected, "{name}");
         checked += 1;
     }
-    assert_eq!(checked, 3);
+    assert_eq!(checked, 5);
 }
 
 #[tokio::test]
@@ -102,7 +108,33 @@ async fn plans_written_here_run_in_datafusion_python() {
             "aggregate",
             "SELECT shout(s) AS loud, sum(a) AS total FROM v GROUP BY shout(s) ORDER BY loud",
         ),
+        (
+            "udaf",
+            "SELECT s, total_plus(a) AS t FROM v GROUP BY s ORDER BY s",
+        ),
+        (
+            "udwf",
+            "SELECT a, running(a) OVER (ORDER BY s) AS r FROM v ORDER BY s",
+        ),
     ];
+    let accumulators = format!(
+        "{pa}class TotalPlus:\n    def __init__(self):\n        self.t = 1\n    def update(self, v):\n        self.t += pc.sum(v).as_py() or 0\n    def merge(self, s):\n        self.t += (pc.sum(s[0]).as_py() or 0) - pc.count(s[0]).as_py()\n    def state(self):\n        return [self.t]\n    def evaluate(self):\n        return self.t\nclass Running:\n    def evaluate_all(self, values, n):\n        return pc.cumulative_sum(pc.fill_null(values[0], 0))\n"
+    );
+    ctx.register_udaf(python_udaf(
+        "total_plus",
+        vec![DataType::Int64],
+        DataType::Int64,
+        vec![DataType::Int64],
+        &accumulators,
+        "TotalPlus",
+    ));
+    ctx.register_udwf(python_udwf(
+        "running",
+        vec![DataType::Int64],
+        DataType::Int64,
+        &accumulators,
+        "Running",
+    ));
     let codec = PythonUdfCodec::new(
         CodecOptions::default().with_write_format(WireFormat::DataFusionPython),
     );
@@ -110,7 +142,12 @@ async fn plans_written_here_run_in_datafusion_python() {
     for (name, sql) in queries {
         let plan = physical_plan(&ctx, sql).await;
         let bytes = encode(Arc::clone(&plan), &codec).unwrap();
-        assert!(find(&bytes, DFPY_MAGIC).is_some());
+        assert!(
+            [DFPY_MAGIC, DFPY_AGGREGATE_MAGIC, DFPY_WINDOW_MAGIC]
+                .iter()
+                .any(|magic| find(&bytes, *magic).is_some()),
+            "{name} carries datafusion-python payloads"
+        );
         std::fs::write(dir.path().join(format!("{name}.plan")), &bytes).unwrap();
         let batches = run(plan).await.unwrap();
         let file = File::create(dir.path().join(format!("{name}.arrow"))).unwrap();

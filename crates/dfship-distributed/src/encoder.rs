@@ -17,8 +17,12 @@
 //! envelope `{encoder_position, blob}` and hands `blob` to the codec at that
 //! position. So this encoder keeps the workers' positions but, for a UDF,
 //! asks [`PythonUdfCodec`] first and wraps its payload with *its* position.
-//! Plan nodes go through the codecs in the usual order, exactly as the
-//! composed codec does.
+//! Aggregate UDFs go the same way (the composed codec forwards
+//! `try_decode_udaf` too). Window UDFs cannot: the composed codec does not
+//! forward `try_decode_udwf` at all, so window nodes that call a Python
+//! window UDF are wrapped first (`dfship_codec::wrap_python_windows`) and
+//! travel as plan nodes of our codec. Plan nodes go through the codecs in
+//! the usual order, exactly as the composed codec does.
 //!
 //! The encoder owns all encoding the shim does — stage plans
 //! ([`InlineUdfEncoder::encode_plan`]) and shuffle partitionings
@@ -88,7 +92,8 @@ struct EncoderCounters {
 pub struct EncoderStats {
     /// Stage plans and shuffle partitionings encoded for the transport.
     pub plans: u64,
-    /// Python UDF calls written inline.
+    /// Python UDF calls written inline (a window node carrying Python window
+    /// UDFs counts once).
     pub inline_udfs: u64,
     /// Bytes of inline payloads written.
     pub inline_bytes: u64,
@@ -260,7 +265,16 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
         for (position, codec) in self.codecs.iter().enumerate() {
             let mut blob = Vec::new();
             match codec.try_encode(Arc::clone(&node), &mut blob, proto_converter) {
-                Ok(()) => return Self::envelope(position, blob.into(), buf),
+                Ok(()) => {
+                    if position == self.udf_codec_position as usize {
+                        // A window node carrying its Python window UDFs inline.
+                        self.stats.inline_udfs.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .inline_bytes
+                            .fetch_add(blob.len() as u64, Ordering::Relaxed);
+                    }
+                    return Self::envelope(position, blob.into(), buf);
+                }
                 Err(error) => last_error = Some(error),
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
-use dfship_codec::PythonScalarUdf;
+use dfship_codec::{PythonAggregateUdf, PythonScalarUdf, PythonWindowUdf};
 
 /// The distributed plan (stages and tasks) followed by [`describe_udfs`].
 pub fn explain_plan(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> String {
@@ -17,33 +17,66 @@ pub fn explain_plan(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Stri
 }
 
 /// Which user-defined functions the plan calls and how each one travels:
-/// Python UDFs inline, every other non-built-in function by name.
+/// Python UDFs (scalar, aggregate, window) inline, every other non-built-in
+/// function by name.
 pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> String {
     let shown = datafusion::physical_plan::displayable(plan.as_ref())
         .indent(true)
         .to_string();
     let state = ctx.state();
+    let called = |name: &str| shown.contains(&format!("{name}("));
     let mut lines = Vec::new();
-    let mut names: Vec<_> = state.scalar_functions().keys().cloned().collect();
-    names.sort();
-    for name in names {
-        let Some(udf) = state.scalar_functions().get(&name) else {
-            continue;
+    for (name, udf) in sorted(state.scalar_functions()) {
+        let built_in = || {
+            datafusion::functions::all_default_functions()
+                .iter()
+                .any(|f| f.name() == name)
         };
-        if !shown.contains(&format!("{name}(")) {
+        if !called(name) {
             continue;
         }
         if udf.inner().downcast_ref::<PythonScalarUdf>().is_some() {
             lines.push(format!(
                 "  {name}: Python UDF, travels inline (cloudpickled into the plan)"
             ));
-        } else if !datafusion::functions::all_default_functions()
-            .iter()
-            .any(|f| f.name() == name)
-        {
+        } else if !built_in() {
+            lines.push(by_name(name));
+        }
+    }
+    for (name, udaf) in sorted(state.aggregate_functions()) {
+        let built_in = || {
+            datafusion::functions_aggregate::all_default_aggregate_functions()
+                .iter()
+                .any(|f| f.name() == name)
+        };
+        if !called(name) {
+            continue;
+        }
+        if udaf.inner().downcast_ref::<PythonAggregateUdf>().is_some() {
             lines.push(format!(
-                "  {name}: travels by name (every worker must register it)"
+                "  {name}: Python aggregate UDF, travels inline (cloudpickled into the plan); \
+                 partial states cross stages as Arrow"
             ));
+        } else if !built_in() {
+            lines.push(by_name(name));
+        }
+    }
+    for (name, udwf) in sorted(state.window_functions()) {
+        let built_in = || {
+            datafusion::functions_window::all_default_window_functions()
+                .iter()
+                .any(|f| f.name() == name)
+        };
+        if !called(name) {
+            continue;
+        }
+        if udwf.inner().downcast_ref::<PythonWindowUdf>().is_some() {
+            lines.push(format!(
+                "  {name}: Python window UDF, travels inline inside its window node \
+                 (cloudpickled into the plan)"
+            ));
+        } else if !built_in() {
+            lines.push(by_name(name));
         }
     }
     if lines.is_empty() {
@@ -51,4 +84,14 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
     } else {
         format!("UDFs:\n{}", lines.join("\n"))
     }
+}
+
+fn by_name(name: &str) -> String {
+    format!("  {name}: travels by name (every worker must register it)")
+}
+
+fn sorted<T>(functions: &std::collections::HashMap<String, T>) -> Vec<(&str, &T)> {
+    let mut entries: Vec<(&str, &T)> = functions.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    entries.sort_by_key(|(name, _)| *name);
+    entries
 }

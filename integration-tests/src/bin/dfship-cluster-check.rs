@@ -1,4 +1,4 @@
-//! Runs the query matrix on a cluster given by URL and compares every result
+//! Runs the query matrix (scalar, aggregate and window Python UDFs) on a cluster given by URL and compares every result
 //! with single-node DataFusion running the same SQL and UDFs in this process.
 //! The container tests run it inside the coordinator container:
 //!
@@ -90,6 +90,9 @@ async fn run(args: Args) -> Result<bool> {
         queries.push(("ffi_by_name_with_inline_python", FFI_QUERY));
     }
     let distributed = builder.build()?;
+    register_aggregate_window_udfs(&local);
+    register_aggregate_window_udfs(&distributed);
+    queries.extend_from_slice(AGGREGATE_WINDOW_MATRIX);
     register_dataset(&local, &args.data).await?;
     register_dataset(&distributed, &args.data).await?;
 

@@ -39,6 +39,15 @@ impl FunctionKind {
         }
     }
 
+    /// "a scalar function", "an aggregate function", "a window function".
+    pub fn a_function(self) -> &'static str {
+        match self {
+            Self::Scalar => "a scalar function",
+            Self::Aggregate => "an aggregate function",
+            Self::Window => "a window function",
+        }
+    }
+
     const ALL: [FunctionKind; 3] = [Self::Scalar, Self::Aggregate, Self::Window];
 }
 

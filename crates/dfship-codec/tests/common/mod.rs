@@ -80,6 +80,38 @@ pub fn python_udf(
         .into_scalar_udf()
 }
 
+/// A Python aggregate UDF from source: `expression` yields the accumulator factory.
+pub fn python_udaf(
+    name: &str,
+    inputs: Vec<DataType>,
+    output: DataType,
+    state: Vec<DataType>,
+    setup: &str,
+    expression: &str,
+) -> datafusion::logical_expr::AggregateUDF {
+    let factory = py_object(setup, expression);
+    let signature =
+        UdfSignature::new(name, inputs, output, Volatility::Immutable).with_state_types(state);
+    Python::attach(|py| dfship_codec::PythonAggregateUdf::new(signature, factory.into_bound(py)))
+        .expect("an accumulator factory")
+        .into_aggregate_udf()
+}
+
+/// A Python window UDF from source: `expression` yields the evaluator factory.
+pub fn python_udwf(
+    name: &str,
+    inputs: Vec<DataType>,
+    output: DataType,
+    setup: &str,
+    expression: &str,
+) -> datafusion::logical_expr::WindowUDF {
+    let factory = py_object(setup, expression);
+    let signature = UdfSignature::new(name, inputs, output, Volatility::Immutable);
+    Python::attach(|py| dfship_codec::PythonWindowUdf::new(signature, factory.into_bound(py)))
+        .expect("an evaluator factory")
+        .into_window_udf()
+}
+
 /// A session with table `t` (ints with a null, floats, strings, int lists).
 pub async fn session_with_data() -> SessionContext {
     let ctx = SessionContext::new();

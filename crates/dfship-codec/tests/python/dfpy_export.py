@@ -12,7 +12,34 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from datafusion import SessionContext, udf
+from datafusion import Accumulator, SessionContext, udaf, udf, udwf
+from datafusion.user_defined import WindowEvaluator
+
+
+class SumAndCount(Accumulator):
+    """sum(a) * 10 + count(a), over a two-field state."""
+
+    def __init__(self):
+        self.total, self.count = 0, 0
+
+    def update(self, values):
+        self.total += pc.sum(values).as_py() or 0
+        self.count += pc.count(values).as_py()
+
+    def merge(self, states):
+        self.total += pc.sum(states[0]).as_py() or 0
+        self.count += pc.sum(states[1]).as_py() or 0
+
+    def state(self):
+        return [pa.scalar(self.total), pa.scalar(self.count)]
+
+    def evaluate(self):
+        return pa.scalar(self.total * 10 + self.count)
+
+
+class Running(WindowEvaluator):
+    def evaluate_all(self, values, num_rows):
+        return pc.cumulative_sum(pc.fill_null(values[0], 0))
 
 
 def make_scaler(factor):
@@ -36,6 +63,11 @@ def cases(ctx):
     )
     yield "projection", "SELECT a, plus_one(a) AS p FROM t ORDER BY a"
     yield "closure_filter", "SELECT a, times_ten(a) AS s FROM t WHERE times_ten(a) > 15 ORDER BY a"
+    states = [pa.int64(), pa.int64()]
+    ctx.register_udaf(udaf(SumAndCount, [pa.int64()], pa.int64(), states, "immutable", name="sc"))
+    ctx.register_udwf(udwf(Running, [pa.int64()], pa.int64(), "immutable", name="running"))
+    yield "udaf", "SELECT s, sc(a) AS v FROM t GROUP BY s ORDER BY s"
+    yield "udwf", "SELECT a, running(a) OVER (ORDER BY s) AS r FROM t ORDER BY s"
     yield (
         "two_args_aggregate",
         "SELECT label(a, s) AS l, count(*) AS c FROM t GROUP BY label(a, s) ORDER BY l",
