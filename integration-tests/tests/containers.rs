@@ -8,10 +8,10 @@
 //! Each test's containers and network carry the label `dfship.test` and are
 //! removed when the test ends, pass or fail.
 
+use dfship_integration_tests::{AGGREGATE_WINDOW_MATRIX, MATRIX};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use dfship_integration_tests::{AGGREGATE_WINDOW_MATRIX, MATRIX};
 
 const NODE: &str = "dfship-node:bookworm";
 const NODE_PY313: &str = "dfship-node:trixie";

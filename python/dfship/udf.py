@@ -199,6 +199,11 @@ class PythonUDWF:
         return f"PythonUDWF({self.name}({types}) -> {self.return_type}, {self.volatility})"
 
 
+def _is_types(value: Any) -> bool:
+    """Whether ``value`` opens the decorator form (input types) rather than the function form."""
+    return value is None or isinstance(value, (pa.DataType, list, tuple))
+
+
 def udaf(
     accumulator: Any = None,
     input_types: Any = None,
@@ -213,7 +218,7 @@ def udaf(
     Decorator form: ``@udaf(input_types, return_type, state_types, volatility, name=None)`` on the
     accumulator class (or a function returning an accumulator).
     """
-    if callable(accumulator) and not isinstance(accumulator, pa.DataType):
+    if not _is_types(accumulator):
         if input_types is None or return_type is None or state_types is None or volatility is None:
             raise TypeError("udaf(accumulator, input_types, return_type, state_types, volatility, name=None)")
         return PythonUDAF(accumulator, input_types, return_type, state_types, volatility, name)
@@ -242,7 +247,7 @@ def udwf(
     Decorator form: ``@udwf(input_types, return_type, volatility, name=None)`` on the evaluator
     class (or a function returning an evaluator).
     """
-    if callable(evaluator) and not isinstance(evaluator, pa.DataType):
+    if not _is_types(evaluator):
         if input_types is None or return_type is None or volatility is None:
             raise TypeError("udwf(evaluator, input_types, return_type, volatility, name=None)")
         return PythonUDWF(evaluator, input_types, return_type, volatility, name)

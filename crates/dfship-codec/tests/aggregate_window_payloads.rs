@@ -127,7 +127,10 @@ fn truncated_or_tampered_frames_are_errors_not_panics() {
         );
     }
     // Unsigned frames and datafusion-python's payloads are refused by a keyed codec.
-    let unsigned = PythonUdfCodec::default().encode_udaf(&udaf()).unwrap().unwrap();
+    let unsigned = PythonUdfCodec::default()
+        .encode_udaf(&udaf())
+        .unwrap()
+        .unwrap();
     assert!(matches!(
         refused(keyed.try_decode_udaf("total", &unsigned).unwrap_err()),
         UdfPayloadError::Unsigned { .. }
