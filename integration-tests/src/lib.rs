@@ -192,6 +192,24 @@ pub async fn sorted_rows(ctx: &SessionContext, sql: &str) -> Result<Vec<String>>
     Ok(lines)
 }
 
+/// The rows of `batches`, each as its cells' text joined by `|`, sorted
+/// (independent of column names and widths).
+pub fn sorted_batch_rows(batches: &[arrow::array::RecordBatch]) -> Result<Vec<String>> {
+    let mut rows = Vec::new();
+    for batch in batches {
+        for row in 0..batch.num_rows() {
+            let cells = batch
+                .columns()
+                .iter()
+                .map(|column| arrow::util::display::array_value_to_string(column, row))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            rows.push(cells.join("|"));
+        }
+    }
+    rows.sort();
+    Ok(rows)
+}
+
 /// Workers serving gRPC on 127.0.0.1 inside this process, each building
 /// its sessions with `builder` (no UDF registered unless `builder` has it).
 pub struct InProcessCluster {

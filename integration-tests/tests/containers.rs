@@ -339,6 +339,25 @@ fn assert_sum_double(cluster: &Cluster, workers: &[&str], what: &str, extra: &[&
 fn query_matrix_across_containers() {
     let cluster = Cluster::start("matrix", vec![worker("w1"), worker("w2"), worker("w3")]);
     let workers = cluster.urls(&["w1", "w2", "w3"]);
+    // datafusion-python (in the coordinator container) makes plans with
+    // scalar, aggregate and window UDFs; the check runs them on the cluster.
+    cluster.write_dataset();
+    let plans = cluster.exec(
+        &[
+            "/opt/dfship/venv/bin/python",
+            "/udfs/dfpy_plans.py",
+            "/data",
+            "/data/dfpy",
+        ],
+        Duration::from_secs(300),
+    );
+    assert_ok(&plans, "datafusion-python making plans");
+    let dfpy_plans = 2 * plans
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("wrote "))
+        .count();
+    assert!(dfpy_plans >= 10, "{}", plans.stdout);
     let check = cluster.exec(
         &[
             "dfship-cluster-check",
@@ -348,6 +367,8 @@ fn query_matrix_across_containers() {
             "/data",
             "--ffi-udf",
             FFI,
+            "--datafusion-python-plans",
+            "/data/dfpy",
         ],
         Duration::from_secs(600),
     );
@@ -358,10 +379,11 @@ fn query_matrix_across_containers() {
         .lines()
         .filter(|l| l.starts_with("PASS "))
         .count();
-    let expected = MATRIX.len() + AGGREGATE_WINDOW_MATRIX.len() + 1;
+    let expected = MATRIX.len() + AGGREGATE_WINDOW_MATRIX.len() + 1 + dfpy_plans;
     assert_eq!(
         passed, expected,
-        "the scalar and aggregate/window matrices and the FFI query pass:\n{}",
+        "the scalar and aggregate/window matrices, the FFI query and the datafusion-python \
+         plans pass:\n{}",
         check.stdout
     );
 }

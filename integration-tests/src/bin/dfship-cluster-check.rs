@@ -8,7 +8,11 @@
 //!     [--cluster-key-file /keys/cluster.key]
 //! ```
 //!
-//! With `--write-only` it only writes the dataset.
+//! With `--write-only` it only writes the dataset. With
+//! `--datafusion-python-plans DIR` it also runs the datafusion-python plans
+//! `containers/udfs/dfpy_plans.py` wrote there (`NAME.logical`,
+//! `NAME.physical`) and compares them with datafusion-python's results
+//! (`NAME.arrow`).
 //!
 //! Prints one `PASS name ...` or `FAIL name: why` line per query and exits
 //! with status 1 if any failed. Writes the dataset under `--data` if absent
@@ -32,12 +36,14 @@ struct Args {
     data: PathBuf,
     ffi_udf: Option<String>,
     key_file: Option<PathBuf>,
+    dfpy_plans: Option<PathBuf>,
     write_only: bool,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut workers, mut data, mut ffi_udf, mut key_file) = (None, None, None, None);
+    let mut dfpy_plans = None;
     let mut write_only = false;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
@@ -46,6 +52,7 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--data" => data = Some(PathBuf::from(value()?)),
             "--ffi-udf" => ffi_udf = Some(value()?),
             "--cluster-key-file" => key_file = Some(PathBuf::from(value()?)),
+            "--datafusion-python-plans" => dfpy_plans = Some(PathBuf::from(value()?)),
             "--write-only" => write_only = true,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -55,6 +62,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         data: data.ok_or("--data DIR is required")?,
         ffi_udf,
         key_file,
+        dfpy_plans,
         write_only,
     })
 }
@@ -135,6 +143,72 @@ async fn run(args: Args) -> Result<bool> {
             Err(error) => {
                 all_passed = false;
                 println!("FAIL {name}: {error}");
+            }
+        }
+    }
+    if let Some(dir) = &args.dfpy_plans {
+        all_passed &= run_datafusion_python_plans(&distributed, &inline, dir).await?;
+    }
+    Ok(all_passed)
+}
+
+/// Runs each datafusion-python plan in `dir` (logical and physical bytes)
+/// on the cluster and compares with datafusion-python's own result.
+async fn run_datafusion_python_plans(
+    distributed: &SessionContext,
+    inline: &InlineUdfs,
+    dir: &std::path::Path,
+) -> Result<bool> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let path = entry.path();
+            (path.extension()? == "arrow")
+                .then(|| path.file_stem()?.to_str().map(str::to_string))?
+        })
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        println!("FAIL datafusion-python plans: none in {}", dir.display());
+        return Ok(false);
+    }
+    let mut all_passed = true;
+    for name in names {
+        let file = std::fs::File::open(dir.join(format!("{name}.arrow")))?;
+        let expected: Vec<_> = arrow::ipc::reader::FileReader::try_new(file, None)?
+            .collect::<std::result::Result<_, _>>()?;
+        let expected = sorted_batch_rows(&expected)?;
+        for form in ["logical", "physical"] {
+            let bytes = std::fs::read(dir.join(format!("{name}.{form}")))?;
+            let codec = std::sync::Arc::clone(inline.codec());
+            let outcome = async {
+                let df = if form == "logical" {
+                    dfship_distributed::dataframe_from_logical_bytes(distributed, codec, &bytes)
+                        .await?
+                } else {
+                    dfship_distributed::dataframe_from_physical_bytes(distributed, codec, &bytes)
+                        .await?
+                };
+                let actual = sorted_batch_rows(&df.collect().await?)?;
+                if expected.is_empty() || actual != expected {
+                    return Err(DataFusionError::Execution(format!(
+                        "results differ: {} rows distributed vs {} in datafusion-python; first \
+                         distributed {:?}, first datafusion-python {:?}",
+                        actual.len(),
+                        expected.len(),
+                        actual.first(),
+                        expected.first()
+                    )));
+                }
+                Ok(actual.len())
+            }
+            .await;
+            match outcome {
+                Ok(rows) => println!("PASS {name}_{form}: {rows} rows equal datafusion-python's"),
+                Err(error) => {
+                    all_passed = false;
+                    println!("FAIL {name}_{form}: {error}");
+                }
             }
         }
     }
