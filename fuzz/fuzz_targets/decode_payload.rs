@@ -1,9 +1,10 @@
 //! Feeds arbitrary bytes to the payload decoder as a UDF named `fuzz`.
 //!
-//! Properties: decoding never panics; a frame that decodes re-encodes to the
-//! very same bytes; with a cluster key only correctly signed frames decode.
-//! `DFPYUDF` payloads stop after their header: past it lies
-//! `cloudpickle.loads`, which runs arbitrary code by design.
+//! Properties, for scalar, aggregate and window UDFs alike: decoding never
+//! panics; a frame that decodes re-encodes to the very same bytes; with a
+//! cluster key only correctly signed frames decode. datafusion-python's
+//! `DFPYUDF`/`DFPYUDA`/`DFPYUDW` payloads stop after their header: past it
+//! lies `cloudpickle.loads`, which runs arbitrary code by design.
 #![no_main]
 
 use datafusion_proto::physical_plan::PhysicalExtensionCodec;
@@ -31,7 +32,7 @@ fn tolerate_contained_arrow_ipc_panics() {
 
 fuzz_target!(|data: &[u8]| {
     tolerate_contained_arrow_ipc_panics();
-    if data.starts_with(dfship_codec::wire::dfpy::DFPY_MAGIC) {
+    if data.starts_with(b"DFPYUD") {
         let _ = dfship_codec::wire::dfpy::read_header("fuzz", data);
         return;
     }
@@ -40,7 +41,17 @@ fuzz_target!(|data: &[u8]| {
         let again = open.encode_udf(&udf).expect("re-encoding a decoded UDF");
         assert_eq!(again.as_deref(), Some(data), "re-encoding is byte-identical");
     }
+    if let Ok(udaf) = open.try_decode_udaf("fuzz", data) {
+        let again = open.encode_udaf(&udaf).expect("re-encoding a decoded UDAF");
+        assert_eq!(again.as_deref(), Some(data), "re-encoding is byte-identical");
+    }
+    if let Ok(udwf) = open.try_decode_udwf("fuzz", data) {
+        let again = open.encode_udwf(&udwf).expect("re-encoding a decoded UDWF");
+        assert_eq!(again.as_deref(), Some(data), "re-encoding is byte-identical");
+    }
     let key = ClusterKey::new(*b"fuzzing-cluster-key-0123456789ab").expect("a valid key");
     let keyed = PythonUdfCodec::new(CodecOptions::default().with_cluster_key(key));
     let _ = keyed.try_decode_udf("fuzz", data);
+    let _ = keyed.try_decode_udaf("fuzz", data);
+    let _ = keyed.try_decode_udwf("fuzz", data);
 });

@@ -492,11 +492,23 @@ class RaisingMerge(CountOdd):
 class ShortWindow:
     def evaluate_all(self, values, num_rows):
         return pa.array([1.0] * (num_rows + 1))
+
+class WrongType(CountOdd):
+    def evaluate(self):
+        return "not a number"
+
+class BrokenFactory:
+    def __init__(self):
+        raise RuntimeError("no accumulator today")
+
+class NotAnArray:
+    def evaluate_all(self, values, num_rows):
+        return [1.0] * num_rows
 "#;
 
 /// Registers the Python aggregate and window UDFs of
-/// [`AGGREGATE_WINDOW_MATRIX`] (and `py_bad_state`, `py_raising_merge`,
-/// `py_short`, which fail on purpose).
+/// [`AGGREGATE_WINDOW_MATRIX`] (and those of [`AGGREGATE_WINDOW_FAILURES`],
+/// which fail on purpose).
 pub fn register_aggregate_window_udfs(ctx: &SessionContext) {
     let f64_ = DataType::Float64;
     let i64_ = DataType::Int64;
@@ -553,6 +565,29 @@ pub fn register_aggregate_window_udfs(ctx: &SessionContext) {
         AGGREGATE_WINDOW_SETUP,
         "RaisingMerge",
     ));
+    ctx.register_udaf(python_udaf(
+        "py_wrong_type",
+        vec![i64_.clone()],
+        i64_.clone(),
+        vec![i64_.clone()],
+        AGGREGATE_WINDOW_SETUP,
+        "WrongType",
+    ));
+    ctx.register_udaf(python_udaf(
+        "py_broken_factory",
+        vec![i64_.clone()],
+        i64_.clone(),
+        vec![i64_.clone()],
+        AGGREGATE_WINDOW_SETUP,
+        "BrokenFactory",
+    ));
+    ctx.register_udwf(python_udwf(
+        "py_not_an_array",
+        vec![f64_.clone()],
+        f64_.clone(),
+        AGGREGATE_WINDOW_SETUP,
+        "NotAnArray",
+    ));
     ctx.register_udwf(python_udwf(
         "py_short",
         vec![f64_.clone()],
@@ -608,5 +643,40 @@ pub const AGGREGATE_WINDOW_MATRIX: &[(&str, &str)] = &[
         "aggregate_as_window",
         "SELECT id, py_count_odd(id) OVER (PARTITION BY category ORDER BY id) AS r \
          FROM facts WHERE id < 150",
+    ),
+];
+
+/// Queries whose aggregate or window UDF misbehaves, the UDF's name, and a
+/// phrase the error must contain.
+pub const AGGREGATE_WINDOW_FAILURES: &[(&str, &str, &str)] = &[
+    (
+        "SELECT category, py_bad_state(id) FROM facts GROUP BY category",
+        "py_bad_state",
+        "state() returned 2 values, but the aggregate declares 1 state fields",
+    ),
+    (
+        "SELECT py_raising_merge(id) FROM facts",
+        "py_raising_merge",
+        "merge is broken on purpose",
+    ),
+    (
+        "SELECT id, py_short(value) OVER (PARTITION BY category) FROM facts",
+        "py_short",
+        "rows for a batch of",
+    ),
+    (
+        "SELECT category, py_wrong_type(id) FROM facts GROUP BY category",
+        "py_wrong_type",
+        "evaluate() returned 'not a number', which is not of its declared type int64",
+    ),
+    (
+        "SELECT py_broken_factory(id) FROM facts",
+        "py_broken_factory",
+        "the accumulator factory raised RuntimeError: no accumulator today",
+    ),
+    (
+        "SELECT id, py_not_an_array(value) OVER (PARTITION BY k) FROM facts",
+        "py_not_an_array",
+        "evaluate_all() must return a pyarrow.Array (e.g. pa.array(values, type=...)), but it returned a list",
     ),
 ];

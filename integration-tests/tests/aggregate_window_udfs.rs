@@ -61,27 +61,11 @@ async fn run_on_three_workers(worker_args: &[&str]) {
         "partial and final aggregation:\n{shown}"
     );
 
-    let errors = [
-        (
-            "SELECT category, py_bad_state(id) FROM facts GROUP BY category",
-            "state() returned 2 values, but the aggregate declares 1 state fields",
-        ),
-        (
-            "SELECT py_raising_merge(id) FROM facts",
-            "merge is broken on purpose",
-        ),
-        (
-            "SELECT id, py_short(value) OVER (PARTITION BY category) FROM facts",
-            "rows for a batch of",
-        ),
-    ];
-    for (sql, needle) in errors {
+    for (sql, udf, needle) in AGGREGATE_WINDOW_FAILURES {
         let error = query_error(&distributed, sql).await.to_string();
         assert!(error.contains(needle), "{sql}: {error}");
         assert!(
-            error.contains("py_bad_state")
-                || error.contains("py_raising_merge")
-                || error.contains("py_short"),
+            error.contains(&format!("'{udf}'")),
             "the error names the UDF: {error}"
         );
         // The same workers answer the next query correctly.

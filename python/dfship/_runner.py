@@ -132,13 +132,23 @@ def _plain(pa: Any, value: Any) -> Any:
 
 
 def _column(pa: Any, values: list[Any], data_type: Any, what: str) -> Any:
+    plain = [_plain(pa, value) for value in values]
     try:
-        return pa.array([_plain(pa, value) for value in values], type=data_type)
+        return pa.array(plain, type=data_type)
     except MemoryError as error:
         raise Failure(OUT_OF_MEMORY, _describe(error)) from None
     except Exception as error:
-        shown = ", ".join(repr(_plain(pa, value)) for value in values[:3])
-        detail = f"{what} returned {shown}, which is not of its declared type {data_type} ({error})"
+        culprit: Any = None
+        for value in plain:
+            try:
+                pa.array([value], type=data_type)
+            except Exception:
+                culprit = value
+                break
+        detail = (
+            f"{what} returned {culprit!r}, which is not of its declared type {data_type} ({error}); "
+            "return values of that type, or declare the type it returns"
+        )
         raise Failure(BAD_RESULT, detail) from None
 
 
@@ -148,7 +158,10 @@ def _as_array(pa: Any, result: Any, what: str) -> Any:
     if not isinstance(result, pa.Array) and hasattr(result, "__arrow_c_array__"):
         result = pa.array(result)
     if not isinstance(result, pa.Array):
-        detail = f"{what} must return a pyarrow.Array, but it returned a {type(result).__name__}"
+        detail = (
+            f"{what} must return a pyarrow.Array (e.g. pa.array(values, type=...)), "
+            f"but it returned a {type(result).__name__}"
+        )
         raise Failure(BAD_RESULT, detail)
     return result
 
