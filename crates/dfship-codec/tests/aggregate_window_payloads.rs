@@ -161,3 +161,40 @@ fn an_aggregate_frame_without_state_types_is_malformed() {
     frame[..7].copy_from_slice(WINDOW_MAGIC);
     assert!(codec.try_decode_udwf("total", &frame).is_err());
 }
+
+#[test]
+fn a_corrupt_window_node_is_an_error_not_a_panic() {
+    use std::sync::Arc;
+
+    use datafusion::physical_plan::empty::EmptyExec;
+    use datafusion::physical_plan::ExecutionPlan;
+    use datafusion::prelude::SessionContext;
+    use datafusion_proto::physical_plan::DefaultPhysicalProtoConverter;
+
+    let codec = PythonUdfCodec::default();
+    let ctx = SessionContext::new().task_ctx();
+    let schema = Arc::new(arrow::datatypes::Schema::empty());
+    let input: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(schema));
+    let converter = DefaultPhysicalProtoConverter {};
+    for blob in [
+        b"DFSHIPWN".to_vec(),
+        b"DFSHIPWN\xff\xff\xff\xff".to_vec(),
+        [b"DFSHIPWN".as_slice(), &[0x0a; 64]].concat(),
+    ] {
+        let error = codec
+            .try_decode(&blob, std::slice::from_ref(&input), &ctx, &converter)
+            .expect_err("garbage is refused");
+        assert!(!error.to_string().is_empty());
+        let error = codec
+            .try_decode(&blob, &[], &ctx, &converter)
+            .expect_err("a window node without its input is refused");
+        assert!(error.to_string().contains("one input"), "{error}");
+    }
+    // Anything else is not ours.
+    let error = codec
+        .try_decode(b"something else", &[], &ctx, &converter)
+        .unwrap_err();
+    assert!(error
+        .to_string()
+        .contains("compose it with the codec that wrote this node"));
+}
