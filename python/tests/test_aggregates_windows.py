@@ -70,6 +70,26 @@ class CountOdd(Accumulator):
         return pa.scalar(self.n)
 
 
+class DistinctCount(Accumulator):
+    """A list state: the distinct values seen, as Arrow list<int64> between stages."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def update(self, values: pa.Array) -> None:
+        self.seen.update(v for v in values.to_pylist() if v is not None)
+
+    def merge(self, states: list[pa.Array]) -> None:
+        for values in states[0].to_pylist():
+            self.seen.update(values or [])
+
+    def state(self) -> list[pa.Scalar]:
+        return [pa.scalar(sorted(self.seen), type=pa.list_(pa.int64()))]
+
+    def evaluate(self) -> pa.Scalar:
+        return pa.scalar(len(self.seen))
+
+
 class RunningSum(WindowEvaluator):
     def evaluate_all(self, values: list[pa.Array], num_rows: int) -> pa.Array:
         return pc.round(pc.cumulative_sum(pc.fill_null(values[0], 0)), 6)
@@ -100,6 +120,7 @@ F64, I64 = pa.float64(), pa.int64()
 AGGREGATES = [
     ("wmean", WeightedMean, [F64, F64], F64, [F64, F64]),
     ("count_odd", CountOdd, [I64], I64, [I64]),
+    ("distinct_count", DistinctCount, [I64], I64, [pa.list_(I64)]),
 ]
 WINDOWS = [
     ("running", RunningSum, [F64], F64),
@@ -112,6 +133,8 @@ MATRIX = {
     "FROM facts GROUP BY k",
     "empty_groups": "SELECT category, count_odd(id) AS o, wmean(value, CAST(k AS DOUBLE)) AS m "
     "FROM facts WHERE k IS NULL AND id % 2 = 0 GROUP BY category",
+    "list_state": "SELECT category, distinct_count(k) AS d, distinct_count(id % 13) AS e "
+    "FROM facts GROUP BY category",
     "whole_table": "SELECT wmean(value, CAST(id AS DOUBLE)) AS m, count_odd(id) AS o FROM facts",
     "having": "SELECT category, count_odd(id) AS o FROM facts GROUP BY category HAVING count_odd(id) > 299",
     "window_partition_order": "SELECT id, running(value) OVER (PARTITION BY category ORDER BY id) AS r "
@@ -154,8 +177,8 @@ def register_dfship(ctx: dfship.ClusterContext) -> None:
     # The function form, and the decorator form (on the class itself).
     name, accumulator, inputs, returns, states = AGGREGATES[0]
     ctx.register_udaf(dfship.udaf(accumulator, inputs, returns, states, "immutable", name=name))
-    name, accumulator, inputs, returns, states = AGGREGATES[1]
-    ctx.register_udaf(dfship.udaf(inputs, returns, states, "immutable", name)(accumulator))
+    for name, accumulator, inputs, returns, states in AGGREGATES[1:]:
+        ctx.register_udaf(dfship.udaf(inputs, returns, states, "immutable", name)(accumulator))
     for name, evaluator, inputs, returns in WINDOWS:
         ctx.register_udwf(dfship.udwf(inputs, returns, "immutable", name)(evaluator))
 
