@@ -102,3 +102,77 @@ async fn without_the_shim_workers_cannot_resolve_python_udfs() {
          succeeds, upstream fixed the ordering and the shim can be retired. Error: {error}"
     );
 }
+
+/// datafusion-proto 55.2's `ComposedPhysicalExtensionCodec` does not forward
+/// the window-UDF hooks, so a window UDF payload never reaches a user codec on
+/// the workers. When this fails, upstream forwards them and
+/// `dfship_codec::wrap_python_windows` / `PythonWindowNode` can be retired
+/// (window UDFs would then travel through the encoder like aggregates).
+#[tokio::test]
+async fn upstream_composition_still_cannot_decode_window_udf_payloads() {
+    use datafusion_proto::physical_plan::PhysicalExtensionCodec;
+
+    let codec = PythonUdfCodec::default();
+    let running = python_udwf(
+        "guard_udwf",
+        vec![DataType::Int64],
+        DataType::Int64,
+        "class Running:\n    def evaluate_all(self, values, n):\n        return pc.cumulative_sum(values[0])\n",
+        "Running",
+    );
+    let payload = codec.encode_udwf(&running).unwrap().expect("inline");
+    let config = SessionConfig::new().with_distributed_user_codec(codec);
+    let upstream = DistributedCodec::new_combined_with_user(&config);
+    // The envelope the composed codec reads: our codec is at position 1.
+    let mut envelope = Vec::new();
+    prost::Message::encode(
+        &Envelope {
+            encoder_position: 1,
+            blob: payload.to_vec(),
+        },
+        &mut envelope,
+    )
+    .unwrap();
+    let error = upstream
+        .try_decode_udwf("guard_udwf", &envelope)
+        .expect_err("upstream still drops window UDF payloads");
+    assert!(
+        error
+            .to_string()
+            .contains("not provided for window function"),
+        "upstream's composed codec changed how it treats window UDFs: {error}"
+    );
+    // The aggregate hook, by contrast, is forwarded (so aggregates travel like scalar UDFs).
+    let total = python_udaf(
+        "guard_udaf",
+        vec![DataType::Int64],
+        DataType::Int64,
+        vec![DataType::Int64],
+        "class Total:\n    def __init__(self):\n        self.t = 0\n    def update(self, v):\n        self.t += pc.sum(v).as_py() or 0\n    def merge(self, s):\n        self.t += pc.sum(s[0]).as_py() or 0\n    def state(self):\n        return [self.t]\n    def evaluate(self):\n        return self.t\n",
+        "Total",
+    );
+    let payload = PythonUdfCodec::default()
+        .encode_udaf(&total)
+        .unwrap()
+        .expect("inline");
+    let mut envelope = Vec::new();
+    prost::Message::encode(
+        &Envelope {
+            encoder_position: 1,
+            blob: payload.to_vec(),
+        },
+        &mut envelope,
+    )
+    .unwrap();
+    let decoded = upstream.try_decode_udaf("guard_udaf", &envelope).unwrap();
+    assert_eq!(decoded.name(), "guard_udaf");
+}
+
+/// datafusion-proto's (private) `DataEncoderTuple`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Envelope {
+    #[prost(uint32, tag = "1")]
+    encoder_position: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    blob: Vec<u8>,
+}
