@@ -19,32 +19,9 @@ fn dfship() -> PathBuf {
 const UDFS: &str = r#"
 import pyarrow as pa
 import pyarrow.compute as pc
-from dfship import udaf, udf, udwf
+from dfship import udf
 
 OFFSET = 1000
-
-@udaf(pa.int64(), pa.int64(), [pa.int64(), pa.int64()], "immutable", name="spread")
-class Spread:
-    """max - min; the state is (min, max)."""
-    def __init__(self):
-        self.low, self.high = None, None
-    def _take(self, low, high):
-        if low is not None:
-            self.low = low if self.low is None else min(self.low, low)
-            self.high = high if self.high is None else max(self.high, high)
-    def update(self, values):
-        self._take(pc.min(values).as_py(), pc.max(values).as_py())
-    def merge(self, states):
-        self._take(pc.min(states[0]).as_py(), pc.max(states[1]).as_py())
-    def state(self):
-        return [self.low, self.high]
-    def evaluate(self):
-        return None if self.low is None else self.high - self.low
-
-@udwf([pa.int64()], pa.int64(), "immutable", name="row_position")
-class Position:
-    def evaluate_all(self, values, num_rows):
-        return pa.array(range(1, num_rows + 1), pa.int64())
 
 @udf([pa.int64()], pa.int64(), "immutable")
 def shifted(values):
@@ -77,7 +54,9 @@ fn run(args: &[&str], dir: &Path, urls: &[String]) -> (bool, String, String) {
 async fn sql_and_explain_with_a_udf_file() {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
-    std::fs::write(dir.path().join("udfs.py"), UDFS).unwrap();
+    // Plus an aggregate and a window UDF (the container tests' file).
+    let aggregates = include_str!("../containers/udfs/aggregates.py");
+    std::fs::write(dir.path().join("udfs.py"), format!("{UDFS}\n{aggregates}")).unwrap();
     let cluster = SpawnedCluster::start(2, &[]);
 
     let query = "SELECT loud(category) AS c, max(shifted(id)) AS m FROM facts GROUP BY loud(category) ORDER BY c";
@@ -117,7 +96,7 @@ async fn sql_and_explain_with_a_udf_file() {
 
     // Aggregate and window UDFs from the same file.
     let query = "SELECT category, max(p) AS last FROM (SELECT category, \
-                 row_position(id) OVER (PARTITION BY category ORDER BY id) AS p FROM facts) \
+                 py_position(id) OVER (PARTITION BY category ORDER BY id) AS p FROM facts) \
                  GROUP BY category ORDER BY category";
     let (ok, stdout, stderr) = run(&["sql", query], dir.path(), &cluster.urls);
     assert!(ok, "{stderr}");
@@ -125,16 +104,16 @@ async fn sql_and_explain_with_a_udf_file() {
     let (ok, stdout, stderr) = run(&["explain", query], dir.path(), &cluster.urls);
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("row_position: Python window UDF, travels inline inside its window node"),
+        stdout.contains("py_position: Python window UDF, travels inline inside its window node"),
         "{stdout}"
     );
-    let query = "SELECT spread(id) AS s FROM facts";
+    let query = "SELECT py_spread(id) AS s FROM facts";
     let (ok, stdout, stderr) = run(&["sql", query], dir.path(), &cluster.urls);
     assert!(ok, "{stderr}");
     let (ok, explained, stderr2) = run(&["explain", query], dir.path(), &cluster.urls);
     assert!(ok, "{stderr2}");
     assert!(
-        explained.contains("spread: Python aggregate UDF, travels inline"),
+        explained.contains("py_spread: Python aggregate UDF, travels inline"),
         "{explained}"
     );
     assert!(stdout.contains("| 4799 |"), "{stdout}");

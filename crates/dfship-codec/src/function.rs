@@ -72,3 +72,43 @@ impl PythonFunction {
             && self.callable.same_as(&other.callable)
     }
 }
+
+/// What every Python UDF type (`PythonScalarUdf`, `PythonAggregateUdf`,
+/// `PythonWindowUdf`) has the same way, given a `function: PythonFunction`
+/// field: equality by signature and callable, a hash by signature, and the
+/// accessors of its signature, digest and function.
+macro_rules! python_function_type {
+    ($type:ty) => {
+        impl PartialEq for $type {
+            fn eq(&self, other: &Self) -> bool {
+                self.function.same_as(&other.function)
+            }
+        }
+
+        impl Eq for $type {}
+
+        impl std::hash::Hash for $type {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.function.signature.hash(state);
+            }
+        }
+
+        impl $type {
+            /// The name, types and volatility it is shipped with.
+            pub fn udf_signature(&self) -> &$crate::signature::UdfSignature {
+                &self.function.signature
+            }
+
+            /// The SHA-256 of the pickled callable, once it has been pickled or received.
+            pub fn digest(&self) -> Option<[u8; 32]> {
+                self.function.digest()
+            }
+
+            pub(crate) fn function(&self) -> &$crate::function::PythonFunction {
+                &self.function
+            }
+        }
+    };
+}
+
+pub(crate) use python_function_type;

@@ -16,7 +16,6 @@
 //! every batch of its group: such aggregates cost more per batch than ones
 //! with a fixed-size state.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -35,7 +34,7 @@ use pyo3::prelude::*;
 
 use crate::error::ErrorKind;
 use crate::execution::{self, StatelessKind};
-use crate::function::PythonFunction;
+use crate::function::{python_function_type, PythonFunction};
 use crate::python_udf::engine_signature;
 use crate::result_check::{checked_result, invalid_array};
 use crate::signature::UdfSignature;
@@ -105,19 +104,6 @@ impl PythonAggregateUdf {
         AggregateUDF::new_from_impl(self)
     }
 
-    pub fn udf_signature(&self) -> &UdfSignature {
-        &self.function.signature
-    }
-
-    /// The SHA-256 of the pickled factory, once it has been pickled or received.
-    pub fn digest(&self) -> Option<[u8; 32]> {
-        self.function.digest()
-    }
-
-    pub(crate) fn function(&self) -> &PythonFunction {
-        &self.function
-    }
-
     fn groups(&self) -> PythonGroupsAccumulator {
         PythonGroupsAccumulator {
             function: Arc::clone(&self.function),
@@ -126,19 +112,7 @@ impl PythonAggregateUdf {
     }
 }
 
-impl PartialEq for PythonAggregateUdf {
-    fn eq(&self, other: &Self) -> bool {
-        self.function.same_as(&other.function)
-    }
-}
-
-impl Eq for PythonAggregateUdf {}
-
-impl Hash for PythonAggregateUdf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.function.signature.hash(state);
-    }
-}
+python_function_type!(PythonAggregateUdf);
 
 impl AggregateUDFImpl for PythonAggregateUdf {
     fn name(&self) -> &str {

@@ -6,7 +6,6 @@
 //! batch length. Arrays cross the boundary zero-copy through the Arrow C Data
 //! Interface. The GIL is held only around the conversion and the call.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, FieldRef};
@@ -17,7 +16,7 @@ use datafusion::logical_expr::{
 use pyo3::prelude::*;
 
 use crate::execution::{self, TaskOptions};
-use crate::function::PythonFunction;
+use crate::function::{python_function_type, PythonFunction};
 use crate::result_check::checked_result;
 use crate::signature::UdfSignature;
 use crate::wire::FunctionKind;
@@ -62,19 +61,6 @@ impl PythonScalarUdf {
         ScalarUDF::new_from_impl(self)
     }
 
-    pub fn udf_signature(&self) -> &UdfSignature {
-        &self.function.signature
-    }
-
-    /// The SHA-256 of the pickled callable, once it has been pickled or received.
-    pub fn digest(&self) -> Option<[u8; 32]> {
-        self.function.digest()
-    }
-
-    pub(crate) fn function(&self) -> &PythonFunction {
-        &self.function
-    }
-
     fn name_str(&self) -> &str {
         &self.function.signature.name
     }
@@ -89,19 +75,7 @@ pub(crate) fn engine_signature(udf_signature: &UdfSignature) -> Signature {
     }
 }
 
-impl PartialEq for PythonScalarUdf {
-    fn eq(&self, other: &Self) -> bool {
-        self.function.same_as(&other.function)
-    }
-}
-
-impl Eq for PythonScalarUdf {}
-
-impl Hash for PythonScalarUdf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.function.signature.hash(state);
-    }
-}
+python_function_type!(PythonScalarUdf);
 
 impl ScalarUDFImpl for PythonScalarUdf {
     fn name(&self) -> &str {

@@ -12,7 +12,6 @@
 //! called once per row with the frame's rows (its range rebased to start
 //! at 0), as `evaluate(values, range)` only reads the frame.
 
-use std::hash::{Hash, Hasher};
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
@@ -25,7 +24,7 @@ use datafusion::logical_expr::{PartitionEvaluator, Signature, WindowUDF, WindowU
 use pyo3::prelude::*;
 
 use crate::execution::{self, StatelessKind};
-use crate::function::PythonFunction;
+use crate::function::{python_function_type, PythonFunction};
 use crate::python_udf::engine_signature;
 use crate::result_check::checked_result;
 use crate::signature::UdfSignature;
@@ -91,34 +90,9 @@ impl PythonWindowUdf {
     pub fn into_window_udf(self) -> WindowUDF {
         WindowUDF::new_from_impl(self)
     }
-
-    pub fn udf_signature(&self) -> &UdfSignature {
-        &self.function.signature
-    }
-
-    /// The SHA-256 of the pickled factory, once it has been pickled or received.
-    pub fn digest(&self) -> Option<[u8; 32]> {
-        self.function.digest()
-    }
-
-    pub(crate) fn function(&self) -> &PythonFunction {
-        &self.function
-    }
 }
 
-impl PartialEq for PythonWindowUdf {
-    fn eq(&self, other: &Self) -> bool {
-        self.function.same_as(&other.function)
-    }
-}
-
-impl Eq for PythonWindowUdf {}
-
-impl Hash for PythonWindowUdf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.function.signature.hash(state);
-    }
-}
+python_function_type!(PythonWindowUdf);
 
 impl WindowUDFImpl for PythonWindowUdf {
     fn name(&self) -> &str {
