@@ -18,6 +18,16 @@ async fn in_the_workers_own_interpreters() {
     run_on_three_workers(&["--python-mode", "in-process"]).await;
 }
 
+/// The distributed plan of `sql`, as text (stages and tasks).
+async fn distributed_plan(ctx: &SessionContext, sql: &str) -> String {
+    let plan = match ctx.sql(sql).await {
+        Ok(df) => df.create_physical_plan().await,
+        Err(e) => Err(e),
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    display_plan_ascii(plan.as_ref(), false)
+}
+
 async fn run_on_three_workers(worker_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     write_dataset(dir.path()).await.unwrap();
@@ -29,14 +39,7 @@ async fn run_on_three_workers(worker_args: &[&str]) {
     register_aggregate_window_udfs(&local);
 
     for (name, sql) in AGGREGATE_WINDOW_MATRIX {
-        let plan = distributed
-            .sql(sql)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let shown = display_plan_ascii(plan.as_ref(), false);
+        let shown = distributed_plan(&distributed, sql).await;
         assert!(shown.contains("Stage"), "{name}: distributed:\n{shown}");
         let expected = sorted_rows(&local, sql).await.unwrap();
         let actual = sorted_rows(&distributed, sql)
@@ -48,14 +51,7 @@ async fn run_on_three_workers(worker_args: &[&str]) {
     // Partial aggregation on the workers, final on the coordinator or
     // another worker: the state fields cross a stage boundary.
     let sql = "SELECT category, py_wmean(value, value) AS m FROM facts GROUP BY category";
-    let plan = distributed
-        .sql(sql)
-        .await
-        .unwrap()
-        .create_physical_plan()
-        .await
-        .unwrap();
-    let shown = display_plan_ascii(plan.as_ref(), false);
+    let shown = distributed_plan(&distributed, sql).await;
     assert!(
         shown.contains("mode=Partial") && shown.contains("mode=Final"),
         "partial and final aggregation:\n{shown}"

@@ -124,17 +124,9 @@ async fn upstream_composition_still_cannot_decode_window_udf_payloads() {
     let config = SessionConfig::new().with_distributed_user_codec(codec);
     let upstream = DistributedCodec::new_combined_with_user(&config);
     // The envelope the composed codec reads: our codec is at position 1.
-    let mut envelope = Vec::new();
-    prost::Message::encode(
-        &Envelope {
-            encoder_position: 1,
-            blob: payload.to_vec(),
-        },
-        &mut envelope,
-    )
-    .unwrap();
+    let wrapped = enveloped(&payload);
     let error = upstream
-        .try_decode_udwf("guard_udwf", &envelope)
+        .try_decode_udwf("guard_udwf", &wrapped)
         .expect_err("upstream still drops window UDF payloads");
     assert!(
         error
@@ -155,17 +147,17 @@ async fn upstream_composition_still_cannot_decode_window_udf_payloads() {
         .encode_udaf(&total)
         .unwrap()
         .expect("inline");
-    let mut envelope = Vec::new();
-    prost::Message::encode(
-        &Envelope {
-            encoder_position: 1,
-            blob: payload.to_vec(),
-        },
-        &mut envelope,
-    )
-    .unwrap();
-    let decoded = upstream.try_decode_udaf("guard_udaf", &envelope).unwrap();
+    let wrapped = enveloped(&payload);
+    let decoded = upstream.try_decode_udaf("guard_udaf", &wrapped).unwrap();
     assert_eq!(decoded.name(), "guard_udaf");
+}
+
+/// `blob` in the envelope of the codec at position 1 (ours, after `DistributedCodec`).
+fn enveloped(blob: &[u8]) -> Vec<u8> {
+    prost::Message::encode_to_vec(&Envelope {
+        encoder_position: 1,
+        blob: blob.to_vec(),
+    })
 }
 
 /// datafusion-proto's (private) `DataEncoderTuple`.
