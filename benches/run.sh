@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every benchmark in one go: the criterion micro benchmarks and counts,
 # then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
-# and 2 workers). Results land in benches/results/ (results.md, results.png,
-# micro.md, profile.md). Takes about 35 minutes on two cores, most of it the
+# and 2 workers) and the aggregate/window comparison. Results land in
+# benches/results/ (results.md, results.png, micro.md, profile.md,
+# aggregates.md). Takes about 35 minutes on two cores, most of it the
 # release build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,6 +56,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 "$venv/bin/python" benches/e2e/run_e2e.py --out "$out" "$@"
+
+echo "bench: aggregate and window UDFs"
+"$venv/bin/python" benches/e2e/aggregates.py --out "$out"
 
 case " $* " in
 *" --skip-spark "*) echo "bench: --skip-spark given, so no profile of the GIL-bound query against PySpark" ;;

@@ -49,3 +49,56 @@ band = udf(band_fn, [pa.float64()], pa.int64(), "immutable", name="band")
 passthrough = udf(passthrough_fn, [pa.float64()], pa.float64(), "immutable", name="passthrough")
 
 ALL = [vec_score, row_score, band, passthrough]
+
+
+# Aggregate and window UDFs (benches/e2e/aggregates.py). They subclass
+# datafusion-python's base classes, which datafusion.udaf/udwf require; dfship
+# only calls the methods.
+from datafusion import Accumulator  # noqa: E402
+from datafusion.user_defined import WindowEvaluator  # noqa: E402
+
+from dfship import udaf, udwf  # noqa: E402
+
+
+class WeightedMean(Accumulator):
+    """A typical vectorized accumulator: two fixed-size state fields."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.weight = 0.0
+
+    def update(self, values: pa.Array, weights: pa.Array) -> None:
+        weights = pc.cast(weights, pa.float64())
+        self.total += pc.sum(pc.multiply(values, weights)).as_py() or 0.0
+        self.weight += pc.sum(weights).as_py() or 0.0
+
+    def merge(self, states: list[pa.Array]) -> None:
+        self.total += pc.sum(states[0]).as_py() or 0.0
+        self.weight += pc.sum(states[1]).as_py() or 0.0
+
+    def state(self) -> list[pa.Scalar]:
+        return [pa.scalar(self.total), pa.scalar(self.weight)]
+
+    def evaluate(self) -> pa.Scalar:
+        return pa.scalar(self.total / self.weight if self.weight else None, pa.float64())
+
+
+class RunningTotal(WindowEvaluator):
+    """A whole-partition window function."""
+
+    def evaluate_all(self, values: list[pa.Array], num_rows: int) -> pa.Array:
+        return pc.cumulative_sum(values[0])
+
+
+wmean = udaf(
+    WeightedMean,
+    [pa.float64(), pa.int32()],
+    pa.float64(),
+    [pa.float64(), pa.float64()],
+    "immutable",
+    name="wmean",
+)
+running = udwf(RunningTotal, [pa.float64()], pa.float64(), "immutable", name="running")
+
+AGGREGATES = [wmean]
+WINDOWS = [running]
