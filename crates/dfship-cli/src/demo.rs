@@ -46,6 +46,17 @@ const QUERIES: &[(&str, &str)] = &[
         "SELECT z.zone, count(*) AS long_trips FROM trips t JOIN zones z ON city_key(t.city) = z.key \
          WHERE is_long_trip(t.distance_km) GROUP BY z.zone ORDER BY z.zone",
     ),
+    (
+        "Python aggregate UDF (states merged across stages) beside the built-in avg",
+        "SELECT city, round(mean_fare(fare), 3) AS mean_fare, \
+         abs(mean_fare(fare) - avg(fare)) < 1e-9 AS equals_avg FROM trips GROUP BY city ORDER BY city",
+    ),
+    (
+        "Python window UDF per city",
+        "SELECT city, round(max(revenue), 2) AS revenue FROM (SELECT city, \
+         running_revenue(fare) OVER (PARTITION BY city ORDER BY trip_id) AS revenue FROM trips) \
+         GROUP BY city ORDER BY city",
+    ),
 ];
 
 const FFI_QUERY: (&str, &str) = (

@@ -1,9 +1,9 @@
-"""Python UDFs of `dfship demo`; they reach the workers inline, never registered there."""
+"""Python UDFs of `dfship demo` (scalar, aggregate, window); they reach the workers inline only."""
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dfship import udf
+from dfship import udaf, udf, udwf
 
 
 @udf([pa.float64(), pa.float64()], pa.float64(), "immutable")
@@ -39,3 +39,33 @@ def is_long_trip(distance: pa.Array) -> pa.Array:
 @udf([pa.string()], pa.string(), "immutable")
 def city_key(city: pa.Array) -> pa.Array:
     return pc.utf8_lower(pc.utf8_trim_whitespace(city))
+
+
+@udaf([pa.float64()], pa.float64(), [pa.float64(), pa.int64()], "immutable", name="mean_fare")
+class MeanFare:
+    """An aggregate: partial (sum, count) states from each worker merge on another."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def update(self, fares):
+        self.total += pc.sum(fares).as_py() or 0.0
+        self.count += pc.count(fares).as_py()
+
+    def merge(self, states):
+        self.total += pc.sum(states[0]).as_py() or 0.0
+        self.count += pc.sum(states[1]).as_py() or 0
+
+    def state(self):
+        return [self.total, self.count]
+
+    def evaluate(self):
+        return self.total / self.count if self.count else None
+
+
+@udwf([pa.float64()], pa.float64(), "immutable", name="running_revenue")
+class RunningRevenue:
+    """A window function: the revenue so far within each partition."""
+
+    def evaluate_all(self, values, num_rows):
+        return pc.cumulative_sum(pc.fill_null(values[0], 0.0))
