@@ -13,7 +13,7 @@ use arrow::pyarrow::{FromPyArrow, ToPyArrow};
 use datafusion::error::{DataFusionError, Result};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyTuple};
+use pyo3::types::PyTuple;
 
 use crate::error::ErrorKind;
 use crate::result_check::not_an_array;
@@ -204,61 +204,6 @@ impl PythonCallable {
             })
         })
     }
-}
-
-impl PythonCallable {
-    /// An `AGGREGATE` or `WINDOW` call (`body` after the digest) run in this
-    /// process's interpreter by the runner's own code, so both modes behave
-    /// alike. Returns the RESULT bytes, or the ERROR class and text.
-    pub(crate) fn stateless(
-        &self,
-        udf_name: &str,
-        message: u8,
-        body: &[u8],
-    ) -> std::result::Result<Vec<u8>, (u8, String)> {
-        const PROTOCOL: u8 = 5;
-        python::ensure_python().map_err(|e| (PROTOCOL, e.to_string()))?;
-        Python::attach(|py| {
-            let factory = self
-                .get(py, udf_name)
-                .map_err(|e| (PROTOCOL, e.to_string()))?;
-            let module =
-                runner_module(py).map_err(|e| (PROTOCOL, python::describe_exception(py, &e)))?;
-            let pyarrow = py
-                .import("pyarrow")
-                .map_err(|e| (PROTOCOL, python::describe_exception(py, &e)))?;
-            let body = PyBytes::new(py, body);
-            match module.call_method1("stateless_call", (pyarrow, message, factory, body)) {
-                Ok(reply) => reply
-                    .extract::<Vec<u8>>()
-                    .map_err(|e| (PROTOCOL, python::describe_exception(py, &e))),
-                Err(error) => {
-                    let value = error.value(py);
-                    let class = value
-                        .getattr("error_class")
-                        .and_then(|c| c.extract::<u8>())
-                        .unwrap_or(PROTOCOL);
-                    let text = value
-                        .getattr("text")
-                        .and_then(|t| t.extract::<String>())
-                        .unwrap_or_else(|_| python::describe_exception(py, &error));
-                    Err((class, text))
-                }
-            }
-        })
-    }
-}
-
-/// `python/dfship/_runner.py` as a module of this interpreter (loaded once).
-fn runner_module(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
-    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
-    MODULE
-        .get_or_try_init(py, || {
-            let source = std::ffi::CString::new(crate::execution::RUNNER_SOURCE)
-                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-            Ok(PyModule::from_code(py, &source, c"dfship_runner.py", c"dfship_runner")?.unbind())
-        })
-        .map(|module| module.bind(py))
 }
 
 /// Unpickles `pickled` through `cache`, after checking that this process can

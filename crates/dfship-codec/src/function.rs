@@ -66,6 +66,19 @@ impl PythonFunction {
         self.callable.digest().copied()
     }
 
+    /// The shape of an evaluation's answer, sent with the call: an empty
+    /// batch whose one field, `result`, is the return field.
+    pub(crate) fn answer_shape(&self) -> Result<arrow::array::RecordBatch> {
+        let returns = &self.signature.return_field;
+        Ok(arrow::array::RecordBatch::try_new(
+            Arc::new(arrow::datatypes::Schema::new(vec![returns
+                .as_ref()
+                .clone()
+                .with_name("result")])),
+            vec![arrow::array::new_empty_array(returns.data_type())],
+        )?)
+    }
+
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.kind == other.kind
             && self.signature == other.signature

@@ -228,8 +228,8 @@ impl PythonGroupsAccumulator {
     fn apply(&mut self, op: u8, touched: &[usize], rows: RecordBatch) -> Result<()> {
         let batch = self.states_batch(touched.iter().map(|&g| &self.states[g]))?;
         let new_states = self.call_for_states(op, batch, rows, touched.len())?;
-        for (position, &group) in touched.iter().enumerate() {
-            self.states[group] = Some(new_states[position].clone());
+        for (&group, state) in touched.iter().zip(new_states) {
+            self.states[group] = Some(state);
         }
         Ok(())
     }
@@ -366,13 +366,7 @@ impl PythonGroupsAccumulator {
             return Ok(arrow::array::new_empty_array(returns.data_type()));
         }
         let states = self.states_batch(groups.iter())?;
-        let shape = RecordBatch::try_new(
-            Arc::new(Schema::new(vec![returns
-                .as_ref()
-                .clone()
-                .with_name("result")])),
-            vec![arrow::array::new_empty_array(returns.data_type())],
-        )?;
+        let shape = self.function.answer_shape()?;
         let data = execution::stateless(
             self.name(),
             returns.data_type(),
@@ -385,22 +379,12 @@ impl PythonGroupsAccumulator {
         checked_result(&self.function.signature, data, groups.len())
     }
 
+    /// The state columns of `groups` (fresh accumulators' states for groups
+    /// that have none yet).
     fn state_arrays(&mut self, mut groups: Vec<GroupState>) -> Result<Vec<ArrayRef>> {
         self.fill_unknown(&mut groups)?;
-        let types: Vec<DataType> = self.state_types().cloned().collect();
-        types
-            .iter()
-            .enumerate()
-            .map(|(i, data_type)| {
-                if groups.is_empty() {
-                    return Ok(arrow::array::new_empty_array(data_type));
-                }
-                ScalarValue::iter_to_array(groups.iter().map(|state| match state {
-                    Some(values) => values[i].clone(),
-                    None => ScalarValue::Null,
-                }))
-            })
-            .collect()
+        let batch = self.states_batch(groups.iter())?;
+        Ok(batch.columns()[1..].to_vec())
     }
 
     fn states_size(&self) -> usize {

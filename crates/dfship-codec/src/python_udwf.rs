@@ -176,18 +176,6 @@ impl PythonPartitionEvaluator {
         self.flags().map_err(DataFusionError::Execution)
     }
 
-    /// The shape of the answer: an empty batch whose one field is the return type.
-    fn answer_shape(&self) -> Result<RecordBatch> {
-        let returns = &self.function.signature.return_field;
-        Ok(RecordBatch::try_new(
-            Arc::new(Schema::new(vec![returns
-                .as_ref()
-                .clone()
-                .with_name("result")])),
-            vec![arrow::array::new_empty_array(returns.data_type())],
-        )?)
-    }
-
     fn call(&self, op: u8, batches: &[RecordBatch], rows: usize) -> Result<ArrayRef> {
         let data = execution::stateless(
             self.name(),
@@ -223,7 +211,10 @@ impl PartitionEvaluator for PythonPartitionEvaluator {
 
     fn evaluate_all(&mut self, values: &[ArrayRef], num_rows: usize) -> Result<ArrayRef> {
         self.checked_flags()?;
-        let batches = [values_batch(values, num_rows)?, self.answer_shape()?];
+        let batches = [
+            values_batch(values, num_rows)?,
+            self.function.answer_shape()?,
+        ];
         self.call(ALL, &batches, num_rows)
     }
 
@@ -234,7 +225,7 @@ impl PartitionEvaluator for PythonPartitionEvaluator {
             .iter()
             .map(|v| v.slice(range.start, length))
             .collect();
-        let batches = [values_batch(&frame, length)?, self.answer_shape()?];
+        let batches = [values_batch(&frame, length)?, self.function.answer_shape()?];
         let result = self.call(FRAME, &batches, 1)?;
         ScalarValue::try_from_array(&result, 0)
     }
@@ -259,7 +250,11 @@ impl PartitionEvaluator for PythonPartitionEvaluator {
                 )),
             ],
         )?;
-        let batches = [values_batch(&[], num_rows)?, self.answer_shape()?, ranks];
+        let batches = [
+            values_batch(&[], num_rows)?,
+            self.function.answer_shape()?,
+            ranks,
+        ];
         self.call(RANK, &batches, num_rows)
     }
 

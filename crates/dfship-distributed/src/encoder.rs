@@ -328,6 +328,17 @@ impl std::fmt::Debug for ForDestination {
     }
 }
 
+impl ForDestination {
+    /// Whether this destination has not been sent the pickle `digest` yet
+    /// (and from now on, has).
+    fn first_time(&self, digest: &[u8; 32]) -> bool {
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*digest)
+    }
+}
+
 impl PhysicalExtensionCodec for ForDestination {
     fn try_decode(
         &self,
@@ -353,12 +364,8 @@ impl PhysicalExtensionCodec for ForDestination {
     }
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
-        self.encoder.encode_udf_with(node, buf, &mut |digest| {
-            self.sent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(*digest)
-        })
+        self.encoder
+            .encode_udf_with(node, buf, &mut |digest| self.first_time(digest))
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
@@ -366,12 +373,8 @@ impl PhysicalExtensionCodec for ForDestination {
     }
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
-        self.encoder.encode_udaf_with(node, buf, &mut |digest| {
-            self.sent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(*digest)
-        })
+        self.encoder
+            .encode_udaf_with(node, buf, &mut |digest| self.first_time(digest))
     }
 
     fn try_encode_udwf(&self, node: &WindowUDF, buf: &mut Vec<u8>) -> Result<()> {

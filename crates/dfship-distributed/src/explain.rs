@@ -27,57 +27,39 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
     let called = |name: &str| shown.contains(&format!("{name}("));
     let mut lines = Vec::new();
     for (name, udf) in sorted(state.scalar_functions()) {
+        let python = udf
+            .inner()
+            .downcast_ref::<PythonScalarUdf>()
+            .map(|_| "Python UDF, travels inline (cloudpickled into the plan)");
         let built_in = || {
             datafusion::functions::all_default_functions()
                 .iter()
                 .any(|f| f.name() == name)
         };
-        if !called(name) {
-            continue;
-        }
-        if udf.inner().downcast_ref::<PythonScalarUdf>().is_some() {
-            lines.push(format!(
-                "  {name}: Python UDF, travels inline (cloudpickled into the plan)"
-            ));
-        } else if !built_in() {
-            lines.push(by_name(name));
-        }
+        lines.extend(how_it_travels(name, called(name), python, built_in));
     }
     for (name, udaf) in sorted(state.aggregate_functions()) {
+        let python = udaf.inner().downcast_ref::<PythonAggregateUdf>().map(|_| {
+            "Python aggregate UDF, travels inline (cloudpickled into the plan); partial states \
+             cross stages as Arrow"
+        });
         let built_in = || {
             datafusion::functions_aggregate::all_default_aggregate_functions()
                 .iter()
                 .any(|f| f.name() == name)
         };
-        if !called(name) {
-            continue;
-        }
-        if udaf.inner().downcast_ref::<PythonAggregateUdf>().is_some() {
-            lines.push(format!(
-                "  {name}: Python aggregate UDF, travels inline (cloudpickled into the plan); \
-                 partial states cross stages as Arrow"
-            ));
-        } else if !built_in() {
-            lines.push(by_name(name));
-        }
+        lines.extend(how_it_travels(name, called(name), python, built_in));
     }
     for (name, udwf) in sorted(state.window_functions()) {
+        let python = udwf.inner().downcast_ref::<PythonWindowUdf>().map(|_| {
+            "Python window UDF, travels inline inside its window node (cloudpickled into the plan)"
+        });
         let built_in = || {
             datafusion::functions_window::all_default_window_functions()
                 .iter()
                 .any(|f| f.name() == name)
         };
-        if !called(name) {
-            continue;
-        }
-        if udwf.inner().downcast_ref::<PythonWindowUdf>().is_some() {
-            lines.push(format!(
-                "  {name}: Python window UDF, travels inline inside its window node \
-                 (cloudpickled into the plan)"
-            ));
-        } else if !built_in() {
-            lines.push(by_name(name));
-        }
+        lines.extend(how_it_travels(name, called(name), python, built_in));
     }
     if lines.is_empty() {
         "UDFs: none".to_string()
@@ -86,8 +68,22 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
     }
 }
 
-fn by_name(name: &str) -> String {
-    format!("  {name}: travels by name (every worker must register it)")
+/// The line for function `name`, if the plan calls it and it is not a
+/// built-in: `python` says how a Python UDF travels; anything else goes by name.
+fn how_it_travels(
+    name: &str,
+    called: bool,
+    python: Option<&str>,
+    built_in: impl FnOnce() -> bool,
+) -> Option<String> {
+    match python {
+        _ if !called => None,
+        Some(how) => Some(format!("  {name}: {how}")),
+        None if built_in() => None,
+        None => Some(format!(
+            "  {name}: travels by name (every worker must register it)"
+        )),
+    }
 }
 
 fn sorted<T>(functions: &std::collections::HashMap<String, T>) -> Vec<(&str, &T)> {

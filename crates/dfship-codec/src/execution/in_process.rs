@@ -7,7 +7,18 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use arrow::array::ArrayData;
+use arrow::datatypes::DataType;
 use datafusion::error::{DataFusionError, Result};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyBytes;
+
+use crate::callable::PythonCallable;
+use crate::execution::pool::runner_error;
+use crate::execution::protocol::{self, RunnerErrorClass};
+use crate::execution::runner::RUNNER_SOURCE;
+use crate::python;
+use crate::result_check::invalid_array;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -68,4 +79,68 @@ impl InterpreterThreads {
             )
         })?
     }
+}
+
+/// An `AGGREGATE` or `WINDOW` message (`message`, and `body` after the
+/// digest) evaluated in this process's interpreter by the runner's own code
+/// (`stateless_call` of `python/dfship/_runner.py`), so both modes behave
+/// alike; its answer or failure is read as a runner's would be.
+pub(crate) fn stateless_call(
+    callable: &PythonCallable,
+    udf_name: &str,
+    returns: &DataType,
+    message: u8,
+    body: &[u8],
+) -> Result<ArrayData> {
+    let failed = |class: Option<RunnerErrorClass>, text: &str| {
+        runner_error(udf_name, returns, class, text, None)
+    };
+    python::ensure_python()?;
+    let reply = Python::attach(|py| {
+        let factory = callable.get(py, udf_name)?;
+        let describe = |e: PyErr| {
+            failed(
+                Some(RunnerErrorClass::Protocol),
+                &python::describe_exception(py, &e),
+            )
+        };
+        let module = runner_module(py).map_err(describe)?;
+        let pyarrow = py.import("pyarrow").map_err(describe)?;
+        match module.call_method1(
+            "stateless_call",
+            (pyarrow, message, factory, PyBytes::new(py, body)),
+        ) {
+            Ok(reply) => reply.extract::<Vec<u8>>().map_err(describe),
+            // The runner code raises `Failure(error_class, text)` for every
+            // failure it reports; anything else is a fault of that code.
+            Err(error) => {
+                let value = error.value(py);
+                let class = value
+                    .getattr("error_class")
+                    .and_then(|c| c.extract::<u8>())
+                    .ok()
+                    .and_then(RunnerErrorClass::from_code);
+                match (
+                    class,
+                    value.getattr("text").and_then(|t| t.extract::<String>()),
+                ) {
+                    (Some(class), Ok(text)) => Err(failed(Some(class), &text)),
+                    _ => Err(describe(error)),
+                }
+            }
+        }
+    })?;
+    protocol::decode_result(reply).map_err(|detail| invalid_array(udf_name, &detail))
+}
+
+/// `python/dfship/_runner.py` as a module of this interpreter (loaded once).
+fn runner_module(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
+    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    MODULE
+        .get_or_try_init(py, || {
+            let source = std::ffi::CString::new(RUNNER_SOURCE)
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+            Ok(PyModule::from_code(py, &source, c"dfship_runner.py", c"dfship_runner")?.unbind())
+        })
+        .map(|module| module.bind(py))
 }

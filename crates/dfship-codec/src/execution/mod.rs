@@ -35,7 +35,6 @@ use datafusion::error::{DataFusionError, Result};
 use crate::callable::PythonCallable;
 
 pub use pool::PoolStats;
-pub(crate) use runner::RUNNER_SOURCE;
 
 /// How a process evaluates Python UDFs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -228,20 +227,18 @@ pub(crate) fn evaluate(
 ) -> Result<ArrayData> {
     match &executor().1 {
         Executor::Pool(pool) => {
-            let pickled = callable.pickled(udf_name)?;
-            let cancel = task.map(task_token);
             let arguments = protocol::encode_arguments(arrays, number_rows)?;
-            wait_off_runtime(|| {
-                pool.call(&pool::RunnerCall {
-                    udf_name,
-                    returns,
-                    pickled,
-                    message: protocol::CALL,
-                    body: &arguments,
-                    number_rows,
-                    cancel: cancel.as_ref(),
-                })
-            })
+            let cancel = task.map(task_token);
+            let message = (protocol::CALL, arguments.as_slice());
+            in_pool(
+                pool,
+                udf_name,
+                returns,
+                callable,
+                message,
+                number_rows,
+                cancel.as_ref(),
+            )
         }
         Executor::InProcess(threads) => {
             let callable = Arc::clone(callable);
@@ -282,18 +279,16 @@ pub(crate) fn stateless(
     let body = protocol::encode_op(op, batches)?;
     match &executor().1 {
         Executor::Pool(pool) => {
-            let pickled = callable.pickled(udf_name)?;
-            wait_off_runtime(|| {
-                pool.call(&pool::RunnerCall {
-                    udf_name,
-                    returns,
-                    pickled,
-                    message,
-                    body: &body,
-                    number_rows,
-                    cancel: None,
-                })
-            })
+            let message = (message, body.as_slice());
+            in_pool(
+                pool,
+                udf_name,
+                returns,
+                callable,
+                message,
+                number_rows,
+                None,
+            )
         }
         Executor::InProcess(threads) => {
             let callable = Arc::clone(callable);
@@ -301,24 +296,36 @@ pub(crate) fn stateless(
             let returns = returns.clone();
             wait_off_runtime(|| {
                 threads.run(move || {
-                    let reply =
-                        callable
-                            .stateless(&name, message, &body)
-                            .map_err(|(class, text)| {
-                                pool::runner_error(
-                                    &name,
-                                    &returns,
-                                    protocol::RunnerErrorClass::from_code(class),
-                                    &text,
-                                    None,
-                                )
-                            })?;
-                    protocol::decode_result(reply)
-                        .map_err(|detail| crate::result_check::invalid_array(&name, &detail))
+                    in_process::stateless_call(&callable, &name, &returns, message, &body)
                 })
             })
         }
     }
+}
+
+/// Sends `message` (its kind, and its body after the digest) to a runner of
+/// `pool`, off the async runtime.
+fn in_pool(
+    pool: &'static pool::RunnerPool,
+    udf_name: &str,
+    returns: &DataType,
+    callable: &PythonCallable,
+    (message, body): (u8, &[u8]),
+    number_rows: usize,
+    cancel: Option<&CancelToken>,
+) -> Result<ArrayData> {
+    let pickled = callable.pickled(udf_name)?;
+    wait_off_runtime(|| {
+        pool.call(&pool::RunnerCall {
+            udf_name,
+            returns,
+            pickled,
+            message,
+            body,
+            number_rows,
+            cancel,
+        })
+    })
 }
 
 extensions_options! {
