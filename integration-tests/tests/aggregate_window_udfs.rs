@@ -72,3 +72,48 @@ async fn run_on_three_workers(worker_args: &[&str]) {
         );
     }
 }
+
+/// An accumulator that crashes its runner and one that never returns cost one
+/// query each: the error says what happened, the runner is replaced, and the
+/// same workers then answer an aggregate query correctly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashing_or_endless_accumulator_costs_only_its_query() {
+    use datafusion::arrow::datatypes::DataType;
+
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path()).await.unwrap();
+    let cluster = SpawnedCluster::start(2, &["--python-runners", "1", "--udf-timeout", "2"]);
+    let distributed = triple_context(&cluster.urls, Default::default(), dir.path()).await;
+    register_aggregate_window_udfs(&distributed);
+    let local = SessionContext::new();
+    register_dataset(&local, dir.path()).await.unwrap();
+    register_aggregate_window_udfs(&local);
+    let setup = "import os\n\
+class Crash:\n    def update(self, v):\n        os.abort()\n    def merge(self, s):\n        pass\n    def state(self):\n        return [0]\n    def evaluate(self):\n        return 0\n\
+class Endless(Crash):\n    def update(self, v):\n        while True:\n            pass\n";
+    for (name, class, needle) in [
+        ("py_crash", "Crash", "crashed"),
+        ("py_endless", "Endless", "--udf-timeout"),
+    ] {
+        distributed.register_udaf(python_udaf(
+            name,
+            vec![DataType::Int64],
+            DataType::Int64,
+            vec![DataType::Int64],
+            setup,
+            class,
+        ));
+        let sql = format!("SELECT category, {name}(id) FROM facts GROUP BY category");
+        let error = query_error(&distributed, &sql).await.to_string();
+        assert!(
+            error.contains(needle) && error.contains(&format!("'{name}'")),
+            "{name}: {error}"
+        );
+        let sql = AGGREGATE_WINDOW_MATRIX[0].1;
+        assert_eq!(
+            sorted_rows(&distributed, sql).await.unwrap(),
+            sorted_rows(&local, sql).await.unwrap(),
+            "the workers serve on after {name}"
+        );
+    }
+}
