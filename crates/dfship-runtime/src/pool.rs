@@ -1,0 +1,370 @@
+//! [`RunnerPool`]: the runners of one process, shared by every query it
+//! executes, and the blocking API the engine's threads call it with.
+//!
+//! Callers [`submit`](RunnerPool::submit) calls and later
+//! [`wait`](PendingCall::wait) for their replies, so one caller can have
+//! several calls in flight (the slices of a batch, an aggregate's pipelined
+//! updates). Everything else — which runner serves a call, starting and
+//! replacing runners, timeouts, cancellation, matching replies to calls — is
+//! the scheduler's (`scheduler.rs`), a single task that owns all pool state.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::launch::Launcher;
+use crate::protocol::{ErrorClass, RunnerVersions};
+use crate::scheduler::{self, Event, Waiting};
+
+/// What a runner keeps of the functions it was sent, in pickle bytes,
+/// before the pool tells it to forget the others first.
+pub const DEFAULT_FUNCTION_BUDGET: usize = 512 * 1024 * 1024;
+
+/// The largest reply a runner may send when it has no memory limit.
+pub const DEFAULT_MAX_REPLY_BYTES: u64 = 2 << 30;
+
+/// How a pool runs.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Runners at most (at least one).
+    pub runners: usize,
+    pub launcher: Launcher,
+    /// How long one call may run before its runner is killed (process
+    /// runners only: a thread cannot be killed).
+    pub call_timeout: Option<Duration>,
+    /// The largest message a runner may send; a longer one breaks it.
+    pub max_reply_bytes: u64,
+    /// See [`DEFAULT_FUNCTION_BUDGET`].
+    pub function_budget: usize,
+    /// How long a new runner may take to announce itself.
+    pub startup_timeout: Duration,
+}
+
+impl PoolConfig {
+    pub fn new(runners: usize, launcher: Launcher) -> Self {
+        Self {
+            runners: runners.max(1),
+            launcher,
+            call_timeout: None,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            function_budget: DEFAULT_FUNCTION_BUDGET,
+            startup_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A function the pool can send to runners: its pickle and how to run it.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    /// The UDF's name, for logs.
+    pub name: String,
+    /// SHA-256 of `pickle`: the key runners hold the function by.
+    pub digest: [u8; 32],
+    /// `CONTENT_CALLABLE` or `CONTENT_DATAFUSION_TUPLE`.
+    pub content: u8,
+    pub pickle: Bytes,
+    /// Who pickled it: a runner of another Python minor or cloudpickle major
+    /// version cannot load it.
+    pub versions: RunnerVersions,
+    /// At most this many runners hold the function (load it, or keep objects made by it).
+    pub concurrency: Option<usize>,
+    /// Calls of an async function in flight on one runner at most.
+    pub max_in_flight: usize,
+}
+
+/// The default `max_in_flight` of async UDFs.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 32;
+
+/// A call of an object that lives in a runner (an aggregate's accumulators).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectCall {
+    /// From [`RunnerPool::new_object_id`].
+    pub id: u64,
+    /// The call that creates the object: the pool places it on a runner,
+    /// and every later call of the object goes there.
+    pub create: bool,
+}
+
+/// One call: a message to a runner and the function it concerns.
+#[derive(Debug, Clone)]
+pub struct CallSpec {
+    pub function: Arc<FunctionSpec>,
+    /// `CALL`, `AGGREGATE` or `WINDOW`.
+    pub kind: u8,
+    /// The body after the digest, in parts (sent without copying them together).
+    pub body: Vec<Bytes>,
+    pub object: Option<ObjectCall>,
+}
+
+/// A runner's answer to a call: `RESULT` or `DONE`, and its body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub kind: u8,
+    pub body: Vec<u8>,
+}
+
+/// Why a call has no reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// The runner answered ERROR.
+    Failed {
+        class: Option<ErrorClass>,
+        text: String,
+    },
+    /// The runner died during the call; how it ended.
+    Lost { how: String },
+    /// The call ran longer than the pool's call timeout; its runner was killed.
+    TimedOut { after: Duration },
+    /// The caller cancelled it.
+    Cancelled,
+    /// The object the call is for lived in a runner that is gone.
+    StateLost { how: String },
+    /// The runner broke the protocol (a reply to no call, a malformed or
+    /// oversized message); it was killed.
+    Broken { detail: String },
+    /// The function was pickled by another Python or cloudpickle than the runners run.
+    VersionMismatch {
+        pickled: RunnerVersions,
+        runner: RunnerVersions,
+    },
+    /// No runner could be started.
+    StartFailed { detail: String },
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Failed { text, .. } => write!(f, "{text}"),
+            Self::Lost { how } => write!(f, "its runner died during the call: {how}"),
+            Self::TimedOut { after } => write!(f, "it did not finish within {after:?}"),
+            Self::Cancelled => write!(f, "the call was cancelled"),
+            Self::StateLost { how } => write!(f, "the runner holding its state is gone: {how}"),
+            Self::Broken { detail } => write!(f, "its runner broke the runner protocol: {detail}"),
+            Self::VersionMismatch { pickled, runner } => write!(
+                f,
+                "it was pickled by Python {}.{} / cloudpickle {} but the runners run Python {}.{} \
+                 / cloudpickle {}",
+                pickled.python_major,
+                pickled.python_minor,
+                pickled.cloudpickle_major,
+                runner.python_major,
+                runner.python_minor,
+                runner.cloudpickle_major
+            ),
+            Self::StartFailed { detail } => write!(f, "{detail}"),
+        }
+    }
+}
+
+/// Set when the task a call belongs to is over (cancelled, or finished).
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// What a [`RunnerPool`] has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Runners started (first starts and replacements).
+    pub started: u64,
+    /// Runners that ended while the pool needed them (crashes, timeouts,
+    /// cancellations, protocol breaches), and were replaced.
+    pub lost: u64,
+    /// Of those, runners that died on their own (crash, memory limit).
+    pub crashes: u64,
+    /// Of those, runners killed because a call ran past the timeout.
+    pub timeouts: u64,
+    /// Of those, runners killed because they broke the protocol.
+    pub broken: u64,
+    /// Functions sent to runners (one per runner and digest, again after a FORGET).
+    pub loads: u64,
+    /// Calls sent to runners.
+    pub calls: u64,
+    /// Calls cancelled by their caller.
+    pub cancelled: u64,
+    /// Runners alive now.
+    pub alive: usize,
+    /// Runners with a call in flight now.
+    pub busy: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub started: AtomicU64,
+    pub lost: AtomicU64,
+    pub crashes: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub broken: AtomicU64,
+    pub loads: AtomicU64,
+    pub calls: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub alive: AtomicUsize,
+    pub busy: AtomicUsize,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The runners of one process (see the module docs).
+pub struct RunnerPool {
+    config: PoolConfig,
+    events: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Event>>>,
+    counters: Arc<Counters>,
+    next_object: AtomicU64,
+}
+
+impl fmt::Debug for RunnerPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunnerPool")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl RunnerPool {
+    /// A pool; nothing starts until the first call or [`Self::warm_up`].
+    pub fn new(config: PoolConfig) -> Self {
+        let mut config = config;
+        config.runners = config.runners.max(1);
+        Self {
+            config,
+            events: Mutex::new(None),
+            counters: Arc::default(),
+            next_object: AtomicU64::new(1),
+        }
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    fn send(&self, event: Event) -> Result<(), String> {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.is_none() {
+            *events = Some(scheduler::start(self.config.clone(), Arc::clone(&self.counters))?);
+        }
+        match events.as_ref() {
+            Some(sender) => sender
+                .send(event)
+                .map_err(|_| "the UDF runner pool's scheduler has stopped".to_string()),
+            None => Err("the UDF runner pool did not start".to_string()),
+        }
+    }
+
+    /// Starts runners until the pool is full; fails when one cannot start.
+    pub fn warm_up(&self) -> Result<(), String> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.send(Event::WarmUp(reply))?;
+        answer
+            .recv()
+            .map_err(|_| "the UDF runner pool's scheduler has stopped".to_string())?
+    }
+
+    /// A fresh id for an object that will live in a runner.
+    pub fn new_object_id(&self) -> u64 {
+        self.next_object.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Hands `call` to the scheduler; never blocks.
+    pub fn submit(&self, call: CallSpec) -> PendingCall {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let id = scheduler::request_id();
+        let waiting = Waiting {
+            id,
+            spec: call,
+            reply,
+            since: Instant::now(),
+        };
+        let failed = self.send(Event::Submit(Box::new(waiting)));
+        PendingCall {
+            id,
+            answer,
+            failed: failed.err(),
+        }
+    }
+
+    /// Tells the runner holding `object` to drop it; never blocks.
+    pub fn close_object(&self, object: u64) {
+        let _ = self.send(Event::Close(object));
+    }
+
+    fn cancel(&self, request: u64) {
+        let _ = self.send(Event::Cancel(request));
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let c = &self.counters;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PoolStats {
+            started: load(&c.started),
+            lost: load(&c.lost),
+            crashes: load(&c.crashes),
+            timeouts: load(&c.timeouts),
+            broken: load(&c.broken),
+            loads: load(&c.loads),
+            calls: load(&c.calls),
+            cancelled: load(&c.cancelled),
+            alive: c.alive.load(Ordering::Relaxed),
+            busy: c.busy.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A submitted call; [`Self::wait`] for its reply.
+#[derive(Debug)]
+pub struct PendingCall {
+    id: u64,
+    answer: Receiver<Result<Reply, CallError>>,
+    failed: Option<String>,
+}
+
+impl PendingCall {
+    /// Blocks until the call is answered. While it waits, `cancel` is looked
+    /// at every 100 ms; once set, the call is cancelled.
+    pub fn wait(self, pool: &RunnerPool, cancel: Option<&CancelToken>) -> Result<Reply, CallError> {
+        if let Some(detail) = self.failed {
+            return Err(CallError::StartFailed { detail });
+        }
+        let mut cancel_sent = false;
+        loop {
+            match self.answer.recv_timeout(Duration::from_millis(100)) {
+                Ok(answer) => return answer,
+                Err(RecvTimeoutError::Timeout) => {
+                    if !cancel_sent && cancel.is_some_and(CancelToken::is_cancelled) {
+                        pool.cancel(self.id);
+                        cancel_sent = true;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(CallError::Lost {
+                        how: "the UDF runner pool's scheduler stopped".to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The reply, if it has come (never blocks).
+    pub fn try_take(&mut self) -> Option<Result<Reply, CallError>> {
+        if let Some(detail) = self.failed.take() {
+            return Some(Err(CallError::StartFailed { detail }));
+        }
+        self.answer.try_recv().ok()
+    }
+}

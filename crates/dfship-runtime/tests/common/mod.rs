@@ -1,0 +1,132 @@
+//! Helpers for the runtime's tests: the project's Python, functions pickled
+//! by it (so these tests need no embedded interpreter), and a pool of real
+//! runner processes.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{ArrayRef, Int64Array};
+use arrow::datatypes::{DataType, Field};
+use bytes::Bytes;
+use dfship_runtime::protocol::{self, RunnerVersions};
+use dfship_runtime::{
+    CallSpec, FunctionSpec, Launcher, PoolConfig, ProcessSettings, Reply, RunnerPool,
+    DEFAULT_MAX_IN_FLIGHT,
+};
+
+/// The project's Python (the venv `scripts/setup.sh` makes).
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("VIRTUAL_ENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "no Python at {}; run scripts/setup.sh first",
+        python.display()
+    );
+    python
+}
+
+/// Runs `code` with the project's Python; returns its stdout.
+pub fn run_python(code: &str) -> String {
+    let output = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// The versions of the project's Python and cloudpickle.
+pub fn versions() -> RunnerVersions {
+    let text = run_python(
+        "import sys, cloudpickle; print(sys.version_info[0], sys.version_info[1], \
+         cloudpickle.__version__.split('.')[0])",
+    );
+    let numbers: Vec<u8> = text
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    RunnerVersions {
+        python_major: numbers[0],
+        python_minor: numbers[1],
+        cloudpickle_major: numbers[2],
+    }
+}
+
+/// `expression` (after `setup`), cloudpickled by value.
+pub fn pickle(setup: &str, expression: &str) -> Vec<u8> {
+    let code = format!(
+        "import cloudpickle, sys, base64\n{setup}\n\
+         sys.stdout.write(base64.b16encode(cloudpickle.dumps({expression})).decode())"
+    );
+    let hex = run_python(&code);
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// A function spec for `expression`, keyed by a digest of its pickle.
+pub fn function(name: &str, setup: &str, expression: &str) -> FunctionSpec {
+    let pickle = pickle(setup, expression);
+    let mut digest = [0u8; 32];
+    // Distinct pickles, distinct keys (a real caller uses SHA-256).
+    for (i, byte) in pickle.iter().enumerate() {
+        digest[i % 32] = digest[i % 32].wrapping_mul(31).wrapping_add(*byte);
+    }
+    digest[0] ^= pickle.len() as u8;
+    FunctionSpec {
+        name: name.to_string(),
+        digest,
+        content: protocol::CONTENT_CALLABLE,
+        pickle: Bytes::from(pickle),
+        versions: versions(),
+        concurrency: None,
+        max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+    }
+}
+
+/// A pool of `runners` real runner processes.
+pub fn pool(runners: usize, timeout: Option<Duration>) -> RunnerPool {
+    let mut config = PoolConfig::new(
+        runners,
+        Launcher::Process(ProcessSettings {
+            python: python(),
+            memory_limit: None,
+            env_remove: Vec::new(),
+        }),
+    );
+    config.call_timeout = timeout;
+    RunnerPool::new(config)
+}
+
+/// A CALL of `function` on one int64 column.
+pub fn call(function: &Arc<FunctionSpec>, values: Vec<i64>) -> CallSpec {
+    let rows = values.len();
+    let column: ArrayRef = Arc::new(Int64Array::from(values));
+    let field = Arc::new(Field::new("x", DataType::Int64, true));
+    let stream = protocol::encode_arguments(&[column], &[field], rows).unwrap();
+    CallSpec {
+        function: Arc::clone(function),
+        kind: protocol::CALL,
+        body: vec![Bytes::from(stream)],
+        object: None,
+    }
+}
+
+/// The int64 values of a RESULT.
+pub fn ints(reply: Reply) -> Vec<i64> {
+    assert_eq!(reply.kind, protocol::RESULT);
+    let (_, data) = protocol::decode_result(reply.body).unwrap();
+    Int64Array::from(data).values().to_vec()
+}

@@ -1,0 +1,387 @@
+//! The runner pool against real runner processes: placement, affinity,
+//! concurrency caps, async calls, cancellation, timeouts, and runners that
+//! crash, forge replies or speak another protocol.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Float64Array, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+use bytes::Bytes;
+use common::{call, function, ints, pool};
+use dfship_runtime::protocol::{self, encode_streams};
+use dfship_runtime::{CallError, CallSpec, CancelToken, ErrorClass, ObjectCall};
+
+const PID: &str = "import os, pyarrow as pa";
+const PID_OF: &str = "lambda xs: pa.array([os.getpid()] * len(xs), pa.int64())";
+
+#[test]
+fn every_call_gets_its_own_answer_from_any_runner() {
+    let pool = pool(2, None);
+    let double = Arc::new(function(
+        "double",
+        "import pyarrow.compute as pc",
+        "lambda xs: pc.multiply(xs, 2)",
+    ));
+    let pending: Vec<_> = (0..40)
+        .map(|i| pool.submit(call(&double, vec![i, i + 1])))
+        .collect();
+    for (i, pending) in pending.into_iter().enumerate() {
+        let i = i as i64;
+        assert_eq!(ints(pending.wait(&pool, None).unwrap()), vec![2 * i, 2 * i + 2]);
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.calls, 40);
+    assert!(stats.loads <= 2, "a function is sent to a runner once: {stats:?}");
+}
+
+#[test]
+fn a_reply_to_no_call_kills_its_runner_and_no_other_call_sees_it() {
+    let pool = pool(2, None);
+    // Writes a well-formed RESULT for a request id no call has, then
+    // answers normally: the pool must not hand that message to anyone.
+    let forger = Arc::new(function(
+        "forger",
+        "import os, struct, pyarrow as pa\n\
+         def forge(xs):\n\
+         \x20   sink = pa.BufferOutputStream()\n\
+         \x20   with pa.ipc.new_stream(sink, pa.schema([pa.field('result', pa.int64())])) as w:\n\
+         \x20       w.write_batch(pa.record_batch([pa.array([666] * len(xs))], names=['result']))\n\
+         \x20   body = sink.getvalue().to_pybytes()\n\
+         \x20   os.write(3, struct.pack('<BQQ', 12, 12345, len(body)) + body)\n\
+         \x20   return xs",
+        "forge",
+    ));
+    let honest = Arc::new(function(
+        "honest",
+        "import pyarrow.compute as pc",
+        "lambda xs: pc.add(xs, 1)",
+    ));
+    pool.warm_up().unwrap();
+    let honest_calls: Vec<_> = (0..20)
+        .map(|i| pool.submit(call(&honest, vec![i])))
+        .collect();
+    let forged = pool.submit(call(&forger, vec![1, 2, 3]));
+    let error = forged.wait(&pool, None).unwrap_err();
+    assert!(
+        matches!(&error, CallError::Broken { detail } if detail.contains("no call in flight")),
+        "{error:?}"
+    );
+    for (i, pending) in honest_calls.into_iter().enumerate() {
+        assert_eq!(ints(pending.wait(&pool, None).unwrap()), vec![i as i64 + 1]);
+    }
+    // The pool serves on, with a replacement runner.
+    assert_eq!(ints(pool.submit(call(&honest, vec![41])).wait(&pool, None).unwrap()), vec![42]);
+    let stats = pool.stats();
+    assert_eq!((stats.broken, stats.lost), (1, 1), "{stats:?}");
+}
+
+#[test]
+fn a_second_reply_to_a_call_kills_the_runner_that_sent_it() {
+    let pool = pool(1, None);
+    // Reads its own request id from the runner's frame and answers twice:
+    // the second answer names a call no longer in flight.
+    let twice = Arc::new(function(
+        "twice",
+        "import sys, os, struct, pyarrow as pa\n\
+         def twice(xs):\n\
+         \x20   request = sys._getframe(1).f_locals['request']\n\
+         \x20   sink = pa.BufferOutputStream()\n\
+         \x20   with pa.ipc.new_stream(sink, pa.schema([pa.field('result', pa.int64())])) as w:\n\
+         \x20       w.write_batch(pa.record_batch([pa.array([7] * len(xs))], names=['result']))\n\
+         \x20   body = sink.getvalue().to_pybytes()\n\
+         \x20   os.write(3, struct.pack('<BQQ', 12, request, len(body)) + body)\n\
+         \x20   return xs",
+        "twice",
+    ));
+    let forged = pool.submit(call(&twice, vec![1])).wait(&pool, None);
+    // The forged answer reached its own call (code in a runner can read its
+    // memory; see the isolation levels), and the runner is gone.
+    assert_eq!(ints(forged.unwrap()), vec![7]);
+    let honest = Arc::new(function("plus", "import pyarrow.compute as pc", "lambda xs: pc.add(xs, 1)"));
+    assert_eq!(ints(pool.submit(call(&honest, vec![1])).wait(&pool, None).unwrap()), vec![2]);
+    assert_eq!(pool.stats().broken, 1, "{:?}", pool.stats());
+}
+
+#[test]
+fn a_runner_of_another_protocol_version_is_refused_with_a_clear_error() {
+    let dir = tempfile_dir();
+    let script = dir.join("fake-python");
+    // A "Python" that runs an old runner: READY with protocol version 1.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} -c 'import os, struct, socket\n\
+             s = socket.socket(fileno=3)\n\
+             body = struct.pack(\"<HBBBI\", 1, 3, 11, 3, os.getpid())\n\
+             s.sendall(struct.pack(\"<BQQ\", 10, 0, len(body)) + body)\n\
+             s.recv(1)'\n",
+            common::python().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pool = dfship_runtime::RunnerPool::new(dfship_runtime::PoolConfig::new(
+        1,
+        dfship_runtime::Launcher::Process(dfship_runtime::ProcessSettings {
+            python: script,
+            memory_limit: None,
+            env_remove: Vec::new(),
+        }),
+    ));
+    let error = pool.warm_up().unwrap_err();
+    assert!(
+        error.contains("runner protocol version 1")
+            && error.contains(&format!("version {}", protocol::PROTOCOL_VERSION)),
+        "{error}"
+    );
+    let f = Arc::new(function("f", "", "lambda xs: xs"));
+    let error = pool.submit(call(&f, vec![1])).wait(&pool, None).unwrap_err();
+    assert!(matches!(error, CallError::StartFailed { .. }), "{error:?}");
+}
+
+#[test]
+fn concurrency_one_keeps_a_function_on_one_runner() {
+    let pool = pool(2, None);
+    pool.warm_up().unwrap();
+    let mut capped = function("capped", PID, PID_OF);
+    capped.concurrency = Some(1);
+    let capped = Arc::new(capped);
+    let free = Arc::new(function(
+        "free",
+        &format!("{PID}\nimport time"),
+        "lambda xs: (time.sleep(0.05), pa.array([os.getpid()] * len(xs), pa.int64()))[1]",
+    ));
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let f = if i % 2 == 0 { &capped } else { &free };
+            (i % 2 == 0, pool.submit(call(f, vec![i])))
+        })
+        .collect();
+    let (mut capped_pids, mut free_pids) = (HashSet::new(), HashSet::new());
+    for (is_capped, pending) in calls {
+        let pid = ints(pending.wait(&pool, None).unwrap())[0];
+        if is_capped {
+            capped_pids.insert(pid);
+        } else {
+            free_pids.insert(pid);
+        }
+    }
+    assert_eq!(capped_pids.len(), 1, "one runner serves the capped function");
+    assert_eq!(free_pids.len(), 2, "the other function uses both runners");
+}
+
+#[test]
+fn async_calls_share_a_runner_up_to_max_in_flight() {
+    let pool = pool(1, None);
+    let mut sleepy = function(
+        "sleepy",
+        "import asyncio\nasync def sleepy(xs):\n    await asyncio.sleep(0.3)\n    return xs",
+        "sleepy",
+    );
+    sleepy.max_in_flight = 8;
+    let sleepy = Arc::new(sleepy);
+    // The first call teaches the pool that the function is async.
+    assert_eq!(ints(pool.submit(call(&sleepy, vec![0])).wait(&pool, None).unwrap()), vec![0]);
+    let started = Instant::now();
+    let pending: Vec<_> = (0..16).map(|i| pool.submit(call(&sleepy, vec![i]))).collect();
+    for (i, pending) in pending.into_iter().enumerate() {
+        assert_eq!(ints(pending.wait(&pool, None).unwrap()), vec![i as i64]);
+    }
+    let elapsed = started.elapsed();
+    // 16 calls of 0.3 s on one runner: two waves of 8, not 4.8 s in a row.
+    assert!(
+        elapsed < Duration::from_millis(1500) && elapsed >= Duration::from_millis(600),
+        "{elapsed:?}"
+    );
+}
+
+#[test]
+fn a_cancelled_async_call_stops_without_killing_its_runner() {
+    let pool = pool(1, None);
+    let slow = Arc::new(function(
+        "slow",
+        "import asyncio\nasync def slow(xs):\n    await asyncio.sleep(30 if xs[0].as_py() else 0)\n    return xs",
+        "slow",
+    ));
+    assert_eq!(ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()), vec![0]);
+    let token = CancelToken::default();
+    let pending = pool.submit(call(&slow, vec![1]));
+    let cancel = token.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        cancel.cancel();
+    });
+    let started = Instant::now();
+    assert_eq!(pending.wait(&pool, Some(&token)), Err(CallError::Cancelled));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()), vec![0]);
+    let stats = pool.stats();
+    assert_eq!((stats.started, stats.lost, stats.cancelled), (1, 0, 1), "{stats:?}");
+}
+
+#[test]
+fn a_call_past_the_timeout_kills_its_runner_and_the_pool_serves_on() {
+    let pool = pool(1, Some(Duration::from_secs(1)));
+    let hang = Arc::new(function("hang", "import time", "lambda xs: time.sleep(60)"));
+    let started = Instant::now();
+    let error = pool.submit(call(&hang, vec![1])).wait(&pool, None).unwrap_err();
+    assert!(matches!(error, CallError::TimedOut { .. }), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let plus = Arc::new(function("plus", "import pyarrow.compute as pc", "lambda xs: pc.add(xs, 1)"));
+    assert_eq!(ints(pool.submit(call(&plus, vec![1])).wait(&pool, None).unwrap()), vec![2]);
+    assert_eq!(pool.stats().timeouts, 1);
+}
+
+#[test]
+fn a_runner_that_dies_fails_its_call_saying_how() {
+    let pool = pool(1, None);
+    let abort = Arc::new(function("abort", "import os", "lambda xs: os.abort()"));
+    let error = pool.submit(call(&abort, vec![1])).wait(&pool, None).unwrap_err();
+    assert!(
+        matches!(&error, CallError::Lost { how } if how.contains("SIGABRT")),
+        "{error:?}"
+    );
+    assert_eq!(pool.stats().crashes, 1);
+}
+
+#[test]
+fn a_raising_class_init_is_reported_as_such_and_retried_on_the_next_call() {
+    let pool = pool(1, None);
+    let flaky = Arc::new(function(
+        "flaky",
+        "import os, pyarrow as pa\n\
+         class Model:\n\
+         \x20   tries = 0\n\
+         \x20   def __init__(self):\n\
+         \x20       type(self).tries += 1\n\
+         \x20       if type(self).tries == 1:\n\
+         \x20           raise RuntimeError('no model file yet')\n\
+         \x20   def __call__(self, xs):\n\
+         \x20       return pa.array([type(self).tries] * len(xs), pa.int64())",
+        "Model",
+    ));
+    let error = pool.submit(call(&flaky, vec![1])).wait(&pool, None).unwrap_err();
+    assert!(
+        matches!(&error, CallError::Failed { class: Some(ErrorClass::InitFailed), text }
+            if text.contains("Model() raised RuntimeError: no model file yet")),
+        "{error:?}"
+    );
+    // The instance is made once it succeeds, then reused.
+    for _ in 0..3 {
+        assert_eq!(ints(pool.submit(call(&flaky, vec![1])).wait(&pool, None).unwrap()), vec![2]);
+    }
+}
+
+fn aggregate(
+    function: &Arc<dfship_runtime::FunctionSpec>,
+    object: ObjectCall,
+    op: u8,
+    count: u64,
+    batches: &[RecordBatch],
+) -> CallSpec {
+    CallSpec {
+        function: Arc::clone(function),
+        kind: protocol::AGGREGATE,
+        body: vec![
+            protocol::aggregate_head(object.id, object.create, op, count, true),
+            Bytes::from(encode_streams(batches).unwrap()),
+        ],
+        object: Some(object),
+    }
+}
+
+#[test]
+fn an_object_stays_on_its_runner_and_is_lost_with_it() {
+    let pool = pool(2, None);
+    let total = Arc::new(function(
+        "total",
+        "import os, pyarrow.compute as pc\n\
+         class Total:\n\
+         \x20   def __init__(self): self.total = 0.0\n\
+         \x20   def update(self, xs):\n\
+         \x20       if pc.max(xs).as_py() < 0: os._exit(3)\n\
+         \x20       self.total += pc.sum(xs).as_py()\n\
+         \x20   def merge(self, states): self.total += pc.sum(states[0]).as_py()\n\
+         \x20   def state(self): return [self.total]\n\
+         \x20   def evaluate(self): return self.total",
+        "Total",
+    ));
+    let rows = |groups: Vec<i64>, values: Vec<f64>| {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("group", DataType::Int64, false),
+                Field::new("arg_0", DataType::Float64, true),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(groups)),
+                Arc::new(Float64Array::from(values)),
+            ],
+        )
+        .unwrap()
+    };
+    let returns = RecordBatch::new_empty(Arc::new(Schema::new(vec![Field::new(
+        "result",
+        DataType::Float64,
+        true,
+    )])));
+    let id = pool.new_object_id();
+    let create = ObjectCall { id, create: true };
+    let same = ObjectCall { id, create: false };
+    // Pipelined: three updates in flight before any answer is read.
+    let updates = vec![
+        pool.submit(aggregate(&total, create, protocol::AGG_UPDATE, 2, &[rows(vec![0, 1], vec![1.0, 10.0])])),
+        pool.submit(aggregate(&total, same, protocol::AGG_UPDATE, 2, &[rows(vec![1, 1], vec![5.0, 5.0])])),
+        pool.submit(aggregate(&total, same, protocol::AGG_UPDATE, 3, &[rows(vec![0], vec![2.0])])),
+    ];
+    for pending in updates {
+        let reply = pending.wait(&pool, None).unwrap();
+        assert_eq!(reply.kind, protocol::DONE);
+        assert!(protocol::parse_done(&reply.body).unwrap() > 0);
+    }
+    let reply = pool
+        .submit(aggregate(&total, same, protocol::AGG_EVALUATE, 3, &[returns.clone()]))
+        .wait(&pool, None)
+        .unwrap();
+    let (_, data) = protocol::decode_result(reply.body).unwrap();
+    // Group 2 was never touched: a fresh accumulator's value.
+    assert_eq!(Float64Array::from(data).values().to_vec(), vec![3.0, 20.0, 0.0]);
+    // A second object, then the runner holding it dies mid-update.
+    let other = pool.new_object_id();
+    let error = pool
+        .submit(aggregate(
+            &total,
+            ObjectCall { id: other, create: true },
+            protocol::AGG_UPDATE,
+            1,
+            &[rows(vec![0], vec![-1.0])],
+        ))
+        .wait(&pool, None)
+        .unwrap_err();
+    assert!(matches!(&error, CallError::Lost { how } if how.contains("code 3")), "{error:?}");
+    let error = pool
+        .submit(aggregate(
+            &total,
+            ObjectCall { id: other, create: false },
+            protocol::AGG_EVALUATE,
+            1,
+            &[returns],
+        ))
+        .wait(&pool, None)
+        .unwrap_err();
+    assert!(matches!(&error, CallError::StateLost { how } if how.contains("died")), "{error:?}");
+    pool.close_object(id);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "dfship-runtime-test-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
