@@ -7,16 +7,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use arrow::array::{ArrayData, ArrayRef};
-use arrow::datatypes::DataType;
-use arrow::pyarrow::{FromPyArrow, ToPyArrow};
 use datafusion::error::{DataFusionError, Result};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyTuple;
 
-use crate::error::ErrorKind;
-use crate::result_check::not_an_array;
 
 use crate::cache::CallableCache;
 use crate::error::UdfPayloadError;
@@ -154,55 +148,6 @@ impl PythonCallable {
             ))
         })?;
         Ok(self.pickled.get_or_init(|| pickled))
-    }
-}
-
-impl PythonCallable {
-    /// Calls the callable in this process's interpreter with one pyarrow
-    /// array per argument (zero-copy through the C Data Interface) and
-    /// returns what it returned, not yet checked.
-    pub(crate) fn call(
-        &self,
-        udf_name: &str,
-        returns: &DataType,
-        arrays: &[ArrayRef],
-    ) -> Result<ArrayData> {
-        python::ensure_python()?;
-        Python::attach(|py| {
-            let failed = |what: &str, e: &PyErr| {
-                DataFusionError::Execution(format!(
-                    "Python UDF '{udf_name}' {what}: {}",
-                    python::describe_exception(py, e)
-                ))
-            };
-            let callable = self.get(py, udf_name)?;
-            let arguments = arrays
-                .iter()
-                .map(|array| array.to_data().to_pyarrow(py))
-                .collect::<PyResult<Vec<_>>>()
-                .map_err(|e| failed("could not receive its arguments as pyarrow arrays", &e))?;
-            let arguments = PyTuple::new(py, arguments)
-                .map_err(|e| failed("could not receive its argument tuple", &e))?;
-            let result = callable.call1(arguments).map_err(|e| {
-                DataFusionError::Execution(format!(
-                    "{} Python UDF '{udf_name}' raised: {}",
-                    ErrorKind::UdfRaised.tag(),
-                    python::describe_exception(py, &e)
-                ))
-            })?;
-            ArrayData::from_pyarrow_bound(&result).map_err(|e| {
-                let type_name = result
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default();
-                not_an_array(
-                    udf_name,
-                    returns,
-                    &format!("it returned a {type_name} that is not an Arrow array ({e})"),
-                )
-            })
-        })
     }
 }
 

@@ -29,7 +29,7 @@ use crate::signature::UdfSignature;
 use crate::window_node::{self, PythonWindowNode};
 use crate::wire::{self, family_of, Family, FunctionKind, WireFormat};
 
-/// Ships Python scalar UDFs inline and leaves every other UDF to travel by name.
+/// Ships Python UDFs (scalar, aggregate, window) inline and leaves every other UDF to travel by name.
 ///
 /// ```
 /// use std::sync::Arc;

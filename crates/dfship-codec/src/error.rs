@@ -15,21 +15,21 @@ use datafusion::error::DataFusionError;
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum UdfPayloadError {
     #[error(
-        "[planning] no inline definition was sent for scalar function '{name}', and this codec only \
+        "[planning] no inline definition was sent for function '{name}', and this codec only \
          rebuilds Python UDFs from inline payloads; register '{name}' in this process's \
          function registry (it travels by name)"
     )]
     NotInline { name: String },
 
     #[error(
-        "[payload-refused] inline payload for scalar function '{name}' has an unknown format (starts with \
+        "[payload-refused] inline payload for function '{name}' has an unknown format (starts with \
          {prefix}); expected a DFSHIPU frame (this project) or DFPYUDF (datafusion-python). \
          Make sure coordinator and workers use the same codec"
     )]
     UnknownFamily { name: String, prefix: String },
 
     #[error(
-        "[payload-refused] inline payload for scalar function '{name}' uses {family} format version {found}, \
+        "[payload-refused] inline payload for function '{name}' uses {family} format version {found}, \
          but this build reads only version {supported}; upgrade the receiving side"
     )]
     UnsupportedVersion {
@@ -40,7 +40,7 @@ pub enum UdfPayloadError {
     },
 
     #[error(
-        "[payload-refused] inline payload for scalar function '{name}' is truncated: reading {what} at byte \
+        "[payload-refused] inline payload for function '{name}' is truncated: reading {what} at byte \
          {offset} needs {needed} bytes but only {available} remain; the plan bytes were \
          corrupted or cut in transit"
     )]
@@ -53,33 +53,33 @@ pub enum UdfPayloadError {
     },
 
     #[error(
-        "[payload-refused] inline payload for scalar function '{name}' is malformed: {detail}; the plan \
+        "[payload-refused] inline payload for function '{name}' is malformed: {detail}; the plan \
          bytes were corrupted, or were written by an incompatible encoder"
     )]
     Malformed { name: String, detail: String },
 
     #[error(
-        "[payload-refused] inline payload names scalar function '{found}' but the plan calls '{expected}'; \
+        "[payload-refused] inline payload names function '{found}' but the plan calls '{expected}'; \
          the plan bytes were tampered with or spliced"
     )]
     NameMismatch { expected: String, found: String },
 
     #[error(
-        "[payload-refused] inline payload for scalar function '{name}' failed its integrity check (SHA-256 of \
+        "[payload-refused] inline payload for function '{name}' failed its integrity check (SHA-256 of \
          the pickled callable does not match the digest in the frame); the plan bytes were \
          corrupted in transit"
     )]
     DigestMismatch { name: String },
 
     #[error(
-        "[payload-refused] refusing inline payload for scalar function '{name}': this process requires payloads \
+        "[payload-refused] refusing inline payload for function '{name}': this process requires payloads \
          signed with the cluster key, and this one is unsigned; configure the same cluster \
          key (key file or environment variable) on the coordinator that planned the query"
     )]
     Unsigned { name: String },
 
     #[error(
-        "[payload-refused] refusing the datafusion-python (DFPYUDF) payload for scalar function \
+        "[payload-refused] refusing the datafusion-python (DFPYUDF) payload for function \
          '{name}': this process requires payloads signed with the cluster key, and DFPYUDF cannot \
          carry a signature; run datafusion-python plans through a dfship coordinator that has \
          the key (ClusterContext.execute_datafusion_plan re-signs their UDFs), and keep its \
@@ -88,13 +88,13 @@ pub enum UdfPayloadError {
     UnsignableDataFusionPython { name: String },
 
     #[error(
-        "[payload-refused] refusing inline payload for scalar function '{name}': its HMAC-SHA256 tag does not \
+        "[payload-refused] refusing inline payload for function '{name}': its HMAC-SHA256 tag does not \
          match the cluster key of this process; coordinator and workers must use the same key"
     )]
     BadTag { name: String },
 
     #[error(
-        "[payload-refused] inline payload for scalar function '{name}' is {size} bytes, above the limit of \
+        "[payload-refused] inline payload for function '{name}' is {size} bytes, above the limit of \
          {limit} bytes; avoid capturing large objects in the UDF (load data inside the \
          function instead), or raise the payload size limit on every process"
     )]
@@ -105,7 +105,7 @@ pub enum UdfPayloadError {
     },
 
     #[error(
-        "[payload-refused] refusing inline Python payload for scalar function '{name}': strict mode is on, so \
+        "[payload-refused] refusing inline Python payload for function '{name}': strict mode is on, so \
          Python UDFs are never unpickled here; register '{name}' on this process by name, or \
          turn strict mode off on every worker that should run inline Python UDFs"
     )]

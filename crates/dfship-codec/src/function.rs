@@ -8,18 +8,22 @@ use bytes::Bytes;
 use datafusion::error::{DataFusionError, Result};
 use pyo3::prelude::*;
 
+use crate::call_options::CallOptions;
 use crate::callable::PythonCallable;
 use crate::signature::UdfSignature;
 use crate::wire::{FunctionKind, WireFormat};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct PythonFunction {
     pub kind: FunctionKind,
     pub signature: UdfSignature,
     pub callable: Arc<PythonCallable>,
+    pub options: CallOptions,
     /// The payload this function was decoded from, if any: re-encoding it
     /// in the same format sends the same bytes.
     pub received: Option<(WireFormat, Bytes)>,
+    /// What the runner pool is given to run it (built on first call).
+    pub(crate) spec: std::sync::OnceLock<Arc<dfship_runtime::FunctionSpec>>,
 }
 
 impl PythonFunction {
@@ -51,8 +55,19 @@ impl PythonFunction {
             kind,
             signature,
             callable: Arc::new(PythonCallable::from_live(callable)),
+            options: CallOptions::default(),
             received: None,
+            spec: Default::default(),
         })
+    }
+
+    /// This function, called with `options`.
+    pub(crate) fn with_options(self, options: CallOptions) -> Self {
+        Self {
+            options,
+            spec: Default::default(),
+            ..self
+        }
     }
 
     pub(crate) fn received(&self, format: WireFormat) -> Option<&Bytes> {
@@ -82,6 +97,7 @@ impl PythonFunction {
     pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.kind == other.kind
             && self.signature == other.signature
+            && self.options == other.options
             && self.callable.same_as(&other.callable)
     }
 }
@@ -119,6 +135,18 @@ macro_rules! python_function_type {
 
             pub(crate) fn function(&self) -> &$crate::function::PythonFunction {
                 &self.function
+            }
+
+            /// How the engine calls it (batch size, concurrency, async calls in flight).
+            pub fn call_options(&self) -> $crate::call_options::CallOptions {
+                self.function.options
+            }
+
+            /// This UDF, called with `options`; they travel with it to every worker.
+            pub fn with_call_options(self, options: $crate::call_options::CallOptions) -> Self {
+                let function = std::sync::Arc::try_unwrap(self.function)
+                    .unwrap_or_else(|shared| (*shared).clone());
+                Self::from_function(function.with_options(options))
             }
         }
     };

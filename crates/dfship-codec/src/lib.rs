@@ -1,4 +1,4 @@
-//! Ship Python scalar UDFs inside DataFusion plans.
+//! Ship Python UDFs (scalar, aggregate and window) inside DataFusion plans.
 //!
 //! [`PythonUdfCodec`] is a datafusion-proto `PhysicalExtensionCodec`: a plan
 //! that calls a [`PythonScalarUdf`] carries the cloudpickled callable inline,
@@ -12,9 +12,9 @@
 //!   digest and versions), and [`wire`] (the `DFSHIPU` and `DFPYUDF` byte layouts);
 //! - the interpreter: `python` (start-up, environment, cloudpickle calls),
 //!   `cache` (unpickled callables by digest), `callable` (live or pickled);
-//! - where Python runs: `execution` (a pool of runner processes by default,
-//!   or the interpreter on dedicated threads), `result_check` (what a UDF
-//!   returns is validated before the engine reads it);
+//! - where Python runs: `execution` (the glue to `dfship-runtime`'s runner
+//!   pool: calls, runner-held aggregate state, error wording),
+//!   `result_check` (what a UDF returns is validated before the engine reads it);
 //! - UDFs and formats: `python_udf` (the `ScalarUDFImpl`), `payload` (the
 //!   Python work of each format, `encode`/`decode` per format), `declarations`
 //!   (`dfship.udf` declarations from files and modules);
@@ -22,6 +22,7 @@
 
 mod auth;
 mod cache;
+mod call_options;
 mod callable;
 mod codec;
 mod declarations;
@@ -44,6 +45,7 @@ pub mod wire;
 
 pub use auth::{ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
 pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_BYTES};
+pub use call_options::CallOptions;
 pub use codec::{PythonUdfCodec, BY_DIGEST_MIN_BYTES};
 pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
@@ -64,5 +66,7 @@ pub use python_udf::PythonScalarUdf;
 pub use python_udwf::PythonWindowUdf;
 pub use signature::UdfSignature;
 pub use store::{PayloadStore, DEFAULT_STORE_BYTES, DEFAULT_STORE_WAIT};
-pub use window_node::{wrap_python_windows, PythonWindowNode};
+pub use window_node::{
+    attach_window_frames, wrap_python_windows, AttachWindowFrames, PythonWindowNode,
+};
 pub use wire::{FunctionKind, WireFormat};

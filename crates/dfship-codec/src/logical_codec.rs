@@ -21,7 +21,7 @@ use datafusion_proto::physical_plan::PhysicalExtensionCodec;
 use crate::codec::PythonUdfCodec;
 use crate::error::UdfPayloadError;
 
-/// Reads and writes Python scalar UDFs in logical plans, with the options of
+/// Reads and writes Python UDFs (scalar, aggregate, window) in logical plans, with the options of
 /// the [`PythonUdfCodec`] it wraps.
 ///
 /// ```

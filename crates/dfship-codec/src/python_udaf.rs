@@ -1,25 +1,28 @@
 //! [`PythonAggregateUdf`]: an aggregate UDF whose accumulator is Python
 //! (datafusion-python's `Accumulator`: `update`, `merge`, `state`, `evaluate`).
 //!
-//! **Stateless calls.** Each group's state lives here, in Rust, as the values
-//! of the declared state fields — the same Arrow values that cross the
-//! network between partial and final aggregation. A call sends Python the
-//! states of the groups a batch touches plus the batch; Python rebuilds each
-//! accumulator (`factory()`, then `merge(state)`), applies `update` (or
-//! `merge`), and answers `state()`. So any runner serves any call, a runner
-//! that dies loses no state, and one call covers every group of a batch
-//! (DataFusion's per-group adapter would make one call per group). The
-//! contract this relies on is the one partial/final aggregation already
-//! needs: `merge(state())` into a fresh accumulator continues it.
+//! **Accumulators live in a runner.** The accumulators of one aggregate in
+//! one partition (one per group) are a [`RunnerObject`]: they are made in
+//! one runner and stay there, as real Python objects, exactly as
+//! datafusion-python keeps them in its process. A batch is one call that
+//! carries its rows and each row's group; the runner applies `update` (or
+//! `merge`) per group. `state()` is asked only when DataFusion needs the
+//! states (to emit partial results, to spill, to convert rows to states), and
+//! `evaluate()` when it needs results, so any accumulator — one whose fresh
+//! state is not the identity of `merge`, one whose state grows — gives the
+//! answer datafusion-python gives on the same plan. The runner reports what
+//! the accumulators hold after every call, which is what [`size`] returns,
+//! so memory limits and spilling see them.
 //!
-//! State that grows with the input (a list of every value) is re-sent on
-//! every batch of its group: such aggregates cost more per batch than ones
-//! with a fixed-size state.
+//! A runner lost mid-aggregate takes the state with it: the query fails
+//! with an error saying so (never a wrong answer from a rebuilt state).
+//!
+//! [`size`]: datafusion::logical_expr::GroupsAccumulator::size
 
 use std::sync::Arc;
 
 use arrow::array::{
-    make_array, Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
+    make_array, Array, ArrayData, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
     RecordBatchOptions, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema};
@@ -32,18 +35,15 @@ use datafusion::logical_expr::{
 };
 use pyo3::prelude::*;
 
+use dfship_runtime::protocol::{AGG_EVALUATE, AGG_MERGE, AGG_STATE, AGG_UPDATE};
+
 use crate::error::ErrorKind;
-use crate::execution::{self, StatelessKind};
+use crate::execution::{self, RunnerObject};
 use crate::function::{python_function_type, PythonFunction};
 use crate::python_udf::engine_signature;
 use crate::result_check::{checked_result, invalid_array};
 use crate::signature::UdfSignature;
 use crate::wire::FunctionKind;
-
-/// Ops of an `AGGREGATE` call (`python/dfship/_runner.py`, `_aggregate`).
-const UPDATE: u8 = 0;
-const MERGE: u8 = 1;
-const EVALUATE: u8 = 2;
 
 /// An aggregate UDF whose accumulator is a Python object; it travels inline.
 ///
@@ -103,13 +103,6 @@ impl PythonAggregateUdf {
     pub fn into_aggregate_udf(self) -> AggregateUDF {
         AggregateUDF::new_from_impl(self)
     }
-
-    fn groups(&self) -> PythonGroupsAccumulator {
-        PythonGroupsAccumulator {
-            function: Arc::clone(&self.function),
-            states: Vec::new(),
-        }
-    }
 }
 
 python_function_type!(PythonAggregateUdf);
@@ -127,8 +120,11 @@ impl AggregateUDFImpl for PythonAggregateUdf {
         Ok(self.function.signature.return_field.data_type().clone())
     }
 
-    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(PythonAccumulator(self.groups())))
+    fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(PythonAccumulator(PythonGroupsAccumulator::new(
+            &self.function,
+            args.expr_fields,
+        ))))
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
@@ -153,106 +149,132 @@ impl AggregateUDFImpl for PythonAggregateUdf {
 
     fn create_groups_accumulator(
         &self,
-        _args: AccumulatorArgs,
+        args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(self.groups()))
+        Ok(Box::new(PythonGroupsAccumulator::new(
+            &self.function,
+            args.expr_fields,
+        )))
     }
 }
 
-/// One group's state: the values of the state fields, or `None` before the
-/// group has seen anything (a fresh accumulator).
-type GroupState = Option<Vec<ScalarValue>>;
-
-/// The accumulators of many groups, as their states (see the module docs).
+/// The accumulators of one aggregate in one partition, in a runner.
 #[derive(Debug)]
 struct PythonGroupsAccumulator {
     function: Arc<PythonFunction>,
-    states: Vec<GroupState>,
+    object: RunnerObject,
+    /// The groups the runner holds (DataFusion's numbering).
+    groups: usize,
+    /// The arguments' fields (extension types reach Python as such).
+    input_fields: Vec<FieldRef>,
 }
 
 impl PythonGroupsAccumulator {
+    fn new(function: &Arc<PythonFunction>, input_fields: &[FieldRef]) -> Self {
+        Self {
+            object: RunnerObject::new(Arc::clone(function)),
+            function: Arc::clone(function),
+            groups: 0,
+            input_fields: input_fields.to_vec(),
+        }
+    }
+
     fn name(&self) -> &str {
         &self.function.signature.name
     }
 
-    fn state_types(&self) -> impl Iterator<Item = &DataType> {
-        self.function
-            .signature
-            .state_fields
-            .iter()
-            .map(|f| f.data_type())
+    /// The declared state as one struct type (what `state()` answers).
+    fn state_type(&self) -> DataType {
+        DataType::Struct(Fields::from(self.function.signature.state_fields.clone()))
     }
 
-    /// How states travel: `known`, then one nullable column per state field.
-    fn states_schema(&self) -> Schema {
-        let mut fields = vec![Field::new("known", DataType::Boolean, false)];
-        fields.extend(
-            self.state_types()
-                .enumerate()
-                .map(|(i, t)| Field::new(format!("state_{i}"), t.clone(), true)),
-        );
-        Schema::new(fields)
-    }
-
-    fn states_batch<'a>(
+    /// `values` with each (kept) row's group in front, as a batch.
+    fn rows(
         &self,
-        states: impl Iterator<Item = &'a GroupState>,
+        values: &[ArrayRef],
+        fields: &[FieldRef],
+        group_indices: &[usize],
+        filter: Option<&BooleanArray>,
     ) -> Result<RecordBatch> {
-        let states: Vec<&GroupState> = states.collect();
-        let known: ArrayRef = Arc::new(BooleanArray::from(
-            states.iter().map(|s| s.is_some()).collect::<Vec<_>>(),
-        ));
-        let mut columns = vec![known];
-        for (i, data_type) in self.state_types().enumerate() {
-            let null = ScalarValue::try_from(data_type)?;
-            let values = states.iter().map(|state| match state {
-                Some(values) => values[i].clone(),
-                None => null.clone(),
+        let kept: Option<Vec<u64>> = filter.map(|f| {
+            (0..group_indices.len())
+                .filter(|&row| f.is_valid(row) && f.value(row))
+                .map(|row| row as u64)
+                .collect()
+        });
+        let groups: Vec<i64> = match &kept {
+            Some(rows) => rows.iter().map(|&r| group_indices[r as usize] as i64).collect(),
+            None => group_indices.iter().map(|&g| g as i64).collect(),
+        };
+        let take = kept.map(UInt64Array::from);
+        let mut schema = vec![Field::new("group", DataType::Int64, false)];
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(groups))];
+        for (i, value) in values.iter().enumerate() {
+            let field = Field::new(format!("arg_{i}"), value.data_type().clone(), true);
+            schema.push(match fields.get(i) {
+                Some(declared) => field.with_metadata(declared.metadata().clone()),
+                None => field,
             });
-            columns.push(if states.is_empty() {
-                arrow::array::new_empty_array(data_type)
-            } else {
-                ScalarValue::iter_to_array(values)?
+            columns.push(match &take {
+                Some(take) => arrow::compute::take(value, take, None)?,
+                None => Arc::clone(value),
             });
         }
-        Ok(RecordBatch::try_new_with_options(
-            Arc::new(self.states_schema()),
-            columns,
-            &RecordBatchOptions::new().with_row_count(Some(states.len())),
-        )?)
+        Ok(RecordBatch::try_new(Arc::new(Schema::new(schema)), columns)?)
     }
 
-    /// Sends the groups `touched` (indices into `self.states`) and `rows`
-    /// (first column: position in `touched`) through `op`, and stores the
-    /// new states.
-    fn apply(&mut self, op: u8, touched: &[usize], rows: RecordBatch) -> Result<()> {
-        let batch = self.states_batch(touched.iter().map(|&g| &self.states[g]))?;
-        let new_states = self.call_for_states(op, batch, rows, touched.len())?;
-        for (&group, state) in touched.iter().zip(new_states) {
-            self.states[group] = Some(state);
-        }
-        Ok(())
-    }
-
-    /// One call answering new states (UPDATE, MERGE), checked against the
-    /// declared state types.
-    fn call_for_states(
-        &self,
+    fn apply(
+        &mut self,
         op: u8,
-        states: RecordBatch,
-        rows: RecordBatch,
-        groups: usize,
-    ) -> Result<Vec<Vec<ScalarValue>>> {
-        let expected = DataType::Struct(Fields::from(self.states_schema().fields()[1..].to_vec()));
-        let data = execution::stateless(
-            self.name(),
-            &expected,
-            &self.function.callable,
-            StatelessKind::Aggregate,
-            op,
-            &[states, rows],
-            groups,
-        )?;
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.groups = self.groups.max(total_num_groups);
+        if group_indices.is_empty() {
+            return Ok(());
+        }
+        let fields = if op == AGG_UPDATE {
+            self.input_fields.clone()
+        } else {
+            self.function.signature.state_fields.clone()
+        };
+        let rows = self.rows(values, &fields, group_indices, filter)?;
+        if rows.num_rows() == 0 {
+            return Ok(());
+        }
+        self.object.apply(op, self.groups as u64, rows)
+    }
+
+    /// How many groups `emit_to` covers; they leave the runner.
+    fn emitted(&mut self, emit_to: EmitTo) -> usize {
+        let count = match emit_to {
+            EmitTo::All => self.groups,
+            EmitTo::First(n) => n.min(self.groups),
+        };
+        self.groups -= count;
+        count
+    }
+
+    /// The states of the first `count` groups, one column per state field
+    /// (`take`: and the groups leave the runner).
+    fn states(&mut self, count: usize, take: bool) -> Result<Vec<ArrayRef>> {
+        let state_type = self.state_type();
+        let data = if count == 0 {
+            arrow::array::new_empty_array(&state_type).to_data()
+        } else {
+            let shape = shape_of("state", &state_type)?;
+            let (_, data) = self
+                .object
+                .emit(AGG_STATE, count as u64, take, shape)?;
+            data
+        };
+        self.checked_states(data, count)
+    }
+
+    fn checked_states(&self, data: ArrayData, groups: usize) -> Result<Vec<ArrayRef>> {
+        let expected = self.state_type();
         if data.len() != groups || data.data_type() != &expected {
             return Err(bad_result(
                 self.name(),
@@ -265,139 +287,35 @@ impl PythonGroupsAccumulator {
         }
         data.validate_full()
             .map_err(|e| invalid_array(self.name(), &e.to_string()))?;
-        let array = make_array(data);
-        let columns = array.as_struct().columns();
-        (0..groups)
-            .map(|row| {
-                columns
-                    .iter()
-                    .map(|column| ScalarValue::try_from_array(column, row))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect()
+        Ok(make_array(data).as_struct().columns().to_vec())
     }
 
-    /// The groups of `group_indices` in order of first appearance, and each
-    /// row's position among them (rows the filter drops are left out).
-    fn touched(
-        &mut self,
-        group_indices: &[usize],
-        filter: Option<&BooleanArray>,
-        total_num_groups: usize,
-    ) -> (Vec<usize>, Vec<u64>, Vec<i64>) {
-        if self.states.len() < total_num_groups {
-            self.states.resize(total_num_groups, None);
-        }
-        let mut position_of = std::collections::HashMap::new();
-        let mut touched = Vec::new();
-        let mut kept_rows = Vec::new();
-        let mut positions = Vec::new();
-        for (row, &group) in group_indices.iter().enumerate() {
-            if filter.is_some_and(|f| !f.is_valid(row) || !f.value(row)) {
-                continue;
-            }
-            let position = *position_of.entry(group).or_insert_with(|| {
-                touched.push(group);
-                touched.len() - 1
-            });
-            kept_rows.push(row as u64);
-            positions.push(position as i64);
-        }
-        (touched, kept_rows, positions)
-    }
-
-    fn update_or_merge(
-        &mut self,
-        op: u8,
-        values: &[ArrayRef],
-        group_indices: &[usize],
-        filter: Option<&BooleanArray>,
-        total_num_groups: usize,
-    ) -> Result<()> {
-        let (touched, kept_rows, positions) = self.touched(group_indices, filter, total_num_groups);
-        if touched.is_empty() {
-            return Ok(());
-        }
-        let all_kept = kept_rows.len() == group_indices.len();
-        let take = UInt64Array::from(kept_rows);
-        let mut fields = vec![Field::new("group", DataType::Int64, false)];
-        let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from(positions))];
-        for (i, value) in values.iter().enumerate() {
-            fields.push(Field::new(
-                format!("arg_{i}"),
-                value.data_type().clone(),
-                true,
-            ));
-            columns.push(if all_kept {
-                Arc::clone(value)
-            } else {
-                arrow::compute::take(value, &take, None)?
-            });
-        }
-        let rows = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-        self.apply(op, &touched, rows)
-    }
-
-    /// Fills in the states of groups that have none (a fresh accumulator's).
-    fn fill_unknown(&mut self, groups: &mut [GroupState]) -> Result<()> {
-        let unknown: Vec<usize> = (0..groups.len()).filter(|&g| groups[g].is_none()).collect();
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let states = self.states_batch(unknown.iter().map(|_| &None))?;
-        let rows = RecordBatch::try_new(
-            Arc::new(Schema::new(vec![Field::new(
-                "group",
-                DataType::Int64,
-                false,
-            )])),
-            vec![Arc::new(Int64Array::from(Vec::<i64>::new()))],
-        )?;
-        let fresh = self.call_for_states(UPDATE, states, rows, unknown.len())?;
-        for (g, state) in unknown.into_iter().zip(fresh) {
-            groups[g] = Some(state);
-        }
-        Ok(())
-    }
-
-    fn evaluate_states(&self, groups: &[GroupState]) -> Result<ArrayRef> {
+    /// The results of the first `count` groups (`take`: and the groups
+    /// leave the runner).
+    fn results(&mut self, count: usize, take: bool) -> Result<ArrayRef> {
         let returns = &self.function.signature.return_field;
-        if groups.is_empty() {
+        if count == 0 {
             return Ok(arrow::array::new_empty_array(returns.data_type()));
         }
-        let states = self.states_batch(groups.iter())?;
         let shape = self.function.answer_shape()?;
-        let data = execution::stateless(
-            self.name(),
-            returns.data_type(),
-            &self.function.callable,
-            StatelessKind::Aggregate,
-            EVALUATE,
-            &[states, shape],
-            groups.len(),
-        )?;
-        checked_result(&self.function.signature, data, groups.len())
+        let (field, data) = self
+            .object
+            .emit(AGG_EVALUATE, count as u64, take, shape)?;
+        checked_result(&self.function.signature, Some(&field), data, count)
     }
 
-    /// The state columns of `groups` (fresh accumulators' states for groups
-    /// that have none yet).
-    fn state_arrays(&mut self, mut groups: Vec<GroupState>) -> Result<Vec<ArrayRef>> {
-        self.fill_unknown(&mut groups)?;
-        let batch = self.states_batch(groups.iter())?;
-        Ok(batch.columns()[1..].to_vec())
+    fn runner_size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.object.size()
     }
+}
 
-    fn states_size(&self) -> usize {
-        self.states
-            .iter()
-            .map(|state| {
-                std::mem::size_of::<GroupState>()
-                    + state.as_ref().map_or(0, |values| {
-                        values.iter().map(ScalarValue::size).sum::<usize>()
-                    })
-            })
-            .sum()
-    }
+/// An empty batch whose one field, `name`, has type `data_type`: the shape
+/// of an answer, sent with the call.
+fn shape_of(name: &str, data_type: &DataType) -> Result<RecordBatch> {
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new(name, data_type.clone(), true)])),
+        vec![arrow::array::new_empty_array(data_type)],
+    )?)
 }
 
 fn bad_result(name: &str, detail: &str) -> DataFusionError {
@@ -415,17 +333,17 @@ impl GroupsAccumulator for PythonGroupsAccumulator {
         opt_filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        self.update_or_merge(UPDATE, values, group_indices, opt_filter, total_num_groups)
+        self.apply(AGG_UPDATE, values, group_indices, opt_filter, total_num_groups)
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        let groups = emit_to.take_needed(&mut self.states);
-        self.evaluate_states(&groups)
+        let count = self.emitted(emit_to);
+        self.results(count, true)
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        let groups = emit_to.take_needed(&mut self.states);
-        self.state_arrays(groups)
+        let count = self.emitted(emit_to);
+        self.states(count, true)
     }
 
     fn merge_batch(
@@ -434,74 +352,79 @@ impl GroupsAccumulator for PythonGroupsAccumulator {
         group_indices: &[usize],
         total_num_groups: usize,
     ) -> Result<()> {
-        self.update_or_merge(MERGE, values, group_indices, None, total_num_groups)
+        self.apply(AGG_MERGE, values, group_indices, None, total_num_groups)
     }
 
-    /// Each row as the state of an accumulator that saw only that row.
+    /// Each row as the state of an accumulator that saw only that row (a
+    /// row the filter drops: a fresh accumulator's state). Stateless: any
+    /// runner.
     fn convert_to_state(
         &self,
         values: &[ArrayRef],
         opt_filter: Option<&BooleanArray>,
     ) -> Result<Vec<ArrayRef>> {
         let rows = values.first().map_or(0, |v| v.len());
-        let mut each_row = PythonGroupsAccumulator {
-            function: Arc::clone(&self.function),
-            states: Vec::new(),
-        };
-        let groups: Vec<usize> = (0..rows).collect();
-        each_row.update_or_merge(UPDATE, values, &groups, opt_filter, rows)?;
-        let states = std::mem::take(&mut each_row.states);
-        each_row.state_arrays(states)
+        let keep: BooleanArray = (0..rows)
+            .map(|row| Some(opt_filter.is_none_or(|f| f.is_valid(row) && f.value(row))))
+            .collect();
+        let mut schema = vec![Field::new("keep", DataType::Boolean, false)];
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(keep)];
+        for (i, value) in values.iter().enumerate() {
+            let field = Field::new(format!("arg_{i}"), value.data_type().clone(), true);
+            schema.push(match self.input_fields.get(i) {
+                Some(declared) => field.with_metadata(declared.metadata().clone()),
+                None => field,
+            });
+            columns.push(Arc::clone(value));
+        }
+        let batch = RecordBatch::try_new_with_options(
+            Arc::new(Schema::new(schema)),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )?;
+        let shape = shape_of("state", &self.state_type())?;
+        let (_, data) = execution::convert_to_state(&self.function, &batch, &shape)?;
+        self.checked_states(data, rows)
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of::<Self>() + self.states_size()
+        self.runner_size()
     }
 }
 
 /// One accumulator (no GROUP BY, or an aggregate used as a window
-/// function): a groups accumulator with a single group.
+/// function): the accumulators of a single group, which `state()` and
+/// `evaluate()` leave in place.
 #[derive(Debug)]
 struct PythonAccumulator(PythonGroupsAccumulator);
 
 impl Accumulator for PythonAccumulator {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         let rows = values.first().map_or(0, |v| v.len());
-        if rows == 0 {
-            return Ok(());
-        }
-        self.0
-            .update_or_merge(UPDATE, values, &vec![0; rows], None, 1)
+        self.0.apply(AGG_UPDATE, values, &vec![0; rows], None, 1)
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        if self.0.states.is_empty() {
-            self.0.states.push(None);
-        }
-        let result = self.0.evaluate_states(&self.0.states[..1])?;
+        self.0.groups = 1;
+        let result = self.0.results(1, false)?;
         ScalarValue::try_from_array(&result, 0)
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of::<Self>() + self.0.states_size()
+        self.0.runner_size()
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        if self.0.states.is_empty() {
-            self.0.states.push(None);
-        }
-        let mut groups = vec![self.0.states[0].clone()];
-        self.0.fill_unknown(&mut groups)?;
-        self.0.states[0] = groups[0].clone();
-        Ok(groups.remove(0).unwrap_or_default())
+        self.0.groups = 1;
+        self.0
+            .states(1, false)?
+            .iter()
+            .map(|column| ScalarValue::try_from_array(column, 0))
+            .collect()
     }
 
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
         let rows = states.first().map_or(0, |v| v.len());
-        if rows == 0 {
-            return Ok(());
-        }
-        self.0
-            .update_or_merge(MERGE, states, &vec![0; rows], None, 1)
+        self.0.apply(AGG_MERGE, states, &vec![0; rows], None, 1)
     }
 }

@@ -2,9 +2,15 @@
 //!
 //! The calling convention is datafusion-python's `udf()`: the callable
 //! receives one `pyarrow.Array` per argument (scalar arguments expanded to the
-//! batch length) and returns one `pyarrow.Array` of the declared type and the
-//! batch length. Arrays cross the boundary zero-copy through the Arrow C Data
-//! Interface. The GIL is held only around the conversion and the call.
+//! batch length, each with its field, so extension types arrive as such) and
+//! returns one `pyarrow.Array` of the declared type and the batch length.
+//!
+//! The callable may also be a class whose instances are callable: each
+//! runner that serves the UDF makes one instance, on its first call, and
+//! reuses it (load a model once per process). It may be `async`
+//! (an `async def` function, or `async def __call__`): its calls then run
+//! concurrently on the runner's event loop, up to `max_in_flight` per runner.
+//! See [`crate::CallOptions`] for batch size and concurrency.
 
 use std::sync::Arc;
 
@@ -17,7 +23,6 @@ use pyo3::prelude::*;
 
 use crate::execution::{self, TaskOptions};
 use crate::function::{python_function_type, PythonFunction};
-use crate::result_check::checked_result;
 use crate::signature::UdfSignature;
 use crate::wire::FunctionKind;
 
@@ -40,7 +45,7 @@ use crate::wire::FunctionKind;
 /// ```
 #[derive(Debug)]
 pub struct PythonScalarUdf {
-    function: PythonFunction,
+    function: Arc<PythonFunction>,
     signature: Signature,
 }
 
@@ -52,7 +57,7 @@ impl PythonScalarUdf {
     pub(crate) fn from_function(function: PythonFunction) -> Self {
         let signature = engine_signature(&function.signature);
         Self {
-            function,
+            function: Arc::new(function),
             signature,
         }
     }
@@ -115,15 +120,13 @@ impl ScalarUDFImpl for PythonScalarUdf {
             .get::<TaskOptions>()
             .map(|options| options.task_id.as_str())
             .filter(|id| !id.is_empty());
-        let data = execution::evaluate(
-            self.name_str(),
-            self.function.signature.return_field.data_type(),
-            &self.function.callable,
+        let array = execution::call_scalar(
+            &self.function,
             &arrays,
+            &args.arg_fields,
             number_rows,
             task,
         )?;
-        let array = checked_result(&self.function.signature, data, number_rows)?;
         Ok(ColumnarValue::Array(array))
     }
 }

@@ -10,16 +10,26 @@
 //! non-nullable hold no nulls where their parent is valid.
 
 use arrow::array::{make_array, ArrayData, ArrayRef};
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, Field, FieldRef};
 use datafusion::error::{DataFusionError, Result};
 
 use crate::error::ErrorKind;
 use crate::signature::UdfSignature;
 
-/// `data` as an array, once it has the batch's length, the declared type
+/// The metadata key of an Arrow extension type's name.
+const EXTENSION_NAME: &str = "ARROW:extension:name";
+
+/// The extension type a field declares, if any.
+fn extension_of(field: &Field) -> Option<&str> {
+    field.metadata().get(EXTENSION_NAME).map(String::as_str)
+}
+
+/// `data` (with `field`, the field it arrived with, when known) as an
+/// array, once it has the batch's length, the declared type, extension type
 /// and nullability, and passes full Arrow validation.
 pub(crate) fn checked_result(
     signature: &UdfSignature,
+    field: Option<&FieldRef>,
     data: ArrayData,
     number_rows: usize,
 ) -> Result<ArrayRef> {
@@ -44,6 +54,17 @@ pub(crate) fn checked_result(
              `result.cast(...)`) or declare the return type it produces",
             data.data_type()
         )));
+    }
+    if let Some(declared) = extension_of(&signature.return_field) {
+        let returned = field.and_then(|f| extension_of(f));
+        if field.is_some() && returned != Some(declared) {
+            return Err(bad(format!(
+                "is declared to return the extension type {declared} but returned {}; build the \
+                 result with that type (e.g. `pa.array(values, type=pa.uuid())` or \
+                 `pa.ExtensionArray.from_storage(...)`)",
+                returned.map_or_else(|| expected_type.to_string(), |name| format!("the extension type {name}"))
+            )));
+        }
     }
     data.validate_full()
         .map_err(|e| invalid_array(&signature.name, &e.to_string()))?;

@@ -35,6 +35,11 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PhysicalExpr, PlanProperties, WindowExpr,
 };
 
+use datafusion::common::config::ConfigOptions;
+use datafusion::logical_expr::WindowUDF;
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::windows::create_udwf_window_expr;
+
 use crate::python_udwf::PythonWindowUdf;
 
 /// The first bytes of the blob a [`PythonWindowNode`] is written as.
@@ -145,7 +150,102 @@ pub(crate) fn decode(
                 .to_string(),
         ));
     }
-    replace_children(window, vec![Arc::clone(input)])
+    attach_frames_to(replace_children(window, vec![Arc::clone(input)])?)
+}
+
+/// `plan` with every Python window UDF told the frame and ORDER BY of its
+/// window, so its evaluators fetch all frames of a partition in one call
+/// (see [`PythonWindowUdf`]). Workers apply it to the window nodes they
+/// decode; coordinators through [`AttachWindowFrames`]. Idempotent.
+pub fn attach_window_frames(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    plan.transform_up(|node| {
+        if calls_python_window_udf(&node) {
+            attach_frames_to(Arc::clone(&node)).map(Transformed::yes)
+        } else {
+            Ok(Transformed::no(node))
+        }
+    })
+    .map(|transformed| transformed.data)
+}
+
+/// [`attach_window_frames`] for one window node.
+fn attach_frames_to(node: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let Some(window) = node.downcast_ref::<WindowAggExec>() else {
+        // Python window UDFs never support bounded execution, so DataFusion
+        // plans them in `WindowAggExec`; another node is left as it is.
+        return Ok(node);
+    };
+    let input = window.input();
+    let schema = input.schema();
+    let mut changed = false;
+    let mut exprs: Vec<Arc<dyn WindowExpr>> = Vec::with_capacity(window.window_expr().len());
+    for expr in window.window_expr() {
+        let python = expr
+            .as_any()
+            .downcast_ref::<StandardWindowExpr>()
+            .and_then(|standard| {
+                let udf = standard
+                    .get_standard_func_expr()
+                    .as_any()
+                    .downcast_ref::<WindowUDFExpr>()?;
+                let python = udf.fun().inner().downcast_ref::<PythonWindowUdf>()?;
+                Some((udf, python))
+            });
+        match python {
+            Some((udf, python)) if !python.knows_frame() => {
+                let frame = Arc::clone(expr.get_window_frame());
+                let sort_options = expr.order_by().iter().map(|sort| sort.options).collect();
+                let hinted = Arc::new(WindowUDF::new_from_impl(python.for_frame(
+                    Arc::clone(&frame),
+                    sort_options,
+                )));
+                let function =
+                    create_udwf_window_expr(&hinted, udf.args(), &schema, expr.name().to_string(), false)?;
+                exprs.push(Arc::new(StandardWindowExpr::new(
+                    function,
+                    expr.partition_by(),
+                    expr.order_by(),
+                    frame,
+                )));
+                changed = true;
+            }
+            _ => exprs.push(Arc::clone(expr)),
+        }
+    }
+    if !changed {
+        return Ok(node);
+    }
+    let can_repartition = !window.partition_keys().is_empty();
+    Ok(Arc::new(WindowAggExec::try_new(
+        exprs,
+        Arc::clone(input),
+        can_repartition,
+    )?))
+}
+
+/// A physical optimizer rule applying [`attach_window_frames`]: install it
+/// on any session that runs Python window UDFs itself (dfship's coordinator
+/// sessions do), so window functions of their frame take one call per
+/// partition there too.
+#[derive(Debug, Default)]
+pub struct AttachWindowFrames;
+
+impl PhysicalOptimizerRule for AttachWindowFrames {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        _config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        attach_window_frames(plan)
+    }
+
+    fn name(&self) -> &str {
+        "dfship_attach_window_frames"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
 }
 
 fn replace_children(

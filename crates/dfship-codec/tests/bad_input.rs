@@ -77,9 +77,10 @@ fn with_pickle(frame: &[u8], pickle: &[u8]) -> Vec<u8> {
 
 /// The pickle length of an unsigned frame: the last length prefix in it.
 fn pickle_len(frame: &[u8]) -> usize {
-    // Walk the frame: magic(7) version(1) py(2) cp(1) flags(1) name_len(2) name volatility(1)
+    // Walk the frame: magic(7) version(1) py(2) cp(1) flags(1) name_len(2)
+    // name volatility(1) call options(8)
     let name_len = u16::from_le_bytes([frame[12], frame[13]]) as usize;
-    let mut at = 14 + name_len + 1;
+    let mut at = 14 + name_len + 1 + 8;
     for _ in 0..2 {
         let len = u32::from_le_bytes(frame[at..at + 4].try_into().unwrap()) as usize;
         at += 4 + len;
@@ -175,7 +176,7 @@ fn unknown_family_and_versions() {
             name: "ver".into(),
             family: "DFSHIPU",
             found: 9,
-            supported: 1
+            supported: 2
         }
     );
 
@@ -205,8 +206,9 @@ fn unknown_family_and_versions() {
 fn bad_schema_bytes() {
     let codec = PythonUdfCodec::default();
     let bytes = payload("schema");
-    // The argument schema starts after magic, header, name and volatility.
-    let schema_at = 14 + "schema".len() + 1 + 4;
+    // The argument schema starts after magic, header, name, volatility,
+    // call options and its length.
+    let schema_at = 14 + "schema".len() + 1 + 8 + 4;
     let mut corrupted = bytes.clone();
     for b in &mut corrupted[schema_at..schema_at + 16] {
         *b = 0x5a;
@@ -403,7 +405,7 @@ fn hmac_refuses_before_unpickling() {
 
 fn pickle_len_signed(frame: &[u8]) -> usize {
     let name_len = u16::from_le_bytes([frame[12], frame[13]]) as usize;
-    let mut at = 14 + name_len + 1;
+    let mut at = 14 + name_len + 1 + 8;
     for _ in 0..2 {
         let len = u32::from_le_bytes(frame[at..at + 4].try_into().unwrap()) as usize;
         at += 4 + len;
@@ -588,7 +590,7 @@ fn dfpy_tuple_shapes_and_element_types() {
         ),
         (
             "cloudpickle.dumps(('other', len, s_in, s_out, 'immutable'))",
-            "names scalar function 'other'",
+            "names function 'other'",
         ),
     ];
     for (expression, expected) in cases {

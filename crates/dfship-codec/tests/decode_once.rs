@@ -1,12 +1,11 @@
-//! Decoding is lazy (no unpickling until the first call), unpickles each
-//! callable once per process (in-process mode) or once per runner (the
-//! pool) however many tasks decode it, and re-encoding emits the bytes that
-//! were received.
+//! Decoding is lazy (no unpickling until the first call), each runner
+//! loads a callable once however many tasks decode and call it, the
+//! codec's own cache (datafusion-python payloads, unpickled at decode) is
+//! bounded, and re-encoding emits the bytes that were received.
 
 mod common;
 
 use std::sync::{Arc, Barrier};
-use std::time::Instant;
 
 use arrow::array::{AsArray, Int64Array};
 use arrow::datatypes::{DataType, Field, Int64Type};
@@ -15,8 +14,13 @@ use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, Vol
 use dfship_codec::{CallableCache, CodecOptions, PythonUdfCodec, WireFormat};
 
 #[tokio::test]
-async fn a_stage_decoded_for_100_tasks_unpickles_once() {
-    in_process();
+async fn a_stage_decoded_for_100_tasks_loads_once_in_process() {
+    dfship_codec::configure_python_execution(
+        dfship_codec::PythonExecution::default()
+            .with_mode(dfship_codec::PythonMode::InProcess)
+            .with_runners(1),
+    )
+    .unwrap();
     let ctx = session_with_data().await;
     ctx.register_udf(python_udf(
         "tasks_udf",
@@ -29,19 +33,21 @@ async fn a_stage_decoded_for_100_tasks_unpickles_once() {
     let plan = physical_plan(&ctx, "SELECT tasks_udf(a) AS t FROM v").await;
     let bytes = encode(Arc::clone(&plan), &PythonUdfCodec::default()).unwrap();
     let expected = pretty(&run(plan).await.unwrap());
+    let loaded = dfship_codec::runner_pool_stats().unwrap().loads;
 
-    let cache = Arc::new(CallableCache::new(64 << 20));
-    let worker = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
+    let worker = PythonUdfCodec::default();
     let tasks: Vec<_> = (0..100).map(|_| decode(&bytes, &worker).unwrap()).collect();
-    assert_eq!(cache.stats().loads, 0, "decoding alone unpickles nothing");
-
+    assert_eq!(
+        dfship_codec::runner_pool_stats().unwrap().loads,
+        loaded,
+        "decoding alone loads nothing"
+    );
     for task in tasks {
         assert_eq!(pretty(&run(task).await.unwrap()), expected);
     }
-    let stats = cache.stats();
-    assert_eq!(stats.loads, 1, "one unpickle for 100 tasks: {stats:?}");
-    assert_eq!(stats.hits, 99, "{stats:?}");
-    assert_eq!(stats.entries, 1);
+    let stats = dfship_codec::runner_pool_stats().unwrap();
+    assert_eq!(stats.loads, 1, "one load for 101 tasks on one runner: {stats:?}");
+    assert_eq!(stats.calls, 101, "{stats:?}");
 }
 
 /// Calls a decoded one-argument Int64 UDF on `[1, 2, 3]`.
@@ -58,11 +64,14 @@ fn call(udf: &ScalarUDF) -> datafusion::error::Result<ColumnarValue> {
 }
 
 #[test]
-fn concurrent_first_calls_unpickle_once() {
-    in_process();
-    // Unpickling this callable takes 0.5 s with the GIL released (its
-    // closure holds an object restored by a sleeping function), so eight
-    // tasks that call it at once really do race for the same cache entry.
+fn concurrent_first_calls_load_once_per_runner() {
+    dfship_codec::configure_python_execution(
+        dfship_codec::PythonExecution::default().with_runners(2),
+    )
+    .unwrap();
+    // Unpickling this callable takes 0.5 s (its closure holds an object
+    // restored by a sleeping function), so eight tasks that call it at once
+    // really race for the first load.
     let udf = python_udf(
         "racing_udf",
         vec![DataType::Int64],
@@ -75,8 +84,7 @@ fn concurrent_first_calls_unpickle_once() {
         "lambda a, _slow=slow: pc.add(a, 11)",
     );
     let payload = PythonUdfCodec::default().encode_udf(&udf).unwrap().unwrap();
-    let cache = Arc::new(CallableCache::new(64 << 20));
-    let worker = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
+    let worker = PythonUdfCodec::default();
     const TASKS: usize = 8;
     let barrier = Arc::new(Barrier::new(TASKS));
     let threads: Vec<_> = (0..TASKS)
@@ -86,31 +94,23 @@ fn concurrent_first_calls_unpickle_once() {
             let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
                 barrier.wait();
-                let started = Instant::now();
-                let result = call(&task);
-                (started, Instant::now(), result)
+                call(&task)
             })
         })
         .collect();
-    let calls: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    for (_, _, result) in &calls {
-        let ColumnarValue::Array(array) = result.as_ref().unwrap() else {
+    for thread in threads {
+        let result = thread.join().unwrap();
+        let ColumnarValue::Array(array) = result.unwrap() else {
             panic!("an array")
         };
         assert_eq!(array.as_primitive::<Int64Type>().values(), &[12, 13, 14]);
     }
-    let last_start = calls.iter().map(|(start, _, _)| *start).max().unwrap();
-    let first_end = calls.iter().map(|(_, end, _)| *end).min().unwrap();
+    let stats = dfship_codec::runner_pool_stats().unwrap();
     assert!(
-        last_start < first_end,
-        "every call started before the first one finished (they overlapped)"
+        stats.loads <= 2,
+        "at most one load per runner for {TASKS} racing calls: {stats:?}"
     );
-    let stats = cache.stats();
-    assert_eq!(
-        stats.loads, 1,
-        "one unpickle for {TASKS} racing calls: {stats:?}"
-    );
-    assert_eq!(stats.hits, TASKS as u64 - 1, "{stats:?}");
+    assert_eq!(stats.calls, TASKS as u64, "{stats:?}");
 }
 
 #[tokio::test]
@@ -135,11 +135,15 @@ async fn re_encoding_emits_the_received_bytes() {
 
 #[test]
 fn the_cache_is_bounded_by_pickle_bytes() {
-    in_process();
     init_python();
     // Five UDFs closing over ~100 kB each; the cache holds 250 kB of pickles.
+    // datafusion-python payloads are unpickled (through the cache) when decoded.
     let cache = Arc::new(CallableCache::new(250_000));
-    let codec = PythonUdfCodec::new(CodecOptions::default().with_cache(Arc::clone(&cache)));
+    let codec = PythonUdfCodec::new(
+        CodecOptions::default()
+            .with_cache(Arc::clone(&cache))
+            .with_write_format(WireFormat::DataFusionPython),
+    );
     let payloads: Vec<_> = (0..5)
         .map(|i| {
             let udf = python_udf(
@@ -154,10 +158,9 @@ fn the_cache_is_bounded_by_pickle_bytes() {
         })
         .collect();
     let run = |i: usize| {
-        let udf = codec
+        codec
             .decode_udf(&format!("bounded_{i}"), &payloads[i])
             .unwrap();
-        call(&udf).unwrap();
     };
     for i in 0..5 {
         run(i);
@@ -184,9 +187,8 @@ fn the_cache_is_bounded_by_pickle_bytes() {
         "lambda a, _blob=blob: a",
     );
     let payload = codec.encode_udf(&huge).unwrap().unwrap();
-    let decoded = codec.decode_udf("bounded_huge", &payload).unwrap();
-    call(&decoded).unwrap();
-    call(&codec.decode_udf("bounded_huge", &payload).unwrap()).unwrap();
+    codec.decode_udf("bounded_huge", &payload).unwrap();
+    codec.decode_udf("bounded_huge", &payload).unwrap();
     let stats = cache.stats();
     assert_eq!((stats.loads, stats.entries), (7, 1), "{stats:?}");
     assert!(stats.bytes > 400_000, "{stats:?}");

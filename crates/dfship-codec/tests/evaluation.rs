@@ -230,28 +230,30 @@ fn non_callables_are_refused_at_creation() {
     );
 }
 
-#[tokio::test]
-async fn arrays_reach_python_zero_copy() {
-    // Zero-copy is a property of in-process mode; the pool sends Arrow IPC.
-    in_process();
-    // pyarrow sees the very buffer DataFusion holds: its address matches.
-    use arrow::array::{Array, Int64Array};
+#[test]
+fn arguments_reach_python_with_their_fields() {
+    // A UUID column (an extension type over 16-byte binary) arrives as
+    // pyarrow UUIDs, as datafusion-python hands it over.
+    use arrow::array::{Array, FixedSizeBinaryArray, Int64Array};
     use std::sync::Arc;
     let udf = python_udf(
-        "address",
-        vec![DataType::Int64],
+        "uuid_version",
+        vec![DataType::FixedSizeBinary(16)],
         DataType::Int64,
-        Volatility::Immutable,
+        Volatility::Stable,
         PA,
-        "lambda a: pa.array([a.buffers()[1].address] * len(a), pa.int64())",
+        "lambda u: pa.array([x.version for x in u.to_pylist()], pa.int64())",
     );
-    let input = Arc::new(Int64Array::from(vec![5, 6, 7]));
-    let expected = input.values().inner().as_ptr() as i64;
+    let v4 = [0x3a, 0x1f, 0x2b, 0x4c, 0x5d, 0x6e, 0x4f, 0x70, 0x81, 0x92, 0xa3, 0xb4, 0xc5, 0xd6, 0xe7, 0xf8];
+    let input = Arc::new(FixedSizeBinaryArray::try_from_iter(vec![v4, v4].into_iter()).unwrap());
+    let field = Field::new("u", DataType::FixedSizeBinary(16), true).with_metadata(
+        [("ARROW:extension:name".to_string(), "arrow.uuid".to_string())].into(),
+    );
     let out = udf
         .invoke_with_args(datafusion::logical_expr::ScalarFunctionArgs {
             args: vec![datafusion::logical_expr::ColumnarValue::Array(input)],
-            arg_fields: vec![Arc::new(Field::new("a", DataType::Int64, true))],
-            number_rows: 3,
+            arg_fields: vec![Arc::new(field)],
+            number_rows: 2,
             return_field: Arc::new(Field::new("r", DataType::Int64, true)),
             config_options: Arc::new(Default::default()),
         })
@@ -260,5 +262,5 @@ async fn arrays_reach_python_zero_copy() {
         panic!("an array")
     };
     let out = out.as_any().downcast_ref::<Int64Array>().unwrap();
-    assert_eq!(out.value(0), expected);
+    assert_eq!(out.values().to_vec(), vec![4, 4]);
 }

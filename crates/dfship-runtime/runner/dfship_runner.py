@@ -197,20 +197,34 @@ def _column(pa: Any, values: list[Any], data_type: Any, what: str) -> Any:
         raise Failure(BAD_RESULT, detail) from None
 
 
-def _as_array(pa: Any, result: Any, what: str, error_class: int = BAD_RESULT) -> Any:
+def _as_array(pa: Any, result: Any, what: str) -> Any:
     if isinstance(result, pa.ChunkedArray):
         result = result.combine_chunks()
     if not isinstance(result, pa.Array) and hasattr(result, "__arrow_c_array__"):
         try:
             result = pa.array(result)
         except Exception as error:
-            raise Failure(error_class, f"{what} returned an object pyarrow cannot read ({_describe(error)})") from None
+            raise Failure(BAD_RESULT, f"{what} returned an object pyarrow cannot read ({_describe(error)})") from None
     if not isinstance(result, pa.Array):
         detail = (
             f"{what} must return a pyarrow.Array (e.g. pa.array(values, type=...)), "
             f"but it returned a {type(result).__name__}"
         )
-        raise Failure(error_class, detail)
+        raise Failure(BAD_RESULT, detail)
+    return result
+
+
+def _scalar_result(pa: Any, result: Any) -> Any:
+    """What a scalar UDF returned, as a pyarrow array (NOT_AN_ARRAY says what it was otherwise)."""
+    if isinstance(result, pa.ChunkedArray):
+        return result.combine_chunks()
+    if not isinstance(result, pa.Array) and hasattr(result, "__arrow_c_array__"):
+        try:
+            return pa.array(result)
+        except Exception as error:
+            raise Failure(NOT_AN_ARRAY, _describe(error)) from None
+    if not isinstance(result, pa.Array):
+        raise Failure(NOT_AN_ARRAY, f"it returned a {type(result).__name__}")
     return result
 
 
@@ -444,6 +458,8 @@ class Runner:
         self.pa = pa
         self.cloudpickle = cloudpickle
         self.functions: dict[bytes, Function] = {}
+        # A LOAD that failed: the calls sent right after it answer its error.
+        self.failed_loads: dict[bytes, Failure] = {}
         self.objects: dict[int, Groups] = {}
         self.send_lock = threading.Lock()
         self.loop: Any = None
@@ -507,9 +523,13 @@ class Runner:
             self.load(request, digest, body[32:])
         elif kind == FORGET:
             self.functions.pop(digest, None)
+            self.failed_loads.pop(digest, None)
         elif kind in (CALL, AGGREGATE, WINDOW):
             function = self.functions.get(digest)
             if function is None:
+                failed = self.failed_loads.get(digest)
+                if failed is not None:
+                    raise Failure(failed.error_class, failed.text)
                 raise Failure(PROTOCOL, "a call for a function that was never loaded")
             if kind == CALL:
                 self.call(request, function, body[32:])
@@ -533,13 +553,18 @@ class Runner:
             loaded = self.cloudpickle.loads(pickle)
             function = Function(loaded[1] if content == CONTENT_DATAFUSION_TUPLE else loaded)
         except ModuleNotFoundError as error:
-            raise Failure(MODULE_MISSING, error.name or str(error)) from None
+            failure = Failure(MODULE_MISSING, error.name or str(error))
         except MemoryError as error:
-            raise Failure(OUT_OF_MEMORY, _describe(error)) from None
+            failure = Failure(OUT_OF_MEMORY, _describe(error))
         except Exception as error:
-            raise Failure(UNPICKLE_FAILED, _describe(error)) from None
-        self.functions[digest] = function
-        self.send(LOADED, request, bytes([function.flags()]))
+            failure = Failure(UNPICKLE_FAILED, _describe(error))
+        else:
+            self.failed_loads.pop(digest, None)
+            self.functions[digest] = function
+            self.send(LOADED, request, bytes([function.flags()]))
+            return
+        self.failed_loads[digest] = failure
+        raise failure
 
     def call(self, request: int, function: Function, stream: memoryview) -> None:
         pa = self.pa
@@ -557,7 +582,7 @@ class Runner:
             raise Failure(OUT_OF_MEMORY, _describe(error)) from None
         except Exception as error:
             raise Failure(RAISED, _describe(error)) from None
-        self.send(RESULT, request, _result_stream(pa, _as_array(pa, result, "it", NOT_AN_ARRAY)))
+        self.send(RESULT, request, _result_stream(pa, _scalar_result(pa, result)))
 
     def aggregate(self, request: int, function: Function, body: memoryview) -> None:
         pa = self.pa
@@ -633,7 +658,7 @@ class Runner:
                 if isinstance(error, MemoryError):
                     raise Failure(OUT_OF_MEMORY, _describe(error))
                 raise Failure(RAISED, _describe(error))
-            output = _result_stream(self.pa, _as_array(self.pa, future.result(), "it", NOT_AN_ARRAY))
+            output = _result_stream(self.pa, _scalar_result(self.pa, future.result()))
         except Failure as failure:
             self.error(request, failure.error_class, failure.text)
             return

@@ -294,7 +294,7 @@ impl RunnerPool {
         let failed = self.send(Event::Submit(Box::new(waiting)));
         PendingCall {
             id,
-            answer,
+            answer: Mutex::new(answer),
             failed: failed.err(),
         }
     }
@@ -330,7 +330,8 @@ impl RunnerPool {
 #[derive(Debug)]
 pub struct PendingCall {
     id: u64,
-    answer: Receiver<Result<Reply, CallError>>,
+    /// (In a mutex only so a pending call may sit in `Sync` accumulators.)
+    answer: Mutex<Receiver<Result<Reply, CallError>>>,
     failed: Option<String>,
 }
 
@@ -342,8 +343,9 @@ impl PendingCall {
             return Err(CallError::StartFailed { detail });
         }
         let mut cancel_sent = false;
+        let answer = self.answer.into_inner().unwrap_or_else(|p| p.into_inner());
         loop {
-            match self.answer.recv_timeout(Duration::from_millis(100)) {
+            match answer.recv_timeout(Duration::from_millis(100)) {
                 Ok(answer) => return answer,
                 Err(RecvTimeoutError::Timeout) => {
                     if !cancel_sent && cancel.is_some_and(CancelToken::is_cancelled) {
@@ -365,6 +367,10 @@ impl PendingCall {
         if let Some(detail) = self.failed.take() {
             return Some(Err(CallError::StartFailed { detail }));
         }
-        self.answer.try_recv().ok()
+        self.answer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_recv()
+            .ok()
     }
 }

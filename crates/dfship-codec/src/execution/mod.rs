@@ -1,49 +1,61 @@
-//! Where Python UDFs run: a pool of runner processes (the default), or this
-//! process's own interpreter on a dedicated thread pool.
+//! Where Python UDFs run: this process's runner pool (`dfship-runtime`),
+//! whose runners are child processes (the default) or threads of this
+//! process's own interpreter (in-process mode). Both modes run the same
+//! runner code and speak the same protocol, so a UDF behaves the same in
+//! either; only isolation differs.
 //!
-//! DataFusion calls a scalar UDF synchronously, from inside the poll of a
-//! stream on one of the engine's (tokio) threads. Both modes hand the call
-//! to someone else — a runner process, or an interpreter thread — and wait
-//! with [`tokio::task::block_in_place`], which first moves the runtime's
-//! other work off the waiting thread, so the engine keeps running while
-//! Python does. In the pool, Python runs in as many processes as there are
-//! runners, so GIL-bound UDFs use every core, and a UDF that crashes, hangs
-//! or exhausts memory costs one runner, not the process.
+//! DataFusion calls UDFs synchronously, from inside the poll of a stream on
+//! one of the engine's (tokio) threads. A call is handed to the pool and
+//! waited for with [`tokio::task::block_in_place`], which first moves the
+//! runtime's other work off the waiting thread, so the engine keeps running
+//! while Python does.
 //!
-//! Each process that executes stages owns one executor, configured once at
+//! Each process that executes stages owns one pool, configured once at
 //! start-up with [`configure_python_execution`] (workers do it from their
 //! flags); a process that never configures it gets
 //! [`PythonExecution::default`] on its first Python call.
+//!
+//! - `calls`: scalar UDF calls (sliced by `batch_size`, slices in flight
+//!   together) and window evaluator calls, each stateless;
+//! - `objects`: an aggregate's accumulators, living in one runner;
+//! - `errors`: what users read when a call fails;
+//! - `in_process`: the runner served on a thread of this interpreter.
 
+mod calls;
+mod errors;
 mod in_process;
-mod pool;
-mod protocol;
-mod runner;
+mod objects;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
-use arrow::array::{ArrayData, ArrayRef};
-use arrow::datatypes::DataType;
 use datafusion::common::config::ConfigExtension;
 use datafusion::common::extensions_options;
 use datafusion::error::{DataFusionError, Result};
+use dfship_runtime::protocol::{CONTENT_CALLABLE, CONTENT_DATAFUSION_TUPLE};
+use dfship_runtime::{
+    FunctionSpec, Launcher, PoolConfig, ProcessSettings, RunnerPool, RunnerVersions,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REPLY_BYTES,
+};
 
-use crate::callable::PythonCallable;
+use crate::function::PythonFunction;
+use crate::pickled::PickleContent;
 
-pub use pool::PoolStats;
+pub(crate) use calls::{call_scalar, call_window, convert_to_state};
+pub use dfship_runtime::{CancelToken, PoolStats};
+pub(crate) use objects::RunnerObject;
 
 /// How a process evaluates Python UDFs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PythonMode {
-    /// In runner processes (`python/dfship/_runner.py`): every core, isolated.
+    /// In runner processes: every core, isolated (a crash, a hang or a
+    /// memory blow-up costs one runner).
     #[default]
     Pool,
-    /// In this process's interpreter, on a dedicated thread pool: for
-    /// debugging and tiny UDFs (one GIL, no isolation).
+    /// In threads of this process's interpreter: for debugging and tiny
+    /// UDFs (one GIL, no isolation, no timeout).
     InProcess,
 }
 
@@ -126,6 +138,26 @@ impl PythonExecution {
         self.python = python.into();
         self
     }
+
+    fn pool_config(&self) -> PoolConfig {
+        let launcher = match self.mode {
+            PythonMode::Pool => Launcher::Process(ProcessSettings {
+                python: self.python.clone(),
+                memory_limit: self.runner_memory_limit,
+                env_remove: vec![crate::auth::CLUSTER_KEY_ENV.into()],
+            }),
+            PythonMode::InProcess => Launcher::InProcess(in_process::runner()),
+        };
+        let mut config = PoolConfig::new(self.runners, launcher);
+        config.call_timeout = self.udf_timeout;
+        // A runner cannot legitimately send more than it may hold.
+        config.max_reply_bytes = self
+            .runner_memory_limit
+            .map_or(DEFAULT_MAX_REPLY_BYTES, |limit| {
+                limit.min(DEFAULT_MAX_REPLY_BYTES)
+            });
+        config
+    }
 }
 
 /// The cores this process may use.
@@ -143,21 +175,11 @@ pub fn default_python() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
-enum Executor {
-    Pool(pool::RunnerPool),
-    InProcess(in_process::InterpreterThreads),
-}
+static EXECUTOR: OnceLock<(PythonExecution, RunnerPool)> = OnceLock::new();
 
-static EXECUTOR: OnceLock<(PythonExecution, Executor)> = OnceLock::new();
-
-fn build(config: PythonExecution) -> (PythonExecution, Executor) {
-    let executor = match config.mode {
-        PythonMode::Pool => Executor::Pool(pool::RunnerPool::new(config.clone())),
-        PythonMode::InProcess => {
-            Executor::InProcess(in_process::InterpreterThreads::new(config.runners))
-        }
-    };
-    (config, executor)
+fn build(config: PythonExecution) -> (PythonExecution, RunnerPool) {
+    let pool = RunnerPool::new(config.pool_config());
+    (config, pool)
 }
 
 /// Sets how this process evaluates Python UDFs. Call it once, before the
@@ -180,32 +202,32 @@ pub fn python_execution() -> &'static PythonExecution {
     &executor().0
 }
 
-/// Starts what Python UDFs will run on now, so a broken environment fails
-/// at start-up rather than at the first query: every runner of the pool
-/// (each imports pyarrow and cloudpickle), or the embedded interpreter.
+/// Starts every runner now, so a broken environment fails at start-up
+/// rather than at the first query (each runner imports pyarrow and cloudpickle).
 pub fn start_python() -> Result<()> {
-    match &executor().1 {
-        Executor::Pool(pool) => pool.warm_up(),
-        Executor::InProcess(_) => crate::python::ensure_python(),
+    if python_execution().mode == PythonMode::InProcess {
+        crate::python::ensure_python()?;
     }
+    pool().warm_up().map_err(DataFusionError::Configuration)
 }
 
-/// What the runner pool has done, when this process uses one.
+/// What this process's runner pool has done.
 pub fn runner_pool_stats() -> Option<PoolStats> {
-    match &EXECUTOR.get()?.1 {
-        Executor::Pool(pool) => Some(pool.stats()),
-        Executor::InProcess(_) => None,
-    }
+    EXECUTOR.get().map(|(_, pool)| pool.stats())
 }
 
-fn executor() -> &'static (PythonExecution, Executor) {
+fn executor() -> &'static (PythonExecution, RunnerPool) {
     EXECUTOR.get_or_init(|| build(PythonExecution::default()))
+}
+
+pub(crate) fn pool() -> &'static RunnerPool {
+    &executor().1
 }
 
 /// Runs `wait` — which blocks until Python is done — without holding up
 /// the engine: on a multi-threaded tokio runtime the thread's other work
 /// moves to another thread first.
-fn wait_off_runtime<T>(wait: impl FnOnce() -> T) -> T {
+pub(crate) fn wait_off_runtime<T>(wait: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
@@ -215,117 +237,36 @@ fn wait_off_runtime<T>(wait: impl FnOnce() -> T) -> T {
     }
 }
 
-/// One call of a Python UDF on one batch: the arguments as arrays of the
-/// batch's length. Returns the result unchecked (the caller validates it).
-pub(crate) fn evaluate(
-    udf_name: &str,
-    returns: &DataType,
-    callable: &Arc<PythonCallable>,
-    arrays: &[ArrayRef],
-    number_rows: usize,
-    task: Option<&str>,
-) -> Result<ArrayData> {
-    match &executor().1 {
-        Executor::Pool(pool) => {
-            let arguments = protocol::encode_arguments(arrays, number_rows)?;
-            let cancel = task.map(task_token);
-            let message = (protocol::CALL, arguments.as_slice());
-            in_pool(
-                pool,
-                udf_name,
-                returns,
-                callable,
-                message,
-                number_rows,
-                cancel.as_ref(),
-            )
-        }
-        Executor::InProcess(threads) => {
-            let callable = Arc::clone(callable);
-            let arrays = arrays.to_vec();
-            let name = udf_name.to_string();
-            let returns = returns.clone();
-            wait_off_runtime(|| threads.run(move || callable.call(&name, &returns, &arrays)))
-        }
+/// What the pool needs to run `function` (built once per function): its
+/// pickle, who pickled it, and its call options. May pickle a live callable
+/// or look a pickle up: call it off the async runtime.
+pub(crate) fn function_spec(function: &PythonFunction) -> Result<Arc<FunctionSpec>> {
+    if let Some(spec) = function.spec.get() {
+        return Ok(Arc::clone(spec));
     }
-}
-
-/// What a stateless call of an aggregate or window UDF works on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StatelessKind {
-    /// The callable is an accumulator factory.
-    Aggregate,
-    /// The callable is a window evaluator factory.
-    Window,
-}
-
-/// One op of an aggregate or window UDF (`python/dfship/_runner.py`,
-/// `_aggregate` and `_window`, documents the ops and their batches). All the
-/// state it needs travels in `batches`, so any runner may serve it. Returns
-/// the one result column, unchecked.
-pub(crate) fn stateless(
-    udf_name: &str,
-    returns: &DataType,
-    callable: &Arc<PythonCallable>,
-    kind: StatelessKind,
-    op: u8,
-    batches: &[arrow::array::RecordBatch],
-    number_rows: usize,
-) -> Result<ArrayData> {
-    let message = match kind {
-        StatelessKind::Aggregate => protocol::AGGREGATE,
-        StatelessKind::Window => protocol::WINDOW,
-    };
-    let body = protocol::encode_op(op, batches)?;
-    match &executor().1 {
-        Executor::Pool(pool) => {
-            let message = (message, body.as_slice());
-            in_pool(
-                pool,
-                udf_name,
-                returns,
-                callable,
-                message,
-                number_rows,
-                None,
-            )
-        }
-        Executor::InProcess(threads) => {
-            let callable = Arc::clone(callable);
-            let name = udf_name.to_string();
-            let returns = returns.clone();
-            wait_off_runtime(|| {
-                threads.run(move || {
-                    in_process::stateless_call(&callable, &name, &returns, message, &body)
-                })
-            })
-        }
-    }
-}
-
-/// Sends `message` (its kind, and its body after the digest) to a runner of
-/// `pool`, off the async runtime.
-fn in_pool(
-    pool: &'static pool::RunnerPool,
-    udf_name: &str,
-    returns: &DataType,
-    callable: &PythonCallable,
-    (message, body): (u8, &[u8]),
-    number_rows: usize,
-    cancel: Option<&CancelToken>,
-) -> Result<ArrayData> {
-    let pickled = callable.pickled(udf_name)?;
-    wait_off_runtime(|| {
-        pool.call(&pool::RunnerCall {
-            udf_name,
-            returns,
-            pickled,
-            message,
-            body,
-            number_rows,
-            cancel,
-        })
-    })
+    let name = &function.signature.name;
+    let pickled = function.callable.pickled(name)?;
+    let versions = pickled.versions();
+    let spec = Arc::new(FunctionSpec {
+        name: name.clone(),
+        digest: *pickled.digest(),
+        content: match pickled.content() {
+            PickleContent::Callable => CONTENT_CALLABLE,
+            PickleContent::DataFusionPythonTuple => CONTENT_DATAFUSION_TUPLE,
+        },
+        pickle: pickled.bytes().clone(),
+        versions: RunnerVersions {
+            python_major: versions.python_major,
+            python_minor: versions.python_minor,
+            cloudpickle_major: versions.cloudpickle_major,
+        },
+        concurrency: function.options.concurrency.map(|n| usize::from(n.get())),
+        max_in_flight: function
+            .options
+            .max_in_flight
+            .map_or(DEFAULT_MAX_IN_FLIGHT, |n| usize::from(n.get())),
+    });
+    Ok(Arc::clone(function.spec.get_or_init(|| spec)))
 }
 
 extensions_options! {
@@ -340,20 +281,6 @@ impl ConfigExtension for TaskOptions {
     const PREFIX: &'static str = "dfship";
 }
 
-/// Set when the task a call belongs to is over (cancelled, or finished).
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
-
 static TASKS: LazyLock<Mutex<HashMap<String, CancelToken>>> = LazyLock::new(Default::default);
 
 /// The token of task `id` (created on first use).
@@ -366,8 +293,8 @@ pub fn task_token(id: &str) -> CancelToken {
 /// before they are forgotten.
 const ENDED_TASKS_KEPT: usize = 16_384;
 
-/// Ends task `id`: its Python calls still running are stopped (their
-/// runners killed and replaced), and calls it makes later fail at once.
+/// Ends task `id`: its Python calls still running are stopped, and calls
+/// it makes later fail at once.
 pub fn end_task(id: &str) {
     let mut tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner());
     tasks.entry(id.to_string()).or_default().cancel();

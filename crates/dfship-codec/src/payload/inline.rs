@@ -30,6 +30,7 @@ pub(crate) fn encode(
     write(
         function.kind,
         &function.signature,
+        function.options,
         pickled,
         options.cluster_key(),
     )
@@ -57,6 +58,8 @@ pub(crate) fn decode(name: &str, payload: Bytes, options: &CodecOptions) -> Resu
         kind: frame.kind,
         signature: frame.signature,
         callable: Arc::new(callable),
+        options: frame.options,
         received: Some((WireFormat::Inline, payload)),
+        spec: Default::default(),
     })
 }

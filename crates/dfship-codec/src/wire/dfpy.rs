@@ -1,4 +1,4 @@
-//! datafusion-python 55's `DFPYUDF` v1 scalar UDF payload.
+//! datafusion-python 55's `DFPYUDF` v1 scalar UDF payload (and `DFPYUDA`/`DFPYUDW`, the same layout for aggregates and windows).
 //!
 //! | offset | size | field |
 //! |---|---|---|

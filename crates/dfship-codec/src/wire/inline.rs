@@ -1,4 +1,4 @@
-//! `DFSHIPU` v1: this project's own frame for an inline Python scalar UDF;
+//! `DFSHIPU` v2: this project's own frame for an inline Python scalar UDF;
 //! `DFSHIPA` and `DFSHIPW` are the same frame for aggregate and window UDFs.
 //!
 //! Everything a receiver must check comes before the pickle, so it can refuse
@@ -9,7 +9,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 7 | magic `DFSHIPU` |
-//! | 7 | 1 | frame version, `1` |
+//! | 7 | 1 | frame version, `2` (version `1` frames, without call options, are read too) |
 //! | 8 | 1 | Python major version of the pickler |
 //! | 9 | 1 | Python minor version of the pickler |
 //! | 10 | 1 | cloudpickle major version of the pickler |
@@ -17,6 +17,7 @@
 //! | 12 | 2 | `N`, length of the name |
 //! | 14 | N | UDF name, UTF-8 |
 //! | +0 | 1 | volatility: 0 immutable, 1 stable, 2 volatile |
+//! | +1 | 8 | call options (v2 only): `batch_size u32`, `concurrency u16`, `max_in_flight u16`, 0 = unset |
 //! | +1 | 4 | `I`, length of the argument schema |
 //! | +5 | I | Arrow IPC schema stream, fields `arg_0`…`arg_n` (exact input types) |
 //! | … | 4 | `R`, length of the return schema |
@@ -49,6 +50,7 @@ use bytes::Bytes;
 use datafusion::error::Result;
 
 use crate::auth::ClusterKey;
+use crate::call_options::CallOptions;
 use crate::error::UdfPayloadError;
 use crate::pickled::{sha256, PickleContent, PickledCallable, PicklerVersions};
 use crate::signature::{volatility_code, volatility_from_code, UdfSignature};
@@ -78,8 +80,8 @@ fn family_name(kind: FunctionKind) -> &'static str {
         FunctionKind::Window => "DFSHIPW",
     }
 }
-/// The frame version this build writes and reads.
-pub const INLINE_VERSION: u8 = 1;
+/// The frame version this build writes (it reads this one and version 1).
+pub const INLINE_VERSION: u8 = 2;
 
 const FLAG_SIGNED: u8 = 0b0000_0001;
 const FLAG_BY_DIGEST: u8 = 0b0000_0010;
@@ -92,6 +94,7 @@ const TAG_LEN: usize = 32;
 pub struct InlineFrame {
     pub kind: FunctionKind,
     pub signature: UdfSignature,
+    pub options: CallOptions,
     pub pickle: FramePickle,
 }
 
@@ -119,10 +122,11 @@ pub fn is_by_digest(frame: &[u8]) -> bool {
 pub fn write_frame(
     kind: FunctionKind,
     signature: &UdfSignature,
+    options: CallOptions,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
 ) -> Result<Vec<u8>> {
-    write(kind, signature, pickled, key, false)
+    write(kind, signature, options, pickled, key, false)
 }
 
 /// Writes a frame that names the pickle by its digest (see the module docs);
@@ -130,15 +134,17 @@ pub fn write_frame(
 pub fn write_reference_frame(
     kind: FunctionKind,
     signature: &UdfSignature,
+    options: CallOptions,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
 ) -> Result<Vec<u8>> {
-    write(kind, signature, pickled, key, true)
+    write(kind, signature, options, pickled, key, true)
 }
 
 fn write(
     kind: FunctionKind,
     signature: &UdfSignature,
+    options: CallOptions,
     pickled: &PickledCallable,
     key: Option<&ClusterKey>,
     by_digest: bool,
@@ -169,6 +175,7 @@ fn write(
     head.extend_from_slice(&name_len.to_le_bytes());
     head.extend_from_slice(name);
     head.push(volatility_code(signature.volatility));
+    head.extend_from_slice(&options.to_wire());
     push_length_prefixed(&mut head, &input_schema)?;
     push_length_prefixed(&mut head, &return_schema)?;
     if kind == FunctionKind::Aggregate {
@@ -232,7 +239,7 @@ pub fn read_frame_with(
         });
     };
     let version = reader.u8("the frame version")?;
-    if version != INLINE_VERSION {
+    if version != INLINE_VERSION && version != 1 {
         return Err(UdfPayloadError::UnsupportedVersion {
             name: expected_name.to_string(),
             family: family_name(kind),
@@ -255,6 +262,11 @@ pub fn read_frame_with(
     let name_len = reader.u16_le("the name length")? as usize;
     let name = reader.take("the name", name_len)?;
     let volatility = reader.u8("the volatility")?;
+    let options = if version >= 2 {
+        CallOptions::from_wire(reader.array("the call options")?)
+    } else {
+        CallOptions::default()
+    };
     let input_schema = reader.length_prefixed("the argument schema")?;
     let return_schema = reader.length_prefixed("the return schema")?;
     let state_schema = match kind {
@@ -326,6 +338,7 @@ pub fn read_frame_with(
     Ok(InlineFrame {
         kind,
         signature,
+        options,
         pickle,
     })
 }
