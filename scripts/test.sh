@@ -12,7 +12,7 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-(cd python && ../.venv/bin/mypy dfship)
+(cd python && ../.venv/bin/mypy dfship ../crates/dfship-runtime/runner/dfship_runner.py)
 
 echo "== Rust tests (one process per test: each may start its own interpreter)"
 # Integration tests spawn the worker binary and load the FFI example library.

@@ -7,10 +7,13 @@
 //! accumulator or evaluator factory), "input_types": [pyarrow.DataType],
 //! "return_type": pyarrow.DataType | pyarrow.Field, "state_types":
 //! [pyarrow.DataType] (aggregates only), "volatility": "immutable" | "stable"
-//! | "volatile"}`.
+//! | "volatile", and optionally "batch_size", "concurrency", "max_in_flight"
+//! (positive integers, see [`CallOptions`])}`. A scalar UDF's "func" may be
+//! a class (one instance per runner) or `async`.
 //! Functions defined in a file loaded this way belong to no importable
 //! module, so cloudpickle ships them by value.
 
+use std::num::{NonZeroU16, NonZeroU32};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -24,7 +27,7 @@ use pyo3::types::PyDict;
 
 use crate::python::{self, describe_exception};
 use crate::signature::volatility_from_str;
-use crate::{PythonAggregateUdf, PythonScalarUdf, PythonWindowUdf, UdfSignature};
+use crate::{CallOptions, PythonAggregateUdf, PythonScalarUdf, PythonWindowUdf, UdfSignature};
 
 /// A declared Python UDF of any kind.
 #[derive(Debug, Clone)]
@@ -165,12 +168,17 @@ fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<PythonUdf>> {
     let return_type = spec.get_item("return_type")?;
     let return_field = match Field::from_pyarrow_bound(&return_type) {
         Ok(field) => field.with_name(name.clone()),
-        Err(_) => Field::new(
-            name.clone(),
-            DataType::from_pyarrow_bound(&return_type)?,
-            true,
-        ),
+        // A type: as a nullable field, so an extension type keeps its
+        // metadata (a bare DataType would be its storage type only).
+        Err(_) => {
+            let field = spec
+                .py()
+                .import("pyarrow")?
+                .call_method1("field", (name.as_str(), &return_type))?;
+            Field::from_pyarrow_bound(&field)?
+        }
     };
+    let options = call_options(spec)?;
     let volatility: String = spec.get_item("volatility")?.extract()?;
     let volatility = match volatility_from_str(&name, &volatility) {
         Ok(v) => v,
@@ -187,23 +195,64 @@ fn declaration(spec: &Bound<'_, PyAny>) -> PyResult<Result<PythonUdf>> {
         Ok(kind) => kind.extract()?,
         Err(_) => "scalar".to_string(),
     };
+    let options = match options {
+        Ok(options) => options,
+        Err(e) => return Ok(Err(e)),
+    };
     Ok(match kind.as_str() {
         "scalar" => PythonScalarUdf::new(signature, func)
-            .map(|udf| PythonUdf::Scalar(udf.into_scalar_udf())),
+            .map(|udf| PythonUdf::Scalar(udf.with_call_options(options).into_scalar_udf())),
         "aggregate" => {
             let state_types = spec
                 .get_item("state_types")?
                 .try_iter()?
                 .map(|t| t.and_then(|t| DataType::from_pyarrow_bound(&t)))
                 .collect::<PyResult<Vec<_>>>()?;
-            PythonAggregateUdf::new(signature.with_state_types(state_types), func)
-                .map(|udaf| PythonUdf::Aggregate(udaf.into_aggregate_udf()))
+            PythonAggregateUdf::new(signature.with_state_types(state_types), func).map(|udaf| {
+                PythonUdf::Aggregate(udaf.with_call_options(options).into_aggregate_udf())
+            })
         }
         "window" => PythonWindowUdf::new(signature, func)
-            .map(|udwf| PythonUdf::Window(udwf.into_window_udf())),
+            .map(|udwf| PythonUdf::Window(udwf.with_call_options(options).into_window_udf())),
         other => Err(DataFusionError::Plan(format!(
             "UDF declaration '{}' has kind '{other}'; expected scalar, aggregate or window",
             signature.name
         ))),
     })
+}
+
+/// `batch_size`, `concurrency` and `max_in_flight` of a declaration (each
+/// optional, a positive integer).
+fn call_options(spec: &Bound<'_, PyAny>) -> PyResult<Result<CallOptions>> {
+    let name: String = spec.get_item("name")?.extract()?;
+    let number = |key: &str, max: u64| -> PyResult<Result<Option<u64>>> {
+        let value = match spec.get_item(key) {
+            Ok(value) if !value.is_none() => value,
+            _ => return Ok(Ok(None)),
+        };
+        Ok(match value.extract::<u64>() {
+            Ok(n) if n >= 1 && n <= max => Ok(Some(n)),
+            _ => Err(DataFusionError::Plan(format!(
+                "UDF '{name}': {key} must be an integer from 1 to {max}, got {}",
+                value.repr().map(|r| r.to_string()).unwrap_or_default()
+            ))),
+        })
+    };
+    let batch_size = match number("batch_size", u64::from(u32::MAX))? {
+        Ok(n) => n.and_then(|n| NonZeroU32::new(n as u32)),
+        Err(e) => return Ok(Err(e)),
+    };
+    let concurrency = match number("concurrency", u64::from(u16::MAX))? {
+        Ok(n) => n.and_then(|n| NonZeroU16::new(n as u16)),
+        Err(e) => return Ok(Err(e)),
+    };
+    let max_in_flight = match number("max_in_flight", u64::from(u16::MAX))? {
+        Ok(n) => n.and_then(|n| NonZeroU16::new(n as u16)),
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(CallOptions {
+        batch_size,
+        concurrency,
+        max_in_flight,
+    }))
 }

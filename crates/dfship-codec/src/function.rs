@@ -24,6 +24,8 @@ pub(crate) struct PythonFunction {
     pub received: Option<(WireFormat, Bytes)>,
     /// What the runner pool is given to run it (built on first call).
     pub(crate) spec: std::sync::OnceLock<Arc<dfship_runtime::FunctionSpec>>,
+    /// The task this instance serves, on a worker (see `task_binding`).
+    pub(crate) task: std::sync::OnceLock<dfship_runtime::CancelToken>,
 }
 
 impl PythonFunction {
@@ -58,6 +60,7 @@ impl PythonFunction {
             options: CallOptions::default(),
             received: None,
             spec: Default::default(),
+            task: Default::default(),
         })
     }
 
@@ -68,6 +71,11 @@ impl PythonFunction {
             spec: Default::default(),
             ..self
         }
+    }
+
+    /// Binds this instance to a task; the first binding holds.
+    pub(crate) fn bind_task(&self, token: &dfship_runtime::CancelToken) {
+        let _ = self.task.set(token.clone());
     }
 
     pub(crate) fn received(&self, format: WireFormat) -> Option<&Bytes> {

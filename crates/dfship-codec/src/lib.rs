@@ -40,6 +40,7 @@ mod python_udwf;
 mod result_check;
 mod signature;
 mod store;
+mod task_binding;
 mod window_node;
 pub mod wire;
 
@@ -65,6 +66,7 @@ pub use python_udaf::PythonAggregateUdf;
 pub use python_udf::PythonScalarUdf;
 pub use python_udwf::PythonWindowUdf;
 pub use signature::UdfSignature;
+pub use task_binding::bind_python_udfs_to_task;
 pub use store::{PayloadStore, DEFAULT_STORE_BYTES, DEFAULT_STORE_WAIT};
 pub use window_node::{
     attach_window_frames, wrap_python_windows, AttachWindowFrames, PythonWindowNode,

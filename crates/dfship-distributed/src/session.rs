@@ -117,8 +117,15 @@ impl PythonWorkerSessionBuilder {
     }
 }
 
-/// Logs each task plan a worker receives (task index and count, root node).
-fn log_task_plan(event: WorkerPlanRewriteEvent) -> Result<WorkerPlanRewriteEventResponse> {
+/// Prepares each task plan a worker receives: binds its Python aggregate and
+/// window UDFs to the task (so their calls stop when it ends), and logs it
+/// (task index and count, root node).
+fn prepare_task_plan(event: WorkerPlanRewriteEvent) -> Result<WorkerPlanRewriteEventResponse> {
+    if let Some(options) = event.session_config.options().extensions.get::<TaskOptions>() {
+        if !options.task_id.is_empty() {
+            dfship_codec::bind_python_udfs_to_task(&event.plan, &options.task_id)?;
+        }
+    }
     let task = event
         .session_config
         .get_extension::<DistributedTaskContext>();
@@ -136,7 +143,7 @@ impl WorkerSessionBuilder for PythonWorkerSessionBuilder {
     async fn build_session_state(&self, ctx: WorkerQueryContext) -> Result<SessionState> {
         let mut builder = ctx
             .builder
-            .with_distributed_worker_plan_rewrite_handler(log_task_plan);
+            .with_distributed_worker_plan_rewrite_handler(prepare_task_plan);
         let task_id = ctx
             .headers
             .get(TASK_ID_HEADER)

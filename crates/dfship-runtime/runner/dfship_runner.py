@@ -204,7 +204,8 @@ def _as_array(pa: Any, result: Any, what: str) -> Any:
         try:
             result = pa.array(result)
         except Exception as error:
-            raise Failure(BAD_RESULT, f"{what} returned an object pyarrow cannot read ({_describe(error)})") from None
+            detail = f"{what} returned an object pyarrow cannot read ({_describe(error)})"
+            raise Failure(BAD_RESULT, detail) from None
     if not isinstance(result, pa.Array):
         detail = (
             f"{what} must return a pyarrow.Array (e.g. pa.array(values, type=...)), "
@@ -282,12 +283,12 @@ class Function:
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
-        target = obj.func if isinstance(obj, functools.partial) else obj
+        target: Any = obj.func if isinstance(obj, functools.partial) else obj
         self.is_class = isinstance(target, type)
         self.name = str(getattr(target, "__qualname__", None) or type(target).__name__)
-        call = getattr(target, "__call__", None) if self.is_class else obj
+        call = target.__call__ if self.is_class else obj
         self.is_async = inspect.iscoroutinefunction(call) or (
-            not self.is_class and inspect.iscoroutinefunction(getattr(type(obj), "__call__", None))
+            not self.is_class and inspect.iscoroutinefunction(type(obj).__call__)
         )
         self.instance: Any = None
 
@@ -358,7 +359,8 @@ class Groups:
         data, spans = _rows_by_group(pa, rows.column(0), rows.columns[1:])
         for group, (start, length) in spans.items():
             if not 0 <= group < len(self.accumulators):
-                raise Failure(PROTOCOL, f"group {group} outside the {len(self.accumulators)} groups announced")
+                announced = len(self.accumulators)
+                raise Failure(PROTOCOL, f"group {group} outside the {announced} groups announced")
             accumulator = self._get(group)
             sliced = [column.slice(start, length) for column in data]
             if op == AGG_UPDATE:
@@ -398,7 +400,8 @@ def _states(pa: Any, accumulators: list[Any], state_type: Any) -> Any:
             )
         states.append(state)
     columns = [
-        _column(pa, [state[i] for state in states], field.type, f"state() value {i}") for i, field in enumerate(fields)
+        _column(pa, [state[i] for state in states], field.type, f"state() value {i}")
+        for i, field in enumerate(fields)
     ]
     return pa.StructArray.from_arrays(columns, fields=fields)
 
@@ -445,7 +448,7 @@ def _window(pa: Any, factory: Any, op: int, batches: list[Any]) -> Any:
         frames = batches[2]
         starts, ends = frames.column(0).to_pylist(), frames.column(1).to_pylist()
         evaluate = evaluator.evaluate
-        results = [_user("evaluate()", evaluate, columns, (start, end)) for start, end in zip(starts, ends, strict=True)]
+        results = [_user("evaluate()", evaluate, columns, frame) for frame in zip(starts, ends, strict=True)]
         return _column(pa, results, returns, "evaluate()")
     raise Failure(PROTOCOL, f"unknown window op {op}")
 
@@ -616,7 +619,8 @@ class Runner:
             self.send(DONE, request, struct.pack("<Q", groups.size()))
         elif op == AGG_STATE:
             state_type = batches[0].schema.field(0).type
-            self.send(RESULT, request, _result_stream(pa, _states(pa, groups.emit(count, bool(take)), state_type)))
+            states = _states(pa, groups.emit(count, bool(take)), state_type)
+            self.send(RESULT, request, _result_stream(pa, states))
         elif op == AGG_EVALUATE:
             returns = batches[0].schema.field(0).type
             values = [_user("evaluate()", a.evaluate) for a in groups.emit(count, bool(take))]
@@ -666,7 +670,7 @@ class Runner:
 
 
 def serve(sock: socket.socket) -> None:
-    """Announces this runner on ``sock`` (READY, or ERROR if pyarrow or cloudpickle is missing) and serves it."""
+    """Announces this runner on ``sock`` (READY; ERROR without pyarrow or cloudpickle), then serves it."""
     try:
         import cloudpickle
         import pyarrow as pa

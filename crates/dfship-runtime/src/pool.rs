@@ -117,6 +117,9 @@ pub enum CallError {
     },
     /// The runner died during the call; how it ended.
     Lost { how: String },
+    /// The runner was killed during the call because of another call on it
+    /// (one that ran past the timeout, broke the protocol, or was cancelled).
+    Stopped { reason: String },
     /// The call ran longer than the pool's call timeout; its runner was killed.
     TimedOut { after: Duration },
     /// The caller cancelled it.
@@ -140,6 +143,7 @@ impl fmt::Display for CallError {
         match self {
             Self::Failed { text, .. } => write!(f, "{text}"),
             Self::Lost { how } => write!(f, "its runner died during the call: {how}"),
+            Self::Stopped { reason } => write!(f, "its runner was killed during the call: {reason}"),
             Self::TimedOut { after } => write!(f, "it did not finish within {after:?}"),
             Self::Cancelled => write!(f, "the call was cancelled"),
             Self::StateLost { how } => write!(f, "the runner holding its state is gone: {how}"),

@@ -133,7 +133,11 @@ pub(crate) fn start(
 /// Why the scheduler is ending a runner.
 #[derive(Debug, Clone)]
 enum Ending {
-    TimedOut { request: u64, after: Duration },
+    TimedOut {
+        request: u64,
+        after: Duration,
+        name: String,
+    },
     Broken(String),
     Cancelled,
 }
@@ -438,8 +442,9 @@ impl Scheduler {
         }
         let lost_state = match &ending {
             None => format!("runner {} (pid {}) died: {how}", runner.id, runner.pid),
-            Some(Ending::TimedOut { after, .. }) => format!(
-                "runner {} was killed because a call on it ran past {after:?}",
+            Some(Ending::TimedOut { after, name, .. }) => format!(
+                "runner {} was killed because a call of Python UDF '{name}' on it ran past \
+                 {after:?} (the call timeout)",
                 runner.id
             ),
             Some(Ending::Broken(detail)) => format!(
@@ -465,14 +470,16 @@ impl Scheduler {
             };
             let error = match &ending {
                 None => CallError::Lost { how: how.clone() },
-                Some(Ending::TimedOut { request: late, after }) if *late == request => {
-                    CallError::TimedOut { after: *after }
-                }
+                Some(Ending::TimedOut {
+                    request: late,
+                    after,
+                    ..
+                }) if *late == request => CallError::TimedOut { after: *after },
                 Some(Ending::Broken(detail)) => CallError::Broken {
                     detail: detail.clone(),
                 },
-                Some(_) => CallError::Lost {
-                    how: lost_state.clone(),
+                Some(_) => CallError::Stopped {
+                    reason: lost_state.clone(),
                 },
             };
             waiting.answer(Err(error));
@@ -570,6 +577,7 @@ impl Scheduler {
     // Callers.
 
     fn cancel(&mut self, request: u64) {
+        tracing::debug!(request, "call cancelled");
         if let Some(at) = self.waiting.iter().position(|w| w.id == request) {
             if let Some(waiting) = self.waiting.remove(at) {
                 Counters::bump(&self.counters.cancelled);
@@ -618,6 +626,7 @@ impl Scheduler {
     }
 
     fn close(&mut self, object: u64) {
+        tracing::debug!(object, "object closed");
         // Calls of the object not sent yet have nobody waiting for them.
         self.waiting.retain(|w| {
             w.spec.object.map(|o| o.id) != Some(object)
@@ -692,9 +701,14 @@ impl Scheduler {
                 }
             });
             if let Some(request) = late_sync.or(late_async) {
+                let name = match runner.in_flight.get(&request) {
+                    Some(InFlight::Call { name, .. }) => name.clone(),
+                    _ => "?".to_string(),
+                };
                 runner.kill(Ending::TimedOut {
                     request,
                     after: timeout,
+                    name,
                 });
             }
         }
@@ -892,6 +906,14 @@ impl Scheduler {
             runner.sync_order.push_back(waiting.id);
         }
         Counters::bump(&self.counters.calls);
+        tracing::debug!(
+            runner = id,
+            udf = %function.name,
+            object = ?spec.object,
+            asynchronous,
+            queued = runner.sync_order.len(),
+            "call sent"
+        );
         runner.in_flight.insert(
             waiting.id,
             InFlight::Call {

@@ -134,7 +134,7 @@ fn stateless(function: &PythonFunction, kind: u8, body: Vec<Bytes>) -> Result<(F
         };
         let reply = pool
             .submit(call)
-            .wait(pool, None)
+            .wait(pool, function.task.get())
             .map_err(|e| call_error(name, returns, e))?;
         result_of(name, reply)
     })

@@ -40,6 +40,12 @@ pub(crate) fn call_error(name: &str, returns: &DataType, error: CallError) -> Da
                 ErrorKind::UdfRaised.tag()
             )
         }
+        CallError::Stopped { reason } => format!(
+            "{} the call of Python UDF '{name}' was stopped: {reason}. The runner is replaced and \
+             the worker keeps serving; if a call timed out, make that UDF faster, give it fewer \
+             rows per call (batch_size), or raise --udf-timeout",
+            ErrorKind::UdfRaised.tag()
+        ),
         CallError::Broken { detail } => format!(
             "{} the runner evaluating Python UDF '{name}' broke the runner protocol ({detail}); \
              it was killed and is replaced, and none of its messages reached another call. A UDF \

@@ -62,6 +62,10 @@ impl RunnerObject {
     }
 
     fn call(&mut self, op: u8, count: u64, take: bool, batches: &[RecordBatch]) -> Result<CallSpec> {
+        if self.function.task.get().is_some_and(|task| task.is_cancelled()) {
+            let returns = self.function.signature.return_field.data_type();
+            return Err(call_error(self.name(), returns, dfship_runtime::CallError::Cancelled));
+        }
         let spec = wait_off_runtime(|| function_spec(&self.function))?;
         let streams = protocol::encode_streams(batches)?;
         let object = ObjectCall {
@@ -103,7 +107,8 @@ impl RunnerObject {
         let call = self.call(op, count, take, &[shape])?;
         let name = self.function.signature.name.clone();
         let returns = self.function.signature.return_field.data_type().clone();
-        let reply = wait_off_runtime(|| pool().submit(call).wait(pool(), None))
+        let task = self.function.task.get().cloned();
+        let reply = wait_off_runtime(|| pool().submit(call).wait(pool(), task.as_ref()))
             .map_err(|e| call_error(&name, &returns, e))?;
         result_of(&name, reply)
     }
@@ -125,7 +130,8 @@ impl RunnerObject {
             let Some(call) = self.in_flight.pop_front() else {
                 break;
             };
-            let answer = wait_off_runtime(|| call.wait(pool(), None));
+            let task = self.function.task.get().cloned();
+            let answer = wait_off_runtime(|| call.wait(pool(), task.as_ref()));
             self.absorb(answer)?;
         }
         Ok(())

@@ -61,5 +61,6 @@ pub(crate) fn decode(name: &str, payload: Bytes, options: &CodecOptions) -> Resu
         options: frame.options,
         received: Some((WireFormat::Inline, payload)),
         spec: Default::default(),
+        task: Default::default(),
     })
 }
