@@ -2,7 +2,6 @@
 //! (gRPC on 127.0.0.1) in every position of a distributed plan, with results
 //! equal to single-node DataFusion.
 
-
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion_distributed::display_plan_ascii;
 use dfship_codec::{CallableCache, CodecOptions};

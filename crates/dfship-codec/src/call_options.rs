@@ -92,6 +92,9 @@ mod tests {
             .with_concurrency(NonZeroU16::new(3))
             .with_max_in_flight(NonZeroU16::new(64));
         assert_eq!(CallOptions::from_wire(all.to_wire()), all);
-        assert_eq!(all.describe(), "batch_size 100000, concurrency 3, max_in_flight 64");
+        assert_eq!(
+            all.describe(),
+            "batch_size 100000, concurrency 3, max_in_flight 64"
+        );
     }
 }

@@ -11,7 +11,6 @@ use datafusion::error::{DataFusionError, Result};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 
-
 use crate::cache::CallableCache;
 use crate::error::UdfPayloadError;
 use crate::pickled::{sha256, short_hex, PickleContent, PickledCallable};

@@ -66,8 +66,8 @@ pub use python_udaf::PythonAggregateUdf;
 pub use python_udf::PythonScalarUdf;
 pub use python_udwf::PythonWindowUdf;
 pub use signature::UdfSignature;
-pub use task_binding::bind_python_udfs_to_task;
 pub use store::{PayloadStore, DEFAULT_STORE_BYTES, DEFAULT_STORE_WAIT};
+pub use task_binding::bind_python_udfs_to_task;
 pub use window_node::{
     attach_window_frames, wrap_python_windows, AttachWindowFrames, PythonWindowNode,
 };

@@ -203,7 +203,10 @@ impl PythonGroupsAccumulator {
                 .collect()
         });
         let groups: Vec<i64> = match &kept {
-            Some(rows) => rows.iter().map(|&r| group_indices[r as usize] as i64).collect(),
+            Some(rows) => rows
+                .iter()
+                .map(|&r| group_indices[r as usize] as i64)
+                .collect(),
             None => group_indices.iter().map(|&g| g as i64).collect(),
         };
         let take = kept.map(UInt64Array::from);
@@ -220,7 +223,10 @@ impl PythonGroupsAccumulator {
                 None => Arc::clone(value),
             });
         }
-        Ok(RecordBatch::try_new(Arc::new(Schema::new(schema)), columns)?)
+        Ok(RecordBatch::try_new(
+            Arc::new(Schema::new(schema)),
+            columns,
+        )?)
     }
 
     fn apply(
@@ -265,9 +271,7 @@ impl PythonGroupsAccumulator {
             arrow::array::new_empty_array(&state_type).to_data()
         } else {
             let shape = shape_of("state", &state_type)?;
-            let (_, data) = self
-                .object
-                .emit(AGG_STATE, count as u64, take, shape)?;
+            let (_, data) = self.object.emit(AGG_STATE, count as u64, take, shape)?;
             data
         };
         self.checked_states(data, count)
@@ -298,9 +302,7 @@ impl PythonGroupsAccumulator {
             return Ok(arrow::array::new_empty_array(returns.data_type()));
         }
         let shape = self.function.answer_shape()?;
-        let (field, data) = self
-            .object
-            .emit(AGG_EVALUATE, count as u64, take, shape)?;
+        let (field, data) = self.object.emit(AGG_EVALUATE, count as u64, take, shape)?;
         checked_result(&self.function.signature, Some(&field), data, count)
     }
 
@@ -333,7 +335,13 @@ impl GroupsAccumulator for PythonGroupsAccumulator {
         opt_filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        self.apply(AGG_UPDATE, values, group_indices, opt_filter, total_num_groups)
+        self.apply(
+            AGG_UPDATE,
+            values,
+            group_indices,
+            opt_filter,
+            total_num_groups,
+        )
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {

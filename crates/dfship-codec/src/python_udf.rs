@@ -120,13 +120,8 @@ impl ScalarUDFImpl for PythonScalarUdf {
             .get::<TaskOptions>()
             .map(|options| options.task_id.as_str())
             .filter(|id| !id.is_empty());
-        let array = execution::call_scalar(
-            &self.function,
-            &arrays,
-            &args.arg_fields,
-            number_rows,
-            task,
-        )?;
+        let array =
+            execution::call_scalar(&self.function, &arrays, &args.arg_fields, number_rows, task)?;
         Ok(ColumnarValue::Array(array))
     }
 }

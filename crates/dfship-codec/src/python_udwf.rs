@@ -33,13 +33,13 @@ use std::sync::{Arc, OnceLock};
 use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, RecordBatchOptions};
 use arrow::compute::SortOptions;
 use arrow::datatypes::{DataType, Field, FieldRef, Schema};
-use datafusion::logical_expr::window_state::WindowFrameContext;
-use datafusion::logical_expr::WindowFrame;
-use dfship_runtime::protocol::{WIN_ALL, WIN_DESCRIBE, WIN_FRAMES, WIN_RANK};
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::function::{PartitionEvaluatorArgs, WindowUDFFieldArgs};
+use datafusion::logical_expr::window_state::WindowFrameContext;
+use datafusion::logical_expr::WindowFrame;
 use datafusion::logical_expr::{PartitionEvaluator, Signature, WindowUDF, WindowUDFImpl};
+use dfship_runtime::protocol::{WIN_ALL, WIN_DESCRIBE, WIN_FRAMES, WIN_RANK};
 use pyo3::prelude::*;
 
 use crate::execution;
@@ -113,7 +113,11 @@ impl PythonWindowUdf {
     /// This UDF, for a window with `frame` ordered by keys sorted with
     /// `sort_options`: its evaluators fetch every frame of a partition in
     /// one call (module docs).
-    pub(crate) fn for_frame(&self, frame: Arc<WindowFrame>, sort_options: Vec<SortOptions>) -> Self {
+    pub(crate) fn for_frame(
+        &self,
+        frame: Arc<WindowFrame>,
+        sort_options: Vec<SortOptions>,
+    ) -> Self {
         Self {
             function: Arc::clone(&self.function),
             signature: self.signature.clone(),
@@ -242,10 +246,15 @@ impl PythonPartitionEvaluator {
 
     /// Every row's frame (DataFusion's own rules: `values` ends with the
     /// ORDER BY columns) and every row's value, in one call.
-    fn fetch_frames(&self, hint: &FrameHint, values: &[ArrayRef]) -> Result<(Vec<Range<usize>>, ArrayRef)> {
+    fn fetch_frames(
+        &self,
+        hint: &FrameHint,
+        values: &[ArrayRef],
+    ) -> Result<(Vec<Range<usize>>, ArrayRef)> {
         let rows = values.first().map_or(0, |v| v.len());
         let order_bys = &values[values.len().saturating_sub(hint.sort_options.len())..];
-        let mut context = WindowFrameContext::new(Arc::clone(&hint.frame), hint.sort_options.clone());
+        let mut context =
+            WindowFrameContext::new(Arc::clone(&hint.frame), hint.sort_options.clone());
         let mut ranges = Vec::with_capacity(rows);
         let mut last = Range { start: 0, end: 0 };
         for row in 0..rows {
@@ -259,8 +268,12 @@ impl PythonPartitionEvaluator {
                 Field::new("end", DataType::Int64, false),
             ])),
             vec![
-                Arc::new(Int64Array::from_iter_values(ranges.iter().map(|r| r.start as i64))),
-                Arc::new(Int64Array::from_iter_values(ranges.iter().map(|r| r.end as i64))),
+                Arc::new(Int64Array::from_iter_values(
+                    ranges.iter().map(|r| r.start as i64),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    ranges.iter().map(|r| r.end as i64),
+                )),
             ],
         )?;
         let batches = [

@@ -62,7 +62,10 @@ pub(crate) fn checked_result(
                 "is declared to return the extension type {declared} but returned {}; build the \
                  result with that type (e.g. `pa.array(values, type=pa.uuid())` or \
                  `pa.ExtensionArray.from_storage(...)`)",
-                returned.map_or_else(|| expected_type.to_string(), |name| format!("the extension type {name}"))
+                returned.map_or_else(
+                    || expected_type.to_string(),
+                    |name| format!("the extension type {name}")
+                )
             )));
         }
     }

@@ -195,12 +195,16 @@ fn attach_frames_to(node: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPla
             Some((udf, python)) if !python.knows_frame() => {
                 let frame = Arc::clone(expr.get_window_frame());
                 let sort_options = expr.order_by().iter().map(|sort| sort.options).collect();
-                let hinted = Arc::new(WindowUDF::new_from_impl(python.for_frame(
-                    Arc::clone(&frame),
-                    sort_options,
-                )));
-                let function =
-                    create_udwf_window_expr(&hinted, udf.args(), &schema, expr.name().to_string(), false)?;
+                let hinted = Arc::new(WindowUDF::new_from_impl(
+                    python.for_frame(Arc::clone(&frame), sort_options),
+                ));
+                let function = create_udwf_window_expr(
+                    &hinted,
+                    udf.args(),
+                    &schema,
+                    expr.name().to_string(),
+                    false,
+                )?;
                 exprs.push(Arc::new(StandardWindowExpr::new(
                     function,
                     expr.partition_by(),

@@ -46,7 +46,10 @@ async fn a_stage_decoded_for_100_tasks_loads_once_in_process() {
         assert_eq!(pretty(&run(task).await.unwrap()), expected);
     }
     let stats = dfship_codec::runner_pool_stats().unwrap();
-    assert_eq!(stats.loads, 1, "one load for 101 tasks on one runner: {stats:?}");
+    assert_eq!(
+        stats.loads, 1,
+        "one load for 101 tasks on one runner: {stats:?}"
+    );
     assert_eq!(stats.calls, 101, "{stats:?}");
 }
 

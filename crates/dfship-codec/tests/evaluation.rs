@@ -244,11 +244,13 @@ fn arguments_reach_python_with_their_fields() {
         PA,
         "lambda u: pa.array([x.version for x in u.to_pylist()], pa.int64())",
     );
-    let v4 = [0x3a, 0x1f, 0x2b, 0x4c, 0x5d, 0x6e, 0x4f, 0x70, 0x81, 0x92, 0xa3, 0xb4, 0xc5, 0xd6, 0xe7, 0xf8];
+    let v4 = [
+        0x3a, 0x1f, 0x2b, 0x4c, 0x5d, 0x6e, 0x4f, 0x70, 0x81, 0x92, 0xa3, 0xb4, 0xc5, 0xd6, 0xe7,
+        0xf8,
+    ];
     let input = Arc::new(FixedSizeBinaryArray::try_from_iter(vec![v4, v4].into_iter()).unwrap());
-    let field = Field::new("u", DataType::FixedSizeBinary(16), true).with_metadata(
-        [("ARROW:extension:name".to_string(), "arrow.uuid".to_string())].into(),
-    );
+    let field = Field::new("u", DataType::FixedSizeBinary(16), true)
+        .with_metadata([("ARROW:extension:name".to_string(), "arrow.uuid".to_string())].into());
     let out = udf
         .invoke_with_args(datafusion::logical_expr::ScalarFunctionArgs {
             args: vec![datafusion::logical_expr::ColumnarValue::Array(input)],

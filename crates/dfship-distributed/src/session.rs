@@ -121,7 +121,12 @@ impl PythonWorkerSessionBuilder {
 /// window UDFs to the task (so their calls stop when it ends), and logs it
 /// (task index and count, root node).
 fn prepare_task_plan(event: WorkerPlanRewriteEvent) -> Result<WorkerPlanRewriteEventResponse> {
-    if let Some(options) = event.session_config.options().extensions.get::<TaskOptions>() {
+    if let Some(options) = event
+        .session_config
+        .options()
+        .extensions
+        .get::<TaskOptions>()
+    {
         if !options.task_id.is_empty() {
             dfship_codec::bind_python_udfs_to_task(&event.plan, &options.task_id)?;
         }

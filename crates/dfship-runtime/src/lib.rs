@@ -39,8 +39,7 @@ mod scheduler;
 
 pub use launch::{describe_exit, InProcessRunner, Launcher, ProcessSettings, RUNNER_SOURCE};
 pub use pool::{
-    CallError, CallSpec, CancelToken, FunctionSpec, ObjectCall, PendingCall, PoolConfig,
-    PoolStats, Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_REPLY_BYTES,
+    CallError, CallSpec, CancelToken, FunctionSpec, ObjectCall, PendingCall, PoolConfig, PoolStats,
+    Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REPLY_BYTES,
 };
 pub use protocol::{ErrorClass, RunnerVersions, PROTOCOL_VERSION};

@@ -143,7 +143,9 @@ impl fmt::Display for CallError {
         match self {
             Self::Failed { text, .. } => write!(f, "{text}"),
             Self::Lost { how } => write!(f, "its runner died during the call: {how}"),
-            Self::Stopped { reason } => write!(f, "its runner was killed during the call: {reason}"),
+            Self::Stopped { reason } => {
+                write!(f, "its runner was killed during the call: {reason}")
+            }
             Self::TimedOut { after } => write!(f, "it did not finish within {after:?}"),
             Self::Cancelled => write!(f, "the call was cancelled"),
             Self::StateLost { how } => write!(f, "the runner holding its state is gone: {how}"),
@@ -261,7 +263,10 @@ impl RunnerPool {
     fn send(&self, event: Event) -> Result<(), String> {
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if events.is_none() {
-            *events = Some(scheduler::start(self.config.clone(), Arc::clone(&self.counters))?);
+            *events = Some(scheduler::start(
+                self.config.clone(),
+                Arc::clone(&self.counters),
+            )?);
         }
         match events.as_ref() {
             Some(sender) => sender

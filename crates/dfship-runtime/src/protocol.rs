@@ -296,8 +296,10 @@ mod tests {
     fn arguments_keep_their_field_metadata_and_row_count() {
         let ints: ArrayRef = Arc::new(Int64Array::from(vec![Some(1), None]));
         let strings: ArrayRef = Arc::new(StringArray::from(vec!["a", "b"]));
-        let tagged: FieldRef = Arc::new(Field::new("x", arrow::datatypes::DataType::Int64, true)
-            .with_metadata([("k".to_string(), "v".to_string())].into()));
+        let tagged: FieldRef = Arc::new(
+            Field::new("x", arrow::datatypes::DataType::Int64, true)
+                .with_metadata([("k".to_string(), "v".to_string())].into()),
+        );
         let bytes = encode_arguments(&[ints, strings], &[tagged], 2).unwrap();
         let batch = StreamReader::try_new(Cursor::new(bytes), None)
             .unwrap()
@@ -335,7 +337,10 @@ mod tests {
         ready.extend_from_slice(&[3, 11, 3]);
         ready.extend_from_slice(&77u32.to_le_bytes());
         let (protocol, versions, pid) = parse_ready(&ready).unwrap();
-        assert_eq!((protocol, versions.python_minor, pid), (PROTOCOL_VERSION, 11, 77));
+        assert_eq!(
+            (protocol, versions.python_minor, pid),
+            (PROTOCOL_VERSION, 11, 77)
+        );
         assert!(parse_ready(&ready[..5]).is_err());
         assert_eq!(parse_done(&9u64.to_le_bytes()), Ok(9));
         assert!(parse_done(b"short").is_err());

@@ -10,8 +10,12 @@
 //!   moves. If that runner is gone, the call fails (`StateLost`): state is
 //!   never rebuilt behind the caller's back.
 //! - **A synchronous call takes an idle runner**, preferring one that holds
-//!   its function; a call that has waited [`STARVATION`] while every runner
-//!   stayed busy (objects keep some runners fed) queues on the least loaded.
+//!   its function, and never queues behind another call (so it never shares
+//!   the fate of another query's call). A call that has waited
+//!   [`STARVATION`] while every runner stayed busy (objects' pipelined calls
+//!   can keep a runner fed) *reserves* the least loaded one: no new call is
+//!   sent there, the object calls bound to it wait in line, and it takes the
+//!   runner as soon as it drains.
 //! - **An async call shares a runner** with other async calls, up to the
 //!   function's `max_in_flight` on that runner, never behind a synchronous one.
 //! - **A function with `concurrency = N`** is held by N runners at most
@@ -27,8 +31,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::process::ExitStatus;
-use std::sync::mpsc::SyncSender;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,9 +94,14 @@ pub(crate) enum Event {
         body: Vec<u8>,
     },
     /// The runner sent something unacceptable; its reader stopped.
-    Unreadable { runner: u64, detail: String },
+    Unreadable {
+        runner: u64,
+        detail: String,
+    },
     /// The runner's socket closed (it died, or was killed).
-    Eof { runner: u64 },
+    Eof {
+        runner: u64,
+    },
     /// A runner that ended has been reaped.
     Reaped {
         runner: u64,
@@ -172,9 +181,16 @@ struct Runner {
     objects: HashMap<u64, [u8; 32]>,
     ignored: HashSet<u64>,
     ending: Option<Ending>,
+    /// A starving call this runner is kept for (module docs).
+    reserved_for: Option<u64>,
 }
 
 impl Runner {
+    /// Whether a call `request` may be sent here now, reservation-wise.
+    fn open_to(&self, request: u64) -> bool {
+        self.reserved_for.is_none_or(|reserved| reserved == request)
+    }
+
     fn idle(&self) -> bool {
         self.in_flight.is_empty()
     }
@@ -318,7 +334,9 @@ impl Scheduler {
             let described = launcher.describe();
             let launched = tokio::task::spawn_blocking(move || launch(&launcher)).await;
             let started = match launched {
-                Ok(Ok(launched)) => announce(launched.socket, launched.handle, startup, &described).await,
+                Ok(Ok(launched)) => {
+                    announce(launched.socket, launched.handle, startup, &described).await
+                }
                 Ok(Err(detail)) => Err(detail),
                 Err(e) => Err(format!("starting a UDF runner failed: {e}")),
             };
@@ -366,6 +384,7 @@ impl Scheduler {
                         objects: HashMap::new(),
                         ignored: HashSet::new(),
                         ending: None,
+                        reserved_for: None,
                     },
                 );
                 tracing::debug!(runner = id, pid, "UDF runner started");
@@ -451,10 +470,9 @@ impl Scheduler {
                 "runner {} was killed because it broke the runner protocol ({detail})",
                 runner.id
             ),
-            Some(Ending::Cancelled) => format!(
-                "runner {} was stopped to cancel a call on it",
-                runner.id
-            ),
+            Some(Ending::Cancelled) => {
+                format!("runner {} was stopped to cancel a call on it", runner.id)
+            }
         };
         for object in runner.objects.keys() {
             self.objects
@@ -583,6 +601,7 @@ impl Scheduler {
                 Counters::bump(&self.counters.cancelled);
                 waiting.answer(Err(CallError::Cancelled));
             }
+            self.release_reservation(request);
             return;
         }
         let can_kill = self.config.launcher.can_kill();
@@ -628,9 +647,17 @@ impl Scheduler {
     fn close(&mut self, object: u64) {
         tracing::debug!(object, "object closed");
         // Calls of the object not sent yet have nobody waiting for them.
-        self.waiting.retain(|w| {
-            w.spec.object.map(|o| o.id) != Some(object)
-        });
+        let dropped: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|w| w.spec.object.map(|o| o.id) == Some(object))
+            .map(|w| w.id)
+            .collect();
+        self.waiting
+            .retain(|w| w.spec.object.map(|o| o.id) != Some(object));
+        for request in dropped {
+            self.release_reservation(request);
+        }
         if let Some(Object::Placed(id)) = self.objects.remove(&object) {
             if let Some(runner) = self.runners.get_mut(&id) {
                 runner.objects.remove(&object);
@@ -690,16 +717,18 @@ impl Scheduler {
                 .front()
                 .filter(|_| now >= runner.head_since + timeout)
                 .copied();
-            let late_async = runner.in_flight.iter().find_map(|(request, in_flight)| {
-                match in_flight {
-                    InFlight::Call {
-                        asynchronous: true,
-                        sent,
-                        ..
-                    } if now >= *sent + timeout => Some(*request),
-                    _ => None,
-                }
-            });
+            let late_async =
+                runner
+                    .in_flight
+                    .iter()
+                    .find_map(|(request, in_flight)| match in_flight {
+                        InFlight::Call {
+                            asynchronous: true,
+                            sent,
+                            ..
+                        } if now >= *sent + timeout => Some(*request),
+                        _ => None,
+                    });
             if let Some(request) = late_sync.or(late_async) {
                 let name = match runner.in_flight.get(&request) {
                     Some(InFlight::Call { name, .. }) => name.clone(),
@@ -728,6 +757,7 @@ impl Scheduler {
                 }
                 Placement::Fail(error) => {
                     if let Some(waiting) = self.waiting.remove(at) {
+                        self.release_reservation(waiting.id);
                         waiting.answer(Err(error));
                     }
                 }
@@ -739,6 +769,7 @@ impl Scheduler {
                 }
             }
         }
+        self.reserve_for_starving();
         let room = self
             .config
             .runners
@@ -788,18 +819,24 @@ impl Scheduler {
         if let Some(object) = spec.object.filter(|o| !o.create) {
             return match self.objects.get(&object.id) {
                 Some(Object::Placed(id)) => match self.runners.get(id) {
+                    Some(runner) if runner.ending.is_none() && !runner.open_to(waiting.id) => {
+                        Placement::Wait
+                    }
                     Some(runner) if runner.ending.is_none() => Placement::On(*id),
                     _ => Placement::Fail(CallError::StateLost {
                         how: format!("runner {id} ended"),
                     }),
                 },
-                Some(Object::Lost(how)) => Placement::Fail(CallError::StateLost { how: how.clone() }),
+                Some(Object::Lost(how)) => {
+                    Placement::Fail(CallError::StateLost { how: how.clone() })
+                }
                 // Its creating call has not been placed yet.
                 None if self.waiting.iter().any(|w| {
-                    w.spec.object == Some(crate::pool::ObjectCall {
-                        id: object.id,
-                        create: true,
-                    })
+                    w.spec.object
+                        == Some(crate::pool::ObjectCall {
+                            id: object.id,
+                            create: true,
+                        })
                 }) =>
                 {
                     Placement::Wait
@@ -813,7 +850,9 @@ impl Scheduler {
             .concurrency
             .is_some_and(|cap| self.holders(digest) >= cap);
         let eligible = |runner: &&Runner| {
-            runner.ending.is_none() && (!capped || runner.holds(digest))
+            runner.ending.is_none()
+                && (!capped || runner.holds(digest))
+                && runner.open_to(waiting.id)
         };
         let asynchronous = spec.kind == protocol::CALL
             && spec.object.is_none()
@@ -839,23 +878,63 @@ impl Scheduler {
         if let Some(runner) = idle {
             return Placement::On(runner.id);
         }
-        let room_to_start = self.runners.len() + self.starting < self.config.runners;
-        if waiting.since.elapsed() >= STARVATION && !(room_to_start && !capped) {
-            // Every runner stayed busy: queue behind the least loaded one.
-            let least = self
-                .runners
-                .values()
-                .filter(eligible)
-                .filter(|r| r.async_in_flight() == 0)
-                .min_by_key(|r| (r.sync_order.len(), !r.holds(digest), r.id));
-            if let Some(runner) = least {
-                return Placement::On(runner.id);
-            }
-        }
         Placement::Wait
     }
 
+    /// Reserves a runner for each synchronous call that has waited
+    /// [`STARVATION`] with every runner busy and no runner to start.
+    fn reserve_for_starving(&mut self) {
+        let room_to_start = self.runners.len() + self.starting < self.config.runners;
+        let starving: Vec<(u64, [u8; 32], bool)> = self
+            .waiting
+            .iter()
+            .filter(|w| w.since.elapsed() >= STARVATION)
+            .filter(|w| w.spec.object.is_none_or(|o| o.create))
+            .filter(|w| {
+                !(w.spec.kind == protocol::CALL
+                    && self.asynchronous.get(&w.spec.function.digest) == Some(&true))
+            })
+            .map(|w| {
+                let capped = w
+                    .spec
+                    .function
+                    .concurrency
+                    .is_some_and(|cap| self.holders(&w.spec.function.digest) >= cap);
+                (w.id, w.spec.function.digest, capped)
+            })
+            .collect();
+        for (request, digest, capped) in starving {
+            if (room_to_start && !capped)
+                || self
+                    .runners
+                    .values()
+                    .any(|r| r.reserved_for == Some(request))
+            {
+                continue;
+            }
+            let least = self
+                .runners
+                .values_mut()
+                .filter(|r| r.ending.is_none() && r.reserved_for.is_none())
+                .filter(|r| !capped || r.holds(&digest))
+                .min_by_key(|r| (r.in_flight.len(), r.id));
+            if let Some(runner) = least {
+                runner.reserved_for = Some(request);
+            }
+        }
+    }
+
+    /// Forgets the reservation held for `request` (dispatched, cancelled, dropped).
+    fn release_reservation(&mut self, request: u64) {
+        for runner in self.runners.values_mut() {
+            if runner.reserved_for == Some(request) {
+                runner.reserved_for = None;
+            }
+        }
+    }
+
     fn dispatch(&mut self, id: u64, waiting: Box<Waiting>) {
+        self.release_reservation(waiting.id);
         let asynchronous_functions = &self.asynchronous;
         let Some(runner) = self.runners.get_mut(&id) else {
             waiting.answer(Err(CallError::Lost {
@@ -971,11 +1050,19 @@ async fn announce(
     python: &str,
 ) -> Result<NewRunner, String> {
     if let Err(e) = socket.set_nonblocking(true) {
-        return Err(refuse(&mut handle, format!("cannot set up a UDF runner's socket: {e}")));
+        return Err(refuse(
+            &mut handle,
+            format!("cannot set up a UDF runner's socket: {e}"),
+        ));
     }
     let socket = match tokio::net::UnixStream::from_std(socket) {
         Ok(socket) => socket,
-        Err(e) => return Err(refuse(&mut handle, format!("cannot set up a UDF runner's socket: {e}"))),
+        Err(e) => {
+            return Err(refuse(
+                &mut handle,
+                format!("cannot set up a UDF runner's socket: {e}"),
+            ))
+        }
     };
     let (mut reader, writer) = socket.into_split();
     let first = tokio::time::timeout(startup, read_message(&mut reader, 1 << 20)).await;

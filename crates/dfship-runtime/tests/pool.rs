@@ -31,11 +31,17 @@ fn every_call_gets_its_own_answer_from_any_runner() {
         .collect();
     for (i, pending) in pending.into_iter().enumerate() {
         let i = i as i64;
-        assert_eq!(ints(pending.wait(&pool, None).unwrap()), vec![2 * i, 2 * i + 2]);
+        assert_eq!(
+            ints(pending.wait(&pool, None).unwrap()),
+            vec![2 * i, 2 * i + 2]
+        );
     }
     let stats = pool.stats();
     assert_eq!(stats.calls, 40);
-    assert!(stats.loads <= 2, "a function is sent to a runner once: {stats:?}");
+    assert!(
+        stats.loads <= 2,
+        "a function is sent to a runner once: {stats:?}"
+    );
 }
 
 #[test]
@@ -74,7 +80,14 @@ fn a_reply_to_no_call_kills_its_runner_and_no_other_call_sees_it() {
         assert_eq!(ints(pending.wait(&pool, None).unwrap()), vec![i as i64 + 1]);
     }
     // The pool serves on, with a replacement runner.
-    assert_eq!(ints(pool.submit(call(&honest, vec![41])).wait(&pool, None).unwrap()), vec![42]);
+    assert_eq!(
+        ints(
+            pool.submit(call(&honest, vec![41]))
+                .wait(&pool, None)
+                .unwrap()
+        ),
+        vec![42]
+    );
     let stats = pool.stats();
     assert_eq!((stats.broken, stats.lost), (1, 1), "{stats:?}");
 }
@@ -101,8 +114,19 @@ fn a_second_reply_to_a_call_kills_the_runner_that_sent_it() {
     // The forged answer reached its own call (code in a runner can read its
     // memory; see the isolation levels), and the runner is gone.
     assert_eq!(ints(forged.unwrap()), vec![7]);
-    let honest = Arc::new(function("plus", "import pyarrow.compute as pc", "lambda xs: pc.add(xs, 1)"));
-    assert_eq!(ints(pool.submit(call(&honest, vec![1])).wait(&pool, None).unwrap()), vec![2]);
+    let honest = Arc::new(function(
+        "plus",
+        "import pyarrow.compute as pc",
+        "lambda xs: pc.add(xs, 1)",
+    ));
+    assert_eq!(
+        ints(
+            pool.submit(call(&honest, vec![1]))
+                .wait(&pool, None)
+                .unwrap()
+        ),
+        vec![2]
+    );
     assert_eq!(pool.stats().broken, 1, "{:?}", pool.stats());
 }
 
@@ -139,7 +163,10 @@ fn a_runner_of_another_protocol_version_is_refused_with_a_clear_error() {
         "{error}"
     );
     let f = Arc::new(function("f", "", "lambda xs: xs"));
-    let error = pool.submit(call(&f, vec![1])).wait(&pool, None).unwrap_err();
+    let error = pool
+        .submit(call(&f, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
     assert!(matches!(error, CallError::StartFailed { .. }), "{error:?}");
 }
 
@@ -170,7 +197,11 @@ fn concurrency_one_keeps_a_function_on_one_runner() {
             free_pids.insert(pid);
         }
     }
-    assert_eq!(capped_pids.len(), 1, "one runner serves the capped function");
+    assert_eq!(
+        capped_pids.len(),
+        1,
+        "one runner serves the capped function"
+    );
     assert_eq!(free_pids.len(), 2, "the other function uses both runners");
 }
 
@@ -185,9 +216,18 @@ fn async_calls_share_a_runner_up_to_max_in_flight() {
     sleepy.max_in_flight = 8;
     let sleepy = Arc::new(sleepy);
     // The first call teaches the pool that the function is async.
-    assert_eq!(ints(pool.submit(call(&sleepy, vec![0])).wait(&pool, None).unwrap()), vec![0]);
+    assert_eq!(
+        ints(
+            pool.submit(call(&sleepy, vec![0]))
+                .wait(&pool, None)
+                .unwrap()
+        ),
+        vec![0]
+    );
     let started = Instant::now();
-    let pending: Vec<_> = (0..16).map(|i| pool.submit(call(&sleepy, vec![i]))).collect();
+    let pending: Vec<_> = (0..16)
+        .map(|i| pool.submit(call(&sleepy, vec![i])))
+        .collect();
     for (i, pending) in pending.into_iter().enumerate() {
         assert_eq!(ints(pending.wait(&pool, None).unwrap()), vec![i as i64]);
     }
@@ -207,7 +247,10 @@ fn a_cancelled_async_call_stops_without_killing_its_runner() {
         "import asyncio\nasync def slow(xs):\n    await asyncio.sleep(30 if xs[0].as_py() else 0)\n    return xs",
         "slow",
     ));
-    assert_eq!(ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()), vec![0]);
+    assert_eq!(
+        ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()),
+        vec![0]
+    );
     let token = CancelToken::default();
     let pending = pool.submit(call(&slow, vec![1]));
     let cancel = token.clone();
@@ -218,9 +261,16 @@ fn a_cancelled_async_call_stops_without_killing_its_runner() {
     let started = Instant::now();
     assert_eq!(pending.wait(&pool, Some(&token)), Err(CallError::Cancelled));
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()), vec![0]);
+    assert_eq!(
+        ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()),
+        vec![0]
+    );
     let stats = pool.stats();
-    assert_eq!((stats.started, stats.lost, stats.cancelled), (1, 0, 1), "{stats:?}");
+    assert_eq!(
+        (stats.started, stats.lost, stats.cancelled),
+        (1, 0, 1),
+        "{stats:?}"
+    );
 }
 
 #[test]
@@ -228,11 +278,21 @@ fn a_call_past_the_timeout_kills_its_runner_and_the_pool_serves_on() {
     let pool = pool(1, Some(Duration::from_secs(1)));
     let hang = Arc::new(function("hang", "import time", "lambda xs: time.sleep(60)"));
     let started = Instant::now();
-    let error = pool.submit(call(&hang, vec![1])).wait(&pool, None).unwrap_err();
+    let error = pool
+        .submit(call(&hang, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
     assert!(matches!(error, CallError::TimedOut { .. }), "{error:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    let plus = Arc::new(function("plus", "import pyarrow.compute as pc", "lambda xs: pc.add(xs, 1)"));
-    assert_eq!(ints(pool.submit(call(&plus, vec![1])).wait(&pool, None).unwrap()), vec![2]);
+    let plus = Arc::new(function(
+        "plus",
+        "import pyarrow.compute as pc",
+        "lambda xs: pc.add(xs, 1)",
+    ));
+    assert_eq!(
+        ints(pool.submit(call(&plus, vec![1])).wait(&pool, None).unwrap()),
+        vec![2]
+    );
     assert_eq!(pool.stats().timeouts, 1);
 }
 
@@ -240,7 +300,10 @@ fn a_call_past_the_timeout_kills_its_runner_and_the_pool_serves_on() {
 fn a_runner_that_dies_fails_its_call_saying_how() {
     let pool = pool(1, None);
     let abort = Arc::new(function("abort", "import os", "lambda xs: os.abort()"));
-    let error = pool.submit(call(&abort, vec![1])).wait(&pool, None).unwrap_err();
+    let error = pool
+        .submit(call(&abort, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
     assert!(
         matches!(&error, CallError::Lost { how } if how.contains("SIGABRT")),
         "{error:?}"
@@ -264,7 +327,10 @@ fn a_raising_class_init_is_reported_as_such_and_retried_on_the_next_call() {
          \x20       return pa.array([type(self).tries] * len(xs), pa.int64())",
         "Model",
     ));
-    let error = pool.submit(call(&flaky, vec![1])).wait(&pool, None).unwrap_err();
+    let error = pool
+        .submit(call(&flaky, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
     assert!(
         matches!(&error, CallError::Failed { class: Some(ErrorClass::InitFailed), text }
             if text.contains("Model() raised RuntimeError: no model file yet")),
@@ -272,7 +338,14 @@ fn a_raising_class_init_is_reported_as_such_and_retried_on_the_next_call() {
     );
     // The instance is made once it succeeds, then reused.
     for _ in 0..3 {
-        assert_eq!(ints(pool.submit(call(&flaky, vec![1])).wait(&pool, None).unwrap()), vec![2]);
+        assert_eq!(
+            ints(
+                pool.submit(call(&flaky, vec![1]))
+                    .wait(&pool, None)
+                    .unwrap()
+            ),
+            vec![2]
+        );
     }
 }
 
@@ -333,9 +406,27 @@ fn an_object_stays_on_its_runner_and_is_lost_with_it() {
     let same = ObjectCall { id, create: false };
     // Pipelined: three updates in flight before any answer is read.
     let updates = vec![
-        pool.submit(aggregate(&total, create, protocol::AGG_UPDATE, 2, &[rows(vec![0, 1], vec![1.0, 10.0])])),
-        pool.submit(aggregate(&total, same, protocol::AGG_UPDATE, 2, &[rows(vec![1, 1], vec![5.0, 5.0])])),
-        pool.submit(aggregate(&total, same, protocol::AGG_UPDATE, 3, &[rows(vec![0], vec![2.0])])),
+        pool.submit(aggregate(
+            &total,
+            create,
+            protocol::AGG_UPDATE,
+            2,
+            &[rows(vec![0, 1], vec![1.0, 10.0])],
+        )),
+        pool.submit(aggregate(
+            &total,
+            same,
+            protocol::AGG_UPDATE,
+            2,
+            &[rows(vec![1, 1], vec![5.0, 5.0])],
+        )),
+        pool.submit(aggregate(
+            &total,
+            same,
+            protocol::AGG_UPDATE,
+            3,
+            &[rows(vec![0], vec![2.0])],
+        )),
     ];
     for pending in updates {
         let reply = pending.wait(&pool, None).unwrap();
@@ -343,36 +434,57 @@ fn an_object_stays_on_its_runner_and_is_lost_with_it() {
         assert!(protocol::parse_done(&reply.body).unwrap() > 0);
     }
     let reply = pool
-        .submit(aggregate(&total, same, protocol::AGG_EVALUATE, 3, &[returns.clone()]))
+        .submit(aggregate(
+            &total,
+            same,
+            protocol::AGG_EVALUATE,
+            3,
+            &[returns.clone()],
+        ))
         .wait(&pool, None)
         .unwrap();
     let (_, data) = protocol::decode_result(reply.body).unwrap();
     // Group 2 was never touched: a fresh accumulator's value.
-    assert_eq!(Float64Array::from(data).values().to_vec(), vec![3.0, 20.0, 0.0]);
+    assert_eq!(
+        Float64Array::from(data).values().to_vec(),
+        vec![3.0, 20.0, 0.0]
+    );
     // A second object, then the runner holding it dies mid-update.
     let other = pool.new_object_id();
     let error = pool
         .submit(aggregate(
             &total,
-            ObjectCall { id: other, create: true },
+            ObjectCall {
+                id: other,
+                create: true,
+            },
             protocol::AGG_UPDATE,
             1,
             &[rows(vec![0], vec![-1.0])],
         ))
         .wait(&pool, None)
         .unwrap_err();
-    assert!(matches!(&error, CallError::Lost { how } if how.contains("code 3")), "{error:?}");
+    assert!(
+        matches!(&error, CallError::Lost { how } if how.contains("code 3")),
+        "{error:?}"
+    );
     let error = pool
         .submit(aggregate(
             &total,
-            ObjectCall { id: other, create: false },
+            ObjectCall {
+                id: other,
+                create: false,
+            },
             protocol::AGG_EVALUATE,
             1,
             &[returns],
         ))
         .wait(&pool, None)
         .unwrap_err();
-    assert!(matches!(&error, CallError::StateLost { how } if how.contains("died")), "{error:?}");
+    assert!(
+        matches!(&error, CallError::StateLost { how } if how.contains("died")),
+        "{error:?}"
+    );
     pool.close_object(id);
 }
 
@@ -384,4 +496,79 @@ fn tempfile_dir() -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+#[test]
+fn a_starving_call_reserves_a_runner_that_objects_keep_busy() {
+    let pool = pool(1, None);
+    let slow = Arc::new(function(
+        "slow_total",
+        "import time, pyarrow.compute as pc\n\
+         class Slow:\n\
+         \x20   def __init__(self): self.total = 0.0\n\
+         \x20   def update(self, xs):\n\
+         \x20       time.sleep(0.05)\n\
+         \x20       self.total += pc.sum(xs).as_py()\n\
+         \x20   def merge(self, states): pass\n\
+         \x20   def state(self): return [self.total]\n\
+         \x20   def evaluate(self): return self.total",
+        "Slow",
+    ));
+    let plus = Arc::new(function(
+        "plus",
+        "import pyarrow.compute as pc",
+        "lambda xs: pc.add(xs, 1)",
+    ));
+    pool.warm_up().unwrap();
+    let rows = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![
+            Field::new("group", DataType::Int64, false),
+            Field::new("arg_0", DataType::Float64, true),
+        ])),
+        vec![
+            Arc::new(Int64Array::from(vec![0])),
+            Arc::new(Float64Array::from(vec![1.0])),
+        ],
+    )
+    .unwrap();
+    // An object keeps three updates queued on the only runner at all times.
+    let id = pool.new_object_id();
+    let pool = Arc::new(pool);
+    let pump = {
+        let (pool, slow, rows) = (Arc::clone(&pool), Arc::clone(&slow), rows.clone());
+        std::thread::spawn(move || {
+            let mut in_flight = std::collections::VecDeque::new();
+            let started = Instant::now();
+            let mut create = true;
+            while started.elapsed() < Duration::from_secs(3) {
+                let object = ObjectCall { id, create };
+                create = false;
+                in_flight.push_back(pool.submit(aggregate(
+                    &slow,
+                    object,
+                    protocol::AGG_UPDATE,
+                    1,
+                    &[rows.clone()],
+                )));
+                if in_flight.len() >= 3 {
+                    in_flight.pop_front().unwrap().wait(&pool, None).unwrap();
+                }
+            }
+            for pending in in_flight {
+                pending.wait(&pool, None).unwrap();
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(
+        ints(pool.submit(call(&plus, vec![1])).wait(&pool, None).unwrap()),
+        vec![2]
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(1),
+        "the call reserved the runner and got it once its queue drained: {waited:?}"
+    );
+    pump.join().unwrap();
 }

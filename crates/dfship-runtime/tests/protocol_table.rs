@@ -19,7 +19,11 @@ fn the_runner_declares_exactly_the_protocol_numbers_of_the_pool() {
         .env("RUNNER_SOURCE", dfship_runtime::RUNNER_SOURCE)
         .output()
         .expect("python runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let python: BTreeMap<String, u64> =
         serde_json::from_slice(&output.stdout).expect("a JSON object");
     let rust: BTreeMap<String, u64> = dfship_runtime::protocol::table()

@@ -99,7 +99,11 @@ pub(crate) fn call_window(
     batches: &[RecordBatch],
 ) -> Result<(FieldRef, ArrayData)> {
     let body = protocol::encode_streams(batches)?;
-    stateless(function, protocol::WINDOW, vec![Bytes::from(vec![op]), Bytes::from(body)])
+    stateless(
+        function,
+        protocol::WINDOW,
+        vec![Bytes::from(vec![op]), Bytes::from(body)],
+    )
 }
 
 /// Each row of `rows` as the state of an accumulator that saw only it;
@@ -120,7 +124,11 @@ pub(crate) fn convert_to_state(
     )
 }
 
-fn stateless(function: &PythonFunction, kind: u8, body: Vec<Bytes>) -> Result<(FieldRef, ArrayData)> {
+fn stateless(
+    function: &PythonFunction,
+    kind: u8,
+    body: Vec<Bytes>,
+) -> Result<(FieldRef, ArrayData)> {
     let name = &function.signature.name;
     let returns = function.signature.return_field.data_type();
     wait_off_runtime(|| {

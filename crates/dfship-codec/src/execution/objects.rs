@@ -61,10 +61,25 @@ impl RunnerObject {
         self.size
     }
 
-    fn call(&mut self, op: u8, count: u64, take: bool, batches: &[RecordBatch]) -> Result<CallSpec> {
-        if self.function.task.get().is_some_and(|task| task.is_cancelled()) {
+    fn call(
+        &mut self,
+        op: u8,
+        count: u64,
+        take: bool,
+        batches: &[RecordBatch],
+    ) -> Result<CallSpec> {
+        if self
+            .function
+            .task
+            .get()
+            .is_some_and(|task| task.is_cancelled())
+        {
             let returns = self.function.signature.return_field.data_type();
-            return Err(call_error(self.name(), returns, dfship_runtime::CallError::Cancelled));
+            return Err(call_error(
+                self.name(),
+                returns,
+                dfship_runtime::CallError::Cancelled,
+            ));
         }
         let spec = wait_off_runtime(|| function_spec(&self.function))?;
         let streams = protocol::encode_streams(batches)?;
