@@ -317,6 +317,7 @@ pub const MATRIX: &[(&str, &str)] = &[
 pub struct SpawnedCluster {
     pub urls: Vec<String>,
     children: Vec<std::process::Child>,
+    args: Vec<String>,
 }
 
 /// The worker binary: `$DFSHIP_WORKER_BIN`, else the workspace's debug build.
@@ -338,35 +339,57 @@ impl SpawnedCluster {
     /// Starts `workers` processes with `args` appended to the defaults, and
     /// waits (up to 60 s each) for them to announce their address.
     pub fn start(workers: usize, args: &[&str]) -> Self {
-        use std::io::{BufRead, BufReader};
         let mut cluster = Self {
             urls: Vec::new(),
             children: Vec::new(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         for _ in 0..workers {
-            let mut child = std::process::Command::new(worker_binary())
-                .args(["--port", "0", "--python-env"])
-                .arg(venv())
-                .args(args)
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn dfship-worker");
-            let stdout = child.stdout.take().expect("piped stdout");
+            let (child, url) = cluster.spawn("0");
             cluster.children.push(child);
-            let (sender, receiver) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if let Some(url) = line.strip_prefix("dfship-worker listening on ") {
-                        let _ = sender.send(url.to_string());
-                    }
-                }
-            });
-            let url = receiver
-                .recv_timeout(std::time::Duration::from_secs(60))
-                .expect("the worker announces its address within 60 s");
             cluster.urls.push(url);
         }
         cluster
+    }
+
+    /// One worker on `port`, and the address it announced.
+    fn spawn(&self, port: &str) -> (std::process::Child, String) {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(worker_binary())
+            .args(["--port", port, "--python-env"])
+            .arg(venv())
+            .args(&self.args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn dfship-worker");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("dfship-worker listening on ") {
+                    let _ = sender.send(url.to_string());
+                }
+            }
+        });
+        let url = receiver
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the worker announces its address within 60 s");
+        (child, url)
+    }
+
+    /// Kills worker `index` (SIGKILL) and starts a new process on the same
+    /// address: same URL, a new incarnation.
+    pub fn restart(&mut self, index: usize) {
+        let _ = self.children[index].kill();
+        let _ = self.children[index].wait();
+        let port = self.urls[index]
+            .rsplit(':')
+            .next()
+            .expect("a URL with a port")
+            .to_string();
+        let (child, url) = self.spawn(&port);
+        assert_eq!(url, self.urls[index], "the worker came back on its address");
+        self.children[index] = child;
     }
 
     /// The OS process ids, for fault injection.

@@ -48,8 +48,12 @@ pub struct PythonUdfCodec {
     trusts_datafusion_python: bool,
 }
 
-/// Pickles at least this large go to a destination once per query, then by digest.
+/// Pickles at least this large may travel by digest to destinations that keep them.
 pub const BY_DIGEST_MIN_BYTES: usize = 64 * 1024;
+
+/// Told `(name, digest, full frame)` of a large pickle, says whether the
+/// destination holds it (or will be handed the frame before the plan).
+pub type KeptPayloads<'a> = dyn FnMut(&str, &[u8; 32], &Bytes) -> bool + 'a;
 
 /// How many frames a codec keeps built.
 const FRAMES_KEPT: usize = 32;
@@ -118,43 +122,39 @@ impl PythonUdfCodec {
 
     /// The inline payload for `udf`, or `None` when it travels by name.
     pub fn encode_udf(&self, udf: &ScalarUDF) -> Result<Option<Bytes>> {
-        self.encode_udf_to(udf, &mut |_| true)
+        self.encode_udf_to(udf, &mut |_, _, _| false)
     }
 
-    /// The inline payload for `udf` for one destination that keeps the
-    /// pickles it receives (a worker, during one query): `first_time(digest)`
-    /// says whether that destination has not been sent this pickle yet, and
-    /// records that it now has. A pickle of at least [`BY_DIGEST_MIN_BYTES`]
-    /// goes to each destination once; its other plans name it by digest
-    /// (see [`crate::wire::inline`]).
+    /// The inline payload for `udf` for a destination that keeps pickles (a
+    /// worker, across queries): for a pickle of at least
+    /// [`BY_DIGEST_MIN_BYTES`], `kept(name, digest, full_frame)` says whether
+    /// the destination holds it, or will be handed `full_frame` before the
+    /// plan arrives; the plan then names it by digest (see
+    /// [`crate::wire::inline`] and [`Self::keep_payload`]).
     pub fn encode_udf_to(
         &self,
         udf: &ScalarUDF,
-        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+        kept: &mut KeptPayloads<'_>,
     ) -> Result<Option<Bytes>> {
         match udf.inner().downcast_ref::<PythonScalarUdf>() {
-            Some(python) => self
-                .encode_function_to(python.function(), first_time)
-                .map(Some),
+            Some(python) => self.encode_function_to(python.function(), kept).map(Some),
             None => Ok(None),
         }
     }
 
     /// The inline payload for the aggregate `udaf`, or `None` when it travels by name.
     pub fn encode_udaf(&self, udaf: &AggregateUDF) -> Result<Option<Bytes>> {
-        self.encode_udaf_to(udaf, &mut |_| true)
+        self.encode_udaf_to(udaf, &mut |_, _, _| false)
     }
 
     /// [`Self::encode_udf_to`] for an aggregate UDF.
     pub fn encode_udaf_to(
         &self,
         udaf: &AggregateUDF,
-        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+        kept: &mut KeptPayloads<'_>,
     ) -> Result<Option<Bytes>> {
         match udaf.inner().downcast_ref::<PythonAggregateUdf>() {
-            Some(python) => self
-                .encode_function_to(python.function(), first_time)
-                .map(Some),
+            Some(python) => self.encode_function_to(python.function(), kept).map(Some),
             None => Ok(None),
         }
     }
@@ -163,7 +163,7 @@ impl PythonUdfCodec {
     pub fn encode_udwf(&self, udwf: &WindowUDF) -> Result<Option<Bytes>> {
         match udwf.inner().downcast_ref::<PythonWindowUdf>() {
             Some(python) => self
-                .encode_function_to(python.function(), &mut |_| true)
+                .encode_function_to(python.function(), &mut |_, _, _| false)
                 .map(Some),
             None => Ok(None),
         }
@@ -172,7 +172,7 @@ impl PythonUdfCodec {
     fn encode_function_to(
         &self,
         function: &PythonFunction,
-        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+        kept: &mut KeptPayloads<'_>,
     ) -> Result<Bytes> {
         let name = &function.signature.name;
         let format = self.options.write_format();
@@ -181,18 +181,22 @@ impl PythonUdfCodec {
             (WireFormat::DataFusionPython, None) => {
                 Bytes::from(payload::dfpy::encode(function, &self.options)?)
             }
-            // A frame by digest is already as small as it gets.
-            (WireFormat::Inline, Some(received)) if wire::inline::is_by_digest(received) => {
-                received.clone()
-            }
             (WireFormat::Inline, received) => {
                 let pickled = function.callable.pickled(name)?;
+                let digest = pickled.digest();
+                // Re-encoding a frame received in full emits the same bytes.
+                let full = match received {
+                    Some(received) if !wire::inline::is_by_digest(received) => received.clone(),
+                    _ => self.frame(function, digest, false)?,
+                };
                 let large = pickled.bytes().len() >= BY_DIGEST_MIN_BYTES;
-                let by_digest = large && !first_time(pickled.digest());
-                match received {
-                    // Re-encoding what was received emits the same bytes.
-                    Some(received) if !by_digest => received.clone(),
-                    _ => self.frame(function, pickled.digest(), by_digest)?,
+                if large && kept(name, digest, &full) {
+                    match received {
+                        Some(received) if wire::inline::is_by_digest(received) => received.clone(),
+                        _ => self.frame(function, digest, true)?,
+                    }
+                } else {
+                    full
                 }
             }
         };
@@ -225,6 +229,32 @@ impl PythonUdfCodec {
 
     fn frames(&self) -> std::sync::MutexGuard<'_, FrameCache> {
         self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the pickle of `frame` (one of our frames, carrying its pickle)
+    /// in this process's payload store, after every check a plan's frame
+    /// gets (strict mode, size, key, integrity); returns its digest. Plans
+    /// may then name it by digest. Nothing is unpickled.
+    pub fn keep_payload(&self, name: &str, frame: &[u8]) -> Result<[u8; 32]> {
+        let kind = match family_of(frame) {
+            Family::Inline(kind) if !wire::inline::is_by_digest(frame) => kind,
+            _ => {
+                return Err(UdfPayloadError::Malformed {
+                    name: name.to_string(),
+                    detail: "only a dfship frame that carries its pickle can be kept".to_string(),
+                }
+                .into())
+            }
+        };
+        let function = self.decode_function(kind, name, frame)?;
+        function.digest().ok_or_else(|| {
+            DataFusionError::Internal(format!("the kept payload of '{name}' has no digest"))
+        })
+    }
+
+    /// Whether this process's payload store holds the pickle `digest`.
+    pub fn holds_payload(&self, digest: &[u8; 32]) -> bool {
+        self.options.store().contains(digest)
     }
 
     /// Rebuilds the Python UDF `name` from its inline payload.

@@ -156,8 +156,9 @@ pub enum UdfPayloadError {
 
     #[error(
         "[udf-load-failed] the plan names Python UDF '{name}' by the digest of its pickle \
-         ({digest}), but this process did not receive that pickle within {waited_secs} s (it \
-         restarted during the query, or kept too many others); run the query again"
+         ({digest}), but this worker does not hold that pickle (waited {waited_secs} s): it \
+         restarted, or dropped it to keep others, after the coordinator checked; run the query \
+         again (the coordinator then hands it the pickle first)"
     )]
     MissingPickle {
         name: String,

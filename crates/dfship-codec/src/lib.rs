@@ -47,7 +47,7 @@ pub mod wire;
 pub use auth::{ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
 pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_BYTES};
 pub use call_options::CallOptions;
-pub use codec::{PythonUdfCodec, BY_DIGEST_MIN_BYTES};
+pub use codec::{KeptPayloads, PythonUdfCodec, BY_DIGEST_MIN_BYTES};
 pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
     PythonUdf,

@@ -2,10 +2,11 @@
 //! for the frames that name a pickle by its digest instead of carrying it
 //! (see [`crate::wire::inline`]).
 //!
-//! A coordinator sends a worker the pickle once per query and the digest in
-//! the query's other stage plans. Those plans travel concurrently, so a
-//! plan naming a digest may be decoded before the plan that carries it: a
-//! lookup waits (up to [`PayloadStore::wait`]) for the pickle to arrive.
+//! A coordinator hands a worker each large pickle once (dfship's payload
+//! service, before the plans that name it), and names it by digest in every
+//! plan after that, across queries, for as long as the worker holds it (the
+//! coordinator asks). A lookup that misses answers at once by default (a
+//! store made with a wait can also wait for a pickle still in flight).
 //! Entries are kept least-recently-used first up to a byte budget.
 
 use std::sync::{Arc, Condvar, LazyLock, Mutex};
@@ -18,8 +19,9 @@ use crate::pickled::{short_hex, PickledCallable};
 /// How many bytes of pickles the process-wide store keeps by default.
 pub const DEFAULT_STORE_BYTES: usize = 1024 * 1024 * 1024;
 
-/// How long a lookup waits for a pickle still in flight by default.
-pub const DEFAULT_STORE_WAIT: Duration = Duration::from_secs(30);
+/// How long a lookup waits for a pickle still in flight by default: not at
+/// all (pickles are handed over before the plans that name them).
+pub const DEFAULT_STORE_WAIT: Duration = Duration::ZERO;
 
 struct Entries {
     pickles: LruCache<[u8; 32], PickledCallable>,
@@ -90,6 +92,11 @@ impl PayloadStore {
     pub fn holds(&self, digest: &[u8; 32], pickle: &[u8]) -> bool {
         let held = self.lock().pickles.peek(digest).cloned();
         held.is_some_and(|held| held.bytes().as_ref() == pickle)
+    }
+
+    /// Whether the store holds `digest` now (does not wait, does not touch its recency).
+    pub fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.lock().pickles.contains(digest)
     }
 
     /// The pickle with `digest`, waiting for it while it may still be in flight.

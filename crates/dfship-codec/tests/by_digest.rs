@@ -1,7 +1,8 @@
-//! A large pickle goes to a destination once; the destination's other plans
-//! name it by digest. Frames by digest keep every guarantee of a full frame
-//! (signature outside the pickle, digest, HMAC tag), and a receiver that
-//! never got the pickle says so instead of guessing.
+//! A large pickle is handed to a destination that keeps it once; its plans
+//! then name it by digest. Frames by digest keep every guarantee of a full
+//! frame (signature outside the pickle, digest, HMAC tag), a kept payload is
+//! checked like a plan's, and a receiver that does not hold the pickle says
+//! so at once instead of guessing.
 
 mod common;
 
@@ -28,8 +29,20 @@ fn frames(codec: &PythonUdfCodec) -> (Vec<u8>, Vec<u8>) {
         &format!("import pyarrow.compute as pc\nblob = b'x' * {BLOB}\n"),
         "lambda a, _blob=blob: pc.add(a, len(_blob))",
     );
-    let full = codec.encode_udf_to(&udf, &mut |_| true).unwrap().unwrap();
-    let by_digest = codec.encode_udf_to(&udf, &mut |_| false).unwrap().unwrap();
+    let full = codec.encode_udf(&udf).unwrap().unwrap();
+    let mut handed = None;
+    let by_digest = codec
+        .encode_udf_to(&udf, &mut |name, _, frame| {
+            handed = Some((name.to_string(), frame.clone()));
+            true
+        })
+        .unwrap()
+        .unwrap();
+    let (name, frame) = handed.expect("the destination is told which frame to keep");
+    assert_eq!(
+        (name.as_str(), frame.as_ref()),
+        ("big_closure", full.as_ref())
+    );
     (full.to_vec(), by_digest.to_vec())
 }
 
@@ -51,8 +64,10 @@ async fn the_second_plan_names_the_pickle_and_runs_from_the_first() {
         by_digest.len()
     );
     const { assert!(BY_DIGEST_MIN_BYTES < BLOB) };
-    let store = Arc::new(PayloadStore::new(64 << 20, Duration::from_millis(200)));
+    let store = Arc::new(PayloadStore::new(64 << 20, Duration::ZERO));
     let worker = receiver(Arc::clone(&store), None);
+    let digest = worker.keep_payload("big_closure", &full).unwrap();
+    assert!(worker.holds_payload(&digest));
     let first = worker.decode_udf("big_closure", &full).unwrap();
     let second = worker.decode_udf("big_closure", &by_digest).unwrap();
     for udf in [first, second] {
@@ -68,20 +83,31 @@ async fn the_second_plan_names_the_pickle_and_runs_from_the_first() {
         );
         assert!(rows.contains(&format!("| {} |", BLOB + 1)), "{rows}");
     }
-    // Re-encoding a plan decoded from a frame by digest emits it unchanged.
+    // Re-encoding a plan decoded from a frame by digest emits it unchanged
+    // for a destination that keeps pickles, and in full for any other.
     let again = worker.decode_udf("big_closure", &by_digest).unwrap();
-    assert_eq!(
-        worker.encode_udf(&again).unwrap().unwrap().to_vec(),
-        by_digest
+    let kept = worker
+        .encode_udf_to(&again, &mut |_, _, _| true)
+        .unwrap()
+        .unwrap();
+    assert!(
+        kept.to_vec() == by_digest,
+        "the frame by digest is emitted unchanged"
+    );
+    let anywhere = worker.encode_udf(&again).unwrap().unwrap();
+    assert!(
+        anywhere.to_vec() == full,
+        "a destination that keeps nothing gets the pickle"
     );
 }
 
 #[tokio::test]
 async fn a_plan_naming_a_pickle_that_never_came_fails_clearly() {
     let (_, by_digest) = frames(&PythonUdfCodec::default());
-    let store = Arc::new(PayloadStore::new(64 << 20, Duration::from_millis(200)));
+    let store = Arc::new(PayloadStore::new(64 << 20, Duration::ZERO));
     let worker = receiver(store, None);
-    // Decoding needs no pickle (the signature is in the frame); the call does.
+    // Decoding needs no pickle (the signature is in the frame); the call does,
+    // and a miss answers at once.
     let udf = worker.decode_udf("big_closure", &by_digest).unwrap();
     let ctx = session_with_data().await;
     ctx.register_udf(udf.as_ref().clone());
@@ -94,7 +120,7 @@ async fn a_plan_naming_a_pickle_that_never_came_fails_clearly() {
         .unwrap_err();
     assert_eq!(ErrorKind::of(&error), ErrorKind::UdfLoadFailed, "{error}");
     assert!(
-        error.to_string().contains("did not receive that pickle")
+        error.to_string().contains("does not hold that pickle")
             && error.to_string().contains("run the query again"),
         "{error}"
     );
@@ -107,9 +133,25 @@ fn frames_by_digest_are_signed_and_checked_like_full_ones() {
     let (full, by_digest) = frames(&PythonUdfCodec::new(
         CodecOptions::default().with_cluster_key(key.clone()),
     ));
-    let store = Arc::new(PayloadStore::new(64 << 20, Duration::from_millis(100)));
+    let store = Arc::new(PayloadStore::new(64 << 20, Duration::ZERO));
     let keyed = receiver(Arc::clone(&store), Some(key));
-    keyed.decode_udf("big_closure", &full).unwrap();
+    // A kept payload is checked like a plan's: an unsigned one is refused.
+    let (unsigned_full, _) = frames(&PythonUdfCodec::default());
+    let error = keyed
+        .keep_payload("big_closure", &unsigned_full)
+        .unwrap_err();
+    assert!(
+        matches!(
+            UdfPayloadError::find(&error),
+            Some(UdfPayloadError::Unsigned { .. })
+        ),
+        "{error}"
+    );
+    assert!(
+        keyed.keep_payload("big_closure", &by_digest).is_err(),
+        "a frame by digest carries nothing to keep"
+    );
+    keyed.keep_payload("big_closure", &full).unwrap();
     keyed.decode_udf("big_closure", &by_digest).unwrap();
 
     // One flipped byte anywhere (here: in the signature) fails the tag.
@@ -152,7 +194,14 @@ fn small_pickles_always_travel_in_full() {
         "lambda a: pc.add(a, 1)",
     );
     let codec = PythonUdfCodec::default();
-    let first = codec.encode_udf_to(&udf, &mut |_| true).unwrap().unwrap();
-    let again = codec.encode_udf_to(&udf, &mut |_| false).unwrap().unwrap();
-    assert_eq!(first, again);
+    let mut asked = false;
+    let kept = codec
+        .encode_udf_to(&udf, &mut |_, _, _| {
+            asked = true;
+            true
+        })
+        .unwrap()
+        .unwrap();
+    assert!(!asked, "a small pickle is never handed over on its own");
+    assert_eq!(kept, codec.encode_udf(&udf).unwrap().unwrap());
 }

@@ -43,6 +43,7 @@ use url::Url;
 
 use crate::encoder::InlineUdfEncoder;
 use crate::message_limit::LimitedChannel;
+use crate::payloads::PayloadTracker;
 use crate::rpc_auth::{RpcAuthenticator, SignedChannel};
 use crate::task_lifetime::TASK_ID_HEADER;
 use crate::tls::TlsConfig;
@@ -57,6 +58,8 @@ pub struct InlineUdfChannel {
     worker: Url,
     max_message_bytes: usize,
     failures: PlanSendFailures,
+    /// The connection, and what the worker holds, for large pickles.
+    payloads: Option<(BoxCloneSyncChannel, Arc<PayloadTracker>)>,
 }
 
 impl InlineUdfChannel {
@@ -75,7 +78,19 @@ impl InlineUdfChannel {
             worker,
             max_message_bytes,
             failures: PlanSendFailures::default(),
+            payloads: None,
         }
+    }
+
+    /// Names large pickles by digest, handing them to the worker first over
+    /// `channel` (see `crate::payloads`); without it, every plan carries them.
+    pub(crate) fn with_payloads(
+        mut self,
+        channel: BoxCloneSyncChannel,
+        tracker: Arc<PayloadTracker>,
+    ) -> Self {
+        self.payloads = Some((channel, tracker));
+        self
     }
 
     /// Shares what this channel learns about failed plan sends with others
@@ -92,15 +107,29 @@ impl InlineUdfChannel {
         move |error| failures.explain(explain_worker_error(error, &worker), &worker)
     }
 
-    /// The plan as bytes for the worker, or why it cannot be sent.
-    fn encode(
+    /// The plan as bytes for the worker (after making sure it holds the
+    /// large pickles the plan names by digest), or why it cannot be sent.
+    async fn encode(
         &self,
         plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
         query: &[u8],
     ) -> Result<Vec<u8>> {
-        let encoded = self
-            .encoder
-            .encode_plan_for(plan, self.worker.as_str(), query)?;
+        let encoded = match &self.payloads {
+            Some((channel, tracker)) => {
+                let (encoded, kept) = self.encoder.encode_plan_for_worker(plan)?;
+                tracker
+                    .ensure(
+                        &self.worker,
+                        channel.clone(),
+                        query,
+                        &kept,
+                        self.max_message_bytes,
+                    )
+                    .await?;
+                encoded
+            }
+            None => self.encoder.encode_plan(plan)?,
+        };
         if encoded.len() > self.max_message_bytes {
             return Err(DataFusionError::Plan(format!(
                 "{} the stage plan for worker {} is {} bytes, above the message limit of {} \
@@ -136,7 +165,7 @@ impl WorkerChannel for InlineUdfChannel {
     ) -> Result<BoxStream<'static, Result<WorkerToCoordinatorMsg>>> {
         if let MaybeEncoded::Decoded(plan) = set_plan_request.plan {
             let query = set_plan_request.task_key.query_id;
-            match self.encode(plan, query.as_bytes()) {
+            match self.encode(plan, query.as_bytes()).await {
                 Ok(encoded) => set_plan_request.plan = MaybeEncoded::Encoded(encoded),
                 Err(error) => {
                     self.failures.record(&self.worker, &error);
@@ -248,6 +277,7 @@ pub struct InlineUdfChannelResolver {
     encoder: Arc<InlineUdfEncoder>,
     auth: Option<RpcAuthenticator>,
     failures: PlanSendFailures,
+    payloads: Arc<PayloadTracker>,
 }
 
 impl InlineUdfChannelResolver {
@@ -264,7 +294,13 @@ impl InlineUdfChannelResolver {
             encoder,
             auth,
             failures: PlanSendFailures::default(),
+            payloads: Arc::default(),
         }
+    }
+
+    /// What the workers were handed of large pickles, and what they reused.
+    pub fn payload_stats(&self) -> crate::payloads::PayloadStats {
+        self.payloads.stats()
     }
 
     async fn connect(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
@@ -343,12 +379,13 @@ impl ChannelResolver for InlineUdfChannelResolver {
         let channel = self.channel(url).await?;
         Ok(Box::new(
             InlineUdfChannel::new(
-                create_worker_client(channel),
+                create_worker_client(channel.clone()),
                 Arc::clone(&self.encoder),
                 url.clone(),
                 self.options.max_message_bytes,
             )
-            .with_failures(self.failures.clone()),
+            .with_failures(self.failures.clone())
+            .with_payloads(channel, Arc::clone(&self.payloads)),
         ))
     }
 }

@@ -31,8 +31,6 @@
 //! upstream asks user codecs for UDFs, the shim can go:
 //! `tests/upstream_ordering.rs` fails when that happens.
 
-use std::collections::HashSet;
-use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -48,9 +46,10 @@ use datafusion_proto::physical_plan::{
     ComposedPhysicalExtensionCodec, DeduplicatingProtoConverter, PhysicalExtensionCodec,
     PhysicalProtoConverterExtension,
 };
-use dfship_codec::{wrap_python_windows, PythonUdfCodec, PythonWindowUdf};
-use lru::LruCache;
+use dfship_codec::{wrap_python_windows, KeptPayloads, PythonUdfCodec, PythonWindowUdf};
 use prost::Message;
+
+use crate::payloads::KeptPayload;
 
 /// The envelope `ComposedPhysicalExtensionCodec` reads: which codec of the
 /// list wrote `blob`. Same field numbers and types as datafusion-proto's
@@ -71,14 +70,7 @@ pub struct InlineUdfEncoder {
     udf_codec: Arc<PythonUdfCodec>,
     udf_codec_position: u32,
     stats: EncoderCounters,
-    /// Which large pickles each (worker, query) has been sent.
-    sent: Mutex<LruCache<(String, Vec<u8>), SentPickles>>,
 }
-
-type SentPickles = Arc<Mutex<HashSet<[u8; 32]>>>;
-
-/// How many (worker, query) pairs the encoder remembers what it sent.
-const DESTINATIONS_KEPT: usize = 1024;
 
 #[derive(Debug, Default)]
 struct EncoderCounters {
@@ -128,9 +120,6 @@ impl InlineUdfEncoder {
             udf_codec_position: u32::try_from(position)
                 .map_err(|_| DataFusionError::Configuration("too many user codecs".to_string()))?,
             stats: EncoderCounters::default(),
-            sent: Mutex::new(LruCache::new(
-                NonZeroUsize::new(DESTINATIONS_KEPT).unwrap_or(NonZeroUsize::MIN),
-            )),
         })
     }
 
@@ -151,47 +140,39 @@ impl InlineUdfEncoder {
             .map(|bytes| bytes.to_vec())
     }
 
-    /// A stage plan for one task of `query` on `worker`: a large pickle
-    /// travels in the first of the query's plans for that worker and is
-    /// named by digest in the others (the worker keeps what it received).
-    pub fn encode_plan_for(
+    /// A stage plan for a worker that keeps large pickles (see
+    /// `crate::payloads`): each pickle of at least
+    /// `dfship_codec::BY_DIGEST_MIN_BYTES` is named by its digest, and
+    /// returned with its full frame, for the transport to make sure the
+    /// worker holds it before the plan is sent.
+    pub fn encode_plan_for_worker(
         self: &Arc<Self>,
         plan: Arc<dyn ExecutionPlan>,
-        worker: &str,
-        query: &[u8],
-    ) -> Result<Vec<u8>> {
+    ) -> Result<(Vec<u8>, Vec<KeptPayload>)> {
         self.stats.plans.fetch_add(1, Ordering::Relaxed);
-        let sent = {
-            let mut destinations = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-            let key = (worker.to_string(), query.to_vec());
-            match destinations.get(&key) {
-                Some(sent) => Arc::clone(sent),
-                None => {
-                    let sent = SentPickles::default();
-                    destinations.put(key, Arc::clone(&sent));
-                    sent
-                }
-            }
-        };
         let destination = ForDestination {
             encoder: Arc::clone(self),
-            sent,
+            kept: Mutex::default(),
         };
         let plan = wrap_python_windows(plan)?;
         let converter = DeduplicatingProtoConverter::default();
-        physical_plan_to_bytes_with_proto_converter(plan, &destination, &converter)
-            .map(|bytes| bytes.to_vec())
+        let bytes = physical_plan_to_bytes_with_proto_converter(plan, &destination, &converter)?;
+        let kept = destination
+            .kept
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok((bytes.to_vec(), kept))
     }
 
-    /// Writes `node` inline (or by digest, when `first_time` says the
-    /// destination has its pickle), wrapped for the workers' codec list.
+    /// Writes `node` inline (or by digest, when `kept` says the destination
+    /// will hold its pickle), wrapped for the workers' codec list.
     fn encode_udf_with(
         &self,
         node: &ScalarUDF,
         buf: &mut Vec<u8>,
-        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+        kept: &mut KeptPayloads<'_>,
     ) -> Result<()> {
-        let payload = self.udf_codec.encode_udf_to(node, first_time)?;
+        let payload = self.udf_codec.encode_udf_to(node, kept)?;
         self.write_payload(payload, buf)
     }
 
@@ -200,9 +181,9 @@ impl InlineUdfEncoder {
         &self,
         node: &AggregateUDF,
         buf: &mut Vec<u8>,
-        first_time: &mut dyn FnMut(&[u8; 32]) -> bool,
+        kept: &mut KeptPayloads<'_>,
     ) -> Result<()> {
-        let payload = self.udf_codec.encode_udaf_to(node, first_time)?;
+        let payload = self.udf_codec.encode_udaf_to(node, kept)?;
         self.write_payload(payload, buf)
     }
 
@@ -288,7 +269,7 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
     }
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
-        self.encode_udf_with(node, buf, &mut |_| true)
+        self.encode_udf_with(node, buf, &mut |_, _, _| false)
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
@@ -296,7 +277,7 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
     }
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
-        self.encode_udaf_with(node, buf, &mut |_| true)
+        self.encode_udaf_with(node, buf, &mut |_, _, _| false)
     }
 
     /// Window UDFs travel by name here: the workers' composed codec cannot
@@ -315,11 +296,11 @@ impl PhysicalExtensionCodec for InlineUdfEncoder {
     }
 }
 
-/// The encoder, for the plans of one (worker, query): remembers which large
-/// pickles that worker was sent.
+/// The encoder, for a plan to a worker that keeps pickles: names every large
+/// pickle by digest and collects the frames the worker must hold.
 struct ForDestination {
     encoder: Arc<InlineUdfEncoder>,
-    sent: SentPickles,
+    kept: Mutex<Vec<KeptPayload>>,
 }
 
 impl std::fmt::Debug for ForDestination {
@@ -329,13 +310,18 @@ impl std::fmt::Debug for ForDestination {
 }
 
 impl ForDestination {
-    /// Whether this destination has not been sent the pickle `digest` yet
-    /// (and from now on, has).
-    fn first_time(&self, digest: &[u8; 32]) -> bool {
-        self.sent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*digest)
+    /// Records that the worker must hold `frame`'s pickle; always true (the
+    /// transport hands it over before the plan).
+    fn keep(&self, name: &str, digest: &[u8; 32], frame: &Bytes) -> bool {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if !kept.iter().any(|k| &k.digest == digest) {
+            kept.push(KeptPayload {
+                name: name.to_string(),
+                digest: *digest,
+                frame: frame.clone(),
+            });
+        }
+        true
     }
 }
 
@@ -365,7 +351,9 @@ impl PhysicalExtensionCodec for ForDestination {
 
     fn try_encode_udf(&self, node: &ScalarUDF, buf: &mut Vec<u8>) -> Result<()> {
         self.encoder
-            .encode_udf_with(node, buf, &mut |digest| self.first_time(digest))
+            .encode_udf_with(node, buf, &mut |name, digest, frame| {
+                self.keep(name, digest, frame)
+            })
     }
 
     fn try_decode_udaf(&self, name: &str, buf: &[u8]) -> Result<Arc<AggregateUDF>> {
@@ -374,7 +362,9 @@ impl PhysicalExtensionCodec for ForDestination {
 
     fn try_encode_udaf(&self, node: &AggregateUDF, buf: &mut Vec<u8>) -> Result<()> {
         self.encoder
-            .encode_udaf_with(node, buf, &mut |digest| self.first_time(digest))
+            .encode_udaf_with(node, buf, &mut |name, digest, frame| {
+                self.keep(name, digest, frame)
+            })
     }
 
     fn try_encode_udwf(&self, node: &WindowUDF, buf: &mut Vec<u8>) -> Result<()> {

@@ -11,6 +11,8 @@
 //! - `rpc_auth`: every RPC to a keyed worker proves the cluster key.
 //! - `tls`: TLS (rustls) for channels and servers; certificates for local clusters.
 //! - `message_limit`: a bound on the messages a channel receives.
+//! - `payloads`: large pickles handed to each worker once, across queries
+//!   (the worker's payload service and the coordinator's tracker).
 //! - `task_lifetime`: stopping a task's Python calls when its query ends.
 //! - `prebuilt`: datafusion-python's serialized logical/physical plans, run distributed.
 //! - `explain`: the distributed plan and how its UDFs travel, as text.
@@ -24,6 +26,7 @@ mod explain;
 mod ffi;
 mod leaf;
 mod message_limit;
+mod payloads;
 mod prebuilt;
 mod routing;
 mod rpc_auth;
@@ -39,6 +42,7 @@ pub use channel::{
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use explain::{describe_udfs, explain_plan};
 pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
+pub use payloads::{PayloadServer, PayloadStats, PAYLOAD_SERVICE};
 pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
 pub use rpc_auth::{RpcAuthLayer, RpcAuthenticator, SignedChannel, AUTH_HEADER, MAX_CLOCK_SKEW};
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};

@@ -72,6 +72,11 @@ impl InlineUdfs {
         &self.encoder
     }
 
+    /// What workers were handed of large pickles, and what they reused.
+    pub fn payload_stats(&self) -> crate::PayloadStats {
+        self.channels.payload_stats()
+    }
+
     /// Registers the codec as the (only) user codec and installs the channels.
     pub fn install(&self, builder: SessionStateBuilder) -> SessionStateBuilder {
         builder

@@ -9,7 +9,10 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion_distributed::Worker;
 use tokio::net::TcpListener;
 
+use std::sync::Arc;
+
 use crate::channel::ChannelOptions;
+use crate::payloads::PayloadServer;
 use crate::rpc_auth::{RpcAuthLayer, RpcAuthenticator};
 use crate::session::PythonWorkerSessionBuilder;
 use crate::task_lifetime::TaskLifetimeLayer;
@@ -29,6 +32,7 @@ pub async fn serve_worker(
         .options()
         .cluster_key()
         .map(RpcAuthenticator::new);
+    let payloads = PayloadServer::new(Arc::clone(builder.codec()), options.max_message_bytes);
     let worker = Worker::from_session_builder(builder);
     // Pings detect a coordinator or peer that vanished without closing its
     // connection, so its tasks stop instead of waiting forever.
@@ -54,6 +58,7 @@ pub async fn serve_worker(
                 .max_decoding_message_size(options.max_message_bytes)
                 .max_encoding_message_size(options.max_message_bytes),
         )
+        .add_service(payloads)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

@@ -1,0 +1,379 @@
+//! Large pickles once per worker, across queries.
+//!
+//! A Python UDF closing over a model or a table can pickle to megabytes. A
+//! plan for a worker names every pickle of at least
+//! `dfship_codec::BY_DIGEST_MIN_BYTES` by its digest, and the coordinator
+//! makes sure the worker holds it before the plan is sent, with a small gRPC
+//! service every worker serves beside datafusion-distributed's:
+//!
+//! - `Hold(digests)` answers the worker's *incarnation* (random, fresh at
+//!   every start) and the digests it does not hold;
+//! - `Put(payloads)` hands it full frames, which it checks exactly as it
+//!   checks a plan's (strict mode, size, cluster key, digest) and keeps in
+//!   its payload store (nothing is unpickled).
+//!
+//! The coordinator ([`PayloadTracker`]) remembers, per worker URL and
+//! incarnation, what the worker holds, asks once per query (a restarted
+//! worker answers with a new incarnation and gets everything again; a
+//! worker that dropped a pickle to keep others says so), and hands over only
+//! what is missing. So a repeated query over a 16 MB closure sends 16 MB to
+//! each worker once, and then only digests. Both RPCs go through the same
+//! channel as plans (cluster-key proofs, TLS, message limits).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use datafusion::error::{DataFusionError, Result};
+use datafusion_distributed::grpc::BoxCloneSyncChannel;
+use dfship_codec::{ErrorKind, PythonUdfCodec};
+use futures::future::BoxFuture;
+use prost::Message;
+use url::Url;
+
+/// The gRPC service name.
+pub const PAYLOAD_SERVICE: &str = "dfship.payloads.v1.Payloads";
+const HOLD: &str = "/dfship.payloads.v1.Payloads/Hold";
+const PUT: &str = "/dfship.payloads.v1.Payloads/Put";
+
+/// Digests one `Hold` may ask about.
+const MAX_DIGESTS: usize = 4096;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct HoldRequest {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub digests: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct HoldResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    pub incarnation: Vec<u8>,
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub missing: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Payload {
+    /// The UDF's name (a frame names its UDF; the two must agree).
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub frame: Bytes,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct PutRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub payloads: Vec<Payload>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct PutResponse {
+    #[prost(bytes = "vec", tag = "1")]
+    pub incarnation: Vec<u8>,
+}
+
+/// The worker side: answers `Hold` and `Put` for this process's payload store.
+#[derive(Clone)]
+pub struct PayloadServer {
+    codec: Arc<PythonUdfCodec>,
+    incarnation: Arc<[u8; 16]>,
+    max_message_bytes: usize,
+}
+
+impl PayloadServer {
+    pub fn new(codec: Arc<PythonUdfCodec>, max_message_bytes: usize) -> Self {
+        Self {
+            codec,
+            incarnation: Arc::new(*uuid::Uuid::new_v4().as_bytes()),
+            max_message_bytes,
+        }
+    }
+
+    fn hold(&self, request: HoldRequest) -> Result<HoldResponse, tonic::Status> {
+        if request.digests.len() > MAX_DIGESTS {
+            return Err(tonic::Status::invalid_argument(format!(
+                "Hold asks about {} digests, more than {MAX_DIGESTS}",
+                request.digests.len()
+            )));
+        }
+        let mut missing = Vec::new();
+        for digest in request.digests {
+            let key: [u8; 32] = digest.as_slice().try_into().map_err(|_| {
+                tonic::Status::invalid_argument(format!(
+                    "a digest of {} bytes (SHA-256 digests have 32)",
+                    digest.len()
+                ))
+            })?;
+            if !self.codec.holds_payload(&key) {
+                missing.push(digest);
+            }
+        }
+        Ok(HoldResponse {
+            incarnation: self.incarnation.to_vec(),
+            missing,
+        })
+    }
+
+    fn put(&self, request: PutRequest) -> Result<PutResponse, tonic::Status> {
+        for payload in request.payloads {
+            self.codec
+                .keep_payload(&payload.name, &payload.frame)
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        }
+        Ok(PutResponse {
+            incarnation: self.incarnation.to_vec(),
+        })
+    }
+}
+
+impl tonic::server::NamedService for PayloadServer {
+    const NAME: &'static str = PAYLOAD_SERVICE;
+}
+
+/// One unary method of [`PayloadServer`].
+struct Unary<Req, Res> {
+    server: PayloadServer,
+    method: fn(&PayloadServer, Req) -> Result<Res, tonic::Status>,
+}
+
+impl<Req, Res> tonic::server::UnaryService<Req> for Unary<Req, Res>
+where
+    Req: Send + 'static,
+    Res: Send + 'static,
+{
+    type Response = Res;
+    type Future = BoxFuture<'static, Result<tonic::Response<Res>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
+        let answer = (self.method)(&self.server, request.into_inner()).map(tonic::Response::new);
+        Box::pin(async move { answer })
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for PayloadServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let server = self.clone();
+        let limit = self.max_message_bytes;
+        match request.uri().path() {
+            HOLD => Box::pin(async move {
+                let method = Unary {
+                    server,
+                    method: PayloadServer::hold,
+                };
+                Ok(grpc(limit).unary(method, request).await)
+            }),
+            PUT => Box::pin(async move {
+                let method = Unary {
+                    server,
+                    method: PayloadServer::put,
+                };
+                Ok(grpc(limit).unary(method, request).await)
+            }),
+            _ => Box::pin(async move {
+                Ok(
+                    tonic::Status::unimplemented("no such method of the payload service")
+                        .into_http(),
+                )
+            }),
+        }
+    }
+}
+
+fn grpc<Req, Res>(limit: usize) -> tonic::server::Grpc<tonic_prost::ProstCodec<Res, Req>>
+where
+    Req: Message + Default + Send + 'static,
+    Res: Message + Send + 'static,
+{
+    tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+        .apply_max_message_size_config(Some(limit), Some(limit))
+}
+
+/// A large pickle a plan names by digest, and the frame that carries it.
+#[derive(Debug, Clone)]
+pub struct KeptPayload {
+    pub name: String,
+    pub digest: [u8; 32],
+    pub frame: Bytes,
+}
+
+/// What a coordinator knows of one worker's payload store.
+#[derive(Debug, Default)]
+struct WorkerPayloads {
+    incarnation: Vec<u8>,
+    held: HashSet<[u8; 32]>,
+    /// The query whose pickles were last confirmed held.
+    checked_query: Vec<u8>,
+}
+
+/// What a [`PayloadTracker`] has done so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PayloadStats {
+    /// `Hold` calls (at most one per worker and query with large pickles).
+    pub checks: u64,
+    /// Frames handed over with `Put`.
+    pub pushed: u64,
+    /// Bytes of those frames.
+    pub pushed_bytes: u64,
+    /// Large pickles a plan named by digest without sending them again.
+    pub reused: u64,
+}
+
+/// The coordinator side: makes sure each worker holds the pickles a plan
+/// names by digest (module docs).
+#[derive(Debug, Default)]
+pub struct PayloadTracker {
+    workers: Mutex<HashMap<Url, Arc<tokio::sync::Mutex<WorkerPayloads>>>>,
+    checks: AtomicU64,
+    pushed: AtomicU64,
+    pushed_bytes: AtomicU64,
+    reused: AtomicU64,
+}
+
+impl PayloadTracker {
+    pub fn stats(&self) -> PayloadStats {
+        PayloadStats {
+            checks: self.checks.load(Ordering::Relaxed),
+            pushed: self.pushed.load(Ordering::Relaxed),
+            pushed_bytes: self.pushed_bytes.load(Ordering::Relaxed),
+            reused: self.reused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Makes sure `worker` holds every payload of `needed` before a plan of
+    /// `query` that names them is sent.
+    pub(crate) async fn ensure(
+        &self,
+        worker: &Url,
+        channel: BoxCloneSyncChannel,
+        query: &[u8],
+        needed: &[KeptPayload],
+        max_message_bytes: usize,
+    ) -> Result<()> {
+        if needed.is_empty() {
+            return Ok(());
+        }
+        let state = {
+            let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(workers.entry(worker.clone()).or_default())
+        };
+        let mut state = state.lock().await;
+        if state.checked_query == query && needed.iter().all(|p| state.held.contains(&p.digest)) {
+            self.reused
+                .fetch_add(needed.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        let failed = |what: &str, status: tonic::Status| {
+            DataFusionError::Execution(format!(
+                "{} cannot hand worker {worker} the pickles of the Python UDFs its plan names \
+                 ({what}: {}); check that the worker runs the same dfship version and accepts \
+                 this coordinator (cluster key, TLS)",
+                ErrorKind::WorkerLost.tag(),
+                status.message()
+            ))
+        };
+        let mut client = tonic::client::Grpc::new(channel);
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        let digests = needed.iter().map(|p| p.digest.to_vec()).collect();
+        let answer = unary::<HoldRequest, HoldResponse>(&mut client, HOLD, HoldRequest { digests })
+            .await
+            .map_err(|status| failed("Hold", status))?;
+        if answer.incarnation != state.incarnation {
+            // A worker we have not seen, or one that restarted: it holds
+            // nothing we know of.
+            state.incarnation = answer.incarnation;
+            state.held.clear();
+        }
+        let missing: HashSet<Vec<u8>> = answer.missing.into_iter().collect();
+        for payload in needed {
+            if missing.contains(payload.digest.as_slice()) {
+                state.held.remove(&payload.digest);
+            } else {
+                state.held.insert(payload.digest);
+            }
+        }
+        let mut batch: Vec<Payload> = Vec::new();
+        let mut batch_bytes = 0;
+        let mut sent = HashSet::new();
+        for payload in needed {
+            if state.held.contains(&payload.digest) || !sent.insert(payload.digest) {
+                continue;
+            }
+            let size = payload.frame.len() + payload.name.len() + 64;
+            if !batch.is_empty() && batch_bytes + size > max_message_bytes {
+                self.put(&mut client, std::mem::take(&mut batch), &failed)
+                    .await?;
+                batch_bytes = 0;
+            }
+            batch.push(Payload {
+                name: payload.name.clone(),
+                frame: payload.frame.clone(),
+            });
+            batch_bytes += size;
+            self.pushed.fetch_add(1, Ordering::Relaxed);
+            self.pushed_bytes
+                .fetch_add(payload.frame.len() as u64, Ordering::Relaxed);
+        }
+        if !batch.is_empty() {
+            self.put(&mut client, batch, &failed).await?;
+        }
+        self.reused.fetch_add(
+            needed.len().saturating_sub(sent.len()) as u64,
+            Ordering::Relaxed,
+        );
+        state.held.extend(needed.iter().map(|p| p.digest));
+        state.checked_query = query.to_vec();
+        Ok(())
+    }
+
+    async fn put(
+        &self,
+        client: &mut tonic::client::Grpc<BoxCloneSyncChannel>,
+        payloads: Vec<Payload>,
+        failed: &impl Fn(&str, tonic::Status) -> DataFusionError,
+    ) -> Result<()> {
+        unary::<PutRequest, PutResponse>(client, PUT, PutRequest { payloads })
+            .await
+            .map(|_| ())
+            .map_err(|status| failed("Put", status))
+    }
+}
+
+async fn unary<Req, Res>(
+    client: &mut tonic::client::Grpc<BoxCloneSyncChannel>,
+    path: &'static str,
+    request: Req,
+) -> Result<Res, tonic::Status>
+where
+    Req: Message + Send + Sync + 'static,
+    Res: Message + Default + Send + Sync + 'static,
+{
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("the connection is not ready: {e}")))?;
+    let codec = tonic_prost::ProstCodec::<Req, Res>::default();
+    client
+        .unary(
+            tonic::Request::new(request),
+            http::uri::PathAndQuery::from_static(path),
+            codec,
+        )
+        .await
+        .map(tonic::Response::into_inner)
+}
