@@ -253,14 +253,19 @@ impl PythonGroupsAccumulator {
         self.object.apply(op, self.groups as u64, rows)
     }
 
-    /// How many groups `emit_to` covers; they leave the runner.
-    fn emitted(&mut self, emit_to: EmitTo) -> usize {
-        let count = match emit_to {
+    /// How many groups `emit_to` covers.
+    fn emitted(&self, emit_to: EmitTo) -> usize {
+        match emit_to {
             EmitTo::All => self.groups,
             EmitTo::First(n) => n.min(self.groups),
-        };
+        }
+    }
+
+    /// `count` groups left the runner.
+    fn forget(&mut self, count: usize) {
+        let before = self.groups;
         self.groups -= count;
-        count
+        self.object.shrink(self.groups, before);
     }
 
     /// The states of the first `count` groups, one column per state field
@@ -346,12 +351,16 @@ impl GroupsAccumulator for PythonGroupsAccumulator {
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
         let count = self.emitted(emit_to);
-        self.results(count, true)
+        let results = self.results(count, true);
+        self.forget(count);
+        results
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
         let count = self.emitted(emit_to);
-        self.states(count, true)
+        let states = self.states(count, true);
+        self.forget(count);
+        states
     }
 
     fn merge_batch(

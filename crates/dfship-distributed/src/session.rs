@@ -317,6 +317,9 @@ impl ClusterContextBuilder {
                 .with_default_features()
                 .with_config(self.config)
                 .with_query_planner(Arc::new(crate::prebuilt::PrebuiltAwareQueryPlanner))
+                // Window UDFs of their frame: one call per partition, also in
+                // the stages this coordinator runs itself.
+                .with_physical_optimizer_rule(Arc::new(dfship_codec::AttachWindowFrames))
                 .with_distributed_route_tasks_handler(crate::routing::RoundRobinRouting::new(
                     self.workers.clone(),
                 ))

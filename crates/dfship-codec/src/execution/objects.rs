@@ -61,6 +61,16 @@ impl RunnerObject {
         self.size
     }
 
+    /// `left` of `before` groups remain after an emit that took the others:
+    /// the runner holds about that share of what it reported.
+    pub(crate) fn shrink(&mut self, left: usize, before: usize) {
+        self.size = if before == 0 {
+            0
+        } else {
+            (self.size as u128 * left as u128 / before as u128) as usize
+        };
+    }
+
     fn call(
         &mut self,
         op: u8,
