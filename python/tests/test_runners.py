@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import sorted_rows
-from datafusion import Accumulator, column, udaf
+from datafusion import Accumulator, udaf
 
 import dfship
 
@@ -81,6 +81,8 @@ def runner_pids(cluster: dfship.LocalCluster) -> dict[int, set[int]]:
 
 # datafusion-python 55's own test_udaf.py cases, each result computed on the cluster.
 
+TEST_TABLE = pa.record_batch([pa.array([1.0, 2.0, 3.0]), pa.array([4, 4, 6])], ["a", "b"])
+
 
 class Summarize(Accumulator):
     """datafusion-python's test accumulator: its fresh state is not empty."""
@@ -115,7 +117,7 @@ def test_udaf_aggregate_with_arguments(pool_cluster: dfship.LocalCluster, as_sca
     )
     ctx = pool_cluster.context()
     ctx.register_udaf(summarize)
-    ctx.register_arrow("test_table", pa.record_batch([pa.array([1.0, 2.0, 3.0]), pa.array([4, 4, 6])], ["a", "b"]))
+    ctx.register_arrow("test_table", TEST_TABLE)
     for _ in range(2):  # a second run starts from a fresh state
         result = ctx.sql("SELECT summarize(a) FROM test_table").collect()
         assert result.column(0).to_pylist() == [bias + 1.0 + 2.0 + 3.0]
@@ -130,7 +132,7 @@ def test_udaf_decorator_aggregate_with_arguments(pool_cluster: dfship.LocalClust
 
     ctx = pool_cluster.context()
     ctx.register_udaf(summarize)
-    ctx.register_arrow("test_table", pa.record_batch([pa.array([1.0, 2.0, 3.0]), pa.array([4, 4, 6])], ["a", "b"]))
+    ctx.register_arrow("test_table", TEST_TABLE)
     for _ in range(2):
         result = ctx.sql("SELECT summarize(a) FROM test_table").collect()
         assert result.column(0).to_pylist() == [bias + 1.0 + 2.0 + 3.0]
@@ -142,7 +144,8 @@ def test_partial_and_final_over_many_batches_match_datafusion_python(
     # Each group lives in one file, so both engines give it exactly one partial
     # accumulator (5 batches of updates) and one final one: a fresh state of 10
     # counts twice. Rebuilding accumulators per batch would count it per batch.
-    ours = dfship.udaf(lambda: Summarize(10.0), pa.float64(), pa.float64(), [pa.float64()], "immutable", name="s10")
+    f64 = pa.float64()
+    ours = dfship.udaf(lambda: Summarize(10.0), f64, f64, [f64], "immutable", "s10")
     ctx.register_udaf(ours)
     query = "SELECT g, s10(v) AS s FROM numbers GROUP BY g"
     plan = ctx.sql(query).explain()
@@ -229,7 +232,8 @@ def test_concurrency_one_loads_the_udf_in_one_runner_per_worker(
         by_worker.setdefault(parent, set()).add(pid)
     assert all(len(runners) == 1 for runners in by_worker.values()), f"one loading runner per worker: {made}"
     assert pids <= {pid for _, pid in made}
-    assert all(len(runners) == 2 for runners in runner_pids(pool_cluster).values()), "each worker runs 2 runners"
+    runners_by_worker = runner_pids(pool_cluster).values()
+    assert all(len(runners) == 2 for runners in runners_by_worker), "each worker runs 2 runners"
 
 
 def test_batch_size_caps_the_rows_of_every_call(ctx: dfship.ClusterContext) -> None:
@@ -377,7 +381,8 @@ def test_an_accumulators_runner_killed_mid_query_gives_a_clear_error_or_the_righ
     try:
         answer = sorted_rows(ctx.sql(query).collect())
     except dfship.UdfRaisedError as error:
-        assert "slowsum" in str(error) and ("lived in a runner that is gone" in str(error) or "crashed" in str(error))
+        message = str(error)
+        assert "slowsum" in message and ("lived in a runner that is gone" in message or "crashed" in message)
     else:
         assert answer == expected
     killer.join()

@@ -439,7 +439,7 @@ fn an_object_stays_on_its_runner_and_is_lost_with_it() {
             same,
             protocol::AGG_EVALUATE,
             3,
-            &[returns.clone()],
+            std::slice::from_ref(&returns),
         ))
         .wait(&pool, None)
         .unwrap();
@@ -548,7 +548,7 @@ fn a_starving_call_reserves_a_runner_that_objects_keep_busy() {
                     object,
                     protocol::AGG_UPDATE,
                     1,
-                    &[rows.clone()],
+                    std::slice::from_ref(&rows),
                 )));
                 if in_flight.len() >= 3 {
                     in_flight.pop_front().unwrap().wait(&pool, None).unwrap();
