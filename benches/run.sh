@@ -3,7 +3,7 @@
 # then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
 # and 2 workers) and the aggregate/window comparison. Results land in
 # benches/results/ (results.md, results.png, micro.md, profile.md,
-# aggregates.md). Takes about 35 minutes on two cores, most of it the
+# aggregates.md, runners.md). Takes about 35 minutes on two cores, most of it the
 # release build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +28,8 @@ criterion() {
     echo
     cargo bench --locked -p dfship-benches --bench counts 2>/dev/null | grep -E '^(\||###|$)'
     echo
-    cargo bench --locked -p dfship-benches --bench closures 2>/dev/null | grep -E '^(\||###|$)'
+    DFSHIP_WORKER_BIN="$root/target/release/dfship-worker" \
+        cargo bench --locked -p dfship-benches --bench closures 2>/dev/null | grep -E '^(\||###|$)'
     echo
     .venv/bin/python benches/e2e/transport.py
     echo
@@ -59,6 +60,9 @@ fi
 
 echo "bench: aggregate and window UDFs"
 "$venv/bin/python" benches/e2e/aggregates.py --out "$out"
+
+echo "bench: class, async and model-loading UDFs"
+"$venv/bin/python" benches/e2e/runners.py --out "$out"
 
 case " $* " in
 *" --skip-spark "*) echo "bench: --skip-spark given, so no profile of the GIL-bound query against PySpark" ;;

@@ -1,9 +1,10 @@
-//! Query time when a UDF closes over a large object: 1, 16 and 64 MB
-//! closures on stages of 2, 8 and 32 tasks over 2 workers, against the same
-//! query with a tiny closure. A large pickle travels to each worker once per
-//! query (later plans name it by digest) and to each runner once, so the
-//! ratio should stay near 1. Prints a Markdown table (benches/run.sh copies it
-//! into the results). Workers serve gRPC on 127.0.0.1 inside this process.
+//! Query time when a UDF closes over a large object: tiny and 16 MB
+//! closures on stages of 2 and 8 tasks over 2 worker processes (release
+//! binaries, 2 runners each), for the first query after the UDF is declared
+//! (the pickle reaches each worker, and each runner, once) and for the
+//! queries after it (plans name the pickle by digest; the workers hold it,
+//! the runners keep the callable). Prints a Markdown table (benches/run.sh
+//! copies it into the results). Workers are `$DFSHIP_WORKER_BIN`.
 
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use dfship_benches::*;
 use dfship_codec::CodecOptions;
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
-use dfship_integration_tests::{python_udf, InProcessCluster};
+use dfship_integration_tests::{python_udf, SpawnedCluster};
 
 const FILES: usize = 32;
 const RUNS: usize = 5;
@@ -47,17 +48,18 @@ fn main() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     rt.block_on(write_files(dir.path()));
-    let cluster = rt.block_on(InProcessCluster::start(
-        2,
-        dfship_distributed::PythonWorkerSessionBuilder::new(CodecOptions::default()),
-    ));
+    let cluster = SpawnedCluster::start(2, &["--python-runners", "2"]);
 
-    println!("### Closure size vs query time (2 workers, median of {RUNS} runs)\n");
-    println!("| tasks | closure | query ms | vs tiny closure | inline bytes shipped per query |");
-    println!("|---:|---:|---:|---:|---:|");
-    for tasks in [2usize, 8, 32] {
-        let mut tiny = f64::NAN;
-        for megabytes in [0usize, 1, 16, 64] {
+    println!(
+        "### Closure size vs query time (2 worker processes, median of {RUNS} later queries)\n"
+    );
+    println!(
+        "| tasks | closure | first query ms | vs tiny | later queries ms | vs tiny | bytes handed to workers: first / later |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for tasks in [2usize, 8] {
+        let (mut tiny_first, mut tiny_later) = (f64::NAN, f64::NAN);
+        for megabytes in [0usize, 16] {
             let inline = InlineUdfs::new(CodecOptions::default());
             let ctx = ClusterContextBuilder::new(&cluster.urls)
                 .unwrap()
@@ -73,7 +75,7 @@ fn main() {
                 Default::default(),
             ))
             .unwrap();
-            // A fresh object per run of the table: a new digest, shipped anew.
+            // A fresh object for each row of the table: a new digest, new to every worker.
             let size = megabytes << 20;
             ctx.register_udf(python_udf(
                 "closing",
@@ -84,32 +86,27 @@ fn main() {
             ));
             let query = "SELECT sum(closing(id)) FROM t";
             let run = || {
+                let started = Instant::now();
                 rt.block_on(async { ctx.sql(query).await?.collect().await })
-                    .unwrap()
+                    .unwrap();
+                started.elapsed().as_secs_f64() * 1000.0
             };
-            run(); // warm-up: runners load the callable
-            let before = inline.encoder().stats();
-            let times: Vec<f64> = (0..RUNS)
-                .map(|_| {
-                    let started = Instant::now();
-                    run();
-                    started.elapsed().as_secs_f64() * 1000.0
-                })
-                .collect();
-            let after = inline.encoder().stats();
-            let per_query = (after.inline_bytes - before.inline_bytes) / RUNS as u64;
-            let time = median(times);
+            let first = run();
+            let pushed_first = inline.payload_stats().pushed_bytes;
+            let later = median((0..RUNS).map(|_| run()).collect());
+            let pushed_later = (inline.payload_stats().pushed_bytes - pushed_first) / RUNS as u64;
             if megabytes == 0 {
-                tiny = time;
+                (tiny_first, tiny_later) = (first, later);
             }
             println!(
-                "| {tasks} | {} | {time:.1} | {:.2}× | {per_query} |",
+                "| {tasks} | {} | {first:.1} | {:.2}× | {later:.1} | {:.2}× | {pushed_first} / {pushed_later} |",
                 if megabytes == 0 {
                     "tiny".to_string()
                 } else {
                     format!("{megabytes} MB")
                 },
-                time / tiny
+                first / tiny_first,
+                later / tiny_later
             );
         }
     }

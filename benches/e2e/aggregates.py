@@ -5,11 +5,13 @@ Usage: python aggregates.py [--rows N] [--runs N] [--out DIR] (benches/run.sh ru
 The same accumulator and evaluator classes (benches/e2e/udfs.py) run in
 datafusion-python, which calls a Python accumulator once per group per batch
 (DataFusion's per-group adapter) on one interpreter, and on dfship workers,
-whose runners get one call per batch covering every group it touches but
-rebuild each group's accumulator from its state on every call (stateless
-calls). A GROUP BY with 10 groups and one with 1,024 show both effects; a
-window function over 1,024 partitions shows the per-partition cost. Writes
-aggregates.md and aggregates.json.
+whose accumulators live in runners (one call per batch covering every group
+it touches; states leave the runner only when DataFusion asks). A GROUP BY
+with 10 groups and one with 1,024 show both; a window function over 1,024
+partitions shows the per-partition cost; a window function of its frame
+(ROWS 5 PRECEDING and UNBOUNDED PRECEDING, 20,000 rows in 2 partitions)
+shows frames fetched in one call per partition against datafusion-python's
+call per row. Writes aggregates.md and aggregates.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ QUERIES = {
     "udaf_1024_groups": "SELECT store, wmean(value, qty) AS m FROM sales GROUP BY store",
     "udwf_1024_partitions": "SELECT max(r) AS m FROM (SELECT running(value) OVER "
     "(PARTITION BY store ORDER BY id) AS r FROM sales)",
+    "udwf_frames_rows_5": "SELECT max(m) AS m FROM (SELECT frame_mean(value) OVER (PARTITION BY id % 2 "
+    "ORDER BY id ROWS BETWEEN 5 PRECEDING AND CURRENT ROW) AS m FROM sales WHERE id < 20000)",
+    "udwf_frames_unbounded": "SELECT max(m) AS m FROM (SELECT frame_mean(value) OVER (PARTITION BY id % 2 "
+    "ORDER BY id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS m FROM sales WHERE id < 20000)",
 }
 
 

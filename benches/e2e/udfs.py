@@ -90,6 +90,17 @@ class RunningTotal(WindowEvaluator):
         return pc.cumulative_sum(values[0])
 
 
+class FrameMean(WindowEvaluator):
+    """A function of its window frame: DataFusion asks it once per row."""
+
+    def uses_window_frame(self) -> bool:
+        return True
+
+    def evaluate(self, values: list[pa.Array], eval_range: tuple[int, int]) -> pa.Scalar:
+        start, end = eval_range
+        return pc.mean(values[0].slice(start, end - start))
+
+
 wmean = udaf(
     WeightedMean,
     [pa.float64(), pa.int32()],
@@ -99,6 +110,7 @@ wmean = udaf(
     name="wmean",
 )
 running = udwf(RunningTotal, [pa.float64()], pa.float64(), "immutable", name="running")
+frame_mean = udwf(FrameMean, [pa.float64()], pa.float64(), "immutable", name="frame_mean")
 
 AGGREGATES = [wmean]
-WINDOWS = [running]
+WINDOWS = [running, frame_mean]

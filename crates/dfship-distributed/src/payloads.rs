@@ -272,6 +272,21 @@ impl PayloadTracker {
             let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(workers.entry(worker.clone()).or_default())
         };
+        for payload in needed {
+            // What a Put of this one frame takes on the wire, at most.
+            let size = payload.frame.len() + payload.name.len() + 64;
+            if size > max_message_bytes {
+                return Err(DataFusionError::Plan(format!(
+                    "{} the pickle of Python UDF '{}' for worker {worker} is {} bytes, above the \
+                     message limit of {max_message_bytes} bytes (--max-message-bytes): capture \
+                     less data in its closure (load it inside the function, or in a class \
+                     UDF's __init__), or raise the limit on the coordinator and every worker",
+                    ErrorKind::PayloadRefused.tag(),
+                    payload.name,
+                    payload.frame.len()
+                )));
+            }
+        }
         let mut state = state.lock().await;
         if state.checked_query == query && needed.iter().all(|p| state.held.contains(&p.digest)) {
             self.reused
