@@ -389,3 +389,28 @@ def test_an_accumulators_runner_killed_mid_query_gives_a_clear_error_or_the_righ
     assert killed, "a runner was killed during the query"
     # The workers serve on, with replacement runners.
     assert sorted_rows(ctx.sql(query).collect()) == expected
+
+
+def test_extension_types_reach_the_udf_and_come_back_checked(ctx: dfship.ClusterContext) -> None:
+    """datafusion-python's test_udf_with_metadata, on the cluster."""
+    from uuid import UUID
+
+    @dfship.udf([pa.string()], pa.uuid(), "stable")
+    def uuid_from_string(uuid_string: pa.Array) -> pa.Array:
+        return pa.array((UUID(s).bytes for s in uuid_string.to_pylist()), pa.uuid())
+
+    @dfship.udf([pa.uuid()], pa.int64(), "stable")
+    def uuid_version(uuid: pa.Array) -> pa.Array:
+        return pa.array((s.version for s in uuid.to_pylist()), pa.int64())
+
+    @dfship.udf([pa.string()], pa.uuid(), "stable")
+    def plain_bytes(uuid_string: pa.Array) -> pa.Array:
+        return pa.array((UUID(s).bytes for s in uuid_string.to_pylist()), pa.binary(16))
+
+    for declared in (uuid_from_string, uuid_version, plain_bytes):
+        ctx.register_udf(declared)
+    query = "SELECT uuid_version(uuid_from_string(uuid())) AS v FROM numbers WHERE id < 5"
+    versions = ctx.sql(query).collect()
+    assert versions.column(0).to_pylist() == [4, 4, 4, 4, 4]
+    with pytest.raises(dfship.UdfResultError, match=r"extension type arrow.uuid"):
+        ctx.sql("SELECT plain_bytes(uuid()) FROM numbers WHERE id < 5").collect()

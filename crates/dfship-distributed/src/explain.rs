@@ -27,10 +27,12 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
     let called = |name: &str| shown.contains(&format!("{name}("));
     let mut lines = Vec::new();
     for (name, udf) in sorted(state.scalar_functions()) {
-        let python = udf
-            .inner()
-            .downcast_ref::<PythonScalarUdf>()
-            .map(|_| "Python UDF, travels inline (cloudpickled into the plan)");
+        let python = udf.inner().downcast_ref::<PythonScalarUdf>().map(|python| {
+            with_options(
+                "Python UDF, travels inline (cloudpickled into the plan)",
+                python.call_options(),
+            )
+        });
         let built_in = || {
             datafusion::functions::all_default_functions()
                 .iter()
@@ -39,9 +41,12 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
         lines.extend(how_it_travels(name, called(name), python, built_in));
     }
     for (name, udaf) in sorted(state.aggregate_functions()) {
-        let python = udaf.inner().downcast_ref::<PythonAggregateUdf>().map(|_| {
-            "Python aggregate UDF, travels inline (cloudpickled into the plan); partial states \
-             cross stages as Arrow"
+        let python = udaf.inner().downcast_ref::<PythonAggregateUdf>().map(|python| {
+            with_options(
+                "Python aggregate UDF, travels inline (cloudpickled into the plan); its \
+                 accumulators live in a runner, partial states cross stages as Arrow",
+                python.call_options(),
+            )
         });
         let built_in = || {
             datafusion::functions_aggregate::all_default_aggregate_functions()
@@ -51,8 +56,12 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
         lines.extend(how_it_travels(name, called(name), python, built_in));
     }
     for (name, udwf) in sorted(state.window_functions()) {
-        let python = udwf.inner().downcast_ref::<PythonWindowUdf>().map(|_| {
-            "Python window UDF, travels inline inside its window node (cloudpickled into the plan)"
+        let python = udwf.inner().downcast_ref::<PythonWindowUdf>().map(|python| {
+            with_options(
+                "Python window UDF, travels inline inside its window node (cloudpickled into the \
+                 plan)",
+                python.call_options(),
+            )
         });
         let built_in = || {
             datafusion::functions_window::all_default_window_functions()
@@ -68,12 +77,22 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
     }
 }
 
+/// `how` a Python UDF travels, with its call options when any is set.
+fn with_options(how: &str, options: dfship_codec::CallOptions) -> String {
+    let set = options.describe();
+    if set.is_empty() {
+        how.to_string()
+    } else {
+        format!("{how}; {set}")
+    }
+}
+
 /// The line for function `name`, if the plan calls it and it is not a
 /// built-in: `python` says how a Python UDF travels; anything else goes by name.
 fn how_it_travels(
     name: &str,
     called: bool,
-    python: Option<&str>,
+    python: Option<String>,
     built_in: impl FnOnce() -> bool,
 ) -> Option<String> {
     match python {
