@@ -75,6 +75,7 @@ __all__ = [
     "UdfResultError",
     "VersionMismatchError",
     "WorkerLostError",
+    "settings",
     "udaf",
     "udf",
     "udwf",
@@ -86,6 +87,15 @@ _LAZY = {
     "LocalCluster": "dfship.cluster",
     **dict.fromkeys(_ERRORS, "dfship.errors"),
 }
+
+
+def settings() -> list[dict[str, Any]]:
+    """Every coordinator setting: its Python keyword (of :class:`ClusterContext`),
+    flag, environment variable, settings-file key, default and help."""
+    from dfship import _native
+
+    fields = ("keyword", "flag", "env", "file_key", "default", "help")
+    return [dict(zip(fields, row, strict=True)) for row in _native.coordinator_settings()]
 
 
 def __getattr__(name: str) -> Any:

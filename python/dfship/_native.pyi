@@ -4,7 +4,7 @@ Checked against the built module by ``mypy.stubtest`` (scripts/python-tests.sh).
 """
 
 from collections.abc import Sequence
-from typing import final
+from typing import Any, final
 
 import pyarrow as pa
 
@@ -20,6 +20,7 @@ __all__ = [
     "UdfResultError",
     "VersionMismatchError",
     "WorkerLostError",
+    "coordinator_settings",
     "generate_tls_files",
     "run_worker",
 ]
@@ -64,22 +65,8 @@ class ClusterContext:
     def __new__(
         cls,
         workers: Sequence[str],
-        *,
         cluster_key: bytes | None = None,
-        cluster_key_file: str | None = None,
-        strict: bool = False,
-        max_payload_bytes: int | None = None,
-        warn_payload_bytes: int | None = None,
-        target_partitions: int | None = None,
-        bytes_per_partition: int | None = None,
-        python_mode: str | None = None,
-        python_runners: int | None = None,
-        udf_timeout: float | None = None,
-        runner_memory_limit: int | None = None,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        max_message_bytes: int | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> ClusterContext: ...
     def register_udf(self, udf: object) -> None: ...
     def register_parquet(self, name: str, path: str) -> None: ...
@@ -96,6 +83,9 @@ class ClusterContext:
 def run_worker(argv: Sequence[str]) -> int:
     """Serves a worker in this process until SIGINT/SIGTERM, with the command line `argv` parsed
     exactly as `dfship-worker` parses its own. Returns the process exit code."""
+
+def coordinator_settings() -> list[tuple[str, str, str | None, str | None, str | None, str]]:
+    """Every coordinator setting as `(keyword, flag, variable, file key, default, help)`."""
 
 def generate_tls_files(directory: str, hosts: Sequence[str]) -> tuple[str, str, str]:
     """Writes a fresh certificate authority and a certificate for `hosts` (names or IP addresses)

@@ -80,6 +80,13 @@ class ClusterContext:
     verifying the workers' certificates; ``tls_cert``/``tls_key`` present a
     client certificate to workers that require one (mutual TLS).
     ``max_message_bytes`` bounds each gRPC message received.
+
+    Every keyword but ``cluster_key`` is a coordinator setting, declared once
+    for the CLI, the Rust builder and this class: the same name as a flag
+    (``python_runners`` is ``--python-runners``), as an environment variable
+    (``DFSHIP_PYTHON_RUNNERS``) and in a TOML settings file (``config=``;
+    ``[python] runners = 2``); a keyword wins over the variable, which wins
+    over the file. ``dfship.settings()`` lists them all.
     """
 
     def __init__(
@@ -88,41 +95,50 @@ class ClusterContext:
         *,
         cluster_key: bytes | None = None,
         cluster_key_file: str | os.PathLike[str] | None = None,
-        strict: bool = False,
+        strict: bool | None = None,
         max_payload_bytes: int | None = None,
         warn_payload_bytes: int | None = None,
         target_partitions: int | None = None,
         bytes_per_partition: int | None = None,
+        max_tasks_per_stage: int | None = None,
         python_mode: str | None = None,
         python_runners: int | None = None,
         udf_timeout: float | None = None,
         runner_memory_limit: int | None = None,
+        python_env: str | os.PathLike[str] | None = None,
+        python_executable: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         max_message_bytes: int | None = None,
+        ffi_udfs: Sequence[str] | None = None,
+        config: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(workers, str):
             workers = [w for w in workers.split(",") if w]
         self.workers = list(workers)
-        self._native = _native.ClusterContext(
-            self.workers,
-            cluster_key=cluster_key,
-            cluster_key_file=_path(cluster_key_file),
-            strict=strict,
-            max_payload_bytes=max_payload_bytes,
-            warn_payload_bytes=warn_payload_bytes,
-            target_partitions=target_partitions,
-            bytes_per_partition=bytes_per_partition,
-            python_mode=python_mode,
-            python_runners=python_runners,
-            udf_timeout=udf_timeout,
-            runner_memory_limit=runner_memory_limit,
-            tls_ca=_path(tls_ca),
-            tls_cert=_path(tls_cert),
-            tls_key=_path(tls_key),
-            max_message_bytes=max_message_bytes,
-        )
+        settings = {
+            "cluster_key_file": _path(cluster_key_file),
+            "strict": strict,
+            "max_payload_bytes": max_payload_bytes,
+            "warn_payload_bytes": warn_payload_bytes,
+            "target_partitions": target_partitions,
+            "bytes_per_partition": bytes_per_partition,
+            "max_tasks_per_stage": max_tasks_per_stage,
+            "python_mode": python_mode,
+            "python_runners": python_runners,
+            "udf_timeout": udf_timeout,
+            "runner_memory_limit": runner_memory_limit,
+            "python_env": _path(python_env),
+            "python_executable": _path(python_executable),
+            "tls_ca": _path(tls_ca),
+            "tls_cert": _path(tls_cert),
+            "tls_key": _path(tls_key),
+            "max_message_bytes": max_message_bytes,
+            "ffi_udfs": list(ffi_udfs) if ffi_udfs else None,
+            "config": _path(config),
+        }
+        self._native = _native.ClusterContext(self.workers, cluster_key, settings)
 
     def register_udf(self, udf: PythonUDF | PythonUDAF | PythonUDWF) -> None:
         """Makes a UDF declared with :func:`dfship.udf` (or ``udaf``, ``udwf``) callable by its name."""

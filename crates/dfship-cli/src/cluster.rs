@@ -8,44 +8,23 @@ use clap::Args;
 use datafusion::dataframe::DataFrameWriteOptions;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
-use dfship_codec::{ClusterKey, CodecOptions};
-use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
+use dfship_codec::ClusterKey;
+use dfship_settings::CoordinatorOptions;
 
-/// Where the cluster is and what the query may use.
+/// Where the cluster is and what the query may use: every coordinator
+/// setting (`dfship-settings`), the UDF files and the tables.
 #[derive(Debug, Args)]
 pub struct ClusterArgs {
-    /// Worker URLs, comma-separated (e.g. http://10.0.0.5:50051,http://10.0.0.6:50051).
-    #[arg(long, env = "DFSHIP_WORKERS", value_delimiter = ',', required = true)]
-    pub workers: Vec<String>,
+    #[command(flatten)]
+    pub options: CoordinatorOptions,
 
     /// Python files declaring UDFs with `dfship.udf`; they travel inline.
     #[arg(long = "udfs")]
     pub udf_files: Vec<PathBuf>,
 
-    /// FFI scalar UDFs the workers register too: /path/lib.so:symbol or python.module:attribute.
-    #[arg(long = "ffi-udf", env = "DFSHIP_FFI_UDFS", value_delimiter = ',')]
-    pub ffi_udfs: Vec<String>,
-
     /// Tables as NAME=PATH (Parquet or CSV file or directory, by extension; workers must reach the path).
     #[arg(long = "table", value_parser = parse_table)]
     pub tables: Vec<(String, PathBuf)>,
-
-    /// Split file scans into tasks of about this many bytes (default: the
-    /// planner's; small values spread small files over every worker).
-    #[arg(long)]
-    pub bytes_per_partition: Option<usize>,
-
-    /// File holding the shared cluster key (else $DFSHIP_CLUSTER_KEY, if set).
-    #[arg(long, env = "DFSHIP_CLUSTER_KEY_FILE")]
-    pub cluster_key_file: Option<PathBuf>,
-
-    /// How the stages this coordinator keeps run their Python UDFs.
-    #[command(flatten)]
-    pub python: dfship_worker::PythonOptions,
-
-    /// TLS and message limits of the connections to the workers.
-    #[command(flatten)]
-    pub transport: dfship_worker::TransportOptions,
 }
 
 fn parse_table(text: &str) -> std::result::Result<(String, PathBuf), String> {
@@ -83,25 +62,11 @@ impl ClusterArgs {
     /// The cluster key, read once (file, else `DFSHIP_CLUSTER_KEY`, which is
     /// then removed from the environment); call it before Python starts.
     pub fn take_cluster_key(&self) -> Result<Option<ClusterKey>> {
-        match &self.cluster_key_file {
-            Some(path) => ClusterKey::from_file(path).map(Some),
-            None => ClusterKey::take_from_env(dfship_codec::CLUSTER_KEY_ENV),
-        }
+        self.options.security.take_cluster_key()
     }
 
     pub async fn context(&self, key: Option<ClusterKey>) -> Result<SessionContext> {
-        self.python.apply()?;
-        let inline = InlineUdfs::with_channel_options(
-            CodecOptions::default().with_optional_cluster_key(key),
-            self.transport.channel_options()?,
-        );
-        let mut builder = ClusterContextBuilder::new(&self.workers)?.with_inline_udfs(inline);
-        if let Some(bytes) = self.bytes_per_partition {
-            builder = builder.with_file_scan_bytes_per_partition(bytes);
-        }
-        for spec in &self.ffi_udfs {
-            builder = builder.with_udf(dfship_distributed::load_ffi_udf(spec)?);
-        }
+        let mut builder = self.options.cluster_context_builder(key)?;
         for file in &self.udf_files {
             builder = builder.with_python_udfs_from_file(file)?;
         }

@@ -52,13 +52,20 @@ struct TlsInitArgs {
 
 fn main() -> ExitCode {
     dfship_worker::init_logging();
-    let command = Cli::parse().command;
+    let command = match dfship_settings::layers::parse_from::<Cli, _, _>(std::env::args_os()) {
+        Ok(cli) => cli.command,
+        Err(error) => {
+            // --help and --version print and succeed; usage errors print and fail.
+            let _ = error.print();
+            return ExitCode::from(error.exit_code() as u8);
+        }
+    };
     // A cluster key is read, and removed from the environment, before any
     // other thread (the runtime's) or Python starts.
     let key = match &command {
         Command::Sql(args) => args.cluster.take_cluster_key(),
         Command::Explain(args) => args.cluster.take_cluster_key(),
-        Command::Worker(options) => options.take_cluster_key(),
+        Command::Worker(options) => options.security.take_cluster_key(),
         Command::Demo(_) | Command::TlsInit(_) => Ok(None),
     };
     let result = key.and_then(|key| {

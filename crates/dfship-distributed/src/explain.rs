@@ -41,13 +41,16 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
         lines.extend(how_it_travels(name, called(name), python, built_in));
     }
     for (name, udaf) in sorted(state.aggregate_functions()) {
-        let python = udaf.inner().downcast_ref::<PythonAggregateUdf>().map(|python| {
-            with_options(
-                "Python aggregate UDF, travels inline (cloudpickled into the plan); its \
+        let python = udaf
+            .inner()
+            .downcast_ref::<PythonAggregateUdf>()
+            .map(|python| {
+                with_options(
+                    "Python aggregate UDF, travels inline (cloudpickled into the plan); its \
                  accumulators live in a runner, partial states cross stages as Arrow",
-                python.call_options(),
-            )
-        });
+                    python.call_options(),
+                )
+            });
         let built_in = || {
             datafusion::functions_aggregate::all_default_aggregate_functions()
                 .iter()
@@ -56,13 +59,16 @@ pub fn describe_udfs(ctx: &SessionContext, plan: &Arc<dyn ExecutionPlan>) -> Str
         lines.extend(how_it_travels(name, called(name), python, built_in));
     }
     for (name, udwf) in sorted(state.window_functions()) {
-        let python = udwf.inner().downcast_ref::<PythonWindowUdf>().map(|python| {
-            with_options(
+        let python = udwf
+            .inner()
+            .downcast_ref::<PythonWindowUdf>()
+            .map(|python| {
+                with_options(
                 "Python window UDF, travels inline inside its window node (cloudpickled into the \
                  plan)",
                 python.call_options(),
             )
-        });
+            });
         let built_in = || {
             datafusion::functions_window::all_default_window_functions()
                 .iter()

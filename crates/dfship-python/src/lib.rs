@@ -18,9 +18,9 @@ use arrow::pyarrow::{FromPyArrow, ToPyArrow};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::error::DataFusionError;
-use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionConfig, SessionContext};
-use dfship_codec::{ClusterKey, CodecOptions, ErrorKind, PythonExecution};
-use dfship_distributed::{ChannelOptions, ClusterContextBuilder, InlineUdfs, TlsConfig};
+use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use dfship_codec::{ClusterKey, ErrorKind};
+use dfship_distributed::InlineUdfs;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -125,37 +125,43 @@ struct ClusterContext {
 
 #[pymethods]
 impl ClusterContext {
+    /// `workers` and the coordinator settings (`dfship-settings`) given as
+    /// Python keywords in `settings` (each named as its field: `strict`,
+    /// `python_runners`, `udf_timeout`, `tls_ca`, …); `cluster_key` (bytes)
+    /// is the one setting that is not a flag.
     #[new]
-    #[pyo3(signature = (workers, *, cluster_key=None, cluster_key_file=None, strict=false, max_payload_bytes=None, warn_payload_bytes=None, target_partitions=None, bytes_per_partition=None, python_mode=None, python_runners=None, udf_timeout=None, runner_memory_limit=None, tls_ca=None, tls_cert=None, tls_key=None, max_message_bytes=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (workers, cluster_key=None, settings=None))]
     fn new(
         py: Python<'_>,
         workers: Vec<String>,
         cluster_key: Option<Vec<u8>>,
-        cluster_key_file: Option<PathBuf>,
-        strict: bool,
-        max_payload_bytes: Option<usize>,
-        warn_payload_bytes: Option<usize>,
-        target_partitions: Option<usize>,
-        bytes_per_partition: Option<usize>,
-        python_mode: Option<&str>,
-        python_runners: Option<usize>,
-        udf_timeout: Option<f64>,
-        runner_memory_limit: Option<u64>,
-        tls_ca: Option<PathBuf>,
-        tls_cert: Option<PathBuf>,
-        tls_key: Option<PathBuf>,
-        max_message_bytes: Option<usize>,
+        settings: Option<Bound<'_, pyo3::types::PyDict>>,
     ) -> PyResult<Self> {
+        use clap::CommandFactory;
         dfship_codec::ensure_python().map_err(to_py)?;
-        configure_execution(
-            py,
-            python_mode,
-            python_runners,
-            udf_timeout,
-            runner_memory_limit,
-        )?;
-        let key = match (cluster_key, cluster_key_file) {
+        let mut keywords = Vec::new();
+        if !workers.is_empty() {
+            keywords.push((
+                "workers".to_string(),
+                dfship_settings::layers::Keyword::List(workers),
+            ));
+        }
+        if let Some(settings) = settings {
+            for (name, value) in settings.iter() {
+                if value.is_none() {
+                    continue;
+                }
+                keywords.push((name.extract()?, keyword(&value)?));
+            }
+        }
+        let command = dfship_settings::CoordinatorOptions::command();
+        let flags = dfship_settings::layers::flags_from_keywords(&command, &keywords)
+            .map_err(PlanningError::new_err)?;
+        let options: dfship_settings::CoordinatorOptions = dfship_settings::layers::parse_from(
+            std::iter::once("dfship.ClusterContext".to_string()).chain(flags),
+        )
+        .map_err(|e| PlanningError::new_err(e.to_string().trim().to_string()))?;
+        let key = match (cluster_key, &options.security.cluster_key_file) {
             (Some(_), Some(_)) => {
                 return Err(PlanningError::new_err(
                     "give cluster_key or cluster_key_file, not both",
@@ -164,35 +170,14 @@ impl ClusterContext {
             (Some(bytes), None) => Some(ClusterKey::new(bytes).map_err(to_py)?),
             (None, file) => ClusterKey::from_file_or_env(file.as_deref()).map_err(to_py)?,
         };
-        let mut options = CodecOptions::default()
-            .with_strict(strict)
-            .with_optional_cluster_key(key);
-        if let Some(bytes) = max_payload_bytes {
-            options = options.with_max_payload_bytes(bytes);
+        // Runners run this very interpreter unless told otherwise, so they
+        // import what it imports.
+        let mut execution = options.python.execution();
+        if options.python.python_executable.is_none() && options.python.python_env.is_none() {
+            execution = execution.with_python(host_python(py)?);
         }
-        if let Some(bytes) = warn_payload_bytes {
-            options = options.with_warn_payload_bytes(bytes);
-        }
-        let mut channels = ChannelOptions {
-            tls: TlsConfig::from_files(tls_cert.as_deref(), tls_key.as_deref(), tls_ca.as_deref())
-                .map_err(to_py)?,
-            ..ChannelOptions::default()
-        };
-        if let Some(bytes) = max_message_bytes {
-            channels.max_message_bytes = bytes;
-        }
-        let inline = InlineUdfs::with_channel_options(options, channels);
-        let mut config = SessionConfig::new();
-        if let Some(partitions) = target_partitions {
-            config = config.with_target_partitions(partitions.max(1));
-        }
-        let mut builder = ClusterContextBuilder::new(&workers)
-            .map_err(to_py)?
-            .with_config(config)
-            .with_inline_udfs(inline.clone());
-        if let Some(bytes) = bytes_per_partition {
-            builder = builder.with_file_scan_bytes_per_partition(bytes.max(1));
-        }
+        options.python.apply_with(execution).map_err(to_py)?;
+        let (builder, inline) = options.builder_with_inline(key).map_err(to_py)?;
         let ctx = py.detach(|| builder.build()).map_err(to_py)?;
         Ok(Self { ctx, inline })
     }
@@ -344,19 +329,16 @@ impl DataFrame {
 /// it accepts connections. Returns the process exit code.
 #[pyfunction]
 fn run_worker(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
-    use clap::Parser;
     let program = "python -m dfship worker".to_string();
-    let command =
-        match dfship_worker::WorkerCommand::try_parse_from(std::iter::once(program).chain(argv)) {
-            Ok(command) => command,
-            Err(error) => {
-                // --help and --version print and succeed; usage errors print and fail.
-                let _ = error.print();
-                return Ok(error.exit_code());
-            }
-        };
-    let mut options = command.options;
-    let key = options.take_cluster_key().map_err(to_py)?;
+    let mut options = match dfship_worker::parse_worker_args(std::iter::once(program).chain(argv)) {
+        Ok(options) => options,
+        Err(error) => {
+            // --help and --version print and succeed; usage errors print and fail.
+            let _ = error.print();
+            return Ok(error.exit_code());
+        }
+    };
+    let key = options.security.take_cluster_key().map_err(to_py)?;
     // Python keeps its own copy of the environment: drop the key there too,
     // so a UDF run in this process never reads it.
     py.import("os")?
@@ -390,32 +372,58 @@ fn host_python(py: Python<'_>) -> PyResult<PathBuf> {
     py.import("sys")?.getattr("executable")?.extract()
 }
 
-/// Sets up how this process runs Python UDFs (for the stages a coordinator
-/// keeps), with this interpreter as the runners' Python.
-fn configure_execution(
-    py: Python<'_>,
-    mode: Option<&str>,
-    runners: Option<usize>,
-    udf_timeout: Option<f64>,
-    runner_memory_limit: Option<u64>,
-) -> PyResult<()> {
-    let mut execution = PythonExecution::default().with_python(host_python(py)?);
-    if let Some(mode) = mode {
-        execution = execution.with_mode(mode.parse().map_err(PlanningError::new_err)?);
+/// A Python keyword argument's value, as a setting takes it.
+fn keyword(value: &Bound<'_, PyAny>) -> PyResult<dfship_settings::layers::Keyword> {
+    use dfship_settings::layers::Keyword;
+    if let Ok(b) = value.cast::<pyo3::types::PyBool>() {
+        return Ok(Keyword::Bool(b.is_true()));
     }
-    if let Some(runners) = runners {
-        execution = execution.with_runners(runners);
+    if let Ok(n) = value.extract::<i64>() {
+        return Ok(Keyword::Int(n));
     }
-    if let Some(seconds) = udf_timeout {
-        if !(seconds > 0.0 && seconds.is_finite()) {
-            return Err(PlanningError::new_err(format!(
-                "udf_timeout must be a positive number of seconds, got {seconds}"
-            )));
-        }
-        execution = execution.with_udf_timeout(Some(std::time::Duration::from_secs_f64(seconds)));
+    if let Ok(x) = value.extract::<f64>() {
+        return Ok(Keyword::Float(x));
     }
-    execution = execution.with_runner_memory_limit(runner_memory_limit);
-    dfship_codec::configure_python_execution(execution).map_err(to_py)
+    if let Ok(text) = value.extract::<String>() {
+        return Ok(Keyword::Text(text));
+    }
+    if let Ok(items) = value.extract::<Vec<String>>() {
+        return Ok(Keyword::List(items));
+    }
+    let path = value
+        .py()
+        .import("os")?
+        .call_method1("fspath", (value,))
+        .and_then(|p| p.extract::<String>());
+    path.map(Keyword::Text).map_err(|_| {
+        PlanningError::new_err(format!(
+            "a setting's value must be a bool, number, string, path or list of strings, got {}",
+            value
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })
+}
+
+/// Every coordinator setting as `(keyword, flag, variable, file key,
+/// default, help)`: what `ClusterContext` accepts.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn coordinator_settings() -> Vec<(
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+)> {
+    use clap::CommandFactory;
+    dfship_settings::layers::settings(&dfship_settings::CoordinatorOptions::command())
+        .into_iter()
+        .map(|s| (s.keyword, s.flag, s.env, s.file_key, s.default, s.help))
+        .collect()
 }
 
 #[pymodule]
@@ -423,6 +431,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClusterContext>()?;
     m.add_class::<DataFrame>()?;
     m.add_function(wrap_pyfunction!(run_worker, m)?)?;
+    m.add_function(wrap_pyfunction!(coordinator_settings, m)?)?;
     m.add_function(wrap_pyfunction!(generate_tls_files, m)?)?;
     let py = m.py();
     m.add("DfshipError", py.get_type::<DfshipError>())?;

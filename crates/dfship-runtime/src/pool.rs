@@ -74,6 +74,9 @@ pub struct FunctionSpec {
     pub concurrency: Option<usize>,
     /// Calls of an async function in flight on one runner at most.
     pub max_in_flight: usize,
+    /// Whether a stateless call may run again on a fresh runner when its
+    /// runner dies during it (the UDF is not volatile).
+    pub replayable: bool,
 }
 
 /// The default `max_in_flight` of async UDFs.
@@ -200,6 +203,8 @@ pub struct PoolStats {
     pub calls: u64,
     /// Calls cancelled by their caller.
     pub cancelled: u64,
+    /// Calls run again on a fresh runner after theirs crashed.
+    pub replays: u64,
     /// Runners alive now.
     pub alive: usize,
     /// Runners with a call in flight now.
@@ -216,6 +221,7 @@ pub(crate) struct Counters {
     pub loads: AtomicU64,
     pub calls: AtomicU64,
     pub cancelled: AtomicU64,
+    pub replays: AtomicU64,
     pub alive: AtomicUsize,
     pub busy: AtomicUsize,
 }
@@ -299,6 +305,7 @@ impl RunnerPool {
             spec: call,
             reply,
             since: Instant::now(),
+            first_crash: None,
         };
         let failed = self.send(Event::Submit(Box::new(waiting)));
         PendingCall {
@@ -329,8 +336,22 @@ impl RunnerPool {
             loads: load(&c.loads),
             calls: load(&c.calls),
             cancelled: load(&c.cancelled),
+            replays: load(&c.replays),
             alive: c.alive.load(Ordering::Relaxed),
             busy: c.busy.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for RunnerPool {
+    /// Stops every runner (a process's pool normally lives as long as it).
+    fn drop(&mut self) {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = events.as_ref() {
+            let (done, stopped) = std::sync::mpsc::sync_channel(1);
+            if sender.send(Event::Shutdown(done)).is_ok() {
+                let _ = stopped.recv_timeout(Duration::from_secs(5));
+            }
         }
     }
 }

@@ -22,6 +22,12 @@
 //!   (loaded, or keeping objects it made); its calls wait for those.
 //! - Runners start on demand up to the pool's size; one that dies, times
 //!   out, breaks the protocol or is killed for a cancelled call is replaced.
+//! - **What may run twice**: a stateless call of a UDF that is not volatile
+//!   whose runner *crashed* during it (a segfault, an abort, the memory
+//!   limit) runs once more, first in line, on a fresh runner; a second crash
+//!   fails it with both causes. Nothing else is replayed: not a volatile
+//!   UDF's call, not a call that timed out, was cancelled or broke the
+//!   protocol, and never a call of an object (its state died with its runner).
 //!
 //! Every reply must name a call in flight on the runner that sent it (ids
 //! are random, 64 bits); anything else — an unknown id, an unexpected kind,
@@ -73,6 +79,8 @@ pub(crate) struct Waiting {
     pub spec: CallSpec,
     pub reply: SyncSender<Result<Reply, CallError>>,
     pub since: Instant,
+    /// How its first runner ended, when it is being replayed.
+    pub first_crash: Option<String>,
 }
 
 impl Waiting {
@@ -82,6 +90,8 @@ impl Waiting {
 }
 
 pub(crate) enum Event {
+    /// The pool is dropped: stop every runner, then the scheduler (and say so).
+    Shutdown(SyncSender<()>),
     Submit(Box<Waiting>),
     Cancel(u64),
     Close(u64),
@@ -280,18 +290,43 @@ impl Scheduler {
             let wake = self.next_wake();
             tokio::select! {
                 event = inbox.recv() => match event {
-                    Some(event) => self.handle(event),
+                    Some(Event::Shutdown(done)) => {
+                        self.stop_all();
+                        let _ = done.send(());
+                        return;
+                    }
                     None => break,
+                    Some(event) => self.handle(event),
                 },
                 _ = tokio::time::sleep_until(wake.into()) => self.expire(Instant::now()),
             }
             self.schedule();
             self.publish();
         }
+        self.stop_all();
+    }
+
+    /// Kills every runner and fails every call still waiting.
+    fn stop_all(&mut self) {
+        for runner in self.runners.values_mut() {
+            if let Some(handle) = runner.handle.as_mut() {
+                handle.kill();
+                let _ = handle.reap(Duration::from_millis(200));
+            }
+        }
+        for waiting in std::mem::take(&mut self.waiting) {
+            waiting.answer(Err(CallError::Lost {
+                how: "the runner pool was shut down".to_string(),
+            }));
+        }
     }
 
     fn handle(&mut self, event: Event) {
         match event {
+            Event::Shutdown(done) => {
+                self.stop_all();
+                let _ = done.send(());
+            }
             Event::Submit(waiting) => self.waiting.push_back(waiting),
             Event::Cancel(request) => self.cancel(request),
             Event::Close(object) => self.close(object),
@@ -478,16 +513,37 @@ impl Scheduler {
             self.objects
                 .insert(*object, Object::Lost(lost_state.clone()));
         }
+        let mut replayed = Vec::new();
         for (request, in_flight) in runner.in_flight {
             let InFlight::Call {
-                waiting: Some(waiting),
+                waiting: Some(mut waiting),
                 ..
             } = in_flight
             else {
                 continue;
             };
+            // A stateless call of a non-volatile UDF whose runner crashed
+            // (not one killed on purpose) runs once more on a fresh runner.
+            let replayable = ending.is_none()
+                && waiting.spec.object.is_none()
+                && waiting.spec.function.replayable
+                && waiting.first_crash.is_none();
+            if replayable {
+                waiting.first_crash = Some(how.clone());
+                Counters::bump(&self.counters.replays);
+                replayed.push(waiting);
+                continue;
+            }
             let error = match &ending {
-                None => CallError::Lost { how: how.clone() },
+                None => match &waiting.first_crash {
+                    Some(first) => CallError::Lost {
+                        how: format!(
+                            "{how}; it was replayed once on a fresh runner after its first \
+                             runner crashed too ({first})"
+                        ),
+                    },
+                    None => CallError::Lost { how: how.clone() },
+                },
                 Some(Ending::TimedOut {
                     request: late,
                     after,
@@ -501,6 +557,10 @@ impl Scheduler {
                 },
             };
             waiting.answer(Err(error));
+        }
+        // Replays go first, in their original order.
+        for waiting in replayed.into_iter().rev() {
+            self.waiting.push_front(waiting);
         }
         tracing::debug!(runner = id, %how, "UDF runner ended");
         // Keep the pool warm: a replacement starts in the background.

@@ -297,7 +297,7 @@ fn a_call_past_the_timeout_kills_its_runner_and_the_pool_serves_on() {
 }
 
 #[test]
-fn a_runner_that_dies_fails_its_call_saying_how() {
+fn a_call_whose_runner_crashes_is_replayed_once_then_fails_with_both_causes() {
     let pool = pool(1, None);
     let abort = Arc::new(function("abort", "import os", "lambda xs: os.abort()"));
     let error = pool
@@ -305,10 +305,65 @@ fn a_runner_that_dies_fails_its_call_saying_how() {
         .wait(&pool, None)
         .unwrap_err();
     assert!(
-        matches!(&error, CallError::Lost { how } if how.contains("SIGABRT")),
+        matches!(&error, CallError::Lost { how }
+            if how.matches("SIGABRT").count() == 2 && how.contains("replayed once")),
         "{error:?}"
     );
-    assert_eq!(pool.stats().crashes, 1);
+    let stats = pool.stats();
+    assert_eq!((stats.crashes, stats.replays), (2, 1), "{stats:?}");
+}
+
+#[test]
+fn a_runner_crash_on_the_first_attempt_only_is_invisible_to_the_caller() {
+    let dir = tempfile_dir();
+    let marker = dir.join("crashed-once");
+    let pool = pool(1, None);
+    let flaky = Arc::new(function(
+        "flaky",
+        &format!(
+            "import os, pyarrow.compute as pc\n\
+             def flaky(xs):\n\
+             \x20   if not os.path.exists({marker:?}):\n\
+             \x20       open({marker:?}, 'w').close()\n\
+             \x20       os.abort()\n\
+             \x20   return pc.add(xs, 1)",
+            marker = marker.display().to_string()
+        ),
+        "flaky",
+    ));
+    assert_eq!(
+        ints(
+            pool.submit(call(&flaky, vec![1, 2]))
+                .wait(&pool, None)
+                .unwrap()
+        ),
+        vec![2, 3]
+    );
+    let stats = pool.stats();
+    assert_eq!((stats.crashes, stats.replays), (1, 1), "{stats:?}");
+}
+
+#[test]
+fn a_volatile_udfs_crash_and_a_timeout_are_not_replayed() {
+    let pool = pool(1, Some(Duration::from_secs(1)));
+    let mut abort = function("volatile_abort", "import os", "lambda xs: os.abort()");
+    abort.replayable = false;
+    let abort = Arc::new(abort);
+    let error = pool
+        .submit(call(&abort, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
+    assert!(
+        matches!(&error, CallError::Lost { how } if how.matches("SIGABRT").count() == 1),
+        "{error:?}"
+    );
+    let hang = Arc::new(function("hang", "import time", "lambda xs: time.sleep(60)"));
+    let error = pool
+        .submit(call(&hang, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
+    assert!(matches!(error, CallError::TimedOut { .. }), "{error:?}");
+    assert_eq!(pool.stats().replays, 0);
 }
 
 #[test]

@@ -1,16 +1,21 @@
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
     dfship_worker::init_logging();
-    let command = dfship_worker::WorkerCommand::parse();
+    let options = match dfship_worker::parse_worker_args(std::env::args_os()) {
+        Ok(options) => options,
+        Err(error) => {
+            // --help and --version print and succeed; usage errors print and fail.
+            let _ = error.print();
+            return std::process::ExitCode::from(error.exit_code() as u8);
+        }
+    };
     // The key is read, and removed from the environment, before any other
     // thread (the runtime's) or Python starts.
-    let result = command.options.take_cluster_key().and_then(|key| {
+    let result = options.security.take_cluster_key().and_then(|key| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
-            .block_on(dfship_worker::run(command.options, key))
+            .block_on(dfship_worker::run(options, key))
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -265,6 +265,9 @@ pub(crate) fn function_spec(function: &PythonFunction) -> Result<Arc<FunctionSpe
             .options
             .max_in_flight
             .map_or(DEFAULT_MAX_IN_FLIGHT, |n| usize::from(n.get())),
+        // Only a stateless call of a UDF that gives the same answer again
+        // may run twice (module docs of `dfship_runtime::scheduler`).
+        replayable: function.signature.volatility != datafusion::logical_expr::Volatility::Volatile,
     });
     Ok(Arc::clone(function.spec.get_or_init(|| spec)))
 }

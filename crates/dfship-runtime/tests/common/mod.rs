@@ -93,6 +93,7 @@ pub fn function(name: &str, setup: &str, expression: &str) -> FunctionSpec {
         versions: versions(),
         concurrency: None,
         max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        replayable: true,
     }
 }
 

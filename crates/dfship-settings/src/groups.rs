@@ -1,0 +1,335 @@
+//! The settings, in groups. Each field is declared here once, with its
+//! flag, environment variable, default and help; the TOML key and the Python
+//! keyword are derived from it (see the crate docs).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::Args;
+use datafusion::error::{DataFusionError, Result};
+use dfship_codec::{
+    ClusterKey, CodecOptions, PythonExecution, PythonMode, DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_WARN_PAYLOAD_BYTES,
+};
+use dfship_distributed::{ChannelOptions, TlsConfig, DEFAULT_MAX_MESSAGE_BYTES};
+
+/// What only a worker process has: where it listens, what it registers by name.
+#[derive(Debug, Clone, Args, PartialEq)]
+#[group(id = "worker")]
+pub struct WorkerSettings {
+    /// Address to listen on.
+    #[arg(long, env = "DFSHIP_WORKER_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on; 0 picks a free one (the address is printed on start).
+    #[arg(long, env = "DFSHIP_WORKER_PORT", default_value_t = 50051)]
+    pub port: u16,
+
+    /// Listen beyond loopback without a cluster key or mutual TLS: anyone
+    /// who reaches the port can then run plans that read and write files as
+    /// this worker. Only for isolated networks; a loud warning is logged.
+    #[arg(
+        long, env = "DFSHIP_INSECURE", num_args = 0..=1, require_equals = true,
+        default_value = "false", default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub insecure: bool,
+}
+
+/// Functions every process registers by name (both sides).
+#[derive(Debug, Clone, Args, PartialEq)]
+#[group(id = "functions")]
+pub struct FunctionSettings {
+    /// An FFI scalar UDF to register by name: /path/lib.so:symbol or
+    /// python.module:attribute (repeatable, or comma-separated); workers and
+    /// coordinators must agree.
+    #[arg(long = "ffi-udf", env = "DFSHIP_FFI_UDFS", value_delimiter = ',')]
+    pub ffi_udfs: Vec<String>,
+}
+
+/// The cluster key and what inline Python UDFs may be (both sides).
+#[derive(Debug, Clone, Args, PartialEq)]
+#[group(id = "security")]
+pub struct SecuritySettings {
+    /// File holding the shared cluster key: every RPC then proves it and
+    /// every pickled UDF is signed with it. Else DFSHIP_CLUSTER_KEY, if set.
+    #[arg(long, env = "DFSHIP_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
+
+    /// Refuse every inline Python UDF (only UDFs registered by name run).
+    #[arg(
+        long, env = "DFSHIP_STRICT", num_args = 0..=1, require_equals = true,
+        default_value = "false", default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub strict: bool,
+
+    /// Refuse inline payloads larger than this, e.g. 100MiB.
+    #[arg(long, env = "DFSHIP_MAX_PAYLOAD_BYTES", value_parser = parse_size, default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
+    pub max_payload_bytes: usize,
+
+    /// Log a warning for inline payloads larger than this.
+    #[arg(long, env = "DFSHIP_WARN_PAYLOAD_BYTES", value_parser = parse_size, default_value_t = DEFAULT_WARN_PAYLOAD_BYTES)]
+    pub warn_payload_bytes: usize,
+}
+
+/// Where and how Python UDFs run in a process (workers, and the stages a
+/// coordinator keeps).
+#[derive(Debug, Clone, Args, PartialEq)]
+#[group(id = "python")]
+pub struct PythonSettings {
+    /// Python virtual environment whose packages UDFs may import (default: $VIRTUAL_ENV).
+    #[arg(long, env = "DFSHIP_PYTHON_ENV")]
+    pub python_env: Option<PathBuf>,
+
+    /// Where Python UDFs run: `pool` (runner processes: every core, a crashing
+    /// or hanging UDF costs one runner) or `in-process` (this process's
+    /// interpreter on its own threads; for debugging and tiny UDFs).
+    #[arg(long, env = "DFSHIP_PYTHON_MODE", default_value = "pool")]
+    pub python_mode: PythonMode,
+
+    /// Runner processes (pool) or interpreter threads (in-process)
+    /// [default: the cores this process may use].
+    #[arg(long, env = "DFSHIP_PYTHON_RUNNERS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub python_runners: Option<u16>,
+
+    /// Longest one UDF call may run, e.g. `30s` or `2m`; the runner is then
+    /// killed and the query fails naming the UDF (pool mode).
+    #[arg(long, env = "DFSHIP_UDF_TIMEOUT", value_parser = parse_duration)]
+    pub udf_timeout: Option<Duration>,
+
+    /// Most memory each runner may use, e.g. `512MiB` or `2GiB` (pool mode).
+    #[arg(long, env = "DFSHIP_RUNNER_MEMORY_LIMIT", value_parser = parse_bytes)]
+    pub runner_memory_limit: Option<u64>,
+
+    /// The Python interpreter runners run [default: `<python-env>/bin/python`,
+    /// else `$VIRTUAL_ENV/bin/python`, else `python3`].
+    #[arg(long, env = "DFSHIP_PYTHON_EXECUTABLE")]
+    pub python_executable: Option<PathBuf>,
+}
+
+/// TLS and message limits of the connections between coordinator and workers.
+#[derive(Debug, Clone, Args, PartialEq)]
+#[group(id = "transport")]
+pub struct TransportSettings {
+    /// PEM certificate this process presents: a worker's server certificate
+    /// (also presented to other workers it calls), or a coordinator's client
+    /// certificate for workers that require one. Needs --tls-key.
+    #[arg(long, env = "DFSHIP_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DFSHIP_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM certificate authority of the cluster: workers' certificates are
+    /// verified against it (worker URLs are then https://), and a worker given
+    /// it requires clients to present a certificate it signed (mutual TLS).
+    #[arg(long, env = "DFSHIP_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The largest gRPC message accepted, either way (stage plans carry the
+    /// Python UDF payloads, up to --max-payload-bytes each).
+    #[arg(long, env = "DFSHIP_MAX_MESSAGE_BYTES", value_parser = parse_size, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+/// What only a coordinator has: the workers and how queries split over them.
+#[derive(Debug, Clone, Args, PartialEq)]
+#[group(id = "coordinator")]
+pub struct CoordinatorSettings {
+    /// Worker URLs, comma-separated (e.g. http://10.0.0.5:50051,http://10.0.0.6:50051).
+    #[arg(long, env = "DFSHIP_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+
+    /// Partitions a query is planned with [default: DataFusion's, the cores of this process].
+    #[arg(long, env = "DFSHIP_TARGET_PARTITIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub target_partitions: Option<u32>,
+
+    /// Split file scans into partitions of about this many bytes [default:
+    /// the planner's; small values spread small files over every worker].
+    #[arg(long, env = "DFSHIP_BYTES_PER_PARTITION", value_parser = parse_size)]
+    pub bytes_per_partition: Option<usize>,
+
+    /// At most this many tasks per stage [default: one per worker].
+    #[arg(long, env = "DFSHIP_MAX_TASKS_PER_STAGE", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tasks_per_stage: Option<u32>,
+}
+
+impl SecuritySettings {
+    /// The cluster key, read once: from `--cluster-key-file`, else from
+    /// `DFSHIP_CLUSTER_KEY`, which is then removed from the environment so
+    /// no UDF or child process can read it. Call it first thing, before
+    /// other threads and Python start.
+    pub fn take_cluster_key(&self) -> Result<Option<ClusterKey>> {
+        let key = match &self.cluster_key_file {
+            Some(path) => Some(ClusterKey::from_file(path)?),
+            None => ClusterKey::take_from_env(dfship_codec::CLUSTER_KEY_ENV)?,
+        };
+        // A key file wins; a variable set beside it must not linger either.
+        if std::env::var_os(dfship_codec::CLUSTER_KEY_ENV).is_some() {
+            std::env::remove_var(dfship_codec::CLUSTER_KEY_ENV);
+        }
+        Ok(key)
+    }
+
+    /// The codec these settings describe, with `key`.
+    pub fn codec_options(&self, key: Option<ClusterKey>) -> CodecOptions {
+        CodecOptions::default()
+            .with_strict(self.strict)
+            .with_optional_cluster_key(key)
+            .with_max_payload_bytes(self.max_payload_bytes)
+            .with_warn_payload_bytes(self.warn_payload_bytes)
+    }
+}
+
+impl PythonSettings {
+    /// The execution settings these options describe.
+    pub fn execution(&self) -> PythonExecution {
+        let mut execution = PythonExecution::default()
+            .with_mode(self.python_mode)
+            .with_udf_timeout(self.udf_timeout)
+            .with_runner_memory_limit(self.runner_memory_limit);
+        if let Some(runners) = self.python_runners {
+            execution = execution.with_runners(runners.into());
+        }
+        let python = self.python_executable.clone().or_else(|| {
+            self.python_env
+                .as_ref()
+                .map(|env| env.join("bin").join("python"))
+        });
+        if let Some(python) = python {
+            execution = execution.with_python(python);
+        }
+        execution
+    }
+
+    /// Sets this process up to run Python UDFs this way: the environment
+    /// for the embedded interpreter, and the runner pool.
+    pub fn apply(&self) -> Result<()> {
+        self.apply_with(self.execution())
+    }
+
+    /// [`Self::apply`] with `execution` (these settings, adjusted by the caller).
+    pub fn apply_with(&self, execution: PythonExecution) -> Result<()> {
+        if let Some(env) = &self.python_env {
+            dfship_codec::use_python_environment(env)?;
+        }
+        dfship_codec::configure_python_execution(execution)
+    }
+}
+
+impl TransportSettings {
+    /// The connection settings these options describe (reads the PEM files).
+    pub fn channel_options(&self) -> Result<ChannelOptions> {
+        Ok(ChannelOptions {
+            max_message_bytes: self.max_message_bytes,
+            tls: TlsConfig::from_files(
+                self.tls_cert.as_deref(),
+                self.tls_key.as_deref(),
+                self.tls_ca.as_deref(),
+            )?,
+            ..ChannelOptions::default()
+        })
+    }
+}
+
+impl CoordinatorSettings {
+    /// Checks the worker list (at least one URL).
+    pub fn check(&self) -> Result<()> {
+        if self.workers.is_empty() {
+            return Err(DataFusionError::Configuration(
+                "no workers: give --workers (or DFSHIP_WORKERS, or coordinator.workers in the \
+                 settings file) with the URL of each worker, e.g. http://10.0.0.5:50051"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `"2.5GiB"` as `(2.5, "GiB")`; `None` when it does not start with a number.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    Some((number.parse().ok()?, unit.trim()))
+}
+
+/// `30`, `30s`, `0.5`, `500ms`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("'{text}' is not a duration; write e.g. 30s, 500ms, 2m"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{text}'; use ms, s, m or h"
+            ))
+        }
+    };
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        return Err(format!("'{text}' must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// `1048576`, `512MiB`, `2GiB`, `900KiB`, `1G`, `64M`.
+pub fn parse_bytes(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let (value, unit) = number_and_unit(text)
+        .ok_or_else(|| format!("'{text}' is not a size; write e.g. 512MiB or 2GiB"))?;
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{text}'; use KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = value * scale as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("'{text}' is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// [`parse_bytes`] as a `usize`.
+pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
+    parse_bytes(text).and_then(|bytes| {
+        usize::try_from(bytes).map_err(|_| format!("'{text}' is too large for this machine"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3 days").is_err());
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("0").is_err());
+    }
+}

@@ -1,0 +1,336 @@
+//! Walks every setting: its flag, environment variable, settings-file key,
+//! Python keyword and default are the ones this table pins, and a value
+//! given through each of the four layers reaches the same field.
+
+use clap::CommandFactory;
+use dfship_settings::layers::{self, flags_from_keywords, settings, Keyword, Setting};
+use dfship_settings::{CoordinatorOptions, WorkerOptions};
+
+/// keyword | flag | variable | file key | default | a sample value
+const TABLE: &[(&str, &str, &str, &str, Option<&str>, &str)] = &[
+    (
+        "host",
+        "--host",
+        "DFSHIP_WORKER_HOST",
+        "worker.host",
+        Some("127.0.0.1"),
+        "0.0.0.0",
+    ),
+    (
+        "port",
+        "--port",
+        "DFSHIP_WORKER_PORT",
+        "worker.port",
+        Some("50051"),
+        "7001",
+    ),
+    (
+        "insecure",
+        "--insecure",
+        "DFSHIP_INSECURE",
+        "worker.insecure",
+        Some("false"),
+        "true",
+    ),
+    (
+        "ffi_udfs",
+        "--ffi-udf",
+        "DFSHIP_FFI_UDFS",
+        "functions.ffi_udfs",
+        None,
+        "a.so:f,b.so:g",
+    ),
+    (
+        "cluster_key_file",
+        "--cluster-key-file",
+        "DFSHIP_CLUSTER_KEY_FILE",
+        "security.cluster_key_file",
+        None,
+        "/etc/dfship/key",
+    ),
+    (
+        "strict",
+        "--strict",
+        "DFSHIP_STRICT",
+        "security.strict",
+        Some("false"),
+        "true",
+    ),
+    (
+        "max_payload_bytes",
+        "--max-payload-bytes",
+        "DFSHIP_MAX_PAYLOAD_BYTES",
+        "security.max_payload_bytes",
+        Some("104857600"),
+        "1048576",
+    ),
+    (
+        "warn_payload_bytes",
+        "--warn-payload-bytes",
+        "DFSHIP_WARN_PAYLOAD_BYTES",
+        "security.warn_payload_bytes",
+        Some("10485760"),
+        "4096",
+    ),
+    (
+        "python_env",
+        "--python-env",
+        "DFSHIP_PYTHON_ENV",
+        "python.env",
+        None,
+        "/opt/venv",
+    ),
+    (
+        "python_mode",
+        "--python-mode",
+        "DFSHIP_PYTHON_MODE",
+        "python.mode",
+        Some("pool"),
+        "in-process",
+    ),
+    (
+        "python_runners",
+        "--python-runners",
+        "DFSHIP_PYTHON_RUNNERS",
+        "python.runners",
+        None,
+        "3",
+    ),
+    (
+        "udf_timeout",
+        "--udf-timeout",
+        "DFSHIP_UDF_TIMEOUT",
+        "python.udf_timeout",
+        None,
+        "45",
+    ),
+    (
+        "runner_memory_limit",
+        "--runner-memory-limit",
+        "DFSHIP_RUNNER_MEMORY_LIMIT",
+        "python.runner_memory_limit",
+        None,
+        "1073741824",
+    ),
+    (
+        "python_executable",
+        "--python-executable",
+        "DFSHIP_PYTHON_EXECUTABLE",
+        "python.executable",
+        None,
+        "/usr/bin/python3",
+    ),
+    (
+        "tls_cert",
+        "--tls-cert",
+        "DFSHIP_TLS_CERT",
+        "transport.tls_cert",
+        None,
+        "/etc/dfship/cert.pem",
+    ),
+    (
+        "tls_key",
+        "--tls-key",
+        "DFSHIP_TLS_KEY",
+        "transport.tls_key",
+        None,
+        "/etc/dfship/key.pem",
+    ),
+    (
+        "tls_ca",
+        "--tls-ca",
+        "DFSHIP_TLS_CA",
+        "transport.tls_ca",
+        None,
+        "/etc/dfship/ca.pem",
+    ),
+    (
+        "max_message_bytes",
+        "--max-message-bytes",
+        "DFSHIP_MAX_MESSAGE_BYTES",
+        "transport.max_message_bytes",
+        Some("268435456"),
+        "2097152",
+    ),
+    (
+        "workers",
+        "--workers",
+        "DFSHIP_WORKERS",
+        "coordinator.workers",
+        None,
+        "http://a:1,http://b:2",
+    ),
+    (
+        "target_partitions",
+        "--target-partitions",
+        "DFSHIP_TARGET_PARTITIONS",
+        "coordinator.target_partitions",
+        None,
+        "4",
+    ),
+    (
+        "bytes_per_partition",
+        "--bytes-per-partition",
+        "DFSHIP_BYTES_PER_PARTITION",
+        "coordinator.bytes_per_partition",
+        None,
+        "1000",
+    ),
+    (
+        "max_tasks_per_stage",
+        "--max-tasks-per-stage",
+        "DFSHIP_MAX_TASKS_PER_STAGE",
+        "coordinator.max_tasks_per_stage",
+        None,
+        "2",
+    ),
+    ("config", "--config", "DFSHIP_CONFIG", "", None, ""),
+];
+
+fn row(
+    keyword: &str,
+) -> &'static (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+) {
+    TABLE
+        .iter()
+        .find(|r| r.0 == keyword)
+        .unwrap_or_else(|| panic!("setting '{keyword}' is not in this test's table: add it"))
+}
+
+fn check_declarations(found: &[Setting]) {
+    for setting in found {
+        let (keyword, flag, env, file_key, default, _) = row(&setting.keyword);
+        assert_eq!(setting.flag, *flag, "{keyword}");
+        assert_eq!(setting.env.as_deref(), Some(*env), "{keyword}");
+        assert_eq!(
+            setting.file_key.as_deref().unwrap_or(""),
+            *file_key,
+            "{keyword}"
+        );
+        assert_eq!(setting.default.as_deref(), *default, "{keyword}");
+        assert!(!setting.help.is_empty(), "{keyword} has help text");
+    }
+}
+
+/// The value of `setting` through each layer parses to the same options.
+fn check_layers<T>(program: &str, found: &[Setting])
+where
+    T: CommandFactory + clap::FromArgMatches + PartialEq + std::fmt::Debug + WithConfig,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let defaults: T = layers::parse_from([program]).unwrap();
+    for setting in found.iter().filter(|s| s.keyword != "config") {
+        let (_, _, env, _, _, sample) = row(&setting.keyword);
+        let flag = format!("{}={sample}", setting.flag);
+        let via_flag: T = layers::parse_from([program, flag.as_str()])
+            .unwrap_or_else(|e| panic!("{}: {e}", setting.keyword));
+        assert_ne!(
+            via_flag, defaults,
+            "{}: the sample differs from the default",
+            setting.keyword
+        );
+
+        std::env::set_var(env, sample);
+        let via_env: T = layers::parse_from([program]).unwrap();
+        std::env::remove_var(env);
+        assert_eq!(via_env, via_flag, "{} through {env}", setting.keyword);
+
+        let (group, key) = setting
+            .file_key
+            .as_deref()
+            .unwrap()
+            .split_once('.')
+            .unwrap();
+        let literal = if setting.list {
+            let items: Vec<String> = sample.split(',').map(|v| format!("{v:?}")).collect();
+            format!("[{}]", items.join(", "))
+        } else if setting.boolean || sample.parse::<i64>().is_ok() {
+            sample.to_string()
+        } else {
+            format!("{sample:?}")
+        };
+        let file = dir.path().join(format!("{}.toml", setting.keyword));
+        std::fs::write(&file, format!("[{group}]\n{key} = {literal}\n")).unwrap();
+        let config = format!("--config={}", file.display());
+        let via_file: T = layers::parse_from([program, config.as_str()]).unwrap();
+        assert_eq!(
+            via_file,
+            via_flag.clone_with_config(&file),
+            "{} through {}",
+            setting.keyword,
+            file.display()
+        );
+
+        let keyword = if setting.boolean {
+            Keyword::Bool(sample == &"true")
+        } else if setting.list {
+            Keyword::List(sample.split(',').map(str::to_string).collect())
+        } else {
+            Keyword::Text(sample.to_string())
+        };
+        let flags =
+            flags_from_keywords(&T::command(), &[(setting.keyword.clone(), keyword)]).unwrap();
+        let via_keyword: T =
+            layers::parse_from(std::iter::once(program.to_string()).chain(flags)).unwrap();
+        assert_eq!(
+            via_keyword, via_flag,
+            "{} as a Python keyword",
+            setting.keyword
+        );
+    }
+}
+
+trait WithConfig: Sized {
+    fn clone_with_config(&self, file: &std::path::Path) -> Self;
+}
+
+impl WithConfig for WorkerOptions {
+    fn clone_with_config(&self, file: &std::path::Path) -> Self {
+        let mut copy = self.clone();
+        copy.file.config = Some(file.to_path_buf());
+        copy
+    }
+}
+
+impl WithConfig for CoordinatorOptions {
+    fn clone_with_config(&self, file: &std::path::Path) -> Self {
+        let mut copy = self.clone();
+        copy.file.config = Some(file.to_path_buf());
+        copy
+    }
+}
+
+#[test]
+fn every_worker_setting_has_its_flag_variable_file_key_keyword_and_default() {
+    let found = settings(&WorkerOptions::command());
+    check_declarations(&found);
+    check_layers::<WorkerOptions>("dfship-worker", &found);
+}
+
+#[test]
+fn every_coordinator_setting_has_its_flag_variable_file_key_keyword_and_default() {
+    let found = settings(&CoordinatorOptions::command());
+    check_declarations(&found);
+    check_layers::<CoordinatorOptions>("coordinator", &found);
+}
+
+#[test]
+fn the_table_has_no_setting_that_neither_side_declares() {
+    let worker = settings(&WorkerOptions::command());
+    let coordinator = settings(&CoordinatorOptions::command());
+    for (keyword, ..) in TABLE {
+        assert!(
+            worker
+                .iter()
+                .chain(&coordinator)
+                .any(|s| &s.keyword == keyword),
+            "{keyword} is in the table but declared nowhere"
+        );
+    }
+}
