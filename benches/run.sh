@@ -3,7 +3,7 @@
 # then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
 # and 2 workers) and the aggregate/window comparison. Results land in
 # benches/results/ (results.md, results.png, micro.md, profile.md,
-# aggregates.md, runners.md). Takes about 35 minutes on two cores, most of it the
+# aggregates.md, runners.md, recovery.md). Takes about 35 minutes on two cores, most of it the
 # release build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,6 +63,12 @@ echo "bench: aggregate and window UDFs"
 
 echo "bench: class, async and model-loading UDFs"
 "$venv/bin/python" benches/e2e/runners.py --out "$out"
+
+echo "bench: recovery from a lost worker (the dfship wheel, release, in $venv)"
+rm -f target/wheels-release/dfship-*.whl
+(cd python && ../.venv/bin/maturin build --locked --release -i ../.venv/bin/python --out ../target/wheels-release)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps target/wheels-release/dfship-*.whl
+"$venv/bin/python" benches/e2e/recovery.py --out "$out"
 
 case " $* " in
 *" --skip-spark "*) echo "bench: --skip-spark given, so no profile of the GIL-bound query against PySpark" ;;

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     except _native.DfshipError as error:
         print(f"dfship worker: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # SIGINT stopped the worker; tokio saw it too
+        return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,22 +71,56 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         """Starts the workers and waits until each accepts connections."""
-        environment = {**os.environ, **self.env}
         try:
             for _ in range(self.size):
-                process = subprocess.Popen(
-                    [self.python, "-m", "dfship", "worker", "--port", "0", *self.worker_args],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=environment,
-                )
+                process = self._spawn(0)
                 self._processes.append(process)
                 self.urls.append(self._wait_ready(process))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _spawn(self, port: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [self.python, "-m", "dfship", "worker", "--port", str(port), *self.worker_args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **self.env},
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        """The process id of each worker, in the order of :attr:`urls`."""
+        return [process.pid for process in self._processes]
+
+    def kill(self, index: int) -> None:
+        """Kills worker ``index`` with SIGKILL, as a crash would (no clean-up)."""
+        self._processes[index].kill()
+        self._processes[index].wait()
+
+    def drain(self, index: int, timeout: float = 120.0) -> int:
+        """Stops worker ``index`` gracefully (SIGTERM): it tells coordinators
+        it is draining, finishes the queries it runs, then exits. Returns its
+        exit code."""
+        process = self._processes[index]
+        process.terminate()
+        return process.wait(timeout=timeout)
+
+    def restart(self, index: int) -> None:
+        """Starts worker ``index`` again on its port (after :meth:`kill`, or
+        stopping it), and waits until it accepts connections."""
+        old = self._processes[index]
+        if old.poll() is None:
+            old.send_signal(signal.SIGINT)
+            old.wait()
+        port = int(self.urls[index].rsplit(":", 1)[1].rstrip("/"))
+        process = self._spawn(port)
+        self._processes[index] = process
+        url = self._wait_ready(process)
+        if url != self.urls[index]:
+            raise RuntimeError(f"worker {index} came back as {url}, not {self.urls[index]}")
 
     def _wait_ready(self, process: subprocess.Popen[str]) -> str:
         lines: queue.Queue[str | None] = queue.Queue()
@@ -114,10 +149,11 @@ class LocalCluster:
                 return line[len(_READY) :].strip()
 
     def stop(self) -> None:
-        """Stops every worker (SIGTERM, then SIGKILL after 10 s)."""
+        """Stops every worker at once (SIGINT, then SIGKILL after 10 s).
+        :meth:`drain` stops one gracefully."""
         for process in self._processes:
             if process.poll() is None:
-                process.terminate()
+                process.send_signal(signal.SIGINT)
         for process in self._processes:
             try:
                 process.wait(timeout=10)

@@ -81,6 +81,13 @@ class ClusterContext:
     client certificate to workers that require one (mutual TLS).
     ``max_message_bytes`` bounds each gRPC message received.
 
+    A query that loses a worker (process gone, connection reset, network
+    cut) is planned again on the workers left and run again, up to
+    ``max_attempts`` times (default 3); queries calling a ``volatile``
+    Python UDF, and writes other than ``COPY … TO`` a local path, are not
+    retried. The coordinator probes every worker each ``probe_interval``
+    seconds and plans only on those alive (see :meth:`workers_status`).
+
     Every keyword but ``cluster_key`` is a coordinator setting, declared once
     for the CLI, the Rust builder and this class: the same name as a flag
     (``python_runners`` is ``--python-runners``), as an environment variable
@@ -101,6 +108,8 @@ class ClusterContext:
         target_partitions: int | None = None,
         bytes_per_partition: int | None = None,
         max_tasks_per_stage: int | None = None,
+        max_attempts: int | None = None,
+        probe_interval: float | None = None,
         python_mode: str | None = None,
         python_runners: int | None = None,
         udf_timeout: float | None = None,
@@ -125,6 +134,8 @@ class ClusterContext:
             "target_partitions": target_partitions,
             "bytes_per_partition": bytes_per_partition,
             "max_tasks_per_stage": max_tasks_per_stage,
+            "max_attempts": max_attempts,
+            "probe_interval": probe_interval,
             "python_mode": python_mode,
             "python_runners": python_runners,
             "udf_timeout": udf_timeout,
@@ -225,6 +236,16 @@ class ClusterContext:
             "execute_datafusion_plan() takes a datafusion LogicalPlan or ExecutionPlan, or the bytes "
             f"of its to_bytes(); got {kind}"
         )
+
+    def workers_status(self) -> list[tuple[str, str, str | None]]:
+        """Each worker as ``(url, "live" | "down", cause)``: what the
+        coordinator believes now (queries are planned on live workers only)."""
+        return self._native.workers_status()
+
+    def retry_stats(self) -> dict[str, int]:
+        """Queries run, retries made (attempts after a first one) and queries
+        that failed after retrying, since this context was made."""
+        return self._native.retry_stats()
 
     def shipped(self) -> tuple[int, int]:
         """(stage plans sent to workers, inline Python UDF calls written into them) so far."""

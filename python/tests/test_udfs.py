@@ -204,7 +204,8 @@ def test_a_cluster_key(dataset: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 def test_a_lost_worker_is_a_worker_lost_error(dataset: Path) -> None:
     cluster = dfship.LocalCluster(workers=2).start()
     try:
-        ctx = cluster.context(bytes_per_partition=1)
+        # No retry, and no probe that could notice the loss before the query.
+        ctx = cluster.context(bytes_per_partition=1, max_attempts=1, probe_interval=3600)
         ctx.register_parquet("facts", dataset / "facts")
         cluster._processes[1].kill()
         cluster._processes[1].wait()

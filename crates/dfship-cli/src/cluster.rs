@@ -46,6 +46,11 @@ pub struct SqlArgs {
     /// the result of the last run.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
+    /// Keep repeating the query until this many seconds have passed (at
+    /// least --repeat runs); each timing line also carries a digest of the
+    /// run's result, and a last `dfship-retries` line the retries made.
+    #[arg(long, value_parser = dfship_settings::parse_duration)]
+    pub repeat_for: Option<std::time::Duration>,
     /// The query.
     pub query: String,
 }
@@ -98,16 +103,32 @@ pub async fn register_table(
     }
 }
 
+/// A digest of a result as printed (FNV-1a of the table's text), to compare runs.
+fn digest(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Result<String> {
+    let text = pretty_format_batches(batches)?.to_string();
+    let hash = text.bytes().fold(0xcbf29ce484222325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x100000001b3)
+    });
+    Ok(format!("{hash:016x}"))
+}
+
 pub async fn sql(args: SqlArgs, key: Option<ClusterKey>) -> Result<()> {
     let ctx = args.cluster.context(key).await?;
-    for run in 1..args.repeat {
+    let began = Instant::now();
+    let more = |run: u32| {
+        run < args.repeat || args.repeat_for.is_some_and(|limit| began.elapsed() < limit)
+    };
+    let mut run = 1;
+    while more(run) {
         let started = Instant::now();
-        let batches = ctx.sql(&args.query).await?.collect().await?;
+        let batches = dfship_distributed::collect(ctx.sql(&args.query).await?).await?;
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
         eprintln!(
-            "dfship-timing run={run} seconds={:.6} rows={rows}",
-            started.elapsed().as_secs_f64()
+            "dfship-timing run={run} seconds={:.6} rows={rows} result={}",
+            started.elapsed().as_secs_f64(),
+            digest(&batches)?
         );
+        run += 1;
     }
     let started = Instant::now();
     let df = ctx.sql(&args.query).await?;
@@ -126,15 +147,22 @@ pub async fn sql(args: SqlArgs, key: Option<ClusterKey>) -> Result<()> {
             eprintln!("wrote {} in {:.2?}", path.display(), started.elapsed());
         }
         None => {
-            let batches = df.collect().await?;
+            let batches = dfship_distributed::collect(df).await?;
             println!("{}", pretty_format_batches(&batches)?);
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            if args.repeat > 1 {
+            if run > 1 {
                 eprintln!(
-                    "dfship-timing run={} seconds={:.6} rows={rows}",
-                    args.repeat,
-                    started.elapsed().as_secs_f64()
+                    "dfship-timing run={run} seconds={:.6} rows={rows} result={}",
+                    started.elapsed().as_secs_f64(),
+                    digest(&batches)?
                 );
+                if let Some(retry) = dfship_distributed::QueryRetry::of(&ctx.state()) {
+                    let stats = retry.stats();
+                    eprintln!(
+                        "dfship-retries queries={} retries={} exhausted={}",
+                        stats.queries, stats.retries, stats.exhausted
+                    );
+                }
             }
             eprintln!("{rows} rows in {:.2?}", started.elapsed());
         }

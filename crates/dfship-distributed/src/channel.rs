@@ -298,6 +298,15 @@ impl InlineUdfChannelResolver {
         }
     }
 
+    /// The same resolver with connections of its own (for probes, which
+    /// must not share a connection with query traffic).
+    pub fn with_own_connections(&self) -> Self {
+        Self {
+            channels: Arc::default(),
+            ..self.clone()
+        }
+    }
+
     /// What the workers were handed of large pickles, and what they reused.
     pub fn payload_stats(&self) -> crate::payloads::PayloadStats {
         self.payloads.stats()

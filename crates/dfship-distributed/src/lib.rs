@@ -8,6 +8,7 @@
 //! - `worker_errors`: how errors coming back from workers are worded.
 //! - `session`: the worker session builder and the coordinator context builder.
 //! - `worker_server`: the gRPC server every worker runs, with its layers.
+//! - `drain`: a worker's graceful drain (probes answered "draining", open tasks counted).
 //! - `rpc_auth`: every RPC to a keyed worker proves the cluster key.
 //! - `tls`: TLS (rustls) for channels and servers; certificates for local clusters.
 //! - `message_limit`: a bound on the messages a channel receives.
@@ -18,16 +19,21 @@
 //! - `explain`: the distributed plan and how its UDFs travel, as text.
 //! - `ffi`: loading FFI UDFs (shared library or Python capsule), which travel by name.
 //! - `leaf`: an even split of file scans over tasks (works around an upstream planning error).
-//! - `routing`: reproducible round-robin task routing.
+//! - `routing`: reproducible round-robin task routing over the live workers.
+//! - `membership`: the coordinator's live view of its workers (probes, losses).
+//! - `retry`: a query that lost a worker planned again on the others; staged COPY.
 
 mod channel;
+mod drain;
 mod encoder;
 mod explain;
 mod ffi;
 mod leaf;
+mod membership;
 mod message_limit;
 mod payloads;
 mod prebuilt;
+mod retry;
 mod routing;
 mod rpc_auth;
 mod session;
@@ -39,13 +45,16 @@ mod worker_server;
 pub use channel::{
     ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver, DEFAULT_MAX_MESSAGE_BYTES,
 };
+pub use drain::{Drain, DrainLayer, DrainOptions};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use explain::{describe_udfs, explain_plan};
 pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
+pub use membership::{Membership, MembershipOptions, WorkerHealth};
 pub use payloads::{PayloadServer, PayloadStats, PAYLOAD_SERVICE};
 pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
+pub use retry::{collect, QueryRetry, RetryPolicy, RetryStats};
 pub use rpc_auth::{RpcAuthLayer, RpcAuthenticator, SignedChannel, AUTH_HEADER, MAX_CLOCK_SKEW};
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
 pub use tls::{generate_tls_files, GeneratedTls, TlsConfig};
-pub use worker_server::serve_worker;
+pub use worker_server::{serve_worker, serve_worker_with_drain};

@@ -9,26 +9,27 @@
 //! advances across stages and queries of one context, starting at the first
 //! worker listed: stages are spread evenly and runs are reproducible.
 //! Single-task stages are left to upstream, which may keep them on the
-//! coordinator.
+//! coordinator. Tasks go to the workers [`Membership`] believes alive.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use datafusion::error::{DataFusionError, Result};
 use datafusion_distributed::{RouteTasksEvent, RouteTasksEventResponse, RouteTasksHandler};
-use url::Url;
 
-/// Round-robin task routing over a fixed worker list (see the module docs).
+use crate::membership::Membership;
+
+/// Round-robin task routing over the live workers (see the module docs).
 #[derive(Debug, Clone)]
 pub struct RoundRobinRouting {
-    workers: Arc<[Url]>,
+    workers: Membership,
     cursor: Arc<AtomicUsize>,
 }
 
 impl RoundRobinRouting {
-    pub fn new(workers: Vec<Url>) -> Self {
+    pub fn new(workers: Membership) -> Self {
         Self {
-            workers: workers.into(),
+            workers,
             cursor: Arc::default(),
         }
     }
@@ -39,14 +40,17 @@ impl RouteTasksHandler for RoundRobinRouting {
         if event.task_count <= 1 {
             return None;
         }
-        if self.workers.is_empty() {
-            return Some(Err(DataFusionError::Configuration(
-                "no worker URLs to route tasks to".to_string(),
-            )));
+        let workers = self.workers.live();
+        if workers.is_empty() {
+            return Some(Err(DataFusionError::Execution(format!(
+                "{} no live worker to route a stage's tasks to: every worker was lost while \
+                 this query was planned",
+                dfship_codec::ErrorKind::WorkerLost.tag()
+            ))));
         }
         let start = self.cursor.fetch_add(event.task_count, Ordering::Relaxed);
         let urls = (0..event.task_count)
-            .map(|i| self.workers[(start + i) % self.workers.len()].clone())
+            .map(|i| workers[(start + i) % workers.len()].clone())
             .collect();
         Some(Ok(RouteTasksEventResponse::new(urls)))
     }

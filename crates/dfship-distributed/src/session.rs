@@ -23,6 +23,8 @@ use url::Url;
 
 use crate::channel::{ChannelOptions, InlineUdfChannelResolver};
 use crate::encoder::InlineUdfEncoder;
+use crate::membership::{Membership, MembershipOptions};
+use crate::retry::{QueryRetry, RetryPolicy};
 use crate::rpc_auth::RpcAuthenticator;
 use crate::task_lifetime::TASK_ID_HEADER;
 
@@ -75,6 +77,11 @@ impl InlineUdfs {
     /// What workers were handed of large pickles, and what they reused.
     pub fn payload_stats(&self) -> crate::PayloadStats {
         self.channels.payload_stats()
+    }
+
+    /// Channels to the workers over connections of their own (probes).
+    pub(crate) fn probe_channels(&self) -> InlineUdfChannelResolver {
+        self.channels.with_own_connections()
     }
 
     /// Registers the codec as the (only) user codec and installs the channels.
@@ -202,6 +209,8 @@ pub struct ClusterContextBuilder {
     python: Vec<PythonUdf>,
     bytes_per_partition: Option<usize>,
     max_tasks_per_stage: Option<usize>,
+    membership: MembershipOptions,
+    retry: RetryPolicy,
 }
 
 impl ClusterContextBuilder {
@@ -236,6 +245,8 @@ impl ClusterContextBuilder {
             python: Vec::new(),
             bytes_per_partition: None,
             max_tasks_per_stage: None,
+            membership: MembershipOptions::default(),
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -310,20 +321,36 @@ impl ClusterContextBuilder {
         self
     }
 
+    /// How the coordinator learns which workers are alive (probe interval).
+    pub fn with_membership_options(mut self, options: MembershipOptions) -> Self {
+        self.membership = options;
+        self
+    }
+
+    /// How often a query that lost a worker is attempted (see [`crate::collect`]).
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
     pub fn build(self) -> Result<SessionContext> {
         let inline = self.inline.unwrap_or_else(|| InlineUdfs::new(self.options));
+        let probes: Arc<dyn datafusion_distributed::ChannelResolver + Send + Sync> =
+            Arc::new(inline.probe_channels());
+        let membership = Membership::new(self.workers, self.membership, Some(probes));
+        let retry = Arc::new(QueryRetry::new(membership.clone(), self.retry));
         let mut builder = inline.install(
             SessionStateBuilder::new()
                 .with_default_features()
-                .with_config(self.config)
+                .with_config(self.config.with_extension(retry))
                 .with_query_planner(Arc::new(crate::prebuilt::PrebuiltAwareQueryPlanner))
                 // Window UDFs of their frame: one call per partition, also in
                 // the stages this coordinator runs itself.
                 .with_physical_optimizer_rule(Arc::new(dfship_codec::AttachWindowFrames))
                 .with_distributed_route_tasks_handler(crate::routing::RoundRobinRouting::new(
-                    self.workers.clone(),
+                    membership.clone(),
                 ))
-                .with_distributed_worker_resolver(StaticWorkers(self.workers))
+                .with_distributed_worker_resolver(membership)
                 .with_distributed_planner()
                 .with_distributed_scale_up_leaf_node_handler(crate::leaf::even_file_scan_split),
         );

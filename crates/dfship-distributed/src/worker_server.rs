@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use std::sync::Arc;
 
 use crate::channel::ChannelOptions;
+use crate::drain::{Drain, DrainLayer};
 use crate::payloads::PayloadServer;
 use crate::rpc_auth::{RpcAuthLayer, RpcAuthenticator};
 use crate::session::PythonWorkerSessionBuilder;
@@ -24,6 +25,17 @@ use crate::task_lifetime::TaskLifetimeLayer;
 pub async fn serve_worker(
     builder: PythonWorkerSessionBuilder,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    serve_worker_with_drain(builder, listener, Drain::default(), shutdown).await
+}
+
+/// [`serve_worker`] whose probes and open tasks follow `drain` (see
+/// `crate::Drain`): `shutdown` would typically run [`Drain::run`] first.
+pub async fn serve_worker_with_drain(
+    builder: PythonWorkerSessionBuilder,
+    listener: TcpListener,
+    drain: Drain,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let options: ChannelOptions = builder.inline().channel_options().clone();
@@ -51,6 +63,7 @@ pub async fn serve_worker(
     }
     server
         .layer(RpcAuthLayer::new(auth))
+        .layer(DrainLayer(drain))
         .layer(TaskLifetimeLayer)
         .add_service(
             worker

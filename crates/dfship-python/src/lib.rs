@@ -287,6 +287,38 @@ impl ClusterContext {
         })
     }
 
+    /// Each worker as (url, "live" | "down", cause).
+    fn workers_status(&self) -> Vec<(String, &'static str, Option<String>)> {
+        let Some(retry) = dfship_distributed::QueryRetry::of(&self.ctx.state()) else {
+            return Vec::new();
+        };
+        retry
+            .membership()
+            .snapshot()
+            .into_iter()
+            .map(|(url, health)| match health {
+                dfship_distributed::WorkerHealth::Live => (url.to_string(), "live", None),
+                dfship_distributed::WorkerHealth::Down { cause } => {
+                    (url.to_string(), "down", Some(cause))
+                }
+            })
+            .collect()
+    }
+
+    /// {"queries", "retries", "exhausted"} since this context was made.
+    fn retry_stats(&self) -> std::collections::HashMap<&'static str, u64> {
+        let stats = dfship_distributed::QueryRetry::of(&self.ctx.state())
+            .map(|r| r.stats())
+            .unwrap_or_default();
+        [
+            ("queries", stats.queries),
+            ("retries", stats.retries),
+            ("exhausted", stats.exhausted),
+        ]
+        .into_iter()
+        .collect()
+    }
+
     /// (stage plans shipped, inline UDF calls written) since this context was made.
     fn shipped(&self) -> (u64, u64) {
         let stats = self.inline.encoder().stats();
@@ -311,7 +343,7 @@ impl DataFrame {
     /// Runs the query on the cluster; returns a list of `pyarrow.RecordBatch`.
     fn collect<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let df = self.df.clone();
-        let batches = wait(py, async move { df.collect().await })?;
+        let batches = wait(py, dfship_distributed::collect(df))?;
         batches.iter().map(|batch| batch.to_pyarrow(py)).collect()
     }
 

@@ -35,6 +35,26 @@ pub struct WorkerSettings {
         value_parser = BoolishValueParser::new()
     )]
     pub insecure: bool,
+
+    /// On SIGTERM, how long the worker keeps taking tasks while telling
+    /// coordinators' probes it is draining (longer than their --probe-interval).
+    #[arg(long, env = "DFSHIP_DRAIN_NOTICE", default_value = "3", value_parser = parse_duration_or_zero)]
+    pub drain_notice: Duration,
+
+    /// On SIGTERM, the longest the worker waits for running queries before it
+    /// stops anyway (SIGINT stops at once).
+    #[arg(long, env = "DFSHIP_DRAIN_TIMEOUT", default_value = "60", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl WorkerSettings {
+    /// How this worker drains on SIGTERM.
+    pub fn drain_options(&self) -> dfship_distributed::DrainOptions {
+        dfship_distributed::DrainOptions {
+            notice: self.drain_notice,
+            timeout: self.drain_timeout,
+        }
+    }
 }
 
 /// Functions every process registers by name (both sides).
@@ -155,6 +175,16 @@ pub struct CoordinatorSettings {
     /// At most this many tasks per stage [default: one per worker].
     #[arg(long, env = "DFSHIP_MAX_TASKS_PER_STAGE", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tasks_per_stage: Option<u32>,
+
+    /// Attempts of a query that loses a worker: it is planned again on the
+    /// live workers, waiting 0.5 s, 1 s, ... between attempts (1: never retry).
+    #[arg(long, env = "DFSHIP_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
+    /// How often the coordinator probes every worker; a lost worker is taken
+    /// back when it answers (e.g. 2, 500ms).
+    #[arg(long, env = "DFSHIP_PROBE_INTERVAL", default_value = "2", value_parser = parse_duration)]
+    pub probe_interval: Duration,
 }
 
 impl SecuritySettings {
@@ -259,6 +289,14 @@ fn number_and_unit(text: &str) -> Option<(f64, &str)> {
 }
 
 /// `30`, `30s`, `0.5`, `500ms`, `2m`, `1h`.
+/// [`parse_duration`], or 0.
+pub fn parse_duration_or_zero(text: &str) -> std::result::Result<Duration, String> {
+    if matches!(text.trim(), "0" | "0s" | "0ms") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     let text = text.trim();
     let (value, unit) = number_and_unit(text)

@@ -146,6 +146,15 @@ impl CoordinatorOptions {
         if let Some(tasks) = self.coordinator.max_tasks_per_stage {
             builder = builder.with_max_tasks_per_stage(tasks as usize);
         }
+        builder = builder
+            .with_retry_policy(dfship_distributed::RetryPolicy {
+                max_attempts: self.coordinator.max_attempts,
+                ..Default::default()
+            })
+            .with_membership_options(dfship_distributed::MembershipOptions {
+                probe_interval: self.coordinator.probe_interval,
+                ..Default::default()
+            });
         for spec in &self.functions.ffi_udfs {
             builder = builder.with_udf(dfship_distributed::load_ffi_udf(spec)?);
         }

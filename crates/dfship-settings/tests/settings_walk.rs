@@ -7,7 +7,16 @@ use dfship_settings::layers::{self, flags_from_keywords, settings, Keyword, Sett
 use dfship_settings::{CoordinatorOptions, WorkerOptions};
 
 /// keyword | flag | variable | file key | default | a sample value
-const TABLE: &[(&str, &str, &str, &str, Option<&str>, &str)] = &[
+type Row = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+);
+
+const TABLE: &[Row] = &[
     (
         "host",
         "--host",
@@ -184,19 +193,42 @@ const TABLE: &[(&str, &str, &str, &str, Option<&str>, &str)] = &[
         None,
         "2",
     ),
+    (
+        "drain_notice",
+        "--drain-notice",
+        "DFSHIP_DRAIN_NOTICE",
+        "worker.drain_notice",
+        Some("3"),
+        "0",
+    ),
+    (
+        "drain_timeout",
+        "--drain-timeout",
+        "DFSHIP_DRAIN_TIMEOUT",
+        "worker.drain_timeout",
+        Some("60"),
+        "5",
+    ),
+    (
+        "max_attempts",
+        "--max-attempts",
+        "DFSHIP_MAX_ATTEMPTS",
+        "coordinator.max_attempts",
+        Some("3"),
+        "5",
+    ),
+    (
+        "probe_interval",
+        "--probe-interval",
+        "DFSHIP_PROBE_INTERVAL",
+        "coordinator.probe_interval",
+        Some("2"),
+        "500ms",
+    ),
     ("config", "--config", "DFSHIP_CONFIG", "", None, ""),
 ];
 
-fn row(
-    keyword: &str,
-) -> &'static (
-    &'static str,
-    &'static str,
-    &'static str,
-    &'static str,
-    Option<&'static str>,
-    &'static str,
-) {
+fn row(keyword: &str) -> &'static Row {
     TABLE
         .iter()
         .find(|r| r.0 == keyword)

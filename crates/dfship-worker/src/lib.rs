@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use datafusion::error::{DataFusionError, Result};
 use dfship_codec::ClusterKey;
-use dfship_distributed::{ChannelOptions, PythonWorkerSessionBuilder};
+use dfship_distributed::{ChannelOptions, Drain, PythonWorkerSessionBuilder};
 use tokio::net::TcpListener;
 
 pub use dfship_settings::{
@@ -90,13 +90,14 @@ pub async fn bind(options: &WorkerOptions) -> Result<(TcpListener, SocketAddr)> 
     Ok((listener, local))
 }
 
-/// Serves the worker on `listener` until `shutdown` resolves.
+/// Serves the worker on `listener` until `shutdown` resolves; with
+/// [`Stop::Drain`] it drains first (`--drain-notice`, `--drain-timeout`).
 pub async fn serve(
     listener: TcpListener,
     options: &WorkerOptions,
     key: Option<ClusterKey>,
     channels: ChannelOptions,
-    shutdown: impl std::future::Future<Output = ()> + Send,
+    shutdown: impl std::future::Future<Output = Stop> + Send + 'static,
 ) -> Result<()> {
     let mut builder = PythonWorkerSessionBuilder::with_channel_options(
         options.security.codec_options(key),
@@ -107,11 +108,30 @@ pub async fn serve(
         tracing::info!(udf = udf.name(), spec = spec.as_str(), "registered FFI UDF");
         builder = builder.with_udf(udf);
     }
-    dfship_distributed::serve_worker(builder, listener, shutdown).await
+    let drain = Drain::default();
+    let drain_options = options.worker.drain_options();
+    let stop = {
+        let drain = drain.clone();
+        async move {
+            if shutdown.await == Stop::Drain {
+                drain.run(&drain_options).await;
+            }
+        }
+    };
+    dfship_distributed::serve_worker_with_drain(builder, listener, drain, stop).await
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// How a worker is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT: stop now (queries running here fail; coordinators retry them).
+    Now,
+    /// SIGTERM: drain first (see `dfship_distributed::Drain`).
+    Drain,
+}
+
+/// Resolves on SIGINT ([`Stop::Now`]) or SIGTERM ([`Stop::Drain`]).
+pub async fn shutdown_signal() -> Stop {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let terminate = async {
@@ -125,8 +145,8 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
     tokio::select! {
-        _ = interrupt => {}
-        _ = terminate => {}
+        _ = interrupt => Stop::Now,
+        _ = terminate => Stop::Drain,
     }
 }
 

@@ -1,0 +1,487 @@
+//! A query survives a lost worker: it is planned again on the workers left
+//! and run again, up to `max_attempts` times.
+//!
+//! **Granularity: the whole query, re-planned.** datafusion-distributed 4.0
+//! sends every task's plan when the query starts (`DistributedExec`) and its
+//! consumers read each producer task's output as one stream
+//! (`NetworkShuffleExec`, `NetworkCoalesceExec`). A task lost half-way has
+//! already handed part of its rows to consumers on other workers, which
+//! cannot tell them apart from a re-run's, and nothing in 4.0 re-sends one
+//! task's plan to another worker or re-points a consumer at it. Re-running
+//! one stage would need both: per-task routing at execution time (upstream
+//! #694, after 4.0) and consumers that can restart a partition from the
+//! beginning (or producers whose output is materialized, as Spark's shuffle
+//! files are). What 4.0 allows is planning the query again without the lost
+//! worker ([`crate::Membership`] drops it) and running it from scratch.
+//!
+//! **What may run twice** — one rule, shared with the runner pool's replay of
+//! a crashed call: work whose output was thrown away may run again unless a
+//! `volatile` Python UDF is involved. A volatile UDF declares that calling it
+//! twice is not the same as calling it once (side effects, randomness), so a
+//! query using one is not retried, and a crashed runner's call of one is not
+//! replayed; the error says so. Immutable and stable UDFs may run again.
+//!
+//! **Rows are never duplicated or missing**: [`collect`] hands rows to the
+//! caller only once an attempt has finished. `COPY … TO` a local path writes
+//! into a staging directory beside the target and moves the files into place
+//! only when the query succeeded, so a failed or retried write leaves no
+//! partial output. Other writes (`INSERT`) are not retried: the error says
+//! rows may have been written.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::dataframe::DataFrame;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::SessionState;
+use datafusion::logical_expr::{Expr, LogicalPlan, Volatility};
+use dfship_codec::ErrorKind;
+use url::Url;
+
+use crate::membership::Membership;
+
+/// How often a query is attempted, and how long to wait between attempts.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all (1: never retry).
+    pub max_attempts: u32,
+    /// The wait before the second attempt; it doubles after each.
+    pub first_backoff: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 3 attempts, waiting 0.5 s then 1 s.
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            first_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a coordinator's queries retried, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryStats {
+    /// Queries run through [`collect`].
+    pub queries: u64,
+    /// Attempts after a first one (a query retried twice counts 2).
+    pub retries: u64,
+    /// Queries that failed after at least one retry.
+    pub exhausted: u64,
+}
+
+/// The live worker view and retry policy of one coordinator; installed in
+/// its session config by `ClusterContextBuilder`, read by [`collect`].
+#[derive(Debug)]
+pub struct QueryRetry {
+    membership: Membership,
+    policy: RetryPolicy,
+    queries: AtomicU64,
+    retries: AtomicU64,
+    exhausted: AtomicU64,
+}
+
+impl QueryRetry {
+    pub fn new(membership: Membership, policy: RetryPolicy) -> Self {
+        Self {
+            membership,
+            policy,
+            queries: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            exhausted: AtomicU64::new(0),
+        }
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    pub fn stats(&self) -> RetryStats {
+        RetryStats {
+            queries: self.queries.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            exhausted: self.exhausted.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The retry state of a context built by `ClusterContextBuilder`.
+    pub fn of(state: &SessionState) -> Option<Arc<Self>> {
+        state.config().get_extension::<Self>()
+    }
+}
+
+/// Runs `df` to completion and returns its rows, retrying on the live
+/// workers when a worker is lost (see the module docs). A context without
+/// [`QueryRetry`] (not built by `ClusterContextBuilder`) runs it once.
+///
+/// ```no_run
+/// # async fn f() -> datafusion::error::Result<()> {
+/// let ctx = dfship_distributed::ClusterContextBuilder::new(["http://127.0.0.1:50051"])?.build()?;
+/// let rows = dfship_distributed::collect(ctx.sql("SELECT 1").await?).await?;
+/// # Ok(()) }
+/// ```
+pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
+    let (state, plan) = df.into_parts();
+    let Some(retry) = QueryRetry::of(&state) else {
+        return DataFrame::new(state, plan).collect().await;
+    };
+    retry.queries.fetch_add(1, Ordering::Relaxed);
+    let staged = StagedCopy::prepare(&plan)?;
+    let plan = staged.as_ref().map_or(plan.clone(), |s| s.plan.clone());
+    let refusal = retry_refusal(&plan, staged.is_some());
+    let mut causes: Vec<String> = Vec::new();
+    let mut backoff = retry.policy.first_backoff;
+    let result = loop {
+        let error = match run_once(&state, &plan).await {
+            Ok(batches) => break Ok(batches),
+            Err(error) => error,
+        };
+        let text = error.to_string();
+        for url in lost_workers(&text) {
+            retry.membership.report_lost(&url, &first_line(&text));
+        }
+        let attempt = causes.len() + 1;
+        if !is_retryable(&text) {
+            break Err(with_earlier_attempts(error, &causes));
+        }
+        causes.push(text);
+        if let Some(refusal) = &refusal {
+            break Err(DataFusionError::Context(
+                format!("{} not retried: {refusal}", ErrorKind::WorkerLost.tag()),
+                Box::new(error),
+            ));
+        }
+        if attempt >= retry.policy.max_attempts as usize {
+            if attempt == 1 {
+                break Err(error);
+            }
+            retry.exhausted.fetch_add(1, Ordering::Relaxed);
+            break Err(exhausted(&causes));
+        }
+        tracing::warn!(
+            attempt,
+            max_attempts = retry.policy.max_attempts,
+            ?backoff,
+            cause = %first_line(&causes[causes.len() - 1]),
+            "a worker was lost: planning the query again on the live workers"
+        );
+        retry.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(retry.policy.max_backoff);
+    };
+    match (result, staged) {
+        (Ok(batches), Some(staged)) => {
+            staged.commit()?;
+            Ok(batches)
+        }
+        (Err(error), Some(staged)) => {
+            staged.discard();
+            Err(error)
+        }
+        (result, None) => result,
+    }
+}
+
+async fn run_once(state: &SessionState, plan: &LogicalPlan) -> Result<Vec<RecordBatch>> {
+    let physical = state.create_physical_plan(plan).await?;
+    datafusion::physical_plan::collect(physical, state.task_ctx()).await
+}
+
+/// Why `plan` must not run twice, if it must not.
+fn retry_refusal(plan: &LogicalPlan, staged_copy: bool) -> Option<String> {
+    let volatile = volatile_python_udfs(plan);
+    if !volatile.is_empty() {
+        return Some(format!(
+            "the query calls the volatile Python UDF(s) {}, which may not run twice (declare \
+             them immutable or stable if calling them again is harmless, or run the query again)",
+            volatile.join(", ")
+        ));
+    }
+    let mut write = None;
+    let _ = plan.apply(|node| {
+        match node {
+            LogicalPlan::Dml(dml) => write = Some(format!("{} into {}", dml.op, dml.table_name)),
+            LogicalPlan::Copy(copy) if !staged_copy => {
+                write = Some(format!("COPY to {}", copy.output_url))
+            }
+            _ => return Ok(TreeNodeRecursion::Continue),
+        }
+        Ok(TreeNodeRecursion::Stop)
+    });
+    write.map(|write| {
+        format!(
+            "the query writes ({write}) and some rows may have been written; check the target \
+             before running it again"
+        )
+    })
+}
+
+/// The names of the volatile Python UDFs `plan` calls.
+fn volatile_python_udfs(plan: &LogicalPlan) -> Vec<String> {
+    let mut names = Vec::new();
+    let _ = plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                let found = match e {
+                    Expr::ScalarFunction(f) => Some((
+                        f.func.name().to_string(),
+                        f.func.signature().volatility,
+                        f.func
+                            .inner()
+                            .downcast_ref::<dfship_codec::PythonScalarUdf>()
+                            .is_some(),
+                    )),
+                    Expr::AggregateFunction(f) => Some((
+                        f.func.name().to_string(),
+                        f.func.signature().volatility,
+                        f.func
+                            .inner()
+                            .downcast_ref::<dfship_codec::PythonAggregateUdf>()
+                            .is_some(),
+                    )),
+                    Expr::WindowFunction(w) => match &w.fun {
+                        datafusion::logical_expr::expr::WindowFunctionDefinition::WindowUDF(f) => {
+                            Some((
+                                f.name().to_string(),
+                                f.signature().volatility,
+                                f.inner()
+                                    .downcast_ref::<dfship_codec::PythonWindowUdf>()
+                                    .is_some(),
+                            ))
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some((name, Volatility::Volatile, true)) = found {
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    names
+}
+
+/// Whether an error means a worker was lost (and so a re-planned run may
+/// succeed), as opposed to an error in the query or a UDF.
+fn is_retryable(text: &str) -> bool {
+    text.contains(&ErrorKind::WorkerLost.tag())
+        || text.contains("timed-out while waiting for the plan to be set")
+}
+
+/// The worker URLs an error says were lost.
+fn lost_workers(text: &str) -> Vec<Url> {
+    const PHRASES: [&str; 3] = [
+        "lost the connection to worker ",
+        "cannot connect to worker ",
+        "could not send worker ",
+    ];
+    let mut urls: Vec<Url> = Vec::new();
+    for phrase in PHRASES {
+        for (at, _) in text.match_indices(phrase) {
+            let rest = &text[at + phrase.len()..];
+            let token: String = rest
+                .chars()
+                .take_while(|c| !c.is_whitespace() && !matches!(c, '(' | ')' | ',' | ';' | '"'))
+                .collect();
+            if let Ok(url) = Url::parse(&token) {
+                if !urls.contains(&url) {
+                    urls.push(url);
+                }
+            }
+        }
+    }
+    urls
+}
+
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    line.chars().take(300).collect()
+}
+
+fn with_earlier_attempts(error: DataFusionError, causes: &[String]) -> DataFusionError {
+    if causes.is_empty() {
+        return error;
+    }
+    DataFusionError::Context(
+        format!(
+            "attempt {} of the query (retried after a lost worker) failed; earlier: {}",
+            causes.len() + 1,
+            numbered(causes)
+        ),
+        Box::new(error),
+    )
+}
+
+fn exhausted(causes: &[String]) -> DataFusionError {
+    DataFusionError::Execution(format!(
+        "{} the query failed on each of its {} attempts (a worker was lost each time; raise \
+         --max-attempts or fix the workers): {}",
+        ErrorKind::WorkerLost.tag(),
+        causes.len(),
+        numbered(causes)
+    ))
+}
+
+fn numbered(causes: &[String]) -> String {
+    causes
+        .iter()
+        .enumerate()
+        .map(|(i, cause)| format!("attempt {}: {cause}", i + 1))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// `COPY … TO` a local path, redirected into a staging directory beside
+/// the target until the query succeeds.
+struct StagedCopy {
+    plan: LogicalPlan,
+    staging: PathBuf,
+    staged: PathBuf,
+    target: PathBuf,
+}
+
+impl StagedCopy {
+    /// A staged copy of `plan` when it is a `COPY` to a local path.
+    fn prepare(plan: &LogicalPlan) -> Result<Option<Self>> {
+        let LogicalPlan::Copy(copy) = plan else {
+            return Ok(None);
+        };
+        let Some(target) = local_path(&copy.output_url) else {
+            return Ok(None);
+        };
+        let directory = copy.output_url.ends_with('/');
+        let name = target.file_name().ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "COPY needs a file or directory name to write to, not '{}'",
+                copy.output_url
+            ))
+        })?;
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let staging = parent.join(format!(".dfship-staging-{}", uuid::Uuid::new_v4().simple()));
+        let staged = staging.join(name);
+        let mut output_url = staged.to_string_lossy().into_owned();
+        if directory {
+            output_url.push('/');
+        }
+        let mut copy = copy.clone();
+        copy.output_url = output_url;
+        Ok(Some(Self {
+            plan: LogicalPlan::Copy(copy),
+            staging,
+            staged,
+            target,
+        }))
+    }
+
+    /// Moves what the query wrote into place.
+    fn commit(self) -> Result<()> {
+        let moved = if self.staged.is_dir() && self.target.is_dir() {
+            // Into an existing directory: each file, as DataFusion would.
+            std::fs::read_dir(&self.staged).and_then(|entries| {
+                for entry in entries {
+                    let entry = entry?;
+                    std::fs::rename(entry.path(), self.target.join(entry.file_name()))?;
+                }
+                Ok(())
+            })
+        } else if self.staged.exists() {
+            std::fs::rename(&self.staged, &self.target)
+        } else {
+            Ok(())
+        };
+        let result = moved.map_err(|e| {
+            DataFusionError::Execution(format!(
+                "COPY wrote its output to {} but could not move it to {}: {e}; move it by hand",
+                self.staged.display(),
+                self.target.display()
+            ))
+        });
+        if result.is_ok() {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+        result
+    }
+
+    /// Removes whatever the failed attempts wrote.
+    fn discard(self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.staging) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(staging = %self.staging.display(), error = %e,
+                    "could not remove the staging directory of a failed COPY");
+            }
+        }
+    }
+}
+
+/// The local path of a COPY target (`/a/b`, `a/b`, `file:///a/b`).
+fn local_path(url: &str) -> Option<PathBuf> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(path));
+    }
+    if url.contains("://") {
+        return None;
+    }
+    Some(Path::new(url.trim_end_matches('/')).to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_worker_urls_are_read_from_every_wording() {
+        let text = "[worker-lost] lost the connection to worker http://127.0.0.1:7001 (it \
+                    stopped...); on worker http://127.0.0.1:7002: cannot connect to worker \
+                    http://127.0.0.1:7003 within 5s; the coordinator could not send worker \
+                    http://h:1/ its plan";
+        let urls: Vec<String> = lost_workers(text).iter().map(Url::to_string).collect();
+        assert_eq!(
+            urls,
+            [
+                "http://127.0.0.1:7001/",
+                "http://127.0.0.1:7003/",
+                "http://h:1/"
+            ]
+        );
+        assert!(is_retryable(text));
+        assert!(!is_retryable("[udf-raised] ValueError: boom"));
+    }
+
+    #[test]
+    fn exhausted_error_lists_every_attempt() {
+        let text = exhausted(&["a".into(), "b".into(), "c".into()]).to_string();
+        assert!(
+            text.contains("attempt 1: a | attempt 2: b | attempt 3: c"),
+            "{text}"
+        );
+        assert!(text.contains(&ErrorKind::WorkerLost.tag()));
+    }
+
+    #[test]
+    fn local_copy_targets() {
+        assert_eq!(local_path("/tmp/x/"), Some(PathBuf::from("/tmp/x")));
+        assert_eq!(
+            local_path("file:///tmp/y.parquet"),
+            Some(PathBuf::from("/tmp/y.parquet"))
+        );
+        assert_eq!(local_path("s3://bucket/key"), None);
+    }
+}
