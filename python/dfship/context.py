@@ -87,6 +87,9 @@ class ClusterContext:
     Python UDF, and writes other than ``COPY … TO`` a local path, are not
     retried. The coordinator probes every worker each ``probe_interval``
     seconds and plans only on those alive (see :meth:`workers_status`).
+    ``workers`` may also be ``dns://NAME:PORT`` (every address of the name,
+    resolved again every ``resolve_interval`` seconds) or ``file:///PATH``
+    (a list of workers, read again when it changes).
 
     Every keyword but ``cluster_key`` is a coordinator setting, declared once
     for the CLI, the Rust builder and this class: the same name as a flag
@@ -110,6 +113,7 @@ class ClusterContext:
         max_tasks_per_stage: int | None = None,
         max_attempts: int | None = None,
         probe_interval: float | None = None,
+        resolve_interval: float | None = None,
         python_mode: str | None = None,
         python_runners: int | None = None,
         udf_timeout: float | None = None,
@@ -136,6 +140,7 @@ class ClusterContext:
             "max_tasks_per_stage": max_tasks_per_stage,
             "max_attempts": max_attempts,
             "probe_interval": probe_interval,
+            "resolve_interval": resolve_interval,
             "python_mode": python_mode,
             "python_runners": python_runners,
             "udf_timeout": udf_timeout,

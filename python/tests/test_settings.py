@@ -16,8 +16,9 @@ import dfship
 def test_cluster_context_takes_exactly_the_coordinator_settings() -> None:
     parameters = inspect.signature(dfship.ClusterContext.__init__).parameters
     keywords = {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert parameters["workers"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     declared = {s["keyword"] for s in dfship.settings()}
-    assert keywords - {"cluster_key"} == declared
+    assert (keywords | {"workers"}) - {"cluster_key"} == declared
     for setting in dfship.settings():
         flag = "--" + setting["keyword"].replace("_", "-")
         assert setting["flag"] == flag or setting["keyword"] == "ffi_udfs"

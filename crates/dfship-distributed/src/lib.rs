@@ -49,7 +49,7 @@ pub use drain::{Drain, DrainLayer, DrainOptions};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use explain::{describe_udfs, explain_plan};
 pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
-pub use membership::{Membership, MembershipOptions, WorkerHealth};
+pub use membership::{Membership, MembershipOptions, WorkerHealth, WorkerSource};
 pub use payloads::{PayloadServer, PayloadStats, PAYLOAD_SERVICE};
 pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
 pub use retry::{collect, QueryRetry, RetryPolicy, RetryStats};

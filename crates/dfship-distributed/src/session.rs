@@ -23,7 +23,7 @@ use url::Url;
 
 use crate::channel::{ChannelOptions, InlineUdfChannelResolver};
 use crate::encoder::InlineUdfEncoder;
-use crate::membership::{Membership, MembershipOptions};
+use crate::membership::{Membership, MembershipOptions, WorkerSource};
 use crate::retry::{QueryRetry, RetryPolicy};
 use crate::rpc_auth::RpcAuthenticator;
 use crate::task_lifetime::TASK_ID_HEADER;
@@ -201,7 +201,7 @@ impl WorkerResolver for StaticWorkers {
 ///     .build();
 /// ```
 pub struct ClusterContextBuilder {
-    workers: Vec<Url>,
+    workers: Vec<WorkerSource>,
     inline: Option<InlineUdfs>,
     options: CodecOptions,
     config: SessionConfig,
@@ -214,7 +214,9 @@ pub struct ClusterContextBuilder {
 }
 
 impl ClusterContextBuilder {
-    /// Worker URLs such as `http://10.0.0.5:50051`.
+    /// Workers as URLs (`http://10.0.0.5:50051`), DNS names whose every
+    /// address is a worker (`dns://workers:50051`), or files listing either
+    /// (`file:///etc/dfship/workers`); see [`crate::WorkerSource`].
     pub fn new<I, S>(workers: I) -> Result<Self>
     where
         I: IntoIterator<Item = S>,
@@ -222,14 +224,7 @@ impl ClusterContextBuilder {
     {
         let workers = workers
             .into_iter()
-            .map(|url| {
-                Url::parse(url.as_ref()).map_err(|e| {
-                    DataFusionError::Configuration(format!(
-                        "'{}' is not a worker URL ({e}); write it as http://HOST:PORT",
-                        url.as_ref()
-                    ))
-                })
-            })
+            .map(|w| WorkerSource::parse(w.as_ref()))
             .collect::<Result<Vec<_>>>()?;
         if workers.is_empty() {
             return Err(DataFusionError::Configuration(

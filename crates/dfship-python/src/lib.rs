@@ -296,10 +296,12 @@ impl ClusterContext {
             .membership()
             .snapshot()
             .into_iter()
-            .map(|(url, health)| match health {
-                dfship_distributed::WorkerHealth::Live => (url.to_string(), "live", None),
-                dfship_distributed::WorkerHealth::Down { cause } => {
-                    (url.to_string(), "down", Some(cause))
+            .map(|(url, health)| {
+                // As workers are written: http://HOST:PORT, no trailing slash.
+                let url = url.as_str().trim_end_matches('/').to_string();
+                match health {
+                    dfship_distributed::WorkerHealth::Live => (url, "live", None),
+                    dfship_distributed::WorkerHealth::Down { cause } => (url, "down", Some(cause)),
                 }
             })
             .collect()

@@ -159,7 +159,9 @@ pub struct TransportSettings {
 #[derive(Debug, Clone, Args, PartialEq)]
 #[group(id = "coordinator")]
 pub struct CoordinatorSettings {
-    /// Worker URLs, comma-separated (e.g. http://10.0.0.5:50051,http://10.0.0.6:50051).
+    /// Workers, comma-separated: URLs (http://10.0.0.5:50051), dns://NAME:PORT
+    /// (every address NAME resolves to, re-resolved every --resolve-interval),
+    /// or file:///PATH (a file of such entries, one per line, re-read when it changes).
     #[arg(long, env = "DFSHIP_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
 
@@ -185,6 +187,11 @@ pub struct CoordinatorSettings {
     /// back when it answers (e.g. 2, 500ms).
     #[arg(long, env = "DFSHIP_PROBE_INTERVAL", default_value = "2", value_parser = parse_duration)]
     pub probe_interval: Duration,
+
+    /// How often dns:// worker names are resolved again (workers that join
+    /// or leave are seen within this time).
+    #[arg(long, env = "DFSHIP_RESOLVE_INTERVAL", default_value = "5", value_parser = parse_duration)]
+    pub resolve_interval: Duration,
 }
 
 impl SecuritySettings {
@@ -271,7 +278,8 @@ impl CoordinatorSettings {
         if self.workers.is_empty() {
             return Err(DataFusionError::Configuration(
                 "no workers: give --workers (or DFSHIP_WORKERS, or coordinator.workers in the \
-                 settings file) with the URL of each worker, e.g. http://10.0.0.5:50051"
+                 settings file) with the URL of each worker, e.g. http://10.0.0.5:50051, or \
+                 dns://NAME:PORT, or file:///PATH"
                     .to_string(),
             ));
         }
@@ -288,7 +296,6 @@ fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     Some((number.parse().ok()?, unit.trim()))
 }
 
-/// `30`, `30s`, `0.5`, `500ms`, `2m`, `1h`.
 /// [`parse_duration`], or 0.
 pub fn parse_duration_or_zero(text: &str) -> std::result::Result<Duration, String> {
     if matches!(text.trim(), "0" | "0s" | "0ms") {
@@ -297,6 +304,7 @@ pub fn parse_duration_or_zero(text: &str) -> std::result::Result<Duration, Strin
     parse_duration(text)
 }
 
+/// `30`, `30s`, `0.5`, `500ms`, `2m`, `1h`.
 pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     let text = text.trim();
     let (value, unit) = number_and_unit(text)

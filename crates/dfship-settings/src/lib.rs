@@ -153,6 +153,7 @@ impl CoordinatorOptions {
             })
             .with_membership_options(dfship_distributed::MembershipOptions {
                 probe_interval: self.coordinator.probe_interval,
+                resolve_interval: self.coordinator.resolve_interval,
                 ..Default::default()
             });
         for spec in &self.functions.ffi_udfs {

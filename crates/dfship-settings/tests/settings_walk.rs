@@ -225,6 +225,14 @@ const TABLE: &[Row] = &[
         Some("2"),
         "500ms",
     ),
+    (
+        "resolve_interval",
+        "--resolve-interval",
+        "DFSHIP_RESOLVE_INTERVAL",
+        "coordinator.resolve_interval",
+        Some("5"),
+        "1",
+    ),
     ("config", "--config", "DFSHIP_CONFIG", "", None, ""),
 ];
 

@@ -1,5 +1,6 @@
 """Plain inline UDFs for the fault, skew and cluster-key tests."""
 
+import socket
 import time
 
 import pyarrow as pa
@@ -18,3 +19,16 @@ def slow_double(values: pa.Array) -> pa.Array:
     """Sleeps 2 s per batch, so a query stays in flight long enough to break a worker under it."""
     time.sleep(2)
     return pc.multiply(values, 2)
+
+
+@udf([pa.int64()], pa.int64(), "immutable")
+def slow_double_immutable(values: pa.Array) -> pa.Array:
+    """slow_double, declared immutable: a query calling it may run again on other workers."""
+    time.sleep(2)
+    return pc.multiply(values, 2)
+
+
+@udf([pa.int64()], pa.string(), "immutable")
+def whoami(values: pa.Array) -> pa.Array:
+    """The host name of the worker container whose runner evaluates the batch."""
+    return pa.array([socket.gethostname()] * len(values), pa.string())
