@@ -214,26 +214,14 @@ impl Runner {
     }
 
     fn send(&self, kind: u8, request: u64, parts: Vec<Bytes>) {
-        /// Parts up to this size are copied together with the header, so a
-        /// message takes one write (and the runner one read) where it can.
-        const COALESCE: usize = 64 * 1024;
         let length: usize = parts.iter().map(Bytes::len).sum();
-        let mut message = Vec::with_capacity(2);
-        let mut head = bytes::BytesMut::with_capacity(protocol::HEADER_LEN + COALESCE.min(length));
-        head.extend_from_slice(&protocol::header(kind, request, length as u64));
-        for part in parts {
-            if part.len() <= COALESCE && message.is_empty() {
-                head.extend_from_slice(&part);
-            } else {
-                if !head.is_empty() {
-                    message.push(std::mem::take(&mut head).freeze());
-                }
-                message.push(part);
-            }
-        }
-        if !head.is_empty() {
-            message.push(head.freeze());
-        }
+        let mut message = Vec::with_capacity(parts.len() + 1);
+        message.push(Bytes::copy_from_slice(&protocol::header(
+            kind,
+            request,
+            length as u64,
+        )));
+        message.extend(parts);
         // A closed writer means the runner is gone: its reader reports it.
         let _ = self.out.send(message);
     }
