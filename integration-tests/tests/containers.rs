@@ -679,7 +679,28 @@ fn workers_found_through_a_dns_name_that_scales() {
             .lines()
             .filter_map(|l| l.trim_matches(|c| c == '|' || c == ' ').parse().ok())
             .next();
-        n.unwrap_or_else(|| panic!("no count in {}", run.stdout))
+        let n = n.unwrap_or_else(|| panic!("no count in {}", run.stdout));
+        let explain = cluster.exec(
+            &[
+                "dfship",
+                "explain",
+                "--workers",
+                &pool,
+                "--udfs",
+                "/udfs/basic.py",
+                "--table",
+                "facts=/data/facts",
+                "--bytes-per-partition",
+                "1",
+                "SELECT count(DISTINCT whoami(id)) AS n FROM facts",
+            ],
+            Duration::from_secs(60),
+        );
+        println!(
+            "{n} workers answered; the plan:\n{}\n{}",
+            explain.stdout, explain.stderr
+        );
+        n
     };
     assert_eq!(hosts(&cluster), 3, "the 3 workers behind the name");
     cluster.start_worker(&worker("w4"));

@@ -207,6 +207,7 @@ def test_a_lost_worker_is_a_worker_lost_error(dataset: Path) -> None:
         # No retry, and no probe that could notice the loss before the query.
         ctx = cluster.context(bytes_per_partition=1, max_attempts=1, probe_interval=3600)
         ctx.register_parquet("facts", dataset / "facts")
+        ctx.sql("SELECT count(*) FROM facts").collect()  # the first probe round
         cluster._processes[1].kill()
         cluster._processes[1].wait()
         with pytest.raises(dfship.WorkerLostError, match=cluster.urls[1].removeprefix("http://")):

@@ -1,10 +1,21 @@
 """``python -m dfship worker`` parses its command line with the worker's own
-parser: the same flags, the same environment variables, the same errors."""
+parser: the same flags, the same environment variables, the same errors;
+its HTTP endpoint answers health and metrics."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import dfship
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -48,3 +59,60 @@ def test_bad_flags_and_values_are_usage_errors() -> None:
 def test_unknown_command_and_no_command() -> None:
     assert _run("wroker").returncode == 2
     assert "worker" in _run().stdout
+
+
+def test_health_readiness_and_metrics_of_a_worker(dataset: Path) -> None:
+    """/livez, /readyz (503 once SIGTERM starts the drain) and /metrics
+    counting the UDF calls this worker's runners made."""
+    import urllib.error
+    import urllib.request
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dfship", "worker", "--port", "0", "--http-port", "0", "--drain-notice", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        url = worker.stdout.readline().split(" on ")[1].strip()
+        http = worker.stdout.readline().split(" on ")[1].strip()
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(http + path, timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read().decode()
+
+        assert get("/livez") == (200, "ok\n")
+        assert get("/readyz") == (200, "ready\n")
+        assert get("/nothing")[0] == 404
+        with dfship.LocalCluster(workers=1) as other:
+            ctx = dfship.ClusterContext([url, other.urls[0]], bytes_per_partition=1)
+            ctx.register_parquet("facts", dataset / "facts")
+            ctx.register_udf(
+                dfship.udf([pa.int64()], pa.int64(), "immutable", name="inc")(lambda v: pc.add(v, 1))
+            )
+            assert ctx.sql("SELECT sum(inc(id)) AS s FROM facts").collect().num_rows == 1
+        status, metrics = get("/metrics")
+        assert status == 200
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in metrics.splitlines()
+            if line and line[0] != "#"
+        }
+        assert values["dfship_udf_calls_total"] >= 1, metrics
+        assert values["dfship_runners_alive"] >= 1, metrics
+        assert values["dfship_worker_draining"] == 0
+        worker.terminate()  # SIGTERM: drain
+        deadline = time.monotonic() + 2
+        while get("/readyz")[0] != 503:
+            assert time.monotonic() < deadline, "readiness did not turn 503 while draining"
+            time.sleep(0.05)
+        assert get("/readyz") == (503, "draining\n")
+        assert get("/livez")[0] == 200
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -8,6 +8,7 @@
 //! - `worker_errors`: how errors coming back from workers are worded.
 //! - `session`: the worker session builder and the coordinator context builder.
 //! - `worker_server`: the gRPC server every worker runs, with its layers.
+//! - `health`: a worker's HTTP endpoint for operators (/livez, /readyz, /metrics).
 //! - `drain`: a worker's graceful drain (probes answered "draining", open tasks counted).
 //! - `rpc_auth`: every RPC to a keyed worker proves the cluster key.
 //! - `tls`: TLS (rustls) for channels and servers; certificates for local clusters.
@@ -28,6 +29,7 @@ mod drain;
 mod encoder;
 mod explain;
 mod ffi;
+mod health;
 mod leaf;
 mod membership;
 mod message_limit;
@@ -49,6 +51,7 @@ pub use drain::{Drain, DrainLayer, DrainOptions};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use explain::{describe_udfs, explain_plan};
 pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
+pub use health::{metrics, serve_health};
 pub use membership::{Membership, MembershipOptions, WorkerHealth, WorkerSource};
 pub use payloads::{PayloadServer, PayloadStats, PAYLOAD_SERVICE};
 pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};

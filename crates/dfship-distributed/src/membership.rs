@@ -151,6 +151,8 @@ struct Inner {
     options: MembershipOptions,
     probe: Option<ProbeFn>,
     prober: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Whether a probe round has finished.
+    probed: std::sync::atomic::AtomicBool,
 }
 
 /// The live view of a coordinator's workers (see the module docs). Cheap to
@@ -203,6 +205,7 @@ impl Membership {
                 options,
                 probe,
                 prober: Mutex::new(None),
+                probed: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         membership.refresh_blocking();
@@ -403,6 +406,16 @@ impl Membership {
         *prober = Some(runtime.spawn(probe_loop(weak, probe)));
     }
 
+    /// Probes every worker once unless a probe round has finished already:
+    /// the first query of a coordinator then plans only on workers that
+    /// answer (a worker down or misconfigured from the start is not
+    /// mistaken for one lost mid-query).
+    pub async fn ensure_probed(&self) {
+        if !self.inner.probed.load(std::sync::atomic::Ordering::Acquire) {
+            self.probe_all().await;
+        }
+    }
+
     /// Reads the sources and probes every worker once, now.
     pub async fn probe_all(&self) {
         self.refresh().await;
@@ -436,6 +449,10 @@ async fn probe_round(membership: &Membership, probe: &ProbeFn) {
     for (url, result) in futures::future::join_all(probes).await {
         membership.set(&url, result);
     }
+    membership
+        .inner
+        .probed
+        .store(true, std::sync::atomic::Ordering::Release);
 }
 
 /// Probes every interval (the first round one interval after the first

@@ -137,6 +137,7 @@ pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
         return DataFrame::new(state, plan).collect().await;
     };
     retry.queries.fetch_add(1, Ordering::Relaxed);
+    retry.membership.ensure_probed().await;
     let staged = StagedCopy::prepare(&plan)?;
     let plan = staged.as_ref().map_or(plan.clone(), |s| s.plan.clone());
     let refusal = retry_refusal(&plan, staged.is_some());

@@ -44,6 +44,9 @@ pub(crate) fn explain_worker_error(error: DataFusionError, worker: &Url) -> Data
         "transport error",
         "broken pipe",
         "connection reset",
+        "connection refused",
+        "tcp connect error",
+        "the service is currently unavailable",
         "keepalive",
     ]
     .iter()

@@ -36,6 +36,11 @@ pub struct WorkerSettings {
     )]
     pub insecure: bool,
 
+    /// Serve /livez, /readyz (503 while draining) and /metrics (Prometheus)
+    /// over plain HTTP on this port of --host [default: off; 0 picks a free one].
+    #[arg(long, env = "DFSHIP_HTTP_PORT")]
+    pub http_port: Option<u16>,
+
     /// On SIGTERM, how long the worker keeps taking tasks while telling
     /// coordinators' probes it is draining (longer than their --probe-interval).
     #[arg(long, env = "DFSHIP_DRAIN_NOTICE", default_value = "3", value_parser = parse_duration_or_zero)]

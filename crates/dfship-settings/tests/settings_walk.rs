@@ -194,6 +194,14 @@ const TABLE: &[Row] = &[
         "2",
     ),
     (
+        "http_port",
+        "--http-port",
+        "DFSHIP_HTTP_PORT",
+        "worker.http_port",
+        None,
+        "9090",
+    ),
+    (
         "drain_notice",
         "--drain-notice",
         "DFSHIP_DRAIN_NOTICE",

@@ -110,6 +110,28 @@ pub async fn serve(
     }
     let drain = Drain::default();
     let drain_options = options.worker.drain_options();
+    let _health = match options.worker.http_port {
+        Some(port) => {
+            let address = format!("{}:{port}", options.worker.host);
+            let listener = TcpListener::bind(&address).await.map_err(|e| {
+                DataFusionError::Configuration(format!(
+                    "cannot listen on {address} for /livez, /readyz and /metrics: {e}; pick \
+                     another --http-port (0 picks a free one)"
+                ))
+            })?;
+            let local = listener
+                .local_addr()
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            // Scripts and tests read this line.
+            println!("dfship-worker http on http://{local}");
+            tracing::info!(%local, "serving /livez, /readyz and /metrics");
+            Some(AbortOnDrop(tokio::spawn(dfship_distributed::serve_health(
+                listener,
+                drain.clone(),
+            ))))
+        }
+        None => None,
+    };
     let stop = {
         let drain = drain.clone();
         async move {
@@ -119,6 +141,15 @@ pub async fn serve(
         }
     };
     dfship_distributed::serve_worker_with_drain(builder, listener, drain, stop).await
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How a worker is asked to stop.
