@@ -33,10 +33,11 @@ pub fn even_file_scan_split(
     let source = event.plan.downcast_ref::<DataSourceExec>()?;
     let scan = source.data_source().downcast_ref::<FileScanConfig>()?;
     let tasks = event.task_count.max(1);
-    let groups = split_groups(
-        scan,
-        event.plan.output_partitioning().partition_count() * tasks,
-    );
+    let target = event.plan.output_partitioning().partition_count() * tasks;
+    let mut groups = split_groups(scan, target);
+    if groups.len() < tasks {
+        groups = deal_files(groups, target);
+    }
 
     let mut template = scan.clone();
     template.file_groups.clear();
@@ -61,6 +62,25 @@ pub fn even_file_scan_split(
         DistributedLeafExec::try_new(Arc::clone(event.plan), variants)
             .map(|leaf| ScaleUpLeafNodeEventResponse::new(Arc::new(leaf))),
     )
+}
+
+/// When the partitioner declined (it does for scans that must keep their
+/// order) and left fewer groups than tasks, so that some tasks would read
+/// nothing: the same files, in the same order, in up to `target` groups of
+/// consecutive files. A group's files stay in their order, so a declared
+/// output ordering still holds within each group.
+fn deal_files(groups: Vec<FileGroup>, target: usize) -> Vec<FileGroup> {
+    let files: Vec<_> = groups.iter().flat_map(|g| g.iter().cloned()).collect();
+    let count = target.min(files.len());
+    if count <= groups.len() {
+        return groups;
+    }
+    (0..count)
+        .map(|i| {
+            let (start, end) = (i * files.len() / count, (i + 1) * files.len() / count);
+            FileGroup::new(files[start..end].to_vec())
+        })
+        .collect()
 }
 
 /// Upstream's split: round-robin when the scan declares its partitioning
