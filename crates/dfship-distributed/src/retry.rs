@@ -56,7 +56,8 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 3 attempts, waiting 0.5 s then 1 s.
+    /// 3 attempts; when a retry cannot just leave a named worker out, it
+    /// waits 0.5 s, then 1 s.
     fn default() -> Self {
         Self {
             max_attempts: 3,
@@ -149,8 +150,9 @@ pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
             Err(error) => error,
         };
         let text = error.to_string();
-        for url in lost_workers(&text) {
-            retry.membership.report_lost(&url, &first_line(&text));
+        let lost = lost_workers(&text);
+        for url in &lost {
+            retry.membership.report_lost(url, &first_line(&text));
         }
         let attempt = causes.len() + 1;
         if !is_retryable(&text) {
@@ -173,13 +175,17 @@ pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
         tracing::warn!(
             attempt,
             max_attempts = retry.policy.max_attempts,
-            ?backoff,
             cause = %first_line(&causes[causes.len() - 1]),
             "a worker was lost: planning the query again on the live workers"
         );
         retry.retries.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(retry.policy.max_backoff);
+        // The error named the lost worker and it is out of the plan now:
+        // nothing to wait for. Otherwise (no live worker, or a loss nobody
+        // named) give the cluster time to change.
+        if lost.is_empty() || retry.membership.live().is_empty() {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(retry.policy.max_backoff);
+        }
     };
     match (result, staged) {
         (Ok(batches), Some(staged)) => {

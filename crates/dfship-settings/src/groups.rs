@@ -184,7 +184,8 @@ pub struct CoordinatorSettings {
     pub max_tasks_per_stage: Option<u32>,
 
     /// Attempts of a query that loses a worker: it is planned again on the
-    /// live workers, waiting 0.5 s, 1 s, ... between attempts (1: never retry).
+    /// live workers at once, or after 0.5 s, 1 s, ... when no lost worker was
+    /// named or none is left (1: never retry).
     #[arg(long, env = "DFSHIP_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
 
