@@ -565,6 +565,15 @@ impl WorkerResolver for Membership {
             })
             .collect();
         causes.extend(self.source_errors());
+        // Workers that refuse this coordinator's key are up: that is a
+        // setting to fix, not a loss to wait out or retry.
+        let refused = ErrorKind::Unauthenticated.tag();
+        if !causes.is_empty() && causes.iter().all(|cause| cause.contains(&refused)) {
+            return Err(DataFusionError::Execution(format!(
+                "{refused} no worker accepts this coordinator's requests: {}",
+                causes.join("; ")
+            )));
+        }
         Err(DataFusionError::Execution(format!(
             "{} no live worker to plan on: {}; start the workers (or fix the network to them): \
              they are taken back as soon as they answer a probe",
