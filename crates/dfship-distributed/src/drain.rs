@@ -14,15 +14,12 @@
 //! "Draining" is one notion: the same state answers the probe of
 //! coordinators and a readiness check.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt};
-use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
 const COORDINATOR_CHANNEL: &str = "/worker.WorkerService/CoordinatorChannel";
@@ -176,41 +173,11 @@ where
             return futures::future::ready(Ok(status.into_http())).boxed();
         }
         let request = if path == COORDINATOR_CHANNEL {
-            let guard = self.drain.task_opened();
-            request.map(|body| tonic::body::Body::new(CountedBody { inner: body, guard }))
+            let mut guard = self.drain.task_opened();
+            request.map(|body| crate::task_lifetime::on_close(body, move || guard.close()))
         } else {
             request
         };
         self.inner.call(request).boxed()
-    }
-}
-
-/// A task's request body: the task is open until it ends, fails or is dropped.
-struct CountedBody {
-    inner: tonic::body::Body,
-    guard: TaskGuard,
-}
-
-impl Body for CountedBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            self.guard.close();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }

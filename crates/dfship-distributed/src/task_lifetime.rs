@@ -66,39 +66,45 @@ where
             .filter(|id| !id.is_empty() && id.len() <= 64)
             .map(str::to_string);
         let request = match task {
-            Some(id) => request.map(|body| {
-                tonic::body::Body::new(EndTaskOnClose {
-                    inner: body,
-                    task: Some(id),
-                })
-            }),
+            Some(id) => request.map(|body| on_close(body, move || dfship_codec::end_task(&id))),
             None => request,
         };
         self.inner.call(request)
     }
 }
 
-/// A request body that ends its task when it ends, fails or is dropped.
-struct EndTaskOnClose {
-    inner: tonic::body::Body,
-    task: Option<String>,
+/// `body`, calling `done` once when it ends, fails or is dropped.
+pub(crate) fn on_close(
+    body: tonic::body::Body,
+    done: impl FnOnce() + Send + Sync + 'static,
+) -> tonic::body::Body {
+    tonic::body::Body::new(OnClose {
+        inner: body,
+        done: Some(Box::new(done)),
+    })
 }
 
-impl EndTaskOnClose {
+/// A request body that runs a callback when it ends, fails or is dropped.
+struct OnClose {
+    inner: tonic::body::Body,
+    done: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl OnClose {
     fn end(&mut self) {
-        if let Some(id) = self.task.take() {
-            dfship_codec::end_task(&id);
+        if let Some(done) = self.done.take() {
+            done();
         }
     }
 }
 
-impl Drop for EndTaskOnClose {
+impl Drop for OnClose {
     fn drop(&mut self) {
         self.end();
     }
 }
 
-impl Body for EndTaskOnClose {
+impl Body for OnClose {
     type Data = Bytes;
     type Error = tonic::Status;
 
