@@ -8,9 +8,7 @@ cd "$root"
 scripts/setup.sh >/dev/null
 
 echo "python-tests: building the wheel (profile 'wheel': unoptimized, no debug info)"
-rm -f target/wheels/dfship-*.whl
-(cd python && ../.venv/bin/maturin build --locked --profile wheel --strip -i ../.venv/bin/python --out ../target/wheels)
-wheel="$(ls target/wheels/dfship-*.whl)"
+wheel="$(scripts/build-wheel.sh)"
 
 venv=target/python-user-venv
 stamp="$venv/.requirements.sha256"

@@ -7,8 +7,10 @@
 #   dfship-base:<suite>   Debian <suite> + /opt/dfship/venv (requirements-worker.txt)
 #   dfship-node:bookworm  base + dfship-worker, dfship, dfship-cluster-check and the
 #                         FFI example library, all built on the host (bookworm, Python 3.11)
-#   dfship-node:trixie    base + dfship-worker built inside the trixie image
-#                         (Python 3.13), for the version-skew tests
+#   dfship-python:trixie  Debian trixie with its Python 3.13 and nothing else
+#   dfship-node:trixie    deploy/Dockerfile (the image users build) on
+#                         dfship-python:trixie: the wheel, `python -m dfship
+#                         worker`, for the version-skew test and compose
 #
 # Every image carries a label with the hash of its inputs and is rebuilt only
 # when they change, so repeat runs take seconds. Build folders live under
@@ -28,15 +30,16 @@ need() {
 }
 docker info >/dev/null 2>&1 || { log "the Docker engine is not reachable ('docker info' failed); start it and retry"; exit 1; }
 need debootstrap debootstrap
+need docker-compose docker-compose
 
 label_of() { docker image inspect -f '{{ index .Config.Labels "dfship.inputs" }}' "$1" 2>/dev/null || true; }
 
-# Base image: rootfs by debootstrap, Python packages by pip inside a chroot.
+# Base image: rootfs by debootstrap, Python packages by pip inside a chroot
+# (none for a dfship-python image: deploy/Dockerfile installs them).
 build_base() {
-    local suite="$1" packages="$2"
-    local image="dfship-base:$suite"
+    local suite="$1" packages="$2" image="${3:-dfship-base:$1}"
     local inputs
-    inputs="$( (cat "$here/requirements-worker.txt"; echo "$suite $packages"; declare -f build_base) | sha256sum | cut -c1-16)"
+    inputs="$( (cat "$here/requirements-worker.txt"; echo "$suite $packages $image"; declare -f build_base) | sha256sum | cut -c1-16)"
     if [ "$(label_of "$image")" = "$inputs" ]; then
         log "$image is up to date"
         return
@@ -53,9 +56,11 @@ build_base() {
     cp "$here/requirements-worker.txt" "$rootfs/tmp/requirements.txt"
     # A clean environment: the host's PIP_* settings name host paths.
     local in_root=(env -i PATH=/usr/bin:/bin HOME=/root PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$(command -v chroot)" "$rootfs")
-    "${in_root[@]}" /usr/bin/python3 -m venv /opt/dfship/venv
-    "${in_root[@]}" /opt/dfship/venv/bin/pip install --quiet --disable-pip-version-check \
-        -r /tmp/requirements.txt
+    if [ "${image%%:*}" = dfship-base ]; then
+        "${in_root[@]}" /usr/bin/python3 -m venv /opt/dfship/venv
+        "${in_root[@]}" /opt/dfship/venv/bin/pip install --quiet --disable-pip-version-check \
+            -r /tmp/requirements.txt
+    fi
     rm -rf "$rootfs/tmp/requirements.txt" "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/root/.cache"
     : > "$rootfs/etc/resolv.conf"
     tar -C "$rootfs" -c . | docker import \
@@ -110,7 +115,7 @@ python_package() {
 }
 
 build_base bookworm python3,python3-venv,libpython3.11
-build_base trixie python3,python3-venv,libpython3-dev,gcc,libc6-dev
+build_base trixie python3,python3-venv dfship-python:trixie
 [ "${1:-}" = "--base-only" ] && exit 0
 
 # bookworm node: binaries built on the host (a bookworm machine, Python 3.11).
@@ -123,20 +128,19 @@ stage "$root/target/debug/libdfship_ffi_example.so" "$context/lib/libdfship_ffi_
 python_package "$context"
 build_node bookworm "$context"
 
-# trixie node: the worker built inside the trixie base image against its Python 3.13,
-# with the host's Rust toolchain and crate sources mounted (no download).
-log "building dfship-worker for trixie (Python 3.13) inside dfship-base:trixie"
-rustup_home="${RUSTUP_HOME:-$HOME/.rustup}"
-cargo_home="${CARGO_HOME:-$HOME/.cargo}"
-docker run --rm --network none \
-    -v "$root:/src:ro" -v "$work/trixie-target:/target" \
-    -v "$rustup_home:/rustup:ro" -v "$cargo_home:/cargo" \
-    -e RUSTUP_HOME=/rustup -e CARGO_HOME=/cargo -e CARGO_TARGET_DIR=/target \
-    -e PYO3_PYTHON=/usr/bin/python3 -e CARGO_NET_OFFLINE=true \
-    -w /src dfship-base:trixie \
-    /cargo/bin/cargo build --locked --offline -p dfship-worker --bin dfship-worker 2>&1 | tail -3 >&2
-context="$work/context-trixie"
-mkdir -p "$context/lib"
-python_package "$context"
-stage "$work/trixie-target/debug/dfship-worker" "$context/bin/dfship-worker"
-build_node trixie "$context"
+# trixie node: the image users build (deploy/Dockerfile), on Debian trixie's
+# Python 3.13; the abi3 wheel built on this host, nothing compiled in it.
+trixie_inputs="$( (docker image inspect -f '{{.Id}}' dfship-python:trixie; cat "$root/deploy/Dockerfile" "$root/deploy/build-image.sh" "$here/requirements-worker.txt"; \
+    cd "$root" && git ls-files -z crates python Cargo.lock | xargs -0 cat) | sha256sum | cut -c1-16)"
+if [ "$(docker image inspect -f '{{ index .Config.Labels "dfship.inputs" }}' dfship-node:trixie 2>/dev/null || true)" = "$trixie_inputs" ]; then
+    log "dfship-node:trixie is up to date"
+else
+    started=$SECONDS
+    BASE=dfship-python:trixie REQUIREMENTS="$here/requirements-worker.txt" TAG=dfship-node:trixie-build \
+        DFSHIP_IMAGE_CONTEXT="$work/context-deploy" "$root/deploy/build-image.sh"
+    # The inputs' hash as a label, so an unchanged image is not rebuilt.
+    echo "FROM dfship-node:trixie-build
+LABEL dfship.inputs=$trixie_inputs" | DOCKER_BUILDKIT=0 docker build --quiet -t dfship-node:trixie - >/dev/null
+    docker rmi dfship-node:trixie-build >/dev/null
+    log "built dfship-node:trixie from deploy/Dockerfile in $((SECONDS - started)) s"
+fi

@@ -9,9 +9,9 @@ cd "$root"
 
 cleanup() {
     local ids
-    ids="$(docker ps -aq --filter label=dfship.test 2>/dev/null || true)"
+    ids="$( (docker ps -aq --filter label=dfship.test; docker ps -aq --filter label=com.docker.compose.project=dfship-compose-test) 2>/dev/null || true)"
     [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1 || true
-    ids="$(docker network ls -q --filter label=dfship.test 2>/dev/null || true)"
+    ids="$( (docker network ls -q --filter label=dfship.test; docker network ls -q --filter label=com.docker.compose.project=dfship-compose-test) 2>/dev/null || true)"
     [ -n "$ids" ] && docker network rm $ids >/dev/null 2>&1 || true
 }
 trap cleanup EXIT

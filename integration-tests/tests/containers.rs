@@ -55,6 +55,9 @@ struct Cluster {
 struct WorkerSpec {
     name: &'static str,
     image: &'static str,
+    /// The command before `args`: `dfship-worker` in the test images; none
+    /// in the deployment image, whose entry point is `python3 -m dfship worker`.
+    command: &'static [&'static str],
     args: Vec<&'static str>,
 }
 
@@ -64,6 +67,7 @@ fn worker(name: &'static str) -> WorkerSpec {
     WorkerSpec {
         name,
         image: NODE,
+        command: &["dfship-worker"],
         args: vec!["--ffi-udf", FFI, "--insecure"],
     }
 }
@@ -188,14 +192,16 @@ impl Cluster {
             "-v",
             &data_mount,
             spec.image,
-            "dfship-worker",
+        ];
+        args.extend(spec.command.iter().copied());
+        args.extend([
             "--host",
             "0.0.0.0",
             "--port",
             &port,
             "--python-env",
             "/opt/dfship/venv",
-        ];
+        ]);
         args.extend(spec.args.iter().copied());
         docker_ok(&args);
         self.containers.push(name);
@@ -424,6 +430,7 @@ fn a_worker_on_another_python_version() {
     let skewed = WorkerSpec {
         name: "py313",
         image: NODE_PY313,
+        command: &[],
         args: vec!["--insecure"],
     };
     let cluster = Cluster::start("skew", vec![worker("w1"), worker("w2"), skewed]);
@@ -718,6 +725,7 @@ fn a_cluster_with_a_key() {
     let keyed = |name| WorkerSpec {
         name,
         image: NODE,
+        command: &["dfship-worker"],
         args: vec!["--cluster-key-file", "/data/keys/cluster.key"],
     };
     let cluster = Cluster::start("key", vec![keyed("w1"), keyed("w2"), keyed("w3")]);
@@ -823,6 +831,7 @@ fn a_cluster_with_mutual_tls() {
     let mutual = |name| WorkerSpec {
         name,
         image: NODE,
+        command: &["dfship-worker"],
         args: vec![
             "--tls-cert",
             "/data/tls/cert.pem",
@@ -873,4 +882,180 @@ fn a_cluster_with_mutual_tls() {
     );
     let no_tls = run(&https, &[]);
     assert_fails_with(&no_tls, "a client without TLS settings", &["--tls-ca"]);
+}
+
+/// `deploy/compose.yaml` brought up for real, with the deployment image.
+struct Compose {
+    project: String,
+    key: PathBuf,
+}
+
+impl Compose {
+    fn file() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose.yaml")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("docker-compose")
+            .arg("-p")
+            .arg(&self.project)
+            .arg("-f")
+            .arg(Self::file())
+            .args(args)
+            .env("DFSHIP_IMAGE", NODE_PY313)
+            .env("DFSHIP_CLUSTER_KEY_FILE", &self.key)
+            .stdin(Stdio::null())
+            .output()
+            .expect("docker-compose runs (images.sh installs it)")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "docker-compose {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The worker containers, with `health` (e.g. "healthy") if given.
+    fn workers(&self, health: Option<&str>) -> Vec<String> {
+        let project = format!("label=com.docker.compose.project={}", self.project);
+        let mut args = vec![
+            "ps",
+            "-q",
+            "--filter",
+            &project,
+            "--filter",
+            "label=com.docker.compose.service=worker",
+        ];
+        let health = health.map(|h| format!("health={h}"));
+        if let Some(health) = &health {
+            args.extend(["--filter", health]);
+        }
+        docker_ok(&args).lines().map(str::to_string).collect()
+    }
+
+    /// Scales the workers to `n` and waits (90 s at most) until exactly `n` are healthy.
+    fn scale(&self, n: usize) {
+        self.ok(&[
+            "up",
+            "-d",
+            "--no-recreate",
+            "--scale",
+            &format!("worker={n}"),
+            "worker",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.workers(Some("healthy")).len() != n || self.workers(None).len() != n {
+            assert!(
+                Instant::now() < deadline,
+                "{n} healthy workers within 90 s: {} running, {} healthy\n{}",
+                self.workers(None).len(),
+                self.workers(Some("healthy")).len(),
+                String::from_utf8_lossy(&self.run(&["logs", "--tail=20", "worker"]).stdout)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// The demo queries from the coordinator service (compose names do not resolve on the host).
+    fn demo(&self) -> String {
+        self.ok(&[
+            "run",
+            "--rm",
+            "-T",
+            "coordinator",
+            "--workers=dns://worker:8000",
+            "--cluster-key-file=/run/secrets/cluster_key",
+            "--rows=40000",
+        ])
+    }
+
+    /// `dfship_udf_calls_total` of a worker container, from its /metrics.
+    fn udf_calls(container: &str) -> f64 {
+        let metrics = docker_ok(&[
+            "exec",
+            container,
+            "python3",
+            "-c",
+            "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/metrics').read().decode())",
+        ]);
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("dfship_udf_calls_total "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no dfship_udf_calls_total in:\n{metrics}"))
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "-v", "--remove-orphans", "-t", "5"]);
+    }
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn the_compose_deployment_scales_between_queries() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/containers/runs/compose");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, format!("compose test key {:?}", Instant::now())).unwrap();
+    // The image's user (10001) reads the key; as the compose file's comment says.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if std::os::unix::fs::chown(&key, Some(10001), Some(10001)).is_ok() {
+        0o400
+    } else {
+        0o444
+    };
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+    let compose = Compose {
+        project: "dfship-compose-test".to_string(),
+        key,
+    };
+    let _ = compose.run(&["down", "-v", "--remove-orphans", "-t", "1"]);
+
+    compose.scale(2);
+    let two = compose.demo();
+    assert!(
+        two.contains("5 queries ok; live workers 2"),
+        "2 workers:\n{two}"
+    );
+    assert!(!two.contains("False"), "mean_fare equals avg:\n{two}");
+
+    compose.scale(4);
+    let four = compose.demo();
+    assert!(
+        four.contains("5 queries ok; live workers 4"),
+        "4 workers:\n{four}"
+    );
+    let busy = compose
+        .workers(None)
+        .iter()
+        .filter(|w| Compose::udf_calls(w) > 0.0)
+        .count();
+    assert!(busy >= 2, "UDF calls on {busy} of 4 workers");
+
+    // Scaling down stops two workers with SIGTERM (they drain); the next
+    // coordinator resolves the name to the two left.
+    compose.scale(2);
+    let back = compose.demo();
+    assert!(
+        back.contains("5 queries ok; live workers 2"),
+        "back to 2 workers:\n{back}"
+    );
+    // Results do not depend on how many workers ran them.
+    let results = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| !l.contains(" rows in ") && !l.starts_with("demo:"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(results(&two), results(&four));
+    assert_eq!(results(&two), results(&back));
 }

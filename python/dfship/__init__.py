@@ -89,13 +89,22 @@ _LAZY = {
 }
 
 
-def settings() -> list[dict[str, Any]]:
-    """Every coordinator setting: its Python keyword (of :class:`ClusterContext`),
-    flag, environment variable, settings-file key, default and help."""
+def settings(role: str = "coordinator") -> list[dict[str, Any]]:
+    """Every setting of a ``role``: ``"coordinator"`` (the keywords of
+    :class:`ClusterContext`, the CLI) or ``"worker"`` (``python -m dfship
+    worker``, ``dfship-worker``). Each is a dict of its Python keyword, flag,
+    environment variable, settings-file key, default and help.
+
+    >>> any(s["flag"] == "--http-port" for s in settings("worker"))
+    True
+    """
     from dfship import _native
 
+    rows = {"coordinator": _native.coordinator_settings, "worker": _native.worker_settings}
+    if role not in rows:
+        raise ValueError(f"settings(role={role!r}): the roles are 'coordinator' and 'worker'")
     fields = ("keyword", "flag", "env", "file_key", "default", "help")
-    return [dict(zip(fields, row, strict=True)) for row in _native.coordinator_settings()]
+    return [dict(zip(fields, row, strict=True)) for row in rows[role]()]
 
 
 def __getattr__(name: str) -> Any:

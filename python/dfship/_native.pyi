@@ -23,6 +23,7 @@ __all__ = [
     "coordinator_settings",
     "generate_tls_files",
     "run_worker",
+    "worker_settings",
 ]
 
 class DfshipError(Exception):
@@ -88,6 +89,9 @@ def run_worker(argv: Sequence[str]) -> int:
 
 def coordinator_settings() -> list[tuple[str, str, str | None, str | None, str | None, str]]:
     """Every coordinator setting as `(keyword, flag, variable, file key, default, help)`."""
+
+def worker_settings() -> list[tuple[str, str, str | None, str | None, str | None, str]]:
+    """Every worker setting, in the shape of :func:`coordinator_settings`."""
 
 def generate_tls_files(directory: str, hosts: Sequence[str]) -> tuple[str, str, str]:
     """Writes a fresh certificate authority and a certificate for `hosts` (names or IP addresses)

@@ -12,6 +12,7 @@ from pathlib import Path
 import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
+from conftest import FILES, ROWS_PER_FILE
 
 import dfship
 
@@ -105,6 +106,12 @@ def test_health_readiness_and_metrics_of_a_worker(dataset: Path) -> None:
         assert values["dfship_udf_calls_total"] >= 1, metrics
         assert values["dfship_runners_alive"] >= 1, metrics
         assert values["dfship_worker_draining"] == 0
+        # Per-UDF figures: this worker ran some of `inc`'s rows, none failed.
+        assert 0 < values['dfship_udf_rows_total{udf="inc"}'] <= FILES * ROWS_PER_FILE, metrics
+        assert values['dfship_udf_batch_calls_total{udf="inc"}'] >= 1, metrics
+        assert values['dfship_udf_seconds_total{udf="inc"}'] > 0, metrics
+        assert values['dfship_udf_failures_total{udf="inc"}'] == 0, metrics
+        assert values["dfship_rpcs_refused_total"] == 0, metrics
         worker.terminate()  # SIGTERM: drain
         deadline = time.monotonic() + 2
         while get("/readyz")[0] != 503:

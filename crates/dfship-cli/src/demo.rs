@@ -27,37 +27,22 @@ pub struct DemoArgs {
     pub verbose: bool,
 }
 
-const DEMO_UDFS: &str = include_str!("demo_udfs.py");
+// Shared with `python -m dfship demo` (python/dfship/demo.py).
+const DEMO_UDFS: &str = include_str!("../../../python/dfship/_demo_udfs.py");
+const DEMO_QUERIES: &str = include_str!("../../../python/dfship/_demo_queries.sql");
 const FILES: usize = 8;
 
-const QUERIES: &[(&str, &str)] = &[
-    (
-        "vectorized UDF (pyarrow.compute) feeding an aggregate",
-        "SELECT city, round(avg(fare_per_km(fare, distance_km)), 3) AS avg_fare_per_km, count(*) AS trips \
-         FROM trips GROUP BY city ORDER BY city",
-    ),
-    (
-        "per-row Python UDF as a GROUP BY key",
-        "SELECT fare_band(fare) AS band, count(*) AS trips, round(sum(fare), 2) AS revenue \
-         FROM trips GROUP BY fare_band(fare) ORDER BY band",
-    ),
-    (
-        "UDFs in a join key and a filter",
-        "SELECT z.zone, count(*) AS long_trips FROM trips t JOIN zones z ON city_key(t.city) = z.key \
-         WHERE is_long_trip(t.distance_km) GROUP BY z.zone ORDER BY z.zone",
-    ),
-    (
-        "Python aggregate UDF (states merged across stages) beside the built-in avg",
-        "SELECT city, round(mean_fare(fare), 3) AS mean_fare, \
-         abs(mean_fare(fare) - avg(fare)) < 1e-9 AS equals_avg FROM trips GROUP BY city ORDER BY city",
-    ),
-    (
-        "Python window UDF per city",
-        "SELECT city, round(max(revenue), 2) AS revenue FROM (SELECT city, \
-         running_revenue(fare) OVER (PARTITION BY city ORDER BY trip_id) AS revenue FROM trips) \
-         GROUP BY city ORDER BY city",
-    ),
-];
+/// The `(title, sql)` pairs of `_demo_queries.sql`: each query follows a
+/// `-- title: ` line and ends with a semicolon.
+fn queries() -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for block in DEMO_QUERIES.split("-- title: ").skip(1) {
+        let (title, rest) = block.split_once('\n').unwrap_or((block, ""));
+        let sql = rest.split(';').next().unwrap_or("").trim();
+        out.push((title.trim(), sql.split_whitespace().collect::<Vec<_>>().join(" ")));
+    }
+    out
+}
 
 const FFI_QUERY: (&str, &str) = (
     "an FFI UDF (by name, loaded by every worker) on a Python UDF's result",
@@ -178,7 +163,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     if ffi_query.is_none() {
         println!("(the FFI example library is not built next to this binary: skipping the FFI UDF query)");
     }
-    for (index, (title, sql)) in QUERIES.iter().chain(ffi_query.iter()).enumerate() {
+    let ffi_query = ffi_query.map(|(title, sql)| (title, sql.to_string()));
+    for (index, (title, sql)) in queries().iter().chain(ffi_query.iter()).enumerate() {
         println!("\n== {title}\n{sql}");
         let plan = ctx.sql(sql).await?.create_physical_plan().await?;
         if index == 0 {
@@ -205,4 +191,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         stats.plans, stats.inline_udfs, stats.inline_bytes
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queries;
+
+    #[test]
+    fn the_shared_demo_queries_parse_into_titled_statements() {
+        let queries = queries();
+        assert_eq!(queries.len(), 5, "{queries:?}");
+        for (title, sql) in &queries {
+            assert!(!title.is_empty() && !title.contains('\n'), "{title:?}");
+            assert!(sql.starts_with("SELECT "), "{title}: {sql}");
+            assert!(!sql.contains(';') && !sql.contains("--"), "{title}: {sql}");
+        }
+    }
 }

@@ -158,6 +158,12 @@ pub fn metrics(drain: &Drain) -> String {
         );
     }
     metric(
+        "dfship_rpcs_refused_total",
+        "counter",
+        "Requests refused for a missing, wrong, stale or replayed cluster-key proof.",
+        crate::rpc_auth::refused_requests() as f64,
+    );
+    metric(
         "dfship_runners_alive",
         "gauge",
         "Python UDF runners alive now.",
@@ -169,5 +175,52 @@ pub fn metrics(drain: &Drain) -> String {
         "Runners with a call in flight now.",
         stats.busy as f64,
     );
+    per_udf(&mut out);
     out
+}
+
+/// `dfship_udf_*{udf="name"}`: each Python UDF's calls, rows, seconds and
+/// failures in this worker.
+fn per_udf(out: &mut String) {
+    let figures = dfship_codec::udf_figures();
+    let series: [(&str, &str, &str, fn(&dfship_codec::UdfFigures) -> f64); 4] = [
+        (
+            "dfship_udf_batch_calls_total",
+            "counter",
+            "Calls of a Python UDF (batches, or slices of batch_size).",
+            |f| f.calls as f64,
+        ),
+        (
+            "dfship_udf_rows_total",
+            "counter",
+            "Rows passed to a Python UDF.",
+            |f| f.rows as f64,
+        ),
+        (
+            "dfship_udf_seconds_total",
+            "counter",
+            "Seconds waited for a Python UDF's results (Python plus transfer).",
+            |f| f.seconds,
+        ),
+        (
+            "dfship_udf_failures_total",
+            "counter",
+            "Calls of a Python UDF that failed.",
+            |f| f.failures as f64,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (udf, f) in &figures {
+            let _ = writeln!(out, "{name}{{udf=\"{}\"}} {}", label(udf), value(f));
+        }
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

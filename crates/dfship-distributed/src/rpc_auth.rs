@@ -278,6 +278,7 @@ where
         if let Some(auth) = &self.auth {
             let path = request.uri().path().to_string();
             if let Err(why) = auth.verify(&path, request.headers().get(AUTH_HEADER)) {
+                REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(method = %path, reason = %why, "refused an unauthenticated request");
                 let refused = tonic::Status::unauthenticated(format!(
                     "{} {why}",
@@ -289,6 +290,13 @@ where
         }
         Box::pin(self.inner.call(request))
     }
+}
+
+static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Requests this process refused for a missing, wrong, stale or replayed proof.
+pub fn refused_requests() -> u64 {
+    REFUSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The client side: adds a fresh proof to every request of a channel.

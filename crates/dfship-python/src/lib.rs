@@ -454,7 +454,38 @@ fn coordinator_settings() -> Vec<(
     String,
 )> {
     use clap::CommandFactory;
-    dfship_settings::layers::settings(&dfship_settings::CoordinatorOptions::command())
+    settings_rows(&dfship_settings::CoordinatorOptions::command())
+}
+
+/// Every worker setting, in the same shape as [`coordinator_settings`]: what
+/// `python -m dfship worker` (and `dfship-worker`) accepts. Deployment files
+/// are checked against it.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn worker_settings() -> Vec<(
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+)> {
+    use clap::CommandFactory;
+    settings_rows(&dfship_settings::WorkerOptions::command())
+}
+
+#[allow(clippy::type_complexity)]
+fn settings_rows(
+    command: &clap::Command,
+) -> Vec<(
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+)> {
+    dfship_settings::layers::settings(command)
         .into_iter()
         .map(|s| (s.keyword, s.flag, s.env, s.file_key, s.default, s.help))
         .collect()
@@ -466,6 +497,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DataFrame>()?;
     m.add_function(wrap_pyfunction!(run_worker, m)?)?;
     m.add_function(wrap_pyfunction!(coordinator_settings, m)?)?;
+    m.add_function(wrap_pyfunction!(worker_settings, m)?)?;
     m.add_function(wrap_pyfunction!(generate_tls_files, m)?)?;
     let py = m.py();
     m.add("DfshipError", py.get_type::<DfshipError>())?;

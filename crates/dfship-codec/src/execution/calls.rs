@@ -2,6 +2,7 @@
 //! partition, an aggregate's rows turned into states. Any runner serves them.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow::array::{ArrayData, ArrayRef, RecordBatch};
 use arrow::datatypes::FieldRef;
@@ -11,7 +12,9 @@ use dfship_runtime::protocol::{self, RESULT};
 use dfship_runtime::{CallError, CallSpec, PendingCall, Reply};
 
 use crate::execution::errors::call_error;
-use crate::execution::{function_spec, pool, task_token, wait_off_runtime};
+use crate::execution::{
+    function_spec, pool, record_udf_figures, task_token, wait_off_runtime,
+};
 use crate::function::PythonFunction;
 use crate::result_check::{checked_result, invalid_array};
 
@@ -41,7 +44,8 @@ pub(crate) fn call_scalar(
         .options
         .batch_size
         .map_or(number_rows, |rows| rows.get() as usize);
-    wait_off_runtime(|| {
+    let started = Instant::now();
+    let result = wait_off_runtime(|| {
         let spec = function_spec(function)?;
         let pool = pool();
         let mut pending: Vec<(usize, PendingCall)> = Vec::new();
@@ -88,7 +92,15 @@ pub(crate) fn call_scalar(
                 Ok(arrow::compute::concat(&parts)?)
             }
         }
-    })
+    });
+    record_udf_figures(
+        name,
+        number_rows.div_ceil(slice_rows.max(1)) as u64,
+        number_rows as u64,
+        started.elapsed(),
+        result.is_err(),
+    );
+    result
 }
 
 /// One op of a window evaluator (`WINDOW`), on any runner; the result
@@ -131,7 +143,8 @@ fn stateless(
 ) -> Result<(FieldRef, ArrayData)> {
     let name = &function.signature.name;
     let returns = function.signature.return_field.data_type();
-    wait_off_runtime(|| {
+    let started = Instant::now();
+    let result = wait_off_runtime(|| {
         let spec = function_spec(function)?;
         let pool = pool();
         let call = CallSpec {
@@ -145,7 +158,10 @@ fn stateless(
             .wait(pool, function.task.get())
             .map_err(|e| call_error(name, returns, e))?;
         result_of(name, reply)
-    })
+    });
+    let rows = result.as_ref().map_or(0, |(_, data)| data.len() as u64);
+    record_udf_figures(name, 1, rows, started.elapsed(), result.is_err());
+    result
 }
 
 /// The column of a RESULT reply (anything else is a broken runner's).

@@ -23,6 +23,7 @@
 
 mod calls;
 mod errors;
+mod figures;
 mod in_process;
 mod objects;
 
@@ -45,6 +46,8 @@ use crate::pickled::PickleContent;
 
 pub(crate) use calls::{call_scalar, call_window, convert_to_state};
 pub use dfship_runtime::{CancelToken, PoolStats};
+pub use figures::{udf_figures, UdfFigures};
+pub(crate) use figures::record as record_udf_figures;
 pub(crate) use objects::RunnerObject;
 
 /// How a process evaluates Python UDFs.

@@ -1,4 +1,7 @@
+# mypy: disable-error-code="untyped-decorator,arg-type"
 """Python UDFs of `dfship demo` (scalar, aggregate, window); they reach the workers inline only."""
+
+from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,7 +18,7 @@ def fare_per_km(fare: pa.Array, distance: pa.Array) -> pa.Array:
 @udf([pa.float64()], pa.string(), "immutable")
 def fare_band(fare: pa.Array) -> pa.Array:
     """Per-row Python: a plain loop, bound by the GIL (workers run it in parallel)."""
-    bands = []
+    bands: list[str | None] = []
     for value in fare.to_pylist():
         if value is None:
             bands.append(None)
@@ -45,21 +48,21 @@ def city_key(city: pa.Array) -> pa.Array:
 class MeanFare:
     """An aggregate: partial (sum, count) states from each worker merge on another."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.total, self.count = 0.0, 0
 
-    def update(self, fares):
+    def update(self, fares: pa.Array) -> None:
         self.total += pc.sum(fares).as_py() or 0.0
         self.count += pc.count(fares).as_py()
 
-    def merge(self, states):
+    def merge(self, states: list[pa.Array]) -> None:
         self.total += pc.sum(states[0]).as_py() or 0.0
         self.count += pc.sum(states[1]).as_py() or 0
 
-    def state(self):
+    def state(self) -> list[float | int]:
         return [self.total, self.count]
 
-    def evaluate(self):
+    def evaluate(self) -> float | None:
         return self.total / self.count if self.count else None
 
 
@@ -67,5 +70,5 @@ class MeanFare:
 class RunningRevenue:
     """A window function: the revenue so far within each partition."""
 
-    def evaluate_all(self, values, num_rows):
+    def evaluate_all(self, values: list[pa.Array], num_rows: int) -> pa.Array:
         return pc.cumulative_sum(pc.fill_null(values[0], 0.0))
