@@ -971,6 +971,7 @@ impl Compose {
             "coordinator",
             "--workers=dns://worker:8000",
             "--cluster-key-file=/run/secrets/cluster_key",
+            "--data-dir=/var/lib/dfship/demo",
             "--rows=40000",
         ])
     }

@@ -1,6 +1,6 @@
 -- The queries of the demos (`dfship demo`, `python -m dfship demo`) over the
 -- tables `trips` and `zones`, calling the UDFs of _demo_udfs.py. Each query
--- follows a line `-- title: ...` and ends with a semicolon.
+-- follows a title line (starting "-- title:") and ends with a semicolon.
 
 -- title: vectorized UDF (pyarrow.compute) feeding an aggregate
 SELECT city, round(avg(fare_per_km(fare, distance_km)), 3) AS avg_fare_per_km, count(*) AS trips

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -41,15 +42,33 @@ def zones() -> pa.Table:
     return pa.table({"key": [k for k, _ in ZONES], "zone": [z for _, z in ZONES]})
 
 
+def write_dataset(root: Path, rows: int, files: int = 8) -> dict[str, str]:
+    """``trips`` in ``files`` Parquet files and ``zones`` under ``root``; their folders by table."""
+    import pyarrow.parquet as pq
+
+    folders = {"trips": root / "trips", "zones": root / "zones"}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.parquet"):
+            old.unlink()
+    table = trips(rows)
+    per_file = max(1, -(-rows // files))
+    for index, start in enumerate(range(0, rows, per_file)):
+        pq.write_table(table.slice(start, per_file), folders["trips"] / f"part-{index}.parquet")
+    pq.write_table(zones(), folders["zones"] / "zones.parquet")
+    return {name: str(folder) for name, folder in folders.items()}
+
+
 def queries() -> list[tuple[str, str]]:
     """``(title, sql)`` of ``_demo_queries.sql``, shared with the Rust CLI's demo."""
     text = resources.files("dfship").joinpath("_demo_queries.sql").read_text()
-    out = []
-    for block in text.split("-- title: ")[1:]:
-        title, _, rest = block.partition("\n")
-        sql = " ".join(rest.split(";")[0].split())
-        out.append((title.strip(), sql))
-    return out
+    out: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("-- title: "):
+            out.append((line.removeprefix("-- title: ").strip(), []))
+        elif out and not line.startswith("--"):
+            out[-1][1].append(line.split(";")[0])
+    return [(title, " ".join(" ".join(lines).split())) for title, lines in out]
 
 
 def _format(table: pa.Table) -> str:
@@ -69,6 +88,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--cluster-key-file", help="the cluster key (else DFSHIP_CLUSTER_KEY, as for workers)"
     )
+    parser.add_argument(
+        "--data-dir",
+        help="write the dataset as Parquet files here, a folder every worker reads at the same path "
+        "(else the tables are in memory: they travel in the plans and their scans, with the UDFs "
+        "evaluated on them, run in this process)",
+    )
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the trips table")
     parser.add_argument("--repeat", type=int, default=1, help="run the queries this many times")
     args = parser.parse_args(argv)
@@ -81,9 +106,14 @@ def main(argv: list[str]) -> int:
 
     # The UDFs travel inline, by value: the workers need not have this module.
     cloudpickle.register_pickle_by_value(_demo_udfs)
-    ctx = ClusterContext(args.workers, cluster_key_file=args.cluster_key_file)
-    ctx.register_arrow("trips", trips(args.rows))
-    ctx.register_arrow("zones", zones())
+    # Small files spread over every worker, as in `dfship demo`.
+    ctx = ClusterContext(args.workers, cluster_key_file=args.cluster_key_file, bytes_per_partition=1)
+    if args.data_dir:
+        for name, path in write_dataset(Path(args.data_dir), args.rows).items():
+            ctx.register_parquet(name, path)
+    else:
+        ctx.register_arrow("trips", trips(args.rows))
+        ctx.register_arrow("zones", zones())
     for udf in (
         _demo_udfs.fare_per_km,
         _demo_udfs.fare_band,

@@ -192,10 +192,13 @@ def test_the_compose_file_names_real_worker_flags() -> None:
     assert grace > _seconds(flags["--drain-timeout"]) + 3
 
 
-def test_the_demo_command_runs_every_query_on_a_real_cluster() -> None:
+@pytest.mark.parametrize("where", ["in-memory", "data-dir"])
+def test_the_demo_command_runs_every_query_on_a_real_cluster(where: str, tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path / "demo")] if where == "data-dir" else []
     with dfship.LocalCluster(workers=2) as cluster:
+        workers = ",".join(cluster.urls)
         done = subprocess.run(
-            [sys.executable, "-m", "dfship", "demo", "--workers", ",".join(cluster.urls), "--rows", "3000"],
+            [sys.executable, "-m", "dfship", "demo", "--workers", workers, "--rows=3000", *data],
             capture_output=True,
             text=True,
             timeout=300,

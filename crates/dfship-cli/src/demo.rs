@@ -32,14 +32,21 @@ const DEMO_UDFS: &str = include_str!("../../../python/dfship/_demo_udfs.py");
 const DEMO_QUERIES: &str = include_str!("../../../python/dfship/_demo_queries.sql");
 const FILES: usize = 8;
 
-/// The `(title, sql)` pairs of `_demo_queries.sql`: each query follows a
-/// `-- title: ` line and ends with a semicolon.
+/// The `(title, sql)` pairs of `_demo_queries.sql`: a line starting with
+/// `-- title: ` starts a query, which ends at its semicolon; other `--`
+/// lines are comments.
 fn queries() -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    for block in DEMO_QUERIES.split("-- title: ").skip(1) {
-        let (title, rest) = block.split_once('\n').unwrap_or((block, ""));
-        let sql = rest.split(';').next().unwrap_or("").trim();
-        out.push((title.trim(), sql.split_whitespace().collect::<Vec<_>>().join(" ")));
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for line in DEMO_QUERIES.lines() {
+        if let Some(title) = line.strip_prefix("-- title: ") {
+            out.push((title.trim(), String::new()));
+        } else if let Some((_, sql)) = out.last_mut().filter(|_| !line.starts_with("--")) {
+            sql.push(' ');
+            sql.push_str(line.split(';').next().unwrap_or(""));
+        }
+    }
+    for (_, sql) in &mut out {
+        *sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
     }
     out
 }

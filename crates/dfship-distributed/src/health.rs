@@ -179,11 +179,19 @@ pub fn metrics(drain: &Drain) -> String {
     out
 }
 
+/// A per-UDF series: name, kind, help and the figure it shows.
+type Series = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&dfship_codec::UdfFigures) -> f64,
+);
+
 /// `dfship_udf_*{udf="name"}`: each Python UDF's calls, rows, seconds and
 /// failures in this worker.
 fn per_udf(out: &mut String) {
     let figures = dfship_codec::udf_figures();
-    let series: [(&str, &str, &str, fn(&dfship_codec::UdfFigures) -> f64); 4] = [
+    let series: [Series; 4] = [
         (
             "dfship_udf_batch_calls_total",
             "counter",
@@ -223,4 +231,19 @@ fn label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::label;
+
+    #[test]
+    fn udf_names_from_plans_cannot_break_the_exposition_format() {
+        assert_eq!(label("plain_name"), "plain_name");
+        assert_eq!(
+            label("a\"b\\c\nd} 1\nfake_metric 9"),
+            "a\\\"b\\\\c\\nd} 1\\nfake_metric 9"
+        );
+        assert!(!label("x\ny").contains('\n'));
+    }
 }

@@ -12,9 +12,7 @@ use dfship_runtime::protocol::{self, RESULT};
 use dfship_runtime::{CallError, CallSpec, PendingCall, Reply};
 
 use crate::execution::errors::call_error;
-use crate::execution::{
-    function_spec, pool, record_udf_figures, task_token, wait_off_runtime,
-};
+use crate::execution::{function_spec, pool, record_udf_figures, task_token, wait_off_runtime};
 use crate::function::PythonFunction;
 use crate::result_check::{checked_result, invalid_array};
 

@@ -34,7 +34,9 @@ fn table() -> &'static Mutex<BTreeMap<String, UdfFigures>> {
 
 /// Adds one batch's figures to `name`'s totals.
 pub(crate) fn record(name: &str, calls: u64, rows: u64, waited: Duration, failed: bool) {
-    let mut table = table().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut table = table()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let key = if table.contains_key(name) || table.len() < MAX_NAMES {
         name
     } else {
@@ -49,7 +51,9 @@ pub(crate) fn record(name: &str, calls: u64, rows: u64, waited: Duration, failed
 
 /// Every UDF this process called, by name.
 pub fn udf_figures() -> Vec<(String, UdfFigures)> {
-    let table = table().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let table = table()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     table.iter().map(|(k, v)| (k.clone(), *v)).collect()
 }
 

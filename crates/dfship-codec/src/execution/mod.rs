@@ -46,8 +46,8 @@ use crate::pickled::PickleContent;
 
 pub(crate) use calls::{call_scalar, call_window, convert_to_state};
 pub use dfship_runtime::{CancelToken, PoolStats};
-pub use figures::{udf_figures, UdfFigures};
 pub(crate) use figures::record as record_udf_figures;
+pub use figures::{udf_figures, UdfFigures};
 pub(crate) use objects::RunnerObject;
 
 /// How a process evaluates Python UDFs.
