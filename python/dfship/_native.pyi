@@ -3,7 +3,7 @@
 Checked against the built module by ``mypy.stubtest`` (scripts/python-tests.sh).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, final
 
 import pyarrow as pa
@@ -58,7 +58,7 @@ class WorkerLostError(DfshipError):
 @final
 class DataFrame:
     def schema(self) -> pa.Schema: ...
-    def collect(self) -> list[pa.RecordBatch]: ...
+    def collect(self, progress: Callable[[dict[str, Any]], object] | None = None) -> list[pa.RecordBatch]: ...
     def explain(self) -> str: ...
 
 @final

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -35,14 +36,28 @@ class DataFrame:
         """The schema of the result."""
         return self._native.schema()
 
-    def collect(self) -> pa.Table:
+    def collect(self, progress: bool | Callable[[dict[str, Any]], object] | None = None) -> pa.Table:
         """Runs the query on the cluster and returns the result as a ``pyarrow.Table``.
+
+        ``progress`` shows how far the query has got, as the workers report
+        it (every 250 ms, when something changed, and once at the end):
+        ``True`` draws a bar on stderr when it is a terminal; a callable is
+        called with ``{"done": tasks done, "total": tasks, "finished": bool,
+        "stages": [{"stage", "tasks", "done", "running", "rows"}, ...]}``
+        (from another thread: keep it short; what it raises is reported
+        through ``sys.unraisablehook`` and the query goes on).
+
+        >>> df.collect(progress=lambda p: print(f"{p['done']}/{p['total']} tasks"))  # doctest: +SKIP
 
         Raises a :class:`DfshipError` subclass naming the cause (see
         :mod:`dfship.errors`); a UDF's own exception type, message and
         traceback tail are part of the message of :class:`UdfRaisedError`.
         """
-        return pa.Table.from_batches(self._native.collect(), schema=self.schema)
+        callback = _terminal_bar() if progress is True else progress or None
+        batches = self._native.collect(callback)
+        if progress is True and callback is not None:
+            sys.stderr.write("\n")
+        return pa.Table.from_batches(batches, schema=self.schema)
 
     def to_pandas(self) -> pandas.DataFrame:
         """Runs the query and returns a ``pandas.DataFrame`` (needs pandas)."""
@@ -255,6 +270,24 @@ class ClusterContext:
     def shipped(self) -> tuple[int, int]:
         """(stage plans sent to workers, inline Python UDF calls written into them) so far."""
         return self._native.shipped()
+
+
+def _terminal_bar() -> Callable[[dict[str, Any]], None] | None:
+    """A progress bar drawn on stderr, if stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def draw(progress: dict[str, Any]) -> None:
+        done, total = progress["done"], progress["total"]
+        width = 30
+        filled = width * done // total if total else width
+        stages = " ".join(f"s{s['stage']}:{s['done']}/{s['tasks']}" for s in progress["stages"])
+        rows = sum(s["rows"] for s in progress["stages"])
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {done}/{total} tasks, {rows} rows  {stages}\x1b[K")
+        sys.stderr.flush()
+
+    return draw
 
 
 def _path(path: str | os.PathLike[str] | None) -> str | None:

@@ -147,7 +147,12 @@ pub async fn sql(args: SqlArgs, key: Option<ClusterKey>) -> Result<()> {
             eprintln!("wrote {} in {:.2?}", path.display(), started.elapsed());
         }
         None => {
-            let batches = dfship_distributed::collect(df).await?;
+            let bar = ProgressView::on_terminal();
+            let batches =
+                dfship_distributed::collect_with_progress(df, bar.as_ref().map(|b| b.callback()))
+                    .await;
+            drop(bar);
+            let batches = batches?;
             println!("{}", pretty_format_batches(&batches)?);
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
             if run > 1 {
@@ -168,6 +173,47 @@ pub async fn sql(args: SqlArgs, key: Option<ClusterKey>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A bar of the query's tasks on stderr, drawn only when stderr is a terminal.
+struct ProgressView(indicatif::ProgressBar);
+
+impl ProgressView {
+    fn on_terminal() -> Option<Self> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "[{elapsed_precise}] {bar:30} {pos}/{len} tasks {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(Self(bar))
+    }
+
+    fn callback(&self) -> dfship_distributed::ProgressCallback {
+        let bar = self.0.clone();
+        std::sync::Arc::new(move |progress: &dfship_distributed::QueryProgress| {
+            let (done, total) = progress.tasks();
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            let stages: Vec<String> = progress
+                .stages
+                .iter()
+                .map(|s| format!("s{}:{}+{}/{}", s.stage, s.done, s.running, s.tasks))
+                .collect();
+            bar.set_message(stages.join(" "));
+        })
+    }
+}
+
+impl Drop for ProgressView {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
 }
 
 pub async fn explain(args: ExplainArgs, key: Option<ClusterKey>) -> Result<()> {

@@ -382,6 +382,28 @@ impl InlineUdfChannelResolver {
     }
 }
 
+impl std::fmt::Debug for InlineUdfChannelResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineUdfChannelResolver")
+            .field("options", &self.options)
+            .field("signed", &self.auth.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InlineUdfChannelResolver {
+    /// A client of the worker's `ObservabilityService` (task progress), on
+    /// the same channel as its worker service (and the same key proofs).
+    pub(crate) async fn observability_client(
+        &self,
+        url: &Url,
+    ) -> Result<datafusion_distributed::grpc::ObservabilityServiceClient<BoxCloneSyncChannel>> {
+        let channel = self.channel(url).await?;
+        Ok(datafusion_distributed::grpc::ObservabilityServiceClient::new(channel)
+            .max_decoding_message_size(self.options.max_message_bytes))
+    }
+}
+
 #[async_trait]
 impl ChannelResolver for InlineUdfChannelResolver {
     async fn get_worker_client_for_url(&self, url: &Url) -> Result<Box<dyn WorkerChannel>> {

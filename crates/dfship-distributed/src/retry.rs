@@ -83,6 +83,8 @@ pub struct RetryStats {
 #[derive(Debug)]
 pub struct QueryRetry {
     membership: Membership,
+    /// Connections of their own to the workers, for progress polls.
+    channels: Option<crate::channel::InlineUdfChannelResolver>,
     policy: RetryPolicy,
     queries: AtomicU64,
     retries: AtomicU64,
@@ -93,11 +95,18 @@ impl QueryRetry {
     pub fn new(membership: Membership, policy: RetryPolicy) -> Self {
         Self {
             membership,
+            channels: None,
             policy,
             queries: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
         }
+    }
+
+    /// Progress of queries is polled over `channels` (see [`collect_with_progress`]).
+    pub(crate) fn with_channels(mut self, channels: crate::channel::InlineUdfChannelResolver) -> Self {
+        self.channels = Some(channels);
+        self
     }
 
     pub fn membership(&self) -> &Membership {
@@ -133,6 +142,33 @@ impl QueryRetry {
 /// # Ok(()) }
 /// ```
 pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
+    collect_with_progress(df, None).await
+}
+
+/// [`collect`], calling `progress` as the workers report the query's
+/// stages advancing (every `PROGRESS_INTERVAL`, when something changed),
+/// and once more with every task done when it succeeds. An attempt planned
+/// again after a lost worker starts its count afresh.
+///
+/// ```no_run
+/// # async fn f() -> datafusion::error::Result<()> {
+/// use std::sync::Arc;
+/// let ctx = dfship_distributed::ClusterContextBuilder::new(["http://127.0.0.1:50051"])?.build()?;
+/// let df = ctx.sql("SELECT count(*) FROM t").await?;
+/// let rows = dfship_distributed::collect_with_progress(
+///     df,
+///     Some(Arc::new(|p: &dfship_distributed::QueryProgress| {
+///         let (done, all) = p.tasks();
+///         eprintln!("{done}/{all} tasks");
+///     })),
+/// )
+/// .await?;
+/// # Ok(()) }
+/// ```
+pub async fn collect_with_progress(
+    df: DataFrame,
+    progress: Option<crate::ProgressCallback>,
+) -> Result<Vec<RecordBatch>> {
     let (state, plan) = df.into_parts();
     let Some(retry) = QueryRetry::of(&state) else {
         return DataFrame::new(state, plan).collect().await;
@@ -145,7 +181,7 @@ pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
     let mut causes: Vec<String> = Vec::new();
     let mut backoff = retry.policy.first_backoff;
     let result = loop {
-        let error = match run_once(&state, &plan).await {
+        let error = match run_once(&state, &plan, &retry, progress.as_ref()).await {
             Ok(batches) => break Ok(batches),
             Err(error) => error,
         };
@@ -200,9 +236,41 @@ pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
     }
 }
 
-async fn run_once(state: &SessionState, plan: &LogicalPlan) -> Result<Vec<RecordBatch>> {
+/// How often a query's progress is asked of its workers.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+async fn run_once(
+    state: &SessionState,
+    plan: &LogicalPlan,
+    retry: &QueryRetry,
+    progress: Option<&crate::ProgressCallback>,
+) -> Result<Vec<RecordBatch>> {
     let physical = state.create_physical_plan(plan).await?;
-    datafusion::physical_plan::collect(physical, state.task_ctx()).await
+    let watcher = match (progress, &retry.channels, crate::stages_of(&physical)) {
+        (Some(callback), Some(channels), Some((query, stages))) => {
+            Some(crate::progress::ProgressWatcher::start(
+                query,
+                stages,
+                retry.membership.live(),
+                channels.clone(),
+                PROGRESS_INTERVAL,
+                Arc::clone(callback),
+            ))
+        }
+        _ => None,
+    };
+    let result = datafusion::physical_plan::collect(physical, state.task_ctx()).await;
+    match (watcher, progress) {
+        (Some(watcher), _) => watcher.finish(result.is_ok()),
+        // Nothing ran on the workers (e.g. answered from statistics): one
+        // view, finished, with no stage.
+        (None, Some(callback)) if result.is_ok() => callback(&crate::QueryProgress {
+            stages: Vec::new(),
+            finished: true,
+        }),
+        _ => {}
+    }
+    result
 }
 
 /// Why `plan` must not run twice, if it must not.

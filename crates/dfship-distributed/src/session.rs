@@ -333,7 +333,9 @@ impl ClusterContextBuilder {
         let probes: Arc<dyn datafusion_distributed::ChannelResolver + Send + Sync> =
             Arc::new(inline.probe_channels());
         let membership = Membership::new(self.workers, self.membership, Some(probes));
-        let retry = Arc::new(QueryRetry::new(membership.clone(), self.retry));
+        let retry = Arc::new(
+            QueryRetry::new(membership.clone(), self.retry).with_channels(inline.probe_channels()),
+        );
         let mut builder = inline.install(
             SessionStateBuilder::new()
                 .with_default_features()

@@ -46,6 +46,12 @@ pub async fn serve_worker_with_drain(
         .map(RpcAuthenticator::new);
     let payloads = PayloadServer::new(Arc::clone(builder.codec()), options.max_message_bytes);
     let worker = Worker::from_session_builder(builder);
+    // Task progress for coordinators (`GetTaskProgress`); this worker knows
+    // no other workers, so `GetClusterWorkers` lists none.
+    let observability = worker
+        .with_observability_service(Arc::new(NoWorkers))
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes);
     // Pings detect a coordinator or peer that vanished without closing its
     // connection, so its tasks stop instead of waiting forever.
     let mut server = tonic::transport::Server::builder()
@@ -72,10 +78,21 @@ pub async fn serve_worker_with_drain(
                 .max_encoding_message_size(options.max_message_bytes),
         )
         .add_service(payloads)
+        .add_service(observability)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
         )
         .await
         .map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+/// The worker resolver of a worker's observability service: it lists no
+/// workers (coordinators keep their own membership).
+struct NoWorkers;
+
+impl datafusion_distributed::WorkerResolver for NoWorkers {
+    fn get_urls(&self) -> Result<Vec<url::Url>> {
+        Ok(Vec::new())
+    }
 }

@@ -343,9 +343,29 @@ impl DataFrame {
     }
 
     /// Runs the query on the cluster; returns a list of `pyarrow.RecordBatch`.
-    fn collect<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    /// `progress`, if given, is called with a dict per new view of the
+    /// query's progress (see `dfship.DataFrame.collect`).
+    #[pyo3(signature = (progress=None))]
+    fn collect<'py>(
+        &self,
+        py: Python<'py>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let df = self.df.clone();
-        let batches = wait(py, dfship_distributed::collect(df))?;
+        let callback = progress.map(|callback| -> dfship_distributed::ProgressCallback {
+            Arc::new(move |view: &dfship_distributed::QueryProgress| {
+                Python::attach(|py| {
+                    let result = progress_dict(py, view)
+                        .and_then(|dict| callback.call1(py, (dict,)).map(|_| ()));
+                    if let Err(error) = result {
+                        // The query goes on; Python's hook for errors in
+                        // callbacks (sys.unraisablehook) shows the exception.
+                        error.write_unraisable(py, Some(callback.bind(py)));
+                    }
+                })
+            })
+        });
+        let batches = wait(py, dfship_distributed::collect_with_progress(df, callback))?;
         batches.iter().map(|batch| batch.to_pyarrow(py)).collect()
     }
 
@@ -355,6 +375,35 @@ impl DataFrame {
         let plan = wait(py, async move { df.create_physical_plan().await })?;
         Ok(dfship_distributed::explain_plan(&self.ctx, &plan))
     }
+}
+
+/// `{"stages": [{"stage", "tasks", "done", "running", "rows"}, …], "done",
+/// "total", "finished"}` for a progress callback.
+fn progress_dict<'py>(
+    py: Python<'py>,
+    view: &dfship_distributed::QueryProgress,
+) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    use pyo3::types::PyDict;
+    let stages = view
+        .stages
+        .iter()
+        .map(|stage| {
+            let dict = PyDict::new(py);
+            dict.set_item("stage", stage.stage)?;
+            dict.set_item("tasks", stage.tasks)?;
+            dict.set_item("done", stage.done)?;
+            dict.set_item("running", stage.running)?;
+            dict.set_item("rows", stage.rows)?;
+            Ok(dict)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let (done, total) = view.tasks();
+    let dict = PyDict::new(py);
+    dict.set_item("stages", stages)?;
+    dict.set_item("done", done)?;
+    dict.set_item("total", total)?;
+    dict.set_item("finished", view.finished)?;
+    Ok(dict)
 }
 
 /// Serves a worker in this process until SIGINT/SIGTERM, with the command
