@@ -123,3 +123,45 @@ def test_health_readiness_and_metrics_of_a_worker(dataset: Path) -> None:
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_json_logs_name_the_query_of_each_request(dataset: Path) -> None:
+    """``--log-format json``: every stderr line is a JSON object, and the
+    lines a query's requests log carry its id in their span."""
+    import json
+    import os
+
+    env = {**os.environ, "RUST_LOG": "info,dfship_distributed=debug"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dfship", "worker", "--port", "0", "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert worker.stdout is not None
+        url = worker.stdout.readline().split(" on ")[1].strip()
+        with dfship.LocalCluster(workers=1) as other:
+            ctx = dfship.ClusterContext([url, other.urls[0]], bytes_per_partition=1)
+            ctx.register_parquet("facts", dataset / "facts")
+            ctx.register_udf(
+                dfship.udf([pa.int64()], pa.int64(), "immutable", name="inc")(lambda v: pc.add(v, 1))
+            )
+            query = "SELECT category, sum(inc(id)) AS s FROM facts GROUP BY category"
+            assert ctx.sql(query).collect().num_rows == 4
+    finally:
+        worker.send_signal(2)
+        _, stderr = worker.communicate(timeout=30)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines
+    records = [json.loads(line) for line in lines]  # every line parses
+    assert all({"timestamp", "level", "fields"} <= set(r) for r in records)
+    queries = {
+        span["query_id"]
+        for r in records
+        for span in r.get("spans", [])
+        if span.get("name") == "query" and "query_id" in span
+    }
+    assert len(queries) == 1, records[:5]
+    assert any(r["fields"].get("message") == "worker started" for r in records)

@@ -21,6 +21,11 @@ use clap::{Parser, Subcommand};
     about = "SQL with Python UDFs on a datafusion-distributed cluster"
 )]
 struct Cli {
+    /// Log lines on stderr as `text` or `json` (one object per line, with
+    /// the query id of the lines a query logs); `RUST_LOG` filters. For
+    /// `dfship worker`, its own --log-format.
+    #[arg(long, env = "DFSHIP_LOG_FORMAT", default_value = "text")]
+    log_format: dfship_settings::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,15 +56,19 @@ struct TlsInitArgs {
 }
 
 fn main() -> ExitCode {
-    dfship_worker::init_logging();
-    let command = match dfship_settings::layers::parse_from::<Cli, _, _>(std::env::args_os()) {
-        Ok(cli) => cli.command,
-        Err(error) => {
-            // --help and --version print and succeed; usage errors print and fail.
-            let _ = error.print();
-            return ExitCode::from(error.exit_code() as u8);
-        }
-    };
+    let (log_format, command) =
+        match dfship_settings::layers::parse_from::<Cli, _, _>(std::env::args_os()) {
+            Ok(cli) => (cli.log_format, cli.command),
+            Err(error) => {
+                // --help and --version print and succeed; usage errors print and fail.
+                let _ = error.print();
+                return ExitCode::from(error.exit_code() as u8);
+            }
+        };
+    dfship_worker::init_logging(match &command {
+        Command::Worker(options) => options.worker.log_format,
+        _ => log_format,
+    });
     // A cluster key is read, and removed from the environment, before any
     // other thread (the runtime's) or Python starts.
     let key = match &command {

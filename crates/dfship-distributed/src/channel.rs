@@ -179,6 +179,9 @@ impl WorkerChannel for InlineUdfChannel {
         if let Ok(id) = http::HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string()) {
             headers.insert(TASK_ID_HEADER, id);
         }
+        if let Some(query) = crate::query_span::query_header(&set_plan_request.task_key) {
+            headers.insert(crate::query_span::QUERY_HEADER, query);
+        }
         let explain = self.explainer();
         let stream = self
             .inner
@@ -204,6 +207,10 @@ impl WorkerChannel for InlineUdfChannel {
                     self.encoder.encode_partitioning(partitioning)?,
                 ),
             };
+        }
+        let mut headers = headers;
+        if let Some(query) = crate::query_span::query_header(&request.task_key) {
+            headers.insert(crate::query_span::QUERY_HEADER, query);
         }
         let streams = self
             .inner
@@ -399,8 +406,10 @@ impl InlineUdfChannelResolver {
         url: &Url,
     ) -> Result<datafusion_distributed::grpc::ObservabilityServiceClient<BoxCloneSyncChannel>> {
         let channel = self.channel(url).await?;
-        Ok(datafusion_distributed::grpc::ObservabilityServiceClient::new(channel)
-            .max_decoding_message_size(self.options.max_message_bytes))
+        Ok(
+            datafusion_distributed::grpc::ObservabilityServiceClient::new(channel)
+                .max_decoding_message_size(self.options.max_message_bytes),
+        )
     }
 }
 

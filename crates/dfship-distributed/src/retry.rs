@@ -104,7 +104,10 @@ impl QueryRetry {
     }
 
     /// Progress of queries is polled over `channels` (see [`collect_with_progress`]).
-    pub(crate) fn with_channels(mut self, channels: crate::channel::InlineUdfChannelResolver) -> Self {
+    pub(crate) fn with_channels(
+        mut self,
+        channels: crate::channel::InlineUdfChannelResolver,
+    ) -> Self {
         self.channels = Some(channels);
         self
     }
@@ -246,7 +249,13 @@ async fn run_once(
     progress: Option<&crate::ProgressCallback>,
 ) -> Result<Vec<RecordBatch>> {
     let physical = state.create_physical_plan(plan).await?;
-    let watcher = match (progress, &retry.channels, crate::stages_of(&physical)) {
+    let stages = crate::stages_of(&physical);
+    // The coordinator's lines of this query name it, as workers' lines do.
+    let span = match &stages {
+        Some((query, _)) => tracing::info_span!("query", query_id = %query),
+        None => tracing::Span::none(),
+    };
+    let watcher = match (progress, &retry.channels, stages) {
         (Some(callback), Some(channels), Some((query, stages))) => {
             Some(crate::progress::ProgressWatcher::start(
                 query,
@@ -259,7 +268,15 @@ async fn run_once(
         }
         _ => None,
     };
-    let result = datafusion::physical_plan::collect(physical, state.task_ctx()).await;
+    let result = {
+        use tracing::Instrument;
+        datafusion::physical_plan::collect(physical, state.task_ctx())
+            .instrument(span.clone())
+            .await
+    };
+    if let Err(error) = &result {
+        span.in_scope(|| tracing::info!(error = %first_line(&error.to_string()), "query failed"));
+    }
     match (watcher, progress) {
         (Some(watcher), _) => watcher.finish(result.is_ok()),
         // Nothing ran on the workers (e.g. answered from statistics): one

@@ -71,6 +71,7 @@ pub async fn serve_worker_with_drain(
         .layer(RpcAuthLayer::new(auth))
         .layer(DrainLayer(drain))
         .layer(TaskLifetimeLayer)
+        .layer(crate::QuerySpanLayer)
         .add_service(
             worker
                 .into_worker_server()

@@ -431,7 +431,7 @@ fn run_worker(py: Python<'_>, argv: Vec<String>) -> PyResult<i32> {
         // Runners run this very interpreter, so they import what it imports.
         options.python.python_executable = Some(host_python(py)?);
     }
-    dfship_worker::init_logging();
+    dfship_worker::init_logging(options.worker.log_format);
     wait(py, dfship_worker::run(options, key))?;
     Ok(0)
 }

@@ -50,6 +50,33 @@ pub struct WorkerSettings {
     /// stops anyway (SIGINT stops at once).
     #[arg(long, env = "DFSHIP_DRAIN_TIMEOUT", default_value = "60", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Log lines on stderr as `text` or `json` (one object per line, with
+    /// the query id of the request a line belongs to); `RUST_LOG` filters.
+    #[arg(long, env = "DFSHIP_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields, spans).
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("'{other}' is not a log format: use text or json")),
+        }
+    }
 }
 
 impl WorkerSettings {

@@ -42,8 +42,8 @@ use dfship_codec::ClusterKey;
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 
 pub use groups::{
-    parse_bytes, parse_duration, parse_size, CoordinatorSettings, FunctionSettings, PythonSettings,
-    SecuritySettings, TransportSettings, WorkerSettings,
+    parse_bytes, parse_duration, parse_size, CoordinatorSettings, FunctionSettings, LogFormat,
+    PythonSettings, SecuritySettings, TransportSettings, WorkerSettings,
 };
 
 /// The settings file, a TOML file of `[group]` tables (see the crate docs).

@@ -218,6 +218,14 @@ const TABLE: &[Row] = &[
         "5",
     ),
     (
+        "log_format",
+        "--log-format",
+        "DFSHIP_LOG_FORMAT",
+        "worker.log_format",
+        Some("text"),
+        "json",
+    ),
+    (
         "max_attempts",
         "--max-attempts",
         "DFSHIP_MAX_ATTEMPTS",

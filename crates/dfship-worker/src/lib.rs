@@ -214,12 +214,17 @@ pub async fn run(options: WorkerOptions, key: Option<ClusterKey>) -> Result<()> 
     Ok(())
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
-pub fn init_logging() {
+/// Logs to stderr as `format` says; `RUST_LOG` filters (default `info`).
+/// The first call in a process wins.
+pub fn init_logging(format: dfship_settings::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        dfship_settings::LogFormat::Text => builder.try_init(),
+        // Spans (the query a line belongs to) as a list on every line.
+        dfship_settings::LogFormat::Json => builder.json().with_span_list(true).try_init(),
+    };
 }

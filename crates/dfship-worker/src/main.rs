@@ -1,5 +1,4 @@
 fn main() -> std::process::ExitCode {
-    dfship_worker::init_logging();
     let options = match dfship_worker::parse_worker_args(std::env::args_os()) {
         Ok(options) => options,
         Err(error) => {
@@ -8,6 +7,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(error.exit_code() as u8);
         }
     };
+    dfship_worker::init_logging(options.worker.log_format);
     // The key is read, and removed from the environment, before any other
     // thread (the runtime's) or Python starts.
     let result = options.security.take_cluster_key().and_then(|key| {
