@@ -63,9 +63,15 @@ class DataFrame:
         """Runs the query and returns a ``pandas.DataFrame`` (needs pandas)."""
         return self.collect().to_pandas()
 
-    def explain(self) -> str:
-        """The distributed plan (stages and tasks) and how each UDF travels."""
-        return self._native.explain()
+    def explain(self, analyze: bool = False) -> str:
+        """The distributed plan (stages and tasks) and how each UDF travels.
+
+        With ``analyze=True`` the query runs (once, not retried) and the text
+        is the plan with the metrics every task sent back, followed by each
+        Python scalar UDF's calls, rows, seconds waiting for its runners and
+        failures, per stage (``Stage N``, summed over its tasks, and
+        ``coordinator`` for the stage this process ran)."""
+        return self._native.explain(analyze)
 
     def __repr__(self) -> str:
         return f"DataFrame({self.schema})"

@@ -101,3 +101,30 @@ def test_a_query_the_workers_never_see_still_reports_its_end(ctx: Any) -> None:
     views: list[dict[str, Any]] = []
     ctx.sql("SELECT 1 AS one").collect(progress=views.append)
     assert views == [{"stages": [], "done": 0, "total": 0, "finished": True}]
+
+
+@dfship.udf([pa.int64()], pa.int64(), "immutable", name="plus_one")
+def plus_one(values: pa.Array) -> pa.Array:
+    return pc.add(values, 1)
+
+
+def test_explain_analyze_shows_each_udf_per_stage_from_every_worker(dataset: Path) -> None:
+    from conftest import FILES, ROWS_PER_FILE
+
+    with dfship.LocalCluster(workers=3) as cluster:
+        ctx = cluster.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(plus_one)
+        text = ctx.sql("SELECT category, sum(plus_one(id)) AS s FROM facts GROUP BY category").explain(
+            analyze=True
+        )
+    assert "metrics=[" in text and "DistributedExec" in text
+    assert "4 rows in" in text
+    lines = [line.strip() for line in text.splitlines() if ": plus_one: " in line]
+    assert lines, text
+    figures = [dict(part.split("=") for part in line.split(": plus_one: ")[1].split()) for line in lines]
+    # Every row went through the UDF once, spread over several tasks.
+    assert sum(int(f["rows"]) for f in figures) == FILES * ROWS_PER_FILE, lines
+    assert sum(int(f["tasks"]) for f in figures) >= 2, lines
+    assert all(f["failures"] == "0" and float(f["waiting"].rstrip("s")) > 0 for f in figures), lines
+    assert any(line.startswith("Stage ") for line in lines), lines

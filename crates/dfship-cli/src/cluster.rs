@@ -59,6 +59,10 @@ pub struct SqlArgs {
 pub struct ExplainArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// Run the query, then show the plan with every task's metrics and each
+    /// Python UDF's calls, rows and time per stage.
+    #[arg(long)]
+    pub analyze: bool,
     /// The query.
     pub query: String,
 }
@@ -218,6 +222,11 @@ impl Drop for ProgressView {
 
 pub async fn explain(args: ExplainArgs, key: Option<ClusterKey>) -> Result<()> {
     let ctx = args.cluster.context(key).await?;
+    if args.analyze {
+        let df = ctx.sql(&args.query).await?;
+        println!("{}", dfship_distributed::explain_analyze(df).await?);
+        return Ok(());
+    }
     let plan = ctx.sql(&args.query).await?.create_physical_plan().await?;
     println!("{}", dfship_distributed::explain_plan(&ctx, &plan));
     Ok(())

@@ -54,9 +54,9 @@ pub use declarations::{
 };
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{
-    configure_python_execution, default_python, default_runners, end_task, python_execution,
-    runner_pool_stats, start_python, task_token, udf_figures, CancelToken, PoolStats,
-    PythonExecution, PythonMode, TaskOptions, UdfFigures,
+    configure_python_execution, default_python, default_runners, end_task, label_task,
+    python_execution, query_figures, runner_pool_stats, start_python, task_token, udf_figures,
+    CancelToken, PoolStats, PythonExecution, PythonMode, TaskLabel, TaskOptions, UdfFigures,
 };
 pub use logical_codec::PythonUdfLogicalCodec;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};

@@ -399,6 +399,11 @@ impl std::fmt::Debug for InlineUdfChannelResolver {
 }
 
 impl InlineUdfChannelResolver {
+    /// The (signed, limited) channel to `url`, for dfship's own services.
+    pub(crate) async fn raw_channel(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
+        self.channel(url).await
+    }
+
     /// A client of the worker's `ObservabilityService` (task progress), on
     /// the same channel as its worker service (and the same key proofs).
     pub(crate) async fn observability_client(

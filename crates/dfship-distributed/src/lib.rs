@@ -24,6 +24,7 @@
 //! - `membership`: the coordinator's live view of its workers (probes, losses).
 //! - `retry`: a query that lost a worker planned again on the others; staged COPY.
 
+mod analyze;
 mod channel;
 mod drain;
 mod encoder;
@@ -46,6 +47,7 @@ mod tls;
 mod worker_errors;
 mod worker_server;
 
+pub use analyze::explain_analyze;
 pub use channel::{
     ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver, DEFAULT_MAX_MESSAGE_BYTES,
 };

@@ -37,6 +37,42 @@ use url::Url;
 pub const PAYLOAD_SERVICE: &str = "dfship.payloads.v1.Payloads";
 const HOLD: &str = "/dfship.payloads.v1.Payloads/Hold";
 const PUT: &str = "/dfship.payloads.v1.Payloads/Put";
+const UDF_FIGURES: &str = "/dfship.payloads.v1.Payloads/UdfFigures";
+
+/// Figures one `UdfFigures` answer carries at most.
+const MAX_FIGURES: usize = 10_000;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct UdfFiguresRequest {
+    /// The query (16 bytes, its UUID).
+    #[prost(bytes = "vec", tag = "1")]
+    pub query: Vec<u8>,
+}
+
+/// One UDF's figures in one task of the query.
+#[derive(Clone, PartialEq, Message)]
+pub struct TaskUdfFigures {
+    #[prost(uint64, tag = "1")]
+    pub stage: u64,
+    #[prost(uint64, tag = "2")]
+    pub task: u64,
+    #[prost(string, tag = "3")]
+    pub udf: String,
+    #[prost(uint64, tag = "4")]
+    pub calls: u64,
+    #[prost(uint64, tag = "5")]
+    pub rows: u64,
+    #[prost(double, tag = "6")]
+    pub seconds: f64,
+    #[prost(uint64, tag = "7")]
+    pub failures: u64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct UdfFiguresResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub figures: Vec<TaskUdfFigures>,
+}
 
 /// Digests one `Hold` may ask about.
 const MAX_DIGESTS: usize = 4096;
@@ -130,6 +166,46 @@ impl PayloadServer {
     }
 }
 
+impl PayloadServer {
+    /// What each Python UDF cost in each task of a query this worker ran.
+    fn udf_figures(&self, request: UdfFiguresRequest) -> Result<UdfFiguresResponse, tonic::Status> {
+        let query: [u8; 16] = request.query.as_slice().try_into().map_err(|_| {
+            tonic::Status::invalid_argument(format!(
+                "a query id of {} bytes (query ids are 16-byte UUIDs)",
+                request.query.len()
+            ))
+        })?;
+        let figures = dfship_codec::query_figures(query)
+            .into_iter()
+            .take(MAX_FIGURES)
+            .map(|(label, udf, f)| TaskUdfFigures {
+                stage: label.stage,
+                task: label.task,
+                udf,
+                calls: f.calls,
+                rows: f.rows,
+                seconds: f.seconds,
+                failures: f.failures,
+            })
+            .collect();
+        Ok(UdfFiguresResponse { figures })
+    }
+}
+
+/// Asks `channel`'s worker for the UDF figures of `query`.
+pub(crate) async fn fetch_udf_figures(
+    channel: BoxCloneSyncChannel,
+    query: uuid::Uuid,
+) -> Result<Vec<TaskUdfFigures>, tonic::Status> {
+    let mut client = tonic::client::Grpc::new(channel);
+    let request = UdfFiguresRequest {
+        query: query.as_bytes().to_vec(),
+    };
+    unary::<UdfFiguresRequest, UdfFiguresResponse>(&mut client, UDF_FIGURES, request)
+        .await
+        .map(|reply| reply.figures)
+}
+
 impl tonic::server::NamedService for PayloadServer {
     const NAME: &'static str = PAYLOAD_SERVICE;
 }
@@ -182,6 +258,13 @@ where
                 let method = Unary {
                     server,
                     method: PayloadServer::put,
+                };
+                Ok(grpc(limit).unary(method, request).await)
+            }),
+            UDF_FIGURES => Box::pin(async move {
+                let method = Unary {
+                    server,
+                    method: PayloadServer::udf_figures,
                 };
                 Ok(grpc(limit).unary(method, request).await)
             }),

@@ -28,7 +28,7 @@ pub(crate) fn query_header(key: &TaskKey) -> Option<http::HeaderValue> {
 
 /// `(query id, stage, task)` of a header value, if it is one: anything else
 /// (from an old or hostile peer) is ignored, never logged.
-fn parse(value: &http::HeaderValue) -> Option<(uuid::Uuid, u64, u64)> {
+pub(crate) fn parse(value: &http::HeaderValue) -> Option<(uuid::Uuid, u64, u64)> {
     let text = value.to_str().ok().filter(|t| t.len() <= 80)?;
     let mut parts = text.split('/');
     let query = uuid::Uuid::parse_str(parts.next()?).ok()?;

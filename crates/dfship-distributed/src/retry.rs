@@ -112,6 +112,10 @@ impl QueryRetry {
         self
     }
 
+    pub(crate) fn channels(&self) -> Option<&crate::channel::InlineUdfChannelResolver> {
+        self.channels.as_ref()
+    }
+
     pub fn membership(&self) -> &Membership {
         &self.membership
     }

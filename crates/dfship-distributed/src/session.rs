@@ -167,6 +167,21 @@ impl WorkerSessionBuilder for PythonWorkerSessionBuilder {
             .and_then(|value| value.to_str().ok())
             .unwrap_or_default();
         if !task_id.is_empty() {
+            // The task's UDF figures, asked for by query later (`explain_analyze`).
+            let label = ctx
+                .headers
+                .get(crate::query_span::QUERY_HEADER)
+                .and_then(crate::query_span::parse);
+            if let Some((query, stage, task)) = label {
+                dfship_codec::label_task(
+                    task_id,
+                    dfship_codec::TaskLabel {
+                        query: *query.as_bytes(),
+                        stage,
+                        task,
+                    },
+                );
+            }
             if let Some(config) = builder.config() {
                 let mut options = TaskOptions::default();
                 options.task_id = task_id.to_string();

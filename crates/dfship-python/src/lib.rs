@@ -369,9 +369,14 @@ impl DataFrame {
         batches.iter().map(|batch| batch.to_pyarrow(py)).collect()
     }
 
-    /// The distributed plan (stages, tasks) and how each UDF travels.
-    fn explain(&self, py: Python<'_>) -> PyResult<String> {
+    /// The distributed plan (stages, tasks) and how each UDF travels; with
+    /// `analyze`, runs the query and adds metrics and per-stage UDF figures.
+    #[pyo3(signature = (analyze=false))]
+    fn explain(&self, py: Python<'_>, analyze: bool) -> PyResult<String> {
         let df = self.df.clone();
+        if analyze {
+            return wait(py, dfship_distributed::explain_analyze(df));
+        }
         let plan = wait(py, async move { df.create_physical_plan().await })?;
         Ok(dfship_distributed::explain_plan(&self.ctx, &plan))
     }

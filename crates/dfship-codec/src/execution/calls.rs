@@ -93,6 +93,7 @@ pub(crate) fn call_scalar(
     });
     record_udf_figures(
         name,
+        task,
         number_rows.div_ceil(slice_rows.max(1)) as u64,
         number_rows as u64,
         started.elapsed(),
@@ -158,7 +159,7 @@ fn stateless(
         result_of(name, reply)
     });
     let rows = result.as_ref().map_or(0, |(_, data)| data.len() as u64);
-    record_udf_figures(name, 1, rows, started.elapsed(), result.is_err());
+    record_udf_figures(name, None, 1, rows, started.elapsed(), result.is_err());
     result
 }
 

@@ -32,8 +32,19 @@ fn table() -> &'static Mutex<BTreeMap<String, UdfFigures>> {
     TABLE.get_or_init(Default::default)
 }
 
-/// Adds one batch's figures to `name`'s totals.
-pub(crate) fn record(name: &str, calls: u64, rows: u64, waited: Duration, failed: bool) {
+/// Adds one batch's figures to `name`'s totals, and to its task's when the
+/// call names one (a worker's task: see [`label_task`]).
+pub(crate) fn record(
+    name: &str,
+    task: Option<&str>,
+    calls: u64,
+    rows: u64,
+    waited: Duration,
+    failed: bool,
+) {
+    if let Some(task) = task {
+        record_for_task(task, name, calls, rows, waited, failed);
+    }
     let mut table = table()
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -49,6 +60,110 @@ pub(crate) fn record(name: &str, calls: u64, rows: u64, waited: Duration, failed
     entry.failures += u64::from(failed);
 }
 
+/// Which query, stage and task a worker's task is (from the coordinator's
+/// request headers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLabel {
+    pub query: [u8; 16],
+    pub stage: u64,
+    pub task: u64,
+}
+
+/// Tasks kept (live and ended) before the oldest ended ones are forgotten.
+pub const MAX_TASKS: usize = 4096;
+
+#[derive(Debug, Default)]
+struct TaskFigures {
+    label: Option<TaskLabel>,
+    udfs: BTreeMap<String, UdfFigures>,
+    ended: bool,
+}
+
+#[derive(Default)]
+struct Tasks {
+    by_id: std::collections::HashMap<String, TaskFigures>,
+    /// Ended task ids, oldest first.
+    ended: std::collections::VecDeque<String>,
+}
+
+fn tasks() -> std::sync::MutexGuard<'static, Tasks> {
+    static TASKS: OnceLock<Mutex<Tasks>> = OnceLock::new();
+    TASKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Names the query, stage and task of task `id`, so its figures can be
+/// asked for by query ([`query_figures`]).
+pub fn label_task(id: &str, label: TaskLabel) {
+    let mut tasks = tasks();
+    if let Some(entry) = room_for(&mut tasks, id) {
+        entry.label = Some(label);
+    }
+}
+
+/// The entry of task `id`, making room by forgetting the oldest ended
+/// tasks; none when [`MAX_TASKS`] live tasks are kept already.
+fn room_for<'a>(tasks: &'a mut Tasks, id: &str) -> Option<&'a mut TaskFigures> {
+    if !tasks.by_id.contains_key(id) {
+        while tasks.by_id.len() >= MAX_TASKS {
+            let oldest = tasks.ended.pop_front()?;
+            tasks.by_id.remove(&oldest);
+        }
+    }
+    Some(tasks.by_id.entry(id.to_string()).or_default())
+}
+
+fn record_for_task(id: &str, name: &str, calls: u64, rows: u64, waited: Duration, failed: bool) {
+    let mut tasks = tasks();
+    let Some(entry) = room_for(&mut tasks, id) else {
+        return;
+    };
+    // A task calls the few UDFs of its plan; a bound all the same.
+    if !entry.udfs.contains_key(name) && entry.udfs.len() >= MAX_NAMES {
+        return;
+    }
+    let figures = entry.udfs.entry(name.to_string()).or_default();
+    figures.calls += calls;
+    figures.rows += rows;
+    figures.seconds += waited.as_secs_f64();
+    figures.failures += u64::from(failed);
+}
+
+/// Task `id` ended: its figures are kept (for [`query_figures`]) until
+/// [`MAX_TASKS`] newer tasks push them out.
+pub(crate) fn task_ended(id: &str) {
+    let mut tasks = tasks();
+    let newly = match tasks.by_id.get_mut(id) {
+        Some(entry) if !entry.ended => {
+            entry.ended = true;
+            true
+        }
+        _ => false,
+    };
+    if newly {
+        tasks.ended.push_back(id.to_string());
+    }
+}
+
+/// Every UDF figure of the labelled tasks of `query` this process ran:
+/// `(label, udf, figures)`, by stage and task.
+pub fn query_figures(query: [u8; 16]) -> Vec<(TaskLabel, String, UdfFigures)> {
+    let tasks = tasks();
+    let mut out = Vec::new();
+    for entry in tasks.by_id.values() {
+        let Some(label) = entry.label.filter(|l| l.query == query) else {
+            continue;
+        };
+        for (udf, figures) in &entry.udfs {
+            out.push((label, udf.clone(), *figures));
+        }
+    }
+    out.sort_by(|a, b| (a.0.stage, a.0.task, &a.1).cmp(&(b.0.stage, b.0.task, &b.1)));
+    out
+}
+
 /// Every UDF this process called, by name.
 pub fn udf_figures() -> Vec<(String, UdfFigures)> {
     let table = table()
@@ -62,9 +177,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_task_s_figures_are_found_by_its_query_after_it_ended() {
+        let query = [7; 16];
+        let label = TaskLabel {
+            query,
+            stage: 2,
+            task: 1,
+        };
+        label_task("figures-task-1", label);
+        record("f", Some("figures-task-1"), 1, 10, Duration::ZERO, false);
+        record("f", Some("figures-task-1"), 1, 5, Duration::ZERO, true);
+        record("f", Some("figures-unlabelled"), 1, 5, Duration::ZERO, false);
+        task_ended("figures-task-1");
+        let found = query_figures(query);
+        assert_eq!(found.len(), 1, "{found:?}");
+        let (label, udf, figures) = &found[0];
+        assert_eq!((label.stage, label.task, udf.as_str()), (2, 1, "f"));
+        assert_eq!((figures.calls, figures.rows, figures.failures), (2, 15, 1));
+        assert!(query_figures([8; 16]).is_empty());
+    }
+
+    #[test]
+    fn ended_tasks_make_room_for_new_ones() {
+        for i in 0..MAX_TASKS + 50 {
+            let id = format!("figures-evict-{i}");
+            record("g", Some(&id), 1, 1, Duration::ZERO, false);
+            task_ended(&id);
+        }
+        assert!(tasks().by_id.len() <= MAX_TASKS);
+    }
+
+    #[test]
     fn names_past_the_cap_fold_into_other_and_totals_add_up() {
-        record("figures_test_a", 2, 100, Duration::from_millis(5), false);
-        record("figures_test_a", 1, 50, Duration::from_millis(5), true);
+        record(
+            "figures_test_a",
+            None,
+            2,
+            100,
+            Duration::from_millis(5),
+            false,
+        );
+        record(
+            "figures_test_a",
+            None,
+            1,
+            50,
+            Duration::from_millis(5),
+            true,
+        );
         let a = udf_figures()
             .into_iter()
             .find(|(name, _)| name == "figures_test_a")
@@ -73,7 +233,14 @@ mod tests {
         assert_eq!((a.calls, a.rows, a.failures), (3, 150, 1));
         assert!((a.seconds - 0.010).abs() < 1e-9);
         for i in 0..MAX_NAMES + 10 {
-            record(&format!("figures_test_{i}"), 1, 1, Duration::ZERO, false);
+            record(
+                &format!("figures_test_{i}"),
+                None,
+                1,
+                1,
+                Duration::ZERO,
+                false,
+            );
         }
         let all = udf_figures();
         assert!(all.len() <= MAX_NAMES + 1, "{}", all.len());

@@ -47,7 +47,7 @@ use crate::pickled::PickleContent;
 pub(crate) use calls::{call_scalar, call_window, convert_to_state};
 pub use dfship_runtime::{CancelToken, PoolStats};
 pub(crate) use figures::record as record_udf_figures;
-pub use figures::{udf_figures, UdfFigures};
+pub use figures::{label_task, query_figures, udf_figures, TaskLabel, UdfFigures};
 pub(crate) use objects::RunnerObject;
 
 /// How a process evaluates Python UDFs.
@@ -302,6 +302,7 @@ const ENDED_TASKS_KEPT: usize = 16_384;
 /// Ends task `id`: its Python calls still running are stopped, and calls
 /// it makes later fail at once.
 pub fn end_task(id: &str) {
+    figures::task_ended(id);
     let mut tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner());
     tasks.entry(id.to_string()).or_default().cancel();
     if tasks.len() > ENDED_TASKS_KEPT {
