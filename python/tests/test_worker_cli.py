@@ -112,6 +112,9 @@ def test_health_readiness_and_metrics_of_a_worker(dataset: Path) -> None:
         assert values['dfship_udf_seconds_total{udf="inc"}'] > 0, metrics
         assert values['dfship_udf_failures_total{udf="inc"}'] == 0, metrics
         assert values["dfship_rpcs_refused_total"] == 0, metrics
+        assert values["dfship_worker_tasks_total"] >= 1, metrics
+        # The pickle of `inc` is kept for later plans that name it by digest.
+        assert values["dfship_payload_store_bytes"] > 0, metrics
         worker.terminate()  # SIGTERM: drain
         deadline = time.monotonic() + 2
         while get("/readyz")[0] != 503:
@@ -133,7 +136,7 @@ def test_json_logs_name_the_query_of_each_request(dataset: Path) -> None:
 
     env = {**os.environ, "RUST_LOG": "info,dfship_distributed=debug"}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "dfship", "worker", "--port", "0", "--log-format", "json"],
+        [sys.executable, "-m", "dfship", "worker", "--port", "0", "--http-port", "0", "--log-format", "json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -142,6 +145,7 @@ def test_json_logs_name_the_query_of_each_request(dataset: Path) -> None:
     try:
         assert worker.stdout is not None
         url = worker.stdout.readline().split(" on ")[1].strip()
+        http = worker.stdout.readline().split(" on ")[1].strip()
         with dfship.LocalCluster(workers=1) as other:
             ctx = dfship.ClusterContext([url, other.urls[0]], bytes_per_partition=1)
             ctx.register_parquet("facts", dataset / "facts")
@@ -150,6 +154,15 @@ def test_json_logs_name_the_query_of_each_request(dataset: Path) -> None:
             )
             query = "SELECT category, sum(inc(id)) AS s FROM facts GROUP BY category"
             assert ctx.sql(query).collect().num_rows == 4
+        import urllib.request
+
+        with urllib.request.urlopen(http + "/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        # The GROUP BY's final stage read the partial aggregates of both workers.
+        received = next(
+            line for line in metrics.splitlines() if line.startswith("dfship_received_bytes_total")
+        )
+        assert float(received.split()[1]) > 0, metrics
     finally:
         worker.send_signal(2)
         _, stderr = worker.communicate(timeout=30)

@@ -31,6 +31,8 @@ struct Entries {
 /// Pickles received in full, by digest, bounded by bytes.
 pub struct PayloadStore {
     entries: Mutex<Entries>,
+    /// Plans' references to a pickle answered from the store.
+    hits: std::sync::atomic::AtomicU64,
     arrived: Condvar,
     capacity_bytes: usize,
     wait: Duration,
@@ -54,6 +56,7 @@ impl PayloadStore {
                 pickles: LruCache::unbounded(),
                 bytes: 0,
             }),
+            hits: std::sync::atomic::AtomicU64::new(0),
             arrived: Condvar::new(),
             capacity_bytes,
             wait,
@@ -105,6 +108,7 @@ impl PayloadStore {
         let mut entries = self.lock();
         loop {
             if let Some(found) = entries.pickles.get(digest) {
+                self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Some(found.clone());
             }
             let now = Instant::now();
@@ -121,6 +125,16 @@ impl PayloadStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// `(pickles held, their bytes, lookups answered)`.
+    pub fn stats(&self) -> (usize, usize, u64) {
+        let entries = self.lock();
+        (
+            entries.pickles.len(),
+            entries.bytes,
+            self.hits.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// How long [`Self::get`] waits for a pickle in flight.

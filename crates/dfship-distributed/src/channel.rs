@@ -146,6 +146,14 @@ impl InlineUdfChannel {
     }
 }
 
+static RECEIVED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes (in memory, Arrow) of the record batches this process has read
+/// from workers' tasks: shuffles on a worker, final stages on a coordinator.
+pub fn received_bytes() -> u64 {
+    RECEIVED_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn explain_stream<T: Send + 'static>(
     stream: BoxStream<'static, Result<T>>,
     explain: impl Fn(DataFusionError) -> DataFusionError + Send + Sync + 'static,
@@ -219,7 +227,17 @@ impl WorkerChannel for InlineUdfChannel {
             .map_err(self.explainer())?;
         Ok(streams
             .into_iter()
-            .map(|stream| explain_stream(stream, self.explainer()))
+            .map(|stream| {
+                let counted = stream.inspect(|item| {
+                    if let Ok(batch) = item {
+                        RECEIVED_BYTES.fetch_add(
+                            batch.get_array_memory_size() as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                });
+                explain_stream(counted.boxed(), self.explainer())
+            })
             .collect())
     }
 

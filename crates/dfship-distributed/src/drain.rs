@@ -35,6 +35,7 @@ pub struct Drain {
 struct DrainInner {
     draining: AtomicBool,
     open_tasks: AtomicUsize,
+    tasks_started: std::sync::atomic::AtomicU64,
     changed: tokio::sync::Notify,
 }
 
@@ -105,8 +106,14 @@ impl Drain {
         }
     }
 
+    /// Tasks this worker has taken since it started.
+    pub fn tasks_started(&self) -> u64 {
+        self.inner.tasks_started.load(Ordering::Relaxed)
+    }
+
     fn task_opened(&self) -> TaskGuard {
         self.inner.open_tasks.fetch_add(1, Ordering::SeqCst);
+        self.inner.tasks_started.fetch_add(1, Ordering::Relaxed);
         TaskGuard(Some(self.clone()))
     }
 }

@@ -158,6 +158,31 @@ pub fn metrics(drain: &Drain) -> String {
         );
     }
     metric(
+        "dfship_worker_tasks_total",
+        "counter",
+        "Tasks this worker has taken (stage plans received).",
+        drain.tasks_started() as f64,
+    );
+    metric(
+        "dfship_received_bytes_total",
+        "counter",
+        "Bytes (Arrow, in memory) of record batches read from other workers' tasks (shuffles).",
+        crate::channel::received_bytes() as f64,
+    );
+    let (_, kept_bytes, kept_hits) = dfship_codec::PayloadStore::global().stats();
+    metric(
+        "dfship_payload_store_hits_total",
+        "counter",
+        "UDF pickles a plan named by digest, answered from this worker's store.",
+        kept_hits as f64,
+    );
+    metric(
+        "dfship_payload_store_bytes",
+        "gauge",
+        "Bytes of the UDF pickles this worker keeps across queries (by digest).",
+        kept_bytes as f64,
+    );
+    metric(
         "dfship_rpcs_refused_total",
         "counter",
         "Requests refused for a missing, wrong, stale or replayed cluster-key proof.",
