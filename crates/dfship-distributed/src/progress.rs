@@ -1,17 +1,20 @@
-//! How far a running query has got: tasks done out of the total of every
-//! stage the workers run, and the rows those tasks have produced.
+//! How far a running query has got: the tasks of every stage the workers
+//! run (running, done, total) and the rows their Python UDFs have processed.
 //!
 //! Built on datafusion-distributed 4.0's `ObservabilityService`, which every
 //! dfship worker serves beside its worker service (behind the same cluster
 //! key check): `GetTaskProgress` lists the tasks a worker holds now, with
-//! their query id, stage, task number and output rows so far. A task stays
-//! in that list from the moment its plan arrives until the worker drops it
-//! when its output is consumed, so the watcher here counts a task *done*
-//! once it has been seen and is gone again; tasks that start and end
-//! between two polls are counted done when the query ends. The stages and
-//! their task counts come from the coordinator's own distributed plan (the
-//! [`NetworkBoundary`] nodes), the query id from the same place; the
-//! coordinator's own final stage is not listed (it is the caller's stream).
+//! their query id, stage and task number. The watcher counts a task *done*
+//! once it has been seen and is gone again, and every task done when the
+//! query ends. In 4.0 a worker keeps a query's tasks until the coordinator
+//! closes the query, so mid-query tasks show as running and *done* reaches
+//! the total at the end; and its `output_rows` reads the plan as decoded,
+//! not the one executing, so it stays 0. Rows therefore come from dfship's
+//! own per-task UDF figures (the payload service's `UdfFigures`), which
+//! rise while Python UDFs run. The stages and their task counts come from
+//! the coordinator's own distributed plan (the [`NetworkBoundary`] nodes),
+//! the query id from the same place; the coordinator's own final stage is
+//! not listed (it is the caller's stream).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -36,7 +39,8 @@ pub struct StageProgress {
     pub done: usize,
     /// Tasks a worker holds now.
     pub running: usize,
-    /// Rows the stage's tasks produced so far (as far as the workers told).
+    /// Rows the stage's Python UDFs have processed so far (per task, the
+    /// most rows any of its scalar UDFs saw; 0 for stages without one).
     pub rows: u64,
 }
 
@@ -132,8 +136,16 @@ impl Seen {
 /// reports the final view.
 pub struct ProgressWatcher {
     seen: Arc<std::sync::Mutex<Seen>>,
+    poller: Arc<Poller>,
     callback: ProgressCallback,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Where and what to ask.
+struct Poller {
+    query: Uuid,
+    workers: Vec<Url>,
+    channels: InlineUdfChannelResolver,
 }
 
 impl ProgressWatcher {
@@ -151,25 +163,31 @@ impl ProgressWatcher {
             running: BTreeSet::new(),
         }));
         callback(&lock(&seen).view(false));
-        let task = tokio::spawn(poll(
+        let poller = Arc::new(Poller {
             query,
             workers,
             channels,
+        });
+        let task = tokio::spawn(poll(
+            Arc::clone(&poller),
             interval,
             Arc::clone(&seen),
             Arc::clone(&callback),
         ));
         Self {
             seen,
+            poller,
             callback,
             task,
         }
     }
 
-    /// Stops polling; with `succeeded`, reports every task done.
-    pub fn finish(self, succeeded: bool) {
+    /// Stops polling; with `succeeded`, asks the workers once more (the
+    /// rows of the last moments) and reports every task done.
+    pub async fn finish(self, succeeded: bool) {
         self.task.abort();
         if succeeded {
+            poll_round(&self.poller, &self.seen).await;
             (self.callback)(&lock(&self.seen).view(true));
         }
     }
@@ -186,52 +204,67 @@ fn lock(seen: &std::sync::Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
 }
 
 async fn poll(
-    query: Uuid,
-    workers: Vec<Url>,
-    channels: InlineUdfChannelResolver,
+    poller: Arc<Poller>,
     interval: Duration,
     seen: Arc<std::sync::Mutex<Seen>>,
     callback: ProgressCallback,
 ) {
-    let query_bytes = query.as_bytes().to_vec();
     let mut last = lock(&seen).view(false);
     loop {
         tokio::time::sleep(interval).await;
-        let mut running = BTreeSet::new();
-        let mut rows = HashMap::new();
-        for url in &workers {
-            // A worker that does not answer (lost, draining) just shows no
-            // tasks this round: the query's own error handling deals with it.
-            let Ok(mut client) = channels.observability_client(url).await else {
-                continue;
-            };
-            let Ok(reply) = client.get_task_progress(GetTaskProgressRequest {}).await else {
-                continue;
-            };
-            for task in reply.into_inner().tasks {
-                let Some(key) = task.task_key else { continue };
-                if key.query_id != query_bytes {
-                    continue;
-                }
-                let id = (key.stage_id as usize, key.task_number as usize);
-                running.insert(id);
-                rows.insert(id, task.output_rows);
-            }
-        }
-        let view = {
-            let mut seen = lock(&seen);
-            for (id, count) in rows {
-                if seen.stages.contains_key(&id.0) {
-                    let entry = seen.tasks.entry(id).or_default();
-                    *entry = (*entry).max(count);
-                }
-            }
-            seen.running = running;
-            seen.view(false)
-        };
+        let view = poll_round(&poller, &seen).await;
         if view != last {
             callback(&view);
             last = view;
         }
     }
+}
+
+/// Asks every worker once and folds the answers into `seen`.
+async fn poll_round(poller: &Poller, seen: &std::sync::Mutex<Seen>) -> QueryProgress {
+    let query_bytes = poller.query.as_bytes().to_vec();
+    let mut running = BTreeSet::new();
+    let mut rows = HashMap::new();
+    for url in &poller.workers {
+        // A worker that does not answer (lost, draining) just shows no
+        // tasks this round: the query's own error handling deals with it.
+        let Ok(mut client) = poller.channels.observability_client(url).await else {
+            continue;
+        };
+        let Ok(reply) = client.get_task_progress(GetTaskProgressRequest {}).await else {
+            continue;
+        };
+        for task in reply.into_inner().tasks {
+            let Some(key) = task.task_key else { continue };
+            if key.query_id != query_bytes {
+                continue;
+            }
+            let id = (key.stage_id as usize, key.task_number as usize);
+            running.insert(id);
+            rows.entry(id).or_insert(0);
+        }
+        // Rows so far: what the task's Python UDFs have processed (the
+        // workers' own `output_rows` stay 0 in datafusion-distributed 4.0).
+        let Ok(channel) = poller.channels.raw_channel(url).await else {
+            continue;
+        };
+        if let Ok(figures) = crate::payloads::fetch_udf_figures(channel, poller.query).await {
+            for f in figures {
+                let id = (f.stage as usize, f.task as usize);
+                let entry = rows.entry(id).or_insert(0);
+                *entry = (*entry).max(f.rows);
+            }
+        }
+    }
+    let mut seen = lock(seen);
+    for (id, count) in rows {
+        if seen.stages.contains_key(&id.0) {
+            let entry = seen.tasks.entry(id).or_default();
+            *entry = (*entry).max(count);
+        }
+    }
+    // Only what GetTaskProgress listed is running; a task known only from
+    // its figures has been seen.
+    seen.running = running;
+    seen.view(false)
 }

@@ -282,7 +282,7 @@ async fn run_once(
         span.in_scope(|| tracing::info!(error = %first_line(&error.to_string()), "query failed"));
     }
     match (watcher, progress) {
-        (Some(watcher), _) => watcher.finish(result.is_ok()),
+        (Some(watcher), _) => watcher.finish(result.is_ok()).await,
         // Nothing ran on the workers (e.g. answered from statistics): one
         // view, finished, with no stage.
         (None, Some(callback)) if result.is_ok() => callback(&crate::QueryProgress {
