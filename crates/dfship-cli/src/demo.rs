@@ -127,13 +127,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .flat_map(|spec| ["--ffi-udf".to_string(), spec.clone()])
         .collect();
     let bar = spinner(format!("starting {} worker processes", args.workers));
-    // Outside the dataset's temporary directory, so the logs outlive the demo.
-    let log_dir = (!args.verbose)
-        .then(|| std::env::temp_dir().join(format!("dfship-demo-logs-{}", std::process::id())));
-    if let Some(log_dir) = &log_dir {
-        std::fs::create_dir_all(log_dir)
+    // Outside the dataset's temporary directory, so the logs outlive the
+    // demo; a fresh folder of an unpredictable name, this user's only
+    // (mkdtemp), so nobody can prepare it or a symlink in its place.
+    let log_dir = if args.verbose {
+        None
+    } else {
+        let dir = tempfile::Builder::new()
+            .prefix("dfship-demo-logs-")
+            .tempdir()
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-    }
+        Some(dir.keep())
+    };
     let cluster = LocalCluster::start(args.workers, &worker_args, log_dir.as_deref())?;
     bar.finish_with_message(format!(
         "{} workers: {}",

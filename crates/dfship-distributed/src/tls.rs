@@ -115,6 +115,30 @@ pub struct GeneratedTls {
     pub key: PathBuf,
 }
 
+/// How long certificates made by [`generate_tls_files`] are valid.
+pub const LOCAL_CERTIFICATE_DAYS: i64 = 365;
+
+/// Writes a private key readable by its owner only, from the first byte on:
+/// the file is opened with mode 0600 (and set to it if it existed), then written.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |e: std::io::Error| {
+        DataFusionError::Execution(format!("cannot write {}: {e}", path.display()))
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(failed)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(failed)?;
+    file.write_all(text.as_bytes()).map_err(failed)
+}
+
 /// Writes a fresh certificate authority and one certificate signed by it,
 /// valid for `hosts` (names or IP addresses) and usable by servers and
 /// clients alike, into `dir` (`ca.pem`, `cert.pem`, `key.pem`; the key
@@ -133,6 +157,15 @@ pub fn generate_tls_files(dir: &Path, hosts: &[String]) -> Result<GeneratedTls> 
         .distinguished_name
         .push(DnType::CommonName, "dfship local CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Valid for a year (rcgen's default runs to the year 4096): a local or
+    // test cluster's certificates that leak stop working.
+    let now = time::OffsetDateTime::now_utc();
+    let (not_before, not_after) = (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(LOCAL_CERTIFICATE_DAYS),
+    );
+    ca_params.not_before = not_before;
+    ca_params.not_after = not_after;
     let ca = ca_params.self_signed(&ca_key).map_err(failed)?;
 
     let key = KeyPair::generate().map_err(failed)?;
@@ -140,6 +173,8 @@ pub fn generate_tls_files(dir: &Path, hosts: &[String]) -> Result<GeneratedTls> 
     params
         .distinguished_name
         .push(DnType::CommonName, "dfship node");
+    params.not_before = not_before;
+    params.not_after = not_after;
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -159,11 +194,39 @@ pub fn generate_tls_files(dir: &Path, hosts: &[String]) -> Result<GeneratedTls> 
     };
     write(&files.ca, ca.pem())?;
     write(&files.cert, cert.pem())?;
-    write(&files.key, key.serialize_pem())?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o600));
-    }
+    write_private(&files.key, &key.serialize_pem())?;
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_private_key_is_owner_only_even_over_an_older_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "old").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let files = generate_tls_files(dir.path(), &["localhost".to_string()]).unwrap();
+        let mode = std::fs::metadata(&files.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(std::fs::read_to_string(&files.key)
+            .unwrap()
+            .contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_key_path_that_is_a_symlink_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere.txt");
+        std::fs::write(&elsewhere, "not yours").unwrap();
+        let out = dir.path().join("tls");
+        std::fs::create_dir(&out).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, out.join("key.pem")).unwrap();
+        let error = generate_tls_files(&out, &["localhost".to_string()]).unwrap_err();
+        assert!(error.to_string().contains("key.pem"), "{error}");
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "not yours");
+    }
 }
