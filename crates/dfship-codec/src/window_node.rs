@@ -121,8 +121,36 @@ pub(crate) fn encode(
     Ok(blob)
 }
 
+/// How deep window-node blobs may be nested in each other while decoding.
+/// Real plans never nest them (a blob's window has an `EmptyExec` for
+/// input); a plan from a peer that does is refused before the decoder's
+/// recursion can exhaust the stack.
+pub(crate) const MAX_NESTED_WINDOW_NODES: usize = 8;
+
+thread_local! {
+    static DECODING_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// The window node of `blob`, its input put back.
 pub(crate) fn decode(
+    blob: &[u8],
+    inputs: &[Arc<dyn ExecutionPlan>],
+    ctx: &TaskContext,
+    codec: &dyn datafusion_proto::physical_plan::PhysicalExtensionCodec,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let depth = DECODING_DEPTH.with(|d| d.get());
+    if depth >= MAX_NESTED_WINDOW_NODES {
+        return Err(DataFusionError::Plan(format!(
+            "Python window nodes nested more than {MAX_NESTED_WINDOW_NODES} deep in each other;              the plan is corrupt or hostile (dfship never makes such plans)"
+        )));
+    }
+    DECODING_DEPTH.with(|d| d.set(depth + 1));
+    let decoded = decode_at_depth(blob, inputs, ctx, codec);
+    DECODING_DEPTH.with(|d| d.set(depth));
+    decoded
+}
+
+fn decode_at_depth(
     blob: &[u8],
     inputs: &[Arc<dyn ExecutionPlan>],
     ctx: &TaskContext,

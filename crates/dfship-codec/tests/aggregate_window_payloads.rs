@@ -198,3 +198,61 @@ fn a_corrupt_window_node_is_an_error_not_a_panic() {
         .to_string()
         .contains("compose it with the codec that wrote this node"));
 }
+
+/// A peer's plan with Python window-node blobs nested in each other, far
+/// deeper than any plan dfship makes: refused with an error, not a stack
+/// overflow of the worker.
+#[test]
+fn window_node_blobs_nested_without_end_are_refused() {
+    use datafusion::physical_plan::empty::EmptyExec;
+    use datafusion::physical_plan::ExecutionPlan;
+    use datafusion_proto::protobuf::physical_plan_node::PhysicalPlanType;
+    use datafusion_proto::protobuf::{PhysicalExtensionNode, PhysicalPlanNode};
+    use prost::Message;
+    use std::sync::Arc;
+
+    let codec = PythonUdfCodec::new(CodecOptions::default());
+    let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+        arrow::datatypes::Field::new("x", DataType::Int64, true),
+    ]));
+    let empty: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(Arc::clone(&schema)));
+    let empty_bytes = datafusion_proto::bytes::physical_plan_to_bytes_with_extension_codec(
+        Arc::clone(&empty),
+        &codec,
+    )
+    .unwrap();
+    let empty_proto = PhysicalPlanNode::decode(empty_bytes.as_ref()).unwrap();
+    // Innermost: an empty plan; each level wraps the previous one in a
+    // window-node blob, as an extension node with one input.
+    let mut blob = b"DFSHIPWN".to_vec();
+    blob.extend_from_slice(&empty_proto.encode_to_vec());
+    for _ in 0..20_000 {
+        let node = PhysicalPlanNode {
+            physical_plan_type: Some(PhysicalPlanType::Extension(PhysicalExtensionNode {
+                node: blob,
+                inputs: vec![empty_proto.clone()],
+            })),
+        };
+        blob = b"DFSHIPWN".to_vec();
+        blob.extend_from_slice(&node.encode_to_vec());
+    }
+    let ctx = datafusion::prelude::SessionContext::new();
+    // On a thread with a small stack, as a tokio worker thread has.
+    let error = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            codec
+                .try_decode(
+                    &blob,
+                    &[empty],
+                    &ctx.task_ctx(),
+                    &datafusion_proto::physical_plan::DefaultPhysicalProtoConverter {},
+                )
+                .unwrap_err()
+                .to_string()
+        })
+        .unwrap()
+        .join()
+        .expect("decoding returns an error instead of overflowing the stack");
+    assert!(error.contains("nested more than"), "{error}");
+}
