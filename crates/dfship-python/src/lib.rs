@@ -498,47 +498,31 @@ fn keyword(value: &Bound<'_, PyAny>) -> PyResult<dfship_settings::layers::Keywor
 /// Every coordinator setting as `(keyword, flag, variable, file key,
 /// default, help)`: what `ClusterContext` accepts.
 #[pyfunction]
-#[allow(clippy::type_complexity)]
-fn coordinator_settings() -> Vec<(
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-)> {
+fn coordinator_settings() -> Vec<SettingRow> {
     use clap::CommandFactory;
     settings_rows(&dfship_settings::CoordinatorOptions::command())
 }
+
+/// `(keyword, flag, variable, file key, default, help)` of one setting.
+type SettingRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+);
 
 /// Every worker setting, in the same shape as [`coordinator_settings`]: what
 /// `python -m dfship worker` (and `dfship-worker`) accepts. Deployment files
 /// are checked against it.
 #[pyfunction]
-#[allow(clippy::type_complexity)]
-fn worker_settings() -> Vec<(
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-)> {
+fn worker_settings() -> Vec<SettingRow> {
     use clap::CommandFactory;
     settings_rows(&dfship_settings::WorkerOptions::command())
 }
 
-#[allow(clippy::type_complexity)]
-fn settings_rows(
-    command: &clap::Command,
-) -> Vec<(
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-)> {
+fn settings_rows(command: &clap::Command) -> Vec<SettingRow> {
     dfship_settings::layers::settings(command)
         .into_iter()
         .map(|s| (s.keyword, s.flag, s.env, s.file_key, s.default, s.help))
