@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import signal
@@ -16,6 +17,10 @@ from typing import Any
 __all__ = ["LocalCluster"]
 
 _READY = "dfship-worker listening on "
+
+
+LOG_LINES = 200
+"""Lines of each worker's output a :class:`LocalCluster` keeps (the newest)."""
 
 
 class LocalCluster:
@@ -58,6 +63,7 @@ class LocalCluster:
         self.startup_timeout = startup_timeout
         self.urls: list[str] = []
         self._processes: list[subprocess.Popen[str]] = []
+        self._logs: dict[int, collections.deque[str]] = {}
         self.tls: dict[str, str] | None = None
         self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
         if tls:
@@ -122,13 +128,28 @@ class LocalCluster:
         if url != self.urls[index]:
             raise RuntimeError(f"worker {index} came back as {url}, not {self.urls[index]}")
 
+    def logs(self, index: int) -> list[str]:
+        """The last :data:`LOG_LINES` lines worker ``index`` wrote (stdout and
+        stderr, after it started): for a test's failure message or a look
+        at what a worker said. Older lines are dropped, never kept in memory."""
+        return list(self._logs.get(self._processes[index].pid, ()))
+
     def _wait_ready(self, process: subprocess.Popen[str]) -> str:
         lines: queue.Queue[str | None] = queue.Queue()
+        recent: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+        self._logs[process.pid] = recent
+        ready = threading.Event()
         assert process.stdout is not None
 
         def pump(stream: Any) -> None:
+            # Until the worker is ready its lines go to the waiter below;
+            # then to a bounded buffer (a chatty worker never fills a pipe
+            # nor this process's memory).
             for line in stream:
-                lines.put(line)
+                if ready.is_set():
+                    recent.append(line.rstrip("\n"))
+                else:
+                    lines.put(line)
             lines.put(None)
 
         threading.Thread(target=pump, args=(process.stdout,), daemon=True).start()
@@ -144,7 +165,7 @@ class LocalCluster:
                 stderr = process.stderr.read() if process.stderr else ""
                 raise RuntimeError(f"a dfship worker exited at start-up:\n{stderr.strip()}")
             if line.startswith(_READY):
-                # Keep draining stderr so a chatty worker never blocks on a full pipe.
+                ready.set()
                 threading.Thread(target=pump, args=(process.stderr,), daemon=True).start()
                 return line[len(_READY) :].strip()
 

@@ -26,7 +26,7 @@ METHODS = {
     "/worker.WorkerService/GetWorkerInfo": "unary_unary",
     "/worker.WorkerService/ExecuteTask": "unary_stream",
     "/worker.WorkerService/CoordinatorChannel": "stream_stream",
-    # Not served at all: refused before routing, like the rest.
+    # datafusion-distributed's progress service, behind the same check.
     "/observability.ObservabilityService/Ping": "unary_unary",
 }
 
@@ -72,6 +72,28 @@ def test_every_method_refuses_a_client_without_the_key(keyed: dfship.LocalCluste
             assert call(channel, path, [("dfship-auth", wrong)]) == grpc.StatusCode.UNAUTHENTICATED, path
             garbage = [("dfship-auth", "v1.0.00.00")]
             assert call(channel, path, garbage) == grpc.StatusCode.UNAUTHENTICATED, path
+
+
+def test_a_flood_of_refused_requests_with_long_paths_logs_little(keyed: dfship.LocalCluster) -> None:
+    """Each refused request used to log its client-chosen path in full, with
+    no limit: now at most a line a second, the path cut short, the rest
+    counted; and the cluster keeps only its workers' latest lines."""
+    long_path = "/" + "x" * 8000
+    METHODS[long_path] = "unary_unary"
+    try:
+        started = time.monotonic()
+        with grpc.insecure_channel(keyed.urls[1].removeprefix("http://")) as channel:
+            for _ in range(300):
+                assert call(channel, long_path) == grpc.StatusCode.UNAUTHENTICATED
+        took = time.monotonic() - started
+    finally:
+        del METHODS[long_path]
+    time.sleep(0.5)
+    logs = keyed.logs(1)
+    refusals = [line for line in logs if "refused an unauthenticated request" in line]
+    assert 1 <= len(refusals) <= took + 2, refusals
+    assert all(len(line) < 1000 for line in logs), max(len(line) for line in logs)
+    assert len(logs) <= dfship.cluster.LOG_LINES
 
 
 def test_a_captured_proof_cannot_be_replayed(keyed: dfship.LocalCluster) -> None:

@@ -278,8 +278,8 @@ where
         if let Some(auth) = &self.auth {
             let path = request.uri().path().to_string();
             if let Err(why) = auth.verify(&path, request.headers().get(AUTH_HEADER)) {
-                REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(method = %path, reason = %why, "refused an unauthenticated request");
+                let refused = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                log_refusal(&path, &why.to_string(), refused);
                 let refused = tonic::Status::unauthenticated(format!(
                     "{} {why}",
                     dfship_codec::ErrorKind::Unauthenticated.tag()
@@ -293,6 +293,34 @@ where
 }
 
 static REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Logs a refused request: its path cut to 120 characters (a client chooses
+/// it), at most one line per second; the lines in between are counted in
+/// the next one (`refused_total`, and `/metrics`).
+fn log_refusal(path: &str, why: &str, refused_total: u64) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(now);
+    }
+    let cut = |text: &str| -> String {
+        let mut short: String = text.chars().take(120).collect();
+        if short.len() < text.len() {
+            short.push('…');
+        }
+        short.escape_debug().to_string()
+    };
+    tracing::warn!(
+        method = %cut(path),
+        reason = %cut(why),
+        refused_total,
+        "refused an unauthenticated request (at most one such line a second; refused_total counts them all)"
+    );
+}
 
 /// Requests this process refused for a missing, wrong, stale or replayed proof.
 pub fn refused_requests() -> u64 {
