@@ -77,15 +77,12 @@ pub async fn explain_analyze(df: DataFrame) -> Result<String> {
                         let entry = per_stage
                             .entry((format!("Stage {}", f.stage), f.udf))
                             .or_default();
-                        add(
-                            &mut entry.figures,
-                            &UdfFigures {
-                                calls: f.calls,
-                                rows: f.rows,
-                                seconds: f.seconds,
-                                failures: f.failures,
-                            },
-                        );
+                        entry.figures.add(&UdfFigures {
+                            calls: f.calls,
+                            rows: f.rows,
+                            seconds: f.seconds,
+                            failures: f.failures,
+                        });
                         entry.tasks += 1;
                     }
                 }
@@ -135,11 +132,4 @@ pub async fn explain_analyze(df: DataFrame) -> Result<String> {
         let _ = writeln!(text, "  (no figures from {line})");
     }
     Ok(text)
-}
-
-fn add(total: &mut UdfFigures, more: &UdfFigures) {
-    total.calls += more.calls;
-    total.rows += more.rows;
-    total.seconds += more.seconds;
-    total.failures += more.failures;
 }

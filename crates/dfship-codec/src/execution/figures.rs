@@ -27,6 +27,16 @@ pub struct UdfFigures {
     pub failures: u64,
 }
 
+impl UdfFigures {
+    /// Adds `more` to these totals.
+    pub fn add(&mut self, more: &UdfFigures) {
+        self.calls += more.calls;
+        self.rows += more.rows;
+        self.seconds += more.seconds;
+        self.failures += more.failures;
+    }
+}
+
 fn table() -> &'static Mutex<BTreeMap<String, UdfFigures>> {
     static TABLE: OnceLock<Mutex<BTreeMap<String, UdfFigures>>> = OnceLock::new();
     TABLE.get_or_init(Default::default)
@@ -42,8 +52,14 @@ pub(crate) fn record(
     waited: Duration,
     failed: bool,
 ) {
+    let batch = UdfFigures {
+        calls,
+        rows,
+        seconds: waited.as_secs_f64(),
+        failures: u64::from(failed),
+    };
     if let Some(task) = task {
-        record_for_task(task, name, calls, rows, waited, failed);
+        record_for_task(task, name, &batch);
     }
     let mut table = table()
         .lock()
@@ -53,11 +69,7 @@ pub(crate) fn record(
     } else {
         OTHER
     };
-    let entry = table.entry(key.to_string()).or_default();
-    entry.calls += calls;
-    entry.rows += rows;
-    entry.seconds += waited.as_secs_f64();
-    entry.failures += u64::from(failed);
+    table.entry(key.to_string()).or_default().add(&batch);
 }
 
 /// Which query, stage and task a worker's task is (from the coordinator's
@@ -115,7 +127,7 @@ fn room_for<'a>(tasks: &'a mut Tasks, id: &str) -> Option<&'a mut TaskFigures> {
     Some(tasks.by_id.entry(id.to_string()).or_default())
 }
 
-fn record_for_task(id: &str, name: &str, calls: u64, rows: u64, waited: Duration, failed: bool) {
+fn record_for_task(id: &str, name: &str, batch: &UdfFigures) {
     let mut tasks = tasks();
     let Some(entry) = room_for(&mut tasks, id) else {
         return;
@@ -124,11 +136,7 @@ fn record_for_task(id: &str, name: &str, calls: u64, rows: u64, waited: Duration
     if !entry.udfs.contains_key(name) && entry.udfs.len() >= MAX_NAMES {
         return;
     }
-    let figures = entry.udfs.entry(name.to_string()).or_default();
-    figures.calls += calls;
-    figures.rows += rows;
-    figures.seconds += waited.as_secs_f64();
-    figures.failures += u64::from(failed);
+    entry.udfs.entry(name.to_string()).or_default().add(batch);
 }
 
 /// Task `id` ended: its figures are kept (for [`query_figures`]) until
