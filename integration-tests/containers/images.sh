@@ -4,7 +4,8 @@
 # `docker import`, then the project's binaries layered on with `docker build`
 # (whose FROM is the local base image, so nothing is pulled).
 #
-#   dfship-base:<suite>   Debian <suite> + /opt/dfship/venv (requirements-worker.txt)
+#   dfship-base:<suite>   Debian <suite> + /opt/dfship/venv (requirements-worker.txt, and
+#                         requirements-s3.txt: moto, the S3 server of the object-store test)
 #   dfship-node:bookworm  base + dfship-worker, dfship, dfship-cluster-check and the
 #                         FFI example library, all built on the host (bookworm, Python 3.11)
 #   dfship-python:trixie  Debian trixie with its Python 3.13 and nothing else
@@ -39,7 +40,7 @@ label_of() { docker image inspect -f '{{ index .Config.Labels "dfship.inputs" }}
 build_base() {
     local suite="$1" packages="$2" image="${3:-dfship-base:$1}"
     local inputs
-    inputs="$( (cat "$here/requirements-worker.txt"; echo "$suite $packages $image"; declare -f build_base) | sha256sum | cut -c1-16)"
+    inputs="$( (cat "$here/requirements-worker.txt" "$here/requirements-s3.txt"; echo "$suite $packages $image"; declare -f build_base) | sha256sum | cut -c1-16)"
     if [ "$(label_of "$image")" = "$inputs" ]; then
         log "$image is up to date"
         return
@@ -54,14 +55,15 @@ build_base() {
     mkdir -p "$rootfs/etc/ssl/certs"
     cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
     cp "$here/requirements-worker.txt" "$rootfs/tmp/requirements.txt"
+    cp "$here/requirements-s3.txt" "$rootfs/tmp/requirements-s3.txt"
     # A clean environment: the host's PIP_* settings name host paths.
     local in_root=(env -i PATH=/usr/bin:/bin HOME=/root PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$(command -v chroot)" "$rootfs")
     if [ "${image%%:*}" = dfship-base ]; then
         "${in_root[@]}" /usr/bin/python3 -m venv /opt/dfship/venv
         "${in_root[@]}" /opt/dfship/venv/bin/pip install --quiet --disable-pip-version-check \
-            -r /tmp/requirements.txt
+            -r /tmp/requirements.txt -r /tmp/requirements-s3.txt
     fi
-    rm -rf "$rootfs/tmp/requirements.txt" "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/root/.cache"
+    rm -rf "$rootfs/tmp/requirements.txt" "$rootfs/tmp/requirements-s3.txt" "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/root/.cache"
     : > "$rootfs/etc/resolv.conf"
     tar -C "$rootfs" -c . | docker import \
         --change "LABEL dfship.inputs=$inputs" \

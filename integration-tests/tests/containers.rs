@@ -59,6 +59,8 @@ struct WorkerSpec {
     /// in the deployment image, whose entry point is `python3 -m dfship worker`.
     command: &'static [&'static str],
     args: Vec<&'static str>,
+    /// Environment variables (`NAME=value`) of the worker's container.
+    env: &'static [&'static str],
 }
 
 /// A worker without a key on the test's private network: it listens beyond
@@ -69,6 +71,7 @@ fn worker(name: &'static str) -> WorkerSpec {
         image: NODE,
         command: &["dfship-worker"],
         args: vec!["--ffi-udf", FFI, "--insecure"],
+        env: &[],
     }
 }
 
@@ -191,8 +194,11 @@ impl Cluster {
             &alias,
             "-v",
             &data_mount,
-            spec.image,
         ];
+        for variable in spec.env {
+            args.extend(["-e", variable]);
+        }
+        args.push(spec.image);
         args.extend(spec.command.iter().copied());
         args.extend([
             "--host",
@@ -432,6 +438,7 @@ fn a_worker_on_another_python_version() {
         image: NODE_PY313,
         command: &[],
         args: vec!["--insecure"],
+        env: &[],
     };
     let cluster = Cluster::start("skew", vec![worker("w1"), worker("w2"), skewed]);
     cluster.write_dataset();
@@ -727,6 +734,7 @@ fn a_cluster_with_a_key() {
         image: NODE,
         command: &["dfship-worker"],
         args: vec!["--cluster-key-file", "/data/keys/cluster.key"],
+        env: &[],
     };
     let cluster = Cluster::start("key", vec![keyed("w1"), keyed("w2"), keyed("w3")]);
     cluster.write_dataset();
@@ -840,6 +848,7 @@ fn a_cluster_with_mutual_tls() {
             "--tls-ca",
             "/data/tls/ca.pem",
         ],
+        env: &[],
     };
     // One certificate, valid for every worker's name, signed by a fresh CA.
     let cluster = Cluster::start_with(
@@ -1059,4 +1068,151 @@ fn the_compose_deployment_scales_between_queries() {
     };
     assert_eq!(results(&two), results(&four));
     assert_eq!(results(&two), results(&back));
+}
+
+/// The S3-compatible server of [`tables_and_results_on_s3_across_containers`]:
+/// moto (in the bookworm image's venv) under the network alias `s3`.
+const S3_ENDPOINT: &str = "http://s3:5000";
+const S3_ENV: &[&str] = &[
+    "AWS_ACCESS_KEY_ID=dfship-containers",
+    "AWS_SECRET_ACCESS_KEY=a-secret-only-the-workers-and-coordinator-know",
+    "AWS_REGION=us-east-1",
+    "AWS_ENDPOINT_URL=http://s3:5000",
+    "AWS_ALLOW_HTTP=true",
+];
+
+/// `dfship sql` on the coordinator with the facts table at `location`,
+/// knowing the S3 server from explicit storage options.
+fn sql_on(cluster: &Cluster, workers: &str, location: &str, query: &str) -> Run {
+    let table = format!("facts={location}");
+    let mut args = vec![
+        "dfship",
+        "sql",
+        "--workers",
+        workers,
+        "--udfs",
+        "/udfs/basic.py",
+        "--table",
+        &table,
+        "--bytes-per-partition",
+        "1",
+    ];
+    let options: Vec<String> = S3_ENV
+        .iter()
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap();
+            let key = match name {
+                "AWS_ENDPOINT_URL" => "aws_endpoint".to_string(),
+                other => other.to_ascii_lowercase(),
+            };
+            format!("--storage-option={key}={value}")
+        })
+        .collect();
+    args.extend(options.iter().map(String::as_str));
+    args.push(query);
+    cluster.exec(&args, Duration::from_secs(180))
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn tables_and_results_on_s3_across_containers() {
+    let on_s3 = |name| WorkerSpec {
+        name,
+        image: NODE,
+        command: &["dfship-worker"],
+        args: vec!["--insecure"],
+        env: S3_ENV,
+    };
+    let mut cluster = Cluster::start("s3", vec![on_s3("w1"), on_s3("w2"), on_s3("w3")]);
+    // The server runs in its own container: the host's loopback is out of
+    // the containers' reach.
+    let server = cluster.container("s3");
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &server,
+        "--label",
+        "dfship.test",
+        "--network",
+        &cluster.network,
+        "--network-alias",
+        "s3",
+        NODE,
+        "/opt/dfship/venv/bin/python",
+        "-m",
+        "moto.server",
+        "-H",
+        "0.0.0.0",
+        "-p",
+        "5000",
+    ]);
+    cluster.containers.push(server);
+    cluster.write_dataset();
+    // Upload the dataset (boto3 comes with moto in the image's venv),
+    // waiting for the server to answer first.
+    let upload = cluster.exec(
+        &[
+            "/opt/dfship/venv/bin/python",
+            "-c",
+            "import boto3, pathlib, sys, time\n\
+             s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                 aws_access_key_id='dfship-containers', aws_secret_access_key='x')\n\
+             for _ in range(150):\n\
+             \x20   try:\n\
+             \x20       s3.create_bucket(Bucket='dfship'); break\n\
+             \x20   except Exception:\n\
+             \x20       time.sleep(0.2)\n\
+             for path in sorted(pathlib.Path('/data/facts').glob('*.parquet')):\n\
+             \x20   s3.upload_file(str(path), 'dfship', 'facts/' + path.name)\n\
+             \x20   print('uploaded', path.name)\n",
+            S3_ENDPOINT,
+        ],
+        Duration::from_secs(120),
+    );
+    assert_ok(&upload, "uploading the dataset to the S3 server");
+    assert!(upload.stdout.contains("uploaded"), "{}", upload.stdout);
+
+    let workers = cluster.urls(&["w1", "w2", "w3"]);
+    let query = "SELECT category, sum(py_double(id)) AS s, count(*) AS c FROM facts \
+                 GROUP BY category ORDER BY category";
+    let local = sql_on(&cluster, &workers, "/data/facts", query);
+    assert_ok(&local, "the query on the shared folder");
+    let remote = sql_on(&cluster, &workers, "s3://dfship/facts/", query);
+    assert_ok(&remote, "the query on s3://");
+    assert_eq!(remote.stdout, local.stdout, "the same result from S3");
+    assert!(local.stdout.contains("cat_0"), "{}", local.stdout);
+
+    // Each worker read its part of the bucket with its own credentials.
+    let readers = ["w1", "w2", "w3"]
+        .iter()
+        .filter(|w| {
+            let logs = docker(&["logs", &cluster.container(w)]);
+            String::from_utf8_lossy(&logs.stderr).contains("store=s3://dfship/")
+        })
+        .count();
+    assert!(readers >= 2, "the scan ran on {readers} of 3 workers");
+
+    // A result written back to the bucket by COPY, then read from there.
+    let copy = sql_on(
+        &cluster,
+        &workers,
+        "s3://dfship/facts/",
+        "COPY (SELECT id, py_double(id) AS d FROM facts WHERE id % 10 = 0) \
+         TO 's3://dfship/out/doubled/' STORED AS PARQUET",
+    );
+    assert_ok(&copy, "COPY … TO s3://");
+    let back = sql_on(
+        &cluster,
+        &workers,
+        "s3://dfship/out/doubled/",
+        "SELECT count(*) AS n, sum(d) AS s FROM facts",
+    );
+    assert_ok(&back, "reading the copied result from s3://");
+    // ids 10, 20, ..., 4800: 480 rows, sum(2 * id) = 2 * 10 * (1 + ... + 480).
+    assert!(
+        back.stdout.contains("480") && back.stdout.contains("2308800"),
+        "{}",
+        back.stdout
+    );
 }

@@ -15,6 +15,7 @@ __all__ = [
     "DfshipError",
     "PayloadRefusedError",
     "PlanningError",
+    "StorageError",
     "UdfLoadError",
     "UdfRaisedError",
     "UdfResultError",
@@ -54,6 +55,10 @@ class AuthenticationError(DfshipError):
 
 class WorkerLostError(DfshipError):
     """A worker stopped or became unreachable during the query."""
+
+class StorageError(DfshipError):
+    """An object store (S3, GCS, Azure, HTTP) failed or is not set up: missing credentials, a missing
+    bucket or object, an endpoint that does not answer, or a URL scheme no store serves."""
 
 @final
 class DataFrame:

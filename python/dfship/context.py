@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -112,6 +112,18 @@ class ClusterContext:
     resolved again every ``resolve_interval`` seconds) or ``file:///PATH``
     (a list of workers, read again when it changes).
 
+    Tables and ``COPY … TO`` outputs may be local paths every worker can
+    read, or ``s3://``, ``gs://``, ``az://``/``abfss://`` and ``http(s)://``
+    URLs. Each process (this one, and every worker) finds the store's
+    credentials in its own environment (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``,
+    ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``...) and its
+    ``storage_options`` (``{"aws_endpoint": "http://127.0.0.1:9000",
+    "aws_allow_http": "true"}``; workers take ``--storage-option KEY=VALUE``);
+    credentials never travel in plans. A store without credentials fails at
+    once (:class:`dfship.StorageError`) instead of asking a cloud metadata
+    service, unless ``cloud_metadata=True``.
+
     Every keyword but ``cluster_key`` is a coordinator setting, declared once
     for the CLI, the Rust builder and this class: the same name as a flag
     (``python_runners`` is ``--python-runners``), as an environment variable
@@ -146,6 +158,8 @@ class ClusterContext:
         tls_key: str | os.PathLike[str] | None = None,
         max_message_bytes: int | None = None,
         ffi_udfs: Sequence[str] | None = None,
+        storage_options: Mapping[str, str] | Sequence[str] | None = None,
+        cloud_metadata: bool | None = None,
         config: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(workers, str):
@@ -173,6 +187,8 @@ class ClusterContext:
             "tls_key": _path(tls_key),
             "max_message_bytes": max_message_bytes,
             "ffi_udfs": list(ffi_udfs) if ffi_udfs else None,
+            "storage_options": _storage_options(storage_options),
+            "cloud_metadata": cloud_metadata,
             "config": _path(config),
         }
         self._native = _native.ClusterContext(self.workers, cluster_key, settings)
@@ -200,13 +216,15 @@ class ClusterContext:
         self._native.register_udf(udwf)
 
     def register_parquet(self, name: str, path: str | os.PathLike[str]) -> None:
-        """Registers Parquet file(s) at ``path``; every worker must be able to read that path."""
+        """Registers Parquet file(s) at ``path``: a local path every worker can read, or an
+        ``s3://``, ``gs://``, ``az://``, ``abfss://`` or ``http(s)://`` URL (see the class docs)."""
         self._native.register_parquet(name, os.fspath(path))
 
     def register_csv(
         self, name: str, path: str | os.PathLike[str], *, has_header: bool = True, delimiter: str = ","
     ) -> None:
-        """Registers CSV file(s) at ``path``; every worker must be able to read that path."""
+        """Registers CSV file(s) at ``path``: a local path every worker can read, or an object
+        store URL (see :meth:`register_parquet`)."""
         self._native.register_csv(name, os.fspath(path), has_header, delimiter)
 
     def register_arrow(self, name: str, data: Any) -> None:
@@ -315,3 +333,14 @@ def _as_table(data: Any) -> pa.Table:
         "register_arrow() takes a pyarrow.Table, a pyarrow.RecordBatch, a list of record batches "
         f"or a pandas.DataFrame; got {type(data).__name__}"
     )
+
+
+def _storage_options(options: Mapping[str, str] | Sequence[str] | None) -> list[str] | None:
+    """``{"aws_region": "eu-west-1"}`` (or ``["aws_region=eu-west-1"]``) as ``KEY=VALUE`` items."""
+    if options is None:
+        return None
+    if isinstance(options, Mapping):
+        return [f"{key}={value}" for key, value in options.items()]
+    if isinstance(options, str):
+        return [options]
+    return list(options)

@@ -8,6 +8,7 @@
     ├── UdfRaisedError         the UDF raised an exception
     ├── UdfResultError         the UDF returned the wrong length, type, nulls or invalid data
     ├── WorkerLostError        a worker stopped or became unreachable
+    ├── StorageError           an object store failed: credentials, bucket, endpoint
     └── AuthenticationError    a worker refused this client (no or another cluster key)
 
 Catch by cause::
@@ -29,6 +30,7 @@ from dfship._native import (
     DfshipError,
     PayloadRefusedError,
     PlanningError,
+    StorageError,
     UdfLoadError,
     UdfRaisedError,
     UdfResultError,
@@ -41,6 +43,7 @@ __all__ = [
     "DfshipError",
     "PayloadRefusedError",
     "PlanningError",
+    "StorageError",
     "UdfLoadError",
     "UdfRaisedError",
     "UdfResultError",

@@ -235,12 +235,16 @@ pub enum ErrorKind {
     /// The query could not be planned: SQL, schema, configuration, or a
     /// by-name function no process provides.
     Planning,
+    /// An object store (S3, GCS, Azure, HTTP) failed or is not set up:
+    /// missing credentials, a missing bucket or object, an endpoint that
+    /// does not answer, a URL scheme no store serves.
+    Storage,
     /// Anything else (I/O, resources, internal errors).
     Other,
 }
 
 impl ErrorKind {
-    const TAGGED: [ErrorKind; 8] = [
+    const TAGGED: [ErrorKind; 9] = [
         ErrorKind::PayloadRefused,
         ErrorKind::VersionMismatch,
         ErrorKind::UdfLoadFailed,
@@ -249,6 +253,7 @@ impl ErrorKind {
         ErrorKind::WorkerLost,
         ErrorKind::Unauthenticated,
         ErrorKind::Planning,
+        ErrorKind::Storage,
     ];
 
     /// The short name in the tag, e.g. `payload-refused`.
@@ -262,6 +267,7 @@ impl ErrorKind {
             ErrorKind::WorkerLost => "worker-lost",
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::Planning => "planning",
+            ErrorKind::Storage => "storage",
             ErrorKind::Other => "other",
         }
     }
@@ -272,8 +278,9 @@ impl ErrorKind {
     }
 
     /// The kind of `error`: the first tag in its text (the outermost
-    /// dfship message), else `Planning` for DataFusion's planning variants,
-    /// else `Other`.
+    /// dfship message), else `Storage` for `object_store`'s errors (also
+    /// as text, from a worker), else `Planning` for DataFusion's planning
+    /// variants, else `Other`.
     pub fn of(error: &DataFusionError) -> ErrorKind {
         let text = error.to_string();
         let tagged = Self::TAGGED
@@ -283,7 +290,13 @@ impl ErrorKind {
         if let Some((_, kind)) = tagged {
             return kind;
         }
+        // DataFusion's display of an `object_store` error, also in the text
+        // of an error that came back from a worker.
+        if text.contains("Object Store error: ") {
+            return ErrorKind::Storage;
+        }
         match root(error) {
+            DataFusionError::ObjectStore(_) => ErrorKind::Storage,
             DataFusionError::Plan(_)
             | DataFusionError::SQL(..)
             | DataFusionError::SchemaError(..)

@@ -24,6 +24,7 @@ use url::Url;
 use crate::channel::{ChannelOptions, InlineUdfChannelResolver};
 use crate::encoder::InlineUdfEncoder;
 use crate::membership::{Membership, MembershipOptions, WorkerSource};
+use crate::object_stores::{runtime_env_with_object_stores, StorageOptions};
 use crate::retry::{QueryRetry, RetryPolicy};
 use crate::rpc_auth::RpcAuthenticator;
 use crate::task_lifetime::TASK_ID_HEADER;
@@ -98,6 +99,7 @@ impl InlineUdfs {
 pub struct PythonWorkerSessionBuilder {
     inline: InlineUdfs,
     by_name: Vec<Arc<ScalarUDF>>,
+    storage: StorageOptions,
 }
 
 impl PythonWorkerSessionBuilder {
@@ -111,7 +113,19 @@ impl PythonWorkerSessionBuilder {
         Self {
             inline: InlineUdfs::with_channel_options(options, channels),
             by_name: Vec::new(),
+            storage: StorageOptions::default(),
         }
+    }
+
+    /// Object stores (`s3://`, `gs://`, ...) this worker reads and writes with
+    /// `storage` over its environment (see [`StorageOptions`]).
+    pub fn with_storage_options(mut self, storage: StorageOptions) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    pub(crate) fn storage_options(&self) -> &StorageOptions {
+        &self.storage
     }
 
     pub(crate) fn inline(&self) -> &InlineUdfs {
@@ -226,6 +240,7 @@ pub struct ClusterContextBuilder {
     max_tasks_per_stage: Option<usize>,
     membership: MembershipOptions,
     retry: RetryPolicy,
+    storage: StorageOptions,
 }
 
 impl ClusterContextBuilder {
@@ -257,6 +272,7 @@ impl ClusterContextBuilder {
             max_tasks_per_stage: None,
             membership: MembershipOptions::default(),
             retry: RetryPolicy::default(),
+            storage: StorageOptions::default(),
         })
     }
 
@@ -343,6 +359,14 @@ impl ClusterContextBuilder {
         self
     }
 
+    /// Object stores (`s3://`, `gs://`, `az://`, `http(s)://`) this
+    /// coordinator lists and writes with `storage` over its environment;
+    /// workers use their own (see [`StorageOptions`]).
+    pub fn with_storage_options(mut self, storage: StorageOptions) -> Self {
+        self.storage = storage;
+        self
+    }
+
     pub fn build(self) -> Result<SessionContext> {
         let inline = self.inline.unwrap_or_else(|| InlineUdfs::new(self.options));
         let probes: Arc<dyn datafusion_distributed::ChannelResolver + Send + Sync> =
@@ -354,6 +378,10 @@ impl ClusterContextBuilder {
         let mut builder = inline.install(
             SessionStateBuilder::new()
                 .with_default_features()
+                .with_runtime_env(runtime_env_with_object_stores(
+                    self.storage,
+                    "the coordinator",
+                )?)
                 .with_config(self.config.with_extension(retry))
                 .with_query_planner(Arc::new(crate::prebuilt::PrebuiltAwareQueryPlanner))
                 // Window UDFs of their frame: one call per partition, also in

@@ -45,7 +45,12 @@ pub async fn serve_worker_with_drain(
         .cluster_key()
         .map(RpcAuthenticator::new);
     let payloads = PayloadServer::new(Arc::clone(builder.codec()), options.max_message_bytes);
-    let worker = Worker::from_session_builder(builder);
+    let node = match listener.local_addr() {
+        Ok(address) => format!("worker {address}"),
+        Err(_) => "this worker".to_string(),
+    };
+    let runtime = crate::runtime_env_with_object_stores(builder.storage_options().clone(), node)?;
+    let worker = Worker::from_session_builder(builder).with_runtime_env(runtime);
     // Task progress for coordinators (`GetTaskProgress`); this worker knows
     // no other workers, so `GetClusterWorkers` lists none.
     let observability = worker

@@ -76,6 +76,12 @@ create_exception!(
 );
 create_exception!(
     dfship._native,
+    StorageError,
+    DfshipError,
+    "An object store (S3, GCS, Azure, HTTP) failed or is not set up: missing credentials, a missing bucket or object, an endpoint that does not answer, or a URL scheme no store serves."
+);
+create_exception!(
+    dfship._native,
     WorkerLostError,
     DfshipError,
     "A worker stopped or became unreachable during the query."
@@ -103,6 +109,7 @@ fn to_py(error: DataFusionError) -> PyErr {
         ErrorKind::UdfRaised => UdfRaisedError::new_err(message),
         ErrorKind::UdfBadResult => UdfResultError::new_err(message),
         ErrorKind::WorkerLost => WorkerLostError::new_err(message),
+        ErrorKind::Storage => StorageError::new_err(message),
         ErrorKind::Unauthenticated => AuthenticationError::new_err(message),
         ErrorKind::Other => DfshipError::new_err(message),
     }
@@ -478,6 +485,12 @@ fn keyword(value: &Bound<'_, PyAny>) -> PyResult<dfship_settings::layers::Keywor
     if let Ok(items) = value.extract::<Vec<String>>() {
         return Ok(Keyword::List(items));
     }
+    // A mapping (`storage_options={"aws_region": "eu-west-1"}`) as KEY=VALUE items.
+    if let Ok(map) = value.extract::<std::collections::BTreeMap<String, String>>() {
+        return Ok(Keyword::List(
+            map.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        ));
+    }
     let path = value
         .py()
         .import("os")?
@@ -485,7 +498,7 @@ fn keyword(value: &Bound<'_, PyAny>) -> PyResult<dfship_settings::layers::Keywor
         .and_then(|p| p.extract::<String>());
     path.map(Keyword::Text).map_err(|_| {
         PlanningError::new_err(format!(
-            "a setting's value must be a bool, number, string, path or list of strings, got {}",
+            "a setting's value must be a bool, number, string, path, list of strings or dict of strings, got {}",
             value
                 .get_type()
                 .name()
@@ -549,6 +562,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UdfRaisedError", py.get_type::<UdfRaisedError>())?;
     m.add("UdfResultError", py.get_type::<UdfResultError>())?;
     m.add("WorkerLostError", py.get_type::<WorkerLostError>())?;
+    m.add("StorageError", py.get_type::<StorageError>())?;
     m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
     Ok(())
 }

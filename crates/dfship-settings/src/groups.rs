@@ -12,7 +12,7 @@ use dfship_codec::{
     ClusterKey, CodecOptions, PythonExecution, PythonMode, DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_WARN_PAYLOAD_BYTES,
 };
-use dfship_distributed::{ChannelOptions, TlsConfig, DEFAULT_MAX_MESSAGE_BYTES};
+use dfship_distributed::{ChannelOptions, StorageOptions, TlsConfig, DEFAULT_MAX_MESSAGE_BYTES};
 
 /// What only a worker process has: where it listens, what it registers by name.
 #[derive(Debug, Clone, Args, PartialEq)]
@@ -98,6 +98,44 @@ pub struct FunctionSettings {
     /// coordinators must agree.
     #[arg(long = "ffi-udf", env = "DFSHIP_FFI_UDFS", value_delimiter = ',')]
     pub ffi_udfs: Vec<String>,
+}
+
+/// Object stores (`s3://`, `gs://`, `az://`, `http(s)://`) tables and
+/// results may live in, besides local paths (both sides: each process
+/// resolves the stores its plans name from its own settings and
+/// environment, so credentials never travel in plans).
+#[derive(Debug, Clone, Args, PartialEq)]
+#[group(id = "storage")]
+pub struct StorageSettings {
+    /// An object store setting KEY=VALUE over the environment's AWS_*,
+    /// GOOGLE_*, AZURE_* variables (repeatable, or comma-separated):
+    /// object_store's keys with their store's prefix (aws_endpoint,
+    /// aws_region, aws_allow_http, google_service_account,
+    /// azure_storage_account_name...), client keys for every store
+    /// (allow_http, timeout, connect_timeout), max_retries, retry_timeout.
+    #[arg(
+        long = "storage-option",
+        env = "DFSHIP_STORAGE_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub storage_options: Vec<String>,
+
+    /// Let object stores without credentials ask the cloud's instance
+    /// metadata service (169.254.169.254) for an instance role's; off, a
+    /// store without credentials fails at once, saying what to set.
+    #[arg(
+        long, env = "DFSHIP_CLOUD_METADATA", num_args = 0..=1, require_equals = true,
+        default_value = "false", default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub cloud_metadata: bool,
+}
+
+impl StorageSettings {
+    /// The object store options these settings describe.
+    pub fn storage_options(&self) -> Result<StorageOptions> {
+        Ok(StorageOptions::parse(&self.storage_options)?.with_cloud_metadata(self.cloud_metadata))
+    }
 }
 
 /// The cluster key and what inline Python UDFs may be (both sides).

@@ -1,7 +1,7 @@
 //! Every dfship setting, declared once.
 //!
 //! Each field of the groups below (`WorkerSettings`, `FunctionSettings`,
-//! `SecuritySettings`, `PythonSettings`, `TransportSettings`,
+//! `SecuritySettings`, `PythonSettings`, `TransportSettings`, `StorageSettings`,
 //! `CoordinatorSettings`) is one setting, and its clap declaration is the
 //! one place its flag, environment variable, default and help are written.
 //! Everything else is derived from that declaration, by [`layers`]:
@@ -43,7 +43,7 @@ use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 
 pub use groups::{
     parse_bytes, parse_duration, parse_size, CoordinatorSettings, FunctionSettings, LogFormat,
-    PythonSettings, SecuritySettings, TransportSettings, WorkerSettings,
+    PythonSettings, SecuritySettings, StorageSettings, TransportSettings, WorkerSettings,
 };
 
 /// The settings file, a TOML file of `[group]` tables (see the crate docs).
@@ -76,6 +76,8 @@ pub struct WorkerOptions {
     #[command(flatten)]
     pub transport: TransportSettings,
     #[command(flatten)]
+    pub storage: StorageSettings,
+    #[command(flatten)]
     pub file: ConfigFile,
 }
 
@@ -94,6 +96,8 @@ pub struct CoordinatorOptions {
     pub python: PythonSettings,
     #[command(flatten)]
     pub transport: TransportSettings,
+    #[command(flatten)]
+    pub storage: StorageSettings,
     #[command(flatten)]
     pub file: ConfigFile,
 }
@@ -139,6 +143,7 @@ impl CoordinatorOptions {
         }
         let mut builder = ClusterContextBuilder::new(&self.coordinator.workers)?
             .with_config(config)
+            .with_storage_options(self.storage.storage_options()?)
             .with_inline_udfs(inline.clone());
         if let Some(bytes) = self.coordinator.bytes_per_partition {
             builder = builder.with_file_scan_bytes_per_partition(bytes.max(1));

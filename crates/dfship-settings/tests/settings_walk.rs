@@ -249,6 +249,22 @@ const TABLE: &[Row] = &[
         Some("5"),
         "1",
     ),
+    (
+        "storage_options",
+        "--storage-option",
+        "DFSHIP_STORAGE_OPTIONS",
+        "storage.options",
+        None,
+        "aws_endpoint=http://127.0.0.1:9000,aws_allow_http=true",
+    ),
+    (
+        "cloud_metadata",
+        "--cloud-metadata",
+        "DFSHIP_CLOUD_METADATA",
+        "storage.cloud_metadata",
+        Some("false"),
+        "true",
+    ),
     ("config", "--config", "DFSHIP_CONFIG", "", None, ""),
 ];
 

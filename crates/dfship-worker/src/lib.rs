@@ -99,10 +99,16 @@ pub async fn serve(
     channels: ChannelOptions,
     shutdown: impl std::future::Future<Output = Stop> + Send + 'static,
 ) -> Result<()> {
+    let storage = options.storage.storage_options()?;
+    if storage.keys().next().is_some() || storage.cloud_metadata {
+        let keys: Vec<&str> = storage.keys().collect();
+        tracing::info!(options = ?keys, cloud_metadata = storage.cloud_metadata, "object store settings");
+    }
     let mut builder = PythonWorkerSessionBuilder::with_channel_options(
         options.security.codec_options(key),
         channels,
-    );
+    )
+    .with_storage_options(storage);
     for spec in &options.functions.ffi_udfs {
         let udf = dfship_distributed::load_ffi_udf(spec)?;
         tracing::info!(udf = udf.name(), spec = spec.as_str(), "registered FFI UDF");
