@@ -25,6 +25,7 @@ from test_matrix import MATRIX, UDFS
 import dfship
 
 BUCKET = "dfship-test"
+TWICE = dfship.udf(lambda a: pc.multiply(a, 2), [pa.int64()], pa.int64(), "immutable", name="twice")
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +96,16 @@ def test_copy_to_s3_writes_a_result_that_reads_back(s3_cluster: dfship.LocalClus
 def test_a_single_parquet_file_over_http_with_range_requests(
     s3_cluster: dfship.LocalCluster, s3: S3Server, dataset: Path
 ) -> None:
-    # moto serves objects to anonymous GETs, Range requests included: a
-    # plain HTTP server of Parquet files, as a public bucket's URL is.
+    # A public object of moto's answers anonymous HEAD and Range GETs: a
+    # plain HTTP server of a Parquet file, as a public bucket's URL is.
+    s3.client.put_object_acl(Bucket=BUCKET, Key="facts/part-2.parquet", ACL="public-read")
     ctx = s3_cluster.context()
-    ctx.register_udf(dfship.udf(lambda a: pc.multiply(a, 2), [pa.int64()], pa.int64(), name="twice"))
+    ctx.register_udf(TWICE)
     ctx.register_parquet("part", f"{s3.endpoint}/{BUCKET}/facts/part-2.parquet")
     actual = ctx.sql("SELECT id, twice(id) AS t FROM part WHERE id % 7 = 0").collect()
     table = pq.read_table(dataset / "facts" / "part-2.parquet")
     ids = [i for i in table.column("id").to_pylist() if i % 7 == 0]
-    assert sorted_rows(actual) == sorted((i, 2 * i) for i in ids)
+    assert ids and sorted_rows(actual) == sorted(((i, 2 * i) for i in ids), key=repr)
 
 
 class RecordingProxy:
@@ -155,7 +157,7 @@ def test_credentials_never_travel_in_plans(s3_cluster: dfship.LocalCluster, s3: 
         ctx = dfship.ClusterContext(
             [p.url for p in proxies], bytes_per_partition=1, storage_options=s3.storage_options()
         )
-        ctx.register_udf(dfship.udf(lambda a: pc.multiply(a, 2), [pa.int64()], pa.int64(), name="twice"))
+        ctx.register_udf(TWICE)
         ctx.register_parquet("facts", f"s3://{BUCKET}/facts/")
         rows = ctx.sql("SELECT category, sum(twice(id)) AS s FROM facts GROUP BY category").collect()
         assert rows.num_rows == 4
