@@ -227,3 +227,33 @@ def test_a_coordinator_without_credentials_and_other_storage_mistakes_get_clear_
 
     with pytest.raises(dfship.PlanningError, match="unknown storage option 'aws_endpont'"):
         s3_cluster.context(storage_options={"aws_endpont": s3.endpoint})
+
+
+def test_a_datafusion_python_plan_naming_s3_runs_on_the_cluster(
+    s3_cluster: dfship.LocalCluster, s3: S3Server
+) -> None:
+    from datafusion import SessionContext
+    from datafusion.object_store import AmazonS3
+
+    # datafusion-python plans with its own store for the bucket; the plan
+    # names only the URL, which the coordinator and workers resolve anew.
+    local = SessionContext()
+    store = AmazonS3(
+        bucket_name=BUCKET,
+        region=s3.region,
+        access_key_id=s3.access_key,
+        secret_access_key=s3.secret_key,
+        endpoint=s3.endpoint,
+        allow_http=True,
+    )
+    local.register_object_store("s3://", store, BUCKET)
+    local.register_parquet("facts", f"s3://{BUCKET}/facts/")
+    query = "SELECT category, sum(id) AS s, count(*) AS c FROM facts WHERE id % 2 = 0 GROUP BY category"
+    plan = local.sql(query).logical_plan()
+    expected = local.sql(query).to_arrow_table()
+    ctx = s3_context(s3_cluster, s3)
+    distributed = ctx.execute_datafusion_plan(plan.to_bytes())
+    assert "Stage" in distributed.explain()
+    actual = distributed.collect()
+    assert expected.num_rows == 2  # even ids fall in cat_0 and cat_2
+    assert sorted_rows(actual) == sorted_rows(expected)
