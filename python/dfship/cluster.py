@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import os
 import queue
@@ -38,6 +39,16 @@ class LocalCluster:
     ``--cluster-key-file F``, ``--ffi-udf SPEC``...). ``env`` adds environment
     variables for the workers.
 
+    The workers are keyed by default: a fresh random cluster key per
+    cluster, in a file only this user can read (mode 0600, in a 0700
+    folder; never on a command line or in an environment), which workers
+    read with ``--cluster-key-file`` and :meth:`context` uses. Other users of
+    the machine reach the ports but every call they make is refused.
+    ``key=False`` starts workers without one (any local user can then run
+    code as you on them); a key given in ``worker_args`` or ``env`` is used
+    instead of a fresh one (pass it to :meth:`context` yourself).
+    :attr:`key_file` is the fresh key's path, while the cluster runs.
+
     ``tls=True`` generates an ephemeral certificate authority and a
     certificate for 127.0.0.1 in a temporary folder: the workers serve mutual
     TLS (``https://`` URLs) and :meth:`context` connects with the same files
@@ -51,6 +62,7 @@ class LocalCluster:
         worker_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         tls: bool = False,
+        key: bool = True,
         python: str | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
@@ -66,18 +78,26 @@ class LocalCluster:
         self._logs: dict[int, collections.deque[str]] = {}
         self.tls: dict[str, str] | None = None
         self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        given = any(a.split("=", 1)[0] == "--cluster-key-file" for a in self.worker_args) or any(
+            name in self.env for name in ("DFSHIP_CLUSTER_KEY", "DFSHIP_CLUSTER_KEY_FILE")
+        )
+        self._fresh_key = key and not given
+        self._key_dir: tempfile.TemporaryDirectory[str] | None = None
+        self.key_file: str | None = None
         if tls:
             from dfship import _native
 
             self._tls_dir = tempfile.TemporaryDirectory(prefix="dfship-tls-")
-            ca, cert, key = _native.generate_tls_files(self._tls_dir.name, ["localhost", "127.0.0.1"])
-            self.tls = {"ca": str(ca), "cert": str(cert), "key": str(key)}
+            ca, cert, tls_key = _native.generate_tls_files(self._tls_dir.name, ["localhost", "127.0.0.1"])
+            self.tls = {"ca": str(ca), "cert": str(cert), "key": str(tls_key)}
             self.worker_args += ["--tls-cert", self.tls["cert"], "--tls-key", self.tls["key"]]
             self.worker_args += ["--tls-ca", self.tls["ca"]]
 
     def start(self) -> LocalCluster:
         """Starts the workers and waits until each accepts connections."""
         try:
+            if self._fresh_key:
+                self._write_key()
             for _ in range(self.size):
                 process = self._spawn(0)
                 self._processes.append(process)
@@ -87,9 +107,19 @@ class LocalCluster:
             raise
         return self
 
+    def _write_key(self) -> None:
+        """A fresh random key in a new owner-only folder, written 0600 from its first byte."""
+        self._key_dir = tempfile.TemporaryDirectory(prefix="dfship-key-")
+        path = os.path.join(self._key_dir.name, "cluster.key")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(base64.b64encode(os.urandom(32)))
+        self.key_file = path
+
     def _spawn(self, port: int) -> subprocess.Popen[str]:
+        key = ["--cluster-key-file", self.key_file] if self.key_file else []
         return subprocess.Popen(
-            [self.python, "-m", "dfship", "worker", "--port", str(port), *self.worker_args],
+            [self.python, "-m", "dfship", "worker", "--port", str(port), *key, *self.worker_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -183,12 +213,18 @@ class LocalCluster:
                 process.wait()
         self._processes.clear()
         self.urls.clear()
+        if self._key_dir is not None:
+            self._key_dir.cleanup()
+            self._key_dir = None
+            self.key_file = None
 
     def context(self, **options: Any) -> Any:
         """A :class:`dfship.ClusterContext` for these workers (options as for it;
-        with ``tls=True``, the cluster's TLS files unless given)."""
+        the cluster's fresh key, and with ``tls=True`` its TLS files, unless given)."""
         from dfship.context import ClusterContext
 
+        if self.key_file and "cluster_key" not in options and "cluster_key_file" not in options:
+            options["cluster_key_file"] = self.key_file
         if self.tls is not None:
             options.setdefault("tls_ca", self.tls["ca"])
             options.setdefault("tls_cert", self.tls["cert"])

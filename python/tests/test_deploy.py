@@ -198,7 +198,8 @@ def test_the_demo_command_runs_every_query_on_a_real_cluster(where: str, tmp_pat
     with dfship.LocalCluster(workers=2) as cluster:
         workers = ",".join(cluster.urls)
         done = subprocess.run(
-            [sys.executable, "-m", "dfship", "demo", "--workers", workers, "--rows=3000", *data],
+            [sys.executable, "-m", "dfship", "demo", "--workers", workers, "--rows=3000", *data]
+            + ["--cluster-key-file", str(cluster.key_file)],
             capture_output=True,
             text=True,
             timeout=300,

@@ -155,7 +155,10 @@ def test_credentials_never_travel_in_plans(s3_cluster: dfship.LocalCluster, s3: 
     proxies = [RecordingProxy(url) for url in s3_cluster.urls]
     try:
         ctx = dfship.ClusterContext(
-            [p.url for p in proxies], bytes_per_partition=1, storage_options=s3.storage_options()
+            [p.url for p in proxies],
+            bytes_per_partition=1,
+            storage_options=s3.storage_options(),
+            cluster_key_file=s3_cluster.key_file,
         )
         ctx.register_udf(TWICE)
         ctx.register_parquet("facts", f"s3://{BUCKET}/facts/")

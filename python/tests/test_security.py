@@ -181,7 +181,8 @@ def test_udfs_do_not_see_the_key(dataset: Path, mode: str) -> None:
 
 
 def test_tls_keeps_out_plaintext_and_certificate_less_clients(dataset: Path) -> None:
-    with dfship.LocalCluster(workers=2, tls=True) as cluster:
+    # Mutual TLS alone (no key), so a call that passes TLS is answered.
+    with dfship.LocalCluster(workers=2, tls=True, key=False) as cluster:
         assert all(url.startswith("https://") for url in cluster.urls)
         assert cluster.tls is not None
         ctx = cluster.context(bytes_per_partition=1)
@@ -243,3 +244,37 @@ def test_invalid_results_are_refused_and_the_workers_keep_serving(
     with pytest.raises(dfship.UdfResultError, match=f"'{name}'"):
         ctx.sql(f"SELECT {name}(id) FROM facts").collect()
     assert ctx.sql("SELECT count(*) AS c FROM facts").collect().to_pylist() == [{"c": 2400}]
+
+
+def test_a_default_local_cluster_is_keyed_and_its_key_is_on_no_command_line(dataset: Path) -> None:
+    with dfship.LocalCluster(workers=2) as cluster:
+        assert cluster.key_file is not None
+        key_file = Path(cluster.key_file)
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.parent.stat().st_mode & 0o777 == 0o700
+        key = key_file.read_bytes().strip()
+        # Another local user's raw call, on every method: refused.
+        with grpc.insecure_channel(cluster.urls[0].removeprefix("http://")) as channel:
+            for path in METHODS:
+                assert call(channel, path) == grpc.StatusCode.UNAUTHENTICATED, path
+        # The cluster's own context holds the key and runs queries.
+        ctx = cluster.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        assert ctx.sql("SELECT count(*) AS n FROM facts").collect().to_pylist() == [{"n": 2400}]
+        # No process shows the key on its command line or in its environment.
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            for name in ("cmdline", "environ"):
+                try:
+                    text = (proc / name).read_bytes()
+                except OSError:
+                    continue
+                assert key not in text, f"the key is in /proc/{proc.name}/{name}"
+    assert not key_file.exists(), "the key file goes with the cluster"
+
+    # Opting out is explicit, and then a raw call is answered.
+    with dfship.LocalCluster(workers=1, key=False) as open_cluster:
+        assert open_cluster.key_file is None
+        with grpc.insecure_channel(open_cluster.urls[0].removeprefix("http://")) as channel:
+            assert call(channel, "/worker.WorkerService/GetWorkerInfo") == grpc.StatusCode.OK

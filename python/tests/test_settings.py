@@ -21,7 +21,8 @@ def test_cluster_context_takes_exactly_the_coordinator_settings() -> None:
     assert (keywords | {"workers"}) - {"cluster_key"} == declared
     for setting in dfship.settings():
         flag = "--" + setting["keyword"].replace("_", "-")
-        assert setting["flag"] == flag or setting["keyword"] == "ffi_udfs"
+        # Repeatable list flags are singular: --ffi-udf, --storage-option.
+        assert setting["flag"] == flag or setting["keyword"] in ("ffi_udfs", "storage_options")
         assert setting["env"] and setting["env"].startswith("DFSHIP_")
         assert setting["help"]
 

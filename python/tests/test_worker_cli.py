@@ -89,7 +89,8 @@ def test_health_readiness_and_metrics_of_a_worker(dataset: Path) -> None:
         assert get("/livez") == (200, "ok\n")
         assert get("/readyz") == (200, "ready\n")
         assert get("/nothing")[0] == 404
-        with dfship.LocalCluster(workers=1) as other:
+        # Unkeyed, like the worker started above.
+        with dfship.LocalCluster(workers=1, key=False) as other:
             ctx = dfship.ClusterContext([url, other.urls[0]], bytes_per_partition=1)
             ctx.register_parquet("facts", dataset / "facts")
             ctx.register_udf(
@@ -146,7 +147,8 @@ def test_json_logs_name_the_query_of_each_request(dataset: Path) -> None:
         assert worker.stdout is not None
         url = worker.stdout.readline().split(" on ")[1].strip()
         http = worker.stdout.readline().split(" on ")[1].strip()
-        with dfship.LocalCluster(workers=1) as other:
+        # Unkeyed, like the worker started above.
+        with dfship.LocalCluster(workers=1, key=False) as other:
             ctx = dfship.ClusterContext([url, other.urls[0]], bytes_per_partition=1)
             ctx.register_parquet("facts", dataset / "facts")
             ctx.register_udf(

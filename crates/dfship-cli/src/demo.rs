@@ -122,10 +122,15 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .and_then(|exe| exe.parent().map(|dir| dir.join("libdfship_ffi_example.so")))
         .filter(|library| library.exists())
         .map(|library| format!("{}:dfship_ffi_scalar_udf", library.display()));
-    let worker_args: Vec<String> = ffi_spec
+    let mut worker_args: Vec<String> = ffi_spec
         .iter()
         .flat_map(|spec| ["--ffi-udf".to_string(), spec.clone()])
         .collect();
+    // A fresh key for this cluster, in the dataset's folder (mkdtemp: this
+    // user's only), so other users of the machine cannot use the workers.
+    let key_file = dir.path().join("cluster.key");
+    let key = dfship_distributed::write_cluster_key_file(&key_file)?;
+    worker_args.extend(["--cluster-key-file".to_string(), key_file.display().to_string()]);
     let bar = spinner(format!("starting {} worker processes", args.workers));
     // Outside the dataset's temporary directory, so the logs outlive the
     // demo; a fresh folder of an unpredictable name, this user's only
@@ -155,7 +160,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let udf_file = dir.path().join("demo_udfs.py");
     std::fs::write(&udf_file, DEMO_UDFS)
         .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-    let inline = InlineUdfs::new(CodecOptions::default());
+    let inline = InlineUdfs::new(CodecOptions::default().with_optional_cluster_key(Some(key)));
     let mut builder = ClusterContextBuilder::new(&cluster.urls)?;
     if let Some(spec) = &ffi_spec {
         builder = builder.with_udf(dfship_distributed::load_ffi_udf(spec)?);

@@ -67,5 +67,5 @@ pub use retry::{collect, collect_with_progress, QueryRetry, RetryPolicy, RetrySt
 pub use rpc_auth::{RpcAuthLayer, RpcAuthenticator, SignedChannel, AUTH_HEADER, MAX_CLOCK_SKEW};
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
-pub use tls::{generate_tls_files, GeneratedTls, TlsConfig};
+pub use tls::{generate_tls_files, write_cluster_key_file, GeneratedTls, TlsConfig};
 pub use worker_server::{serve_worker, serve_worker_with_drain};

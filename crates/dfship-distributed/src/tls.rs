@@ -139,6 +139,20 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     file.write_all(text.as_bytes()).map_err(failed)
 }
 
+/// Writes a fresh random cluster key (32 bytes from the OS, as 64 hex
+/// digits) to `path`, readable by its owner only from the first byte, and
+/// returns it: for local clusters, whose workers read it with
+/// `--cluster-key-file` (a path on their command line, never the key).
+pub fn write_cluster_key_file(path: &Path) -> Result<dfship_codec::ClusterKey> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        DataFusionError::Execution(format!("cannot draw a random cluster key: {e}"))
+    })?;
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, &text)?;
+    dfship_codec::ClusterKey::new(text.into_bytes())
+}
+
 /// Writes a fresh certificate authority and one certificate signed by it,
 /// valid for `hosts` (names or IP addresses) and usable by servers and
 /// clients alike, into `dir` (`ca.pem`, `cert.pem`, `key.pem`; the key
