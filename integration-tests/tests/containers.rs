@@ -1188,7 +1188,10 @@ fn tables_and_results_on_s3_across_containers() {
         .iter()
         .filter(|w| {
             let logs = docker(&["logs", &cluster.container(w)]);
-            String::from_utf8_lossy(&logs.stderr).contains("store=s3://dfship/")
+            let text = String::from_utf8_lossy(&logs.stderr).into_owned()
+                + &String::from_utf8_lossy(&logs.stdout);
+            text.lines()
+                .any(|l| l.contains("object store ready") && l.contains("s3://dfship/"))
         })
         .count();
     assert!(readers >= 2, "the scan ran on {readers} of 3 workers");
