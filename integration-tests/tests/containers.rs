@@ -99,6 +99,19 @@ impl Cluster {
         )
         .unwrap();
         std::fs::write(data.join("keys/wrong.key"), "somebody else's secret").unwrap();
+        // Keys readable by their owner (root) only, as a deployment keeps
+        // them; a folder UDFs (run as nobody by root workers) may write to.
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["cluster.key", "wrong.key"] {
+            std::fs::set_permissions(
+                data.join("keys").join(key),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(data.join("drop")).unwrap();
+        std::fs::set_permissions(data.join("drop"), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
         prepare(&data);
         let mut cluster = Self {
             network: prefix.clone(),
@@ -768,7 +781,7 @@ fn a_cluster_with_a_key() {
         &["requires the cluster key"],
     );
 
-    let marker = cluster.data.join("unpickled.marker");
+    let marker = cluster.data.join("drop/unpickled.marker");
     let query = "SELECT marker(id) FROM facts";
     // Every RPC is refused before anything is decoded, let alone unpickled.
     let forged = cluster.sql(&all, "unpickle_marker.py", query, &wrong);
@@ -816,6 +829,32 @@ fn a_cluster_with_a_key() {
             "worker {worker} wrote no file for an unauthenticated client"
         );
     }
+
+    // A UDF hunting for the key in every ancestor's /proc files and in the
+    // key file the worker's command line names finds nothing: root workers
+    // run UDFs as nobody and are not dumpable, and the key file is root's
+    // (mode 0600); its path on the command line leads nowhere.
+    let hunt = cluster.sql(
+        &all,
+        "key_hunt.py",
+        "SELECT DISTINCT hunt(id) AS h FROM facts",
+        &right,
+    );
+    assert_ok(&hunt, "the key hunt");
+    assert!(
+        !hunt.stdout.contains("a shared secret for the cluster"),
+        "a UDF found the key:\n{}",
+        hunt.stdout
+    );
+    assert!(
+        hunt.stdout.contains("uid=65534")
+            && hunt
+                .stdout
+                .contains("/data/keys/cluster.key=PermissionError")
+            && hunt.stdout.contains("/environ=PermissionError"),
+        "UDFs ran as nobody and were refused the key file and the worker's environment:\n{}",
+        hunt.stdout
+    );
 
     // Control: signed with the right key, the payload is unpickled and runs its code.
     let _ = cluster.sql(&all, "unpickle_marker.py", query, &right);

@@ -94,7 +94,9 @@ class ClusterContext:
     default: runner processes of this interpreter, one per core unless
     ``python_runners`` says otherwise) or ``"in-process"``;
     ``udf_timeout`` (seconds per batch) and ``runner_memory_limit`` (bytes)
-    bound each runner. These settings are per process: every context in it
+    bound each runner; ``runner_user`` is the user runners run as (default:
+    ``nobody`` when this process runs as root, else its own user; ``"worker"``
+    keeps its own). These settings are per process: every context in it
     must use the same ones.
 
     ``tls_ca`` (PEM) makes connections TLS (worker URLs ``https://``),
@@ -153,6 +155,7 @@ class ClusterContext:
         runner_memory_limit: int | None = None,
         python_env: str | os.PathLike[str] | None = None,
         python_executable: str | os.PathLike[str] | None = None,
+        runner_user: str | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
@@ -182,6 +185,7 @@ class ClusterContext:
             "runner_memory_limit": runner_memory_limit,
             "python_env": _path(python_env),
             "python_executable": _path(python_executable),
+            "runner_user": runner_user,
             "tls_ca": _path(tls_ca),
             "tls_cert": _path(tls_cert),
             "tls_key": _path(tls_key),

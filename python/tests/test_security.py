@@ -8,10 +8,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import cloudpickle
 import datafusion
 import grpc
 import pyarrow as pa
@@ -20,6 +23,9 @@ import pytest
 from conftest import PLAN_FORMS, plan_in_form
 
 import dfship
+
+# Workers cannot import this module: its functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 KEY = "a shared secret of enough length"
 METHODS = {
@@ -278,3 +284,81 @@ def test_a_default_local_cluster_is_keyed_and_its_key_is_on_no_command_line(data
         assert open_cluster.key_file is None
         with grpc.insecure_channel(open_cluster.urls[0].removeprefix("http://")) as channel:
             assert call(channel, "/worker.WorkerService/GetWorkerInfo") == grpc.StatusCode.OK
+
+
+def hunt_for_the_key(values: pa.Array) -> pa.Array:
+    """What a hostile UDF can find: every ancestor's environment and command
+    line, and the key files those command lines name."""
+    import json
+    import os
+
+    report: dict[str, Any] = {"uid": os.getuid(), "read": {}, "key_files": [], "opened": {}}
+    pid = os.getpid()
+    while True:
+        for name in ("environ", "cmdline"):
+            try:
+                with open(f"/proc/{pid}/{name}", "rb") as source:
+                    data = source.read()
+            except OSError as error:
+                report["read"][f"{pid}/{name}"] = type(error).__name__
+                continue
+            report["read"][f"{pid}/{name}"] = data.decode(errors="replace")
+            parts = data.split(b"\0")
+            for i, part in enumerate(parts):
+                if part == b"--cluster-key-file" and i + 1 < len(parts):
+                    report["key_files"].append(parts[i + 1].decode())
+                elif part.startswith(b"--cluster-key-file="):
+                    report["key_files"].append(part.split(b"=", 1)[1].decode())
+        if pid <= 1:
+            break
+        with open(f"/proc/{pid}/stat") as stat:
+            pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+    for path in report["key_files"]:
+        try:
+            with open(path, "rb") as source:
+                report["opened"][path] = source.read().decode(errors="replace")
+        except OSError as error:
+            report["opened"][path] = type(error).__name__
+    return pa.array([json.dumps(report)] * len(values), pa.string())
+
+
+@pytest.mark.parametrize("where", ["environment", "file"])
+def test_a_udf_cannot_find_the_key_in_any_ancestor_or_key_file(dataset: Path, where: str) -> None:
+    import json
+
+    env = {"DFSHIP_CLUSTER_KEY": KEY} if where == "environment" else {}
+    with dfship.LocalCluster(workers=2, env=env) as cluster:
+        key = KEY if where == "environment" else Path(str(cluster.key_file)).read_text().strip()
+        options = {"cluster_key": KEY.encode()} if where == "environment" else {}
+        ctx = cluster.context(bytes_per_partition=1, **options)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(hunt_for_the_key, [pa.int64()], pa.string(), "volatile", name="hunt"))
+        reports = ctx.sql("SELECT DISTINCT hunt(id) AS r FROM facts").collect().column("r").to_pylist()
+        # The worker's own environment block no longer holds the key either
+        # (read here as the test's user, who may read it).
+        for pid in cluster.pids:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            assert key.encode() not in environ, f"worker {pid}'s environ still holds the key"
+        logs = "\n".join(line for i in range(2) for line in cluster.logs(i))
+    assert reports
+    for text in reports:
+        report = json.loads(text)
+        if where == "file":
+            assert report["key_files"], "the key file's path is on the worker's command line"
+        if report["uid"] != 0:
+            # UDFs run as another user (nobody, for a root worker): the
+            # worker's /proc files and the key file are closed to them.
+            worker_environ = [v for k, v in report["read"].items() if k.endswith("/environ")][1]
+            assert worker_environ == "PermissionError", report["read"]
+            assert set(report["opened"].values()) <= {"PermissionError"}, report["opened"]
+            assert key not in text, f"a UDF found the key: {text[:2000]}"
+        else:
+            # Root runners (this machine's Python lives where nobody cannot
+            # run it, e.g. under /root): the worker says so at start-up, and
+            # the key variable is still gone from its environment block.
+            assert "UDF runners run as root" in logs, logs[-3000:]
+            if where == "environment":
+                assert key not in text, f"a UDF found the key: {text[:2000]}"

@@ -130,7 +130,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     // user's only), so other users of the machine cannot use the workers.
     let key_file = dir.path().join("cluster.key");
     let key = dfship_distributed::write_cluster_key_file(&key_file)?;
-    worker_args.extend(["--cluster-key-file".to_string(), key_file.display().to_string()]);
+    worker_args.extend([
+        "--cluster-key-file".to_string(),
+        key_file.display().to_string(),
+    ]);
     let bar = spinner(format!("starting {} worker processes", args.workers));
     // Outside the dataset's temporary directory, so the logs outlive the
     // demo; a fresh folder of an unpredictable name, this user's only

@@ -112,9 +112,7 @@ impl ClusterKey {
     /// environment is not thread-safe) and before Python starts.
     pub fn take_from_env(var: &str) -> Result<Option<Self>> {
         let key = Self::from_env(var);
-        if std::env::var_os(var).is_some() {
-            std::env::remove_var(var);
-        }
+        erase_env_var(var);
         key
     }
 
@@ -155,6 +153,32 @@ impl ClusterKey {
     }
 }
 
+/// Removes `var` from this process's environment after overwriting its
+/// value where it lies. Removing a variable only unlinks it from `environ`:
+/// the string itself stays, and for a variable the process was started
+/// with it sits in the block the kernel shows as `/proc/<pid>/environ`.
+/// Call it before other threads start (the environment is not thread-safe).
+pub fn erase_env_var(var: &str) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `environ` is a null-terminated array of pointers to
+    // null-terminated strings that this process owns and may write; nothing
+    // else touches the environment while this runs (see above).
+    unsafe {
+        let mut entry = libc::environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = std::ffi::CStr::from_ptr(*entry).to_bytes();
+            if text.len() > var.len() && text.starts_with(var.as_bytes()) && text[var.len()] == b'='
+            {
+                let value = (*entry).add(var.len() + 1);
+                std::ptr::write_bytes(value, 0, text.len() - var.len() - 1);
+            }
+            entry = entry.add(1);
+        }
+    }
+    if std::env::var_os(var).is_some() {
+        std::env::remove_var(var);
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,7 +44,7 @@ mod task_binding;
 mod window_node;
 pub mod wire;
 
-pub use auth::{ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
+pub use auth::{erase_env_var, ClusterKey, CLUSTER_KEY_ENV, MIN_KEY_BYTES};
 pub use cache::{CacheStats, CallableCache, DEFAULT_CACHE_BYTES};
 pub use call_options::CallOptions;
 pub use codec::{KeptPayloads, PythonUdfCodec, BY_DIGEST_MIN_BYTES};
@@ -52,6 +52,8 @@ pub use declarations::{
     load_python_udfs_from_file, load_python_udfs_from_module, python_udf_from_declaration,
     PythonUdf,
 };
+/// The user runner processes run as (see [`PythonExecution::with_runner_user`]).
+pub use dfship_runtime::RunnerUser;
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{
     configure_python_execution, default_python, default_runners, end_task, label_task,

@@ -51,6 +51,159 @@ pub struct ProcessSettings {
     pub memory_limit: Option<u64>,
     /// Environment variables the runner must not inherit.
     pub env_remove: Vec<OsString>,
+    /// The user runners run as (`None`: this process's). A root process
+    /// running UDFs as an unprivileged user keeps what only it can read
+    /// (a cluster key file, its `/proc` files) out of their reach.
+    pub user: Option<RunnerUser>,
+}
+
+/// A user (and group) runner processes switch to before they exec Python.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunnerUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunnerUser {
+    /// `nobody`'s user and group (65534 where the name is unknown).
+    pub fn nobody() -> Self {
+        lookup_user("nobody").unwrap_or(Self {
+            uid: 65534,
+            gid: 65534,
+        })
+    }
+
+    /// Runners' user when none is configured: for a process running as
+    /// root, `nobody` if `nobody` can run `python` (every folder on its path
+    /// open to other users); else this process's own user (`None`). The
+    /// second value says why root keeps running UDFs, for a loud warning.
+    pub fn default_for(python: &std::path::Path) -> (Option<Self>, Option<String>) {
+        // SAFETY: geteuid cannot fail and touches no memory.
+        if unsafe { libc::geteuid() } != 0 {
+            return (None, None);
+        }
+        match closed_to_others(python) {
+            None => (Some(Self::nobody()), None),
+            Some(closed) => (
+                None,
+                Some(format!(
+                    "UDF runners run as root, so UDFs can read everything root can (the cluster \
+                     key file included): user nobody cannot run {} because {} is closed to \
+                     other users. Install Python and its environment where other users can \
+                     run them (e.g. /usr, /opt), or choose with --runner-user (a user, or \
+                     'worker' to keep root and silence this warning)",
+                    python.display(),
+                    closed.display()
+                )),
+            ),
+        }
+    }
+
+    /// A user given as a name (`nobody`), a number (`10002`, with that
+    /// user's group if it has an entry, else the same number) or
+    /// `UID:GID`; `worker` (or `same`) means this process's own user (`None`).
+    pub fn parse(spec: &str) -> Result<Option<Self>, String> {
+        let spec = spec.trim();
+        if spec.is_empty() || spec == "worker" || spec == "same" {
+            return Ok(None);
+        }
+        if let Some((uid, gid)) = spec.split_once(':') {
+            let number = |text: &str| {
+                text.trim().parse::<u32>().map_err(|_| {
+                    format!(
+                        "runner user '{spec}' is not UID:GID with two numbers, e.g. 10002:10002"
+                    )
+                })
+            };
+            return Ok(Some(Self {
+                uid: number(uid)?,
+                gid: number(gid)?,
+            }));
+        }
+        if let Ok(uid) = spec.parse::<u32>() {
+            let gid = lookup_uid(uid).map_or(uid, |user| user.gid);
+            return Ok(Some(Self { uid, gid }));
+        }
+        lookup_user(spec).map(Some).ok_or_else(|| {
+            format!(
+                "runner user '{spec}' is not a user of this machine: give a name from \
+                 /etc/passwd, a number (10002) or UID:GID, or 'worker' for the worker's own user"
+            )
+        })
+    }
+}
+
+/// The first folder (or the file) on the way to `python`, or to the file it
+/// links to, that other users cannot pass (no `o+x`; the file also `o+r`).
+fn closed_to_others(python: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let resolved = which(python).unwrap_or_else(|| python.to_path_buf());
+    let real = std::fs::canonicalize(&resolved).unwrap_or_else(|_| resolved.clone());
+    for path in [&resolved, &real] {
+        for ancestor in path.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() {
+                continue;
+            }
+            let mode = std::fs::metadata(ancestor).ok()?.permissions().mode();
+            if mode & 0o001 == 0 {
+                return Some(ancestor.to_path_buf());
+            }
+        }
+    }
+    let mode = std::fs::metadata(&real).ok()?.permissions().mode();
+    (mode & 0o005 != 0o005).then_some(real)
+}
+
+/// `name` found on the `PATH` when it has no `/`.
+fn which(name: &std::path::Path) -> Option<PathBuf> {
+    if name.components().count() > 1 || name.is_absolute() {
+        return Some(name.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+fn lookup_user(name: &str) -> Option<RunnerUser> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; the result points into
+    // `entry` and `buffer`, which outlive its use.
+    let status = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut entry,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    (status == 0 && !found.is_null()).then_some(RunnerUser {
+        uid: entry.pw_uid,
+        gid: entry.pw_gid,
+    })
+}
+
+fn lookup_uid(uid: u32) -> Option<RunnerUser> {
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: as in `lookup_user`.
+    let status = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut entry,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut found,
+        )
+    };
+    (status == 0 && !found.is_null()).then_some(RunnerUser {
+        uid: entry.pw_uid,
+        gid: entry.pw_gid,
+    })
 }
 
 impl Launcher {
@@ -172,6 +325,13 @@ fn spawn_process(settings: &ProcessSettings, runner_end: UnixStream) -> Result<C
     for name in &settings.env_remove {
         command.env_remove(name);
     }
+    if let Some(user) = settings.user {
+        // Another user: std drops supplementary groups, then sets the group
+        // and the user, before the `pre_exec` below (whose death signal
+        // must come after the user changes, which clears it). The worker's
+        // folder may be closed to that user: start in /.
+        command.uid(user.uid).gid(user.gid).current_dir("/");
+    }
     // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl, setrlimit)
     // between fork and exec.
     unsafe {
@@ -201,12 +361,20 @@ fn spawn_process(settings: &ProcessSettings, runner_end: UnixStream) -> Result<C
             Ok(())
         });
     }
-    let child = spawn_from_lasting_thread(command).map_err(|e| {
-        format!(
+    let child = spawn_from_lasting_thread(command).map_err(|e| match settings.user {
+        Some(user) => format!(
+            "cannot start a UDF runner with {} as user {}:{}: {e}; that user must be able to \
+             run the interpreter and read its environment (or set --runner-user, e.g. to \
+             'worker' to run UDFs as the worker's own user)",
+            settings.python.display(),
+            user.uid,
+            user.gid
+        ),
+        None => format!(
             "cannot start a UDF runner with {}: {e}; point --python-executable (or \
              --python-env) at a Python interpreter that has pyarrow and cloudpickle",
             settings.python.display()
-        )
+        ),
     })?;
     drop(runner_end);
     Ok(child)

@@ -26,6 +26,7 @@
 //!         python: "python3".into(),
 //!         memory_limit: None,
 //!         env_remove: Vec::new(),
+//!         user: None,
 //!     }),
 //! ));
 //! pool.warm_up().expect("runners start");
@@ -37,7 +38,9 @@ mod pool;
 pub mod protocol;
 mod scheduler;
 
-pub use launch::{describe_exit, InProcessRunner, Launcher, ProcessSettings, RUNNER_SOURCE};
+pub use launch::{
+    describe_exit, InProcessRunner, Launcher, ProcessSettings, RunnerUser, RUNNER_SOURCE,
+};
 pub use pool::{
     CallError, CallSpec, CancelToken, FunctionSpec, ObjectCall, PendingCall, PoolConfig, PoolStats,
     Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REPLY_BYTES,

@@ -154,6 +154,7 @@ fn a_runner_of_another_protocol_version_is_refused_with_a_clear_error() {
             python: script,
             memory_limit: None,
             env_remove: Vec::new(),
+            user: None,
         }),
     ));
     let error = pool.warm_up().unwrap_err();

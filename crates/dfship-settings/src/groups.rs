@@ -9,7 +9,7 @@ use clap::builder::BoolishValueParser;
 use clap::Args;
 use datafusion::error::{DataFusionError, Result};
 use dfship_codec::{
-    ClusterKey, CodecOptions, PythonExecution, PythonMode, DEFAULT_MAX_PAYLOAD_BYTES,
+    ClusterKey, CodecOptions, PythonExecution, PythonMode, RunnerUser, DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_WARN_PAYLOAD_BYTES,
 };
 use dfship_distributed::{ChannelOptions, StorageOptions, TlsConfig, DEFAULT_MAX_MESSAGE_BYTES};
@@ -197,6 +197,13 @@ pub struct PythonSettings {
     /// else `$VIRTUAL_ENV/bin/python`, else `python3`].
     #[arg(long, env = "DFSHIP_PYTHON_EXECUTABLE")]
     pub python_executable: Option<PathBuf>,
+
+    /// The user Python UDF runners run as: a name, a UID, UID:GID, or
+    /// `worker` for this process's own user [default: `nobody` when this
+    /// process runs as root (so UDFs cannot read what only root can: the
+    /// cluster key file, the worker's /proc files), else its own user].
+    #[arg(long, env = "DFSHIP_RUNNER_USER", value_parser = parse_runner_user)]
+    pub runner_user: Option<String>,
 }
 
 /// TLS and message limits of the connections between coordinator and workers.
@@ -276,9 +283,7 @@ impl SecuritySettings {
             None => ClusterKey::take_from_env(dfship_codec::CLUSTER_KEY_ENV)?,
         };
         // A key file wins; a variable set beside it must not linger either.
-        if std::env::var_os(dfship_codec::CLUSTER_KEY_ENV).is_some() {
-            std::env::remove_var(dfship_codec::CLUSTER_KEY_ENV);
-        }
+        dfship_codec::erase_env_var(dfship_codec::CLUSTER_KEY_ENV);
         Ok(key)
     }
 
@@ -310,7 +315,18 @@ impl PythonSettings {
         if let Some(python) = python {
             execution = execution.with_python(python);
         }
-        execution
+        let user = match &self.runner_user {
+            // Checked when parsed (`parse_runner_user`).
+            Some(spec) => RunnerUser::parse(spec).ok().flatten(),
+            None => {
+                let (user, warning) = RunnerUser::default_for(&execution.python);
+                if let Some(warning) = warning {
+                    tracing::warn!("{warning}");
+                }
+                user
+            }
+        };
+        execution.with_runner_user(user)
     }
 
     /// Sets this process up to run Python UDFs this way: the environment
@@ -356,6 +372,11 @@ impl CoordinatorSettings {
         }
         Ok(())
     }
+}
+
+/// A `--runner-user` value, checked (a user of this machine, a number, UID:GID or `worker`).
+fn parse_runner_user(text: &str) -> std::result::Result<String, String> {
+    RunnerUser::parse(text).map(|_| text.trim().to_string())
 }
 
 /// `"2.5GiB"` as `(2.5, "GiB")`; `None` when it does not start with a number.

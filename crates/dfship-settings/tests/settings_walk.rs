@@ -250,6 +250,14 @@ const TABLE: &[Row] = &[
         "1",
     ),
     (
+        "runner_user",
+        "--runner-user",
+        "DFSHIP_RUNNER_USER",
+        "python.runner_user",
+        None,
+        "10002:10002",
+    ),
+    (
         "storage_options",
         "--storage-option",
         "DFSHIP_STORAGE_OPTIONS",

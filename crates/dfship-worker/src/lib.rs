@@ -65,6 +65,21 @@ pub fn check_exposure(
     Ok(())
 }
 
+/// Makes this process non-dumpable (`PR_SET_DUMPABLE` 0): its `/proc`
+/// files that show memory (`environ`, `mem`, `maps`) become readable by
+/// root only and other processes of its user cannot attach to it, so a UDF
+/// runner cannot read the key or credentials out of it. (No core dumps
+/// either; attach profilers such as py-spy as root.)
+pub fn make_undumpable() {
+    // SAFETY: prctl with these arguments only changes a flag of this process.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "could not make the worker non-dumpable: processes of its user can read its memory"
+        );
+    }
+}
+
 /// Sets up Python UDF execution and, unless strict mode means Python UDFs
 /// never run here, checks it works now rather than at the first query: the
 /// runners start (pool), or the interpreter imports cloudpickle and pyarrow.
@@ -190,6 +205,7 @@ pub async fn shutdown_signal() -> Stop {
 /// Runs a worker process to completion: checks, bind, announce, serve.
 /// `key` comes from [`WorkerOptions::take_cluster_key`], called before.
 pub async fn run(options: WorkerOptions, key: Option<ClusterKey>) -> Result<()> {
+    make_undumpable();
     let channels = options.transport.channel_options()?;
     check_exposure(&options, key.as_ref(), &channels)?;
     prepare_python(&options)?;

@@ -1,4 +1,4 @@
-"""A UDF whose payload runs code when unpickled: it creates /data/unpickled.marker.
+"""A UDF whose payload runs code when unpickled: it creates /data/drop/unpickled.marker.
 Workers with a cluster key must refuse it unsigned or wrongly signed without unpickling."""
 
 import pyarrow as pa
@@ -11,7 +11,7 @@ class CreatesMarkerWhenUnpickled:
         return values
 
     def __reduce__(self):
-        return (open, ("/data/unpickled.marker", "w"))
+        return (open, ("/data/drop/unpickled.marker", "w"))
 
 
 marker = udf(CreatesMarkerWhenUnpickled(), [pa.int64()], pa.int64(), "immutable", name="marker")

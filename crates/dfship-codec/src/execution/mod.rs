@@ -100,6 +100,8 @@ pub struct PythonExecution {
     /// The Python interpreter runners run: an ordinary `python` of the
     /// environment whose packages UDFs import.
     pub python: PathBuf,
+    /// The user runner processes run as (pool only; `None`: this process's).
+    pub runner_user: Option<dfship_runtime::RunnerUser>,
 }
 
 impl Default for PythonExecution {
@@ -112,6 +114,7 @@ impl Default for PythonExecution {
             udf_timeout: None,
             runner_memory_limit: None,
             python: default_python(),
+            runner_user: None,
         }
     }
 }
@@ -137,6 +140,13 @@ impl PythonExecution {
         self
     }
 
+    /// Runner processes switch to `user` before they start Python (pool
+    /// only; a process running as root should not run UDFs as root).
+    pub fn with_runner_user(mut self, user: Option<dfship_runtime::RunnerUser>) -> Self {
+        self.runner_user = user;
+        self
+    }
+
     pub fn with_python(mut self, python: impl Into<PathBuf>) -> Self {
         self.python = python.into();
         self
@@ -148,6 +158,7 @@ impl PythonExecution {
                 python: self.python.clone(),
                 memory_limit: self.runner_memory_limit,
                 env_remove: vec![crate::auth::CLUSTER_KEY_ENV.into()],
+                user: self.runner_user,
             }),
             PythonMode::InProcess => Launcher::InProcess(in_process::runner()),
         };

@@ -105,6 +105,7 @@ pub fn pool(runners: usize, timeout: Option<Duration>) -> RunnerPool {
             python: python(),
             memory_limit: None,
             env_remove: Vec::new(),
+            user: None,
         }),
     );
     config.call_timeout = timeout;
