@@ -281,7 +281,20 @@ impl Cluster {
 
     /// [`Self::sql`] against worker URLs written out (e.g. `https://…`).
     fn sql_at(&self, workers: &str, udfs: &str, query: &str, extra: &[&str]) -> Run {
+        self.sql_on_table(workers, udfs, "/data/facts", query, extra)
+    }
+
+    /// [`Self::sql_at`] with the facts table at `location` (a folder or a URL).
+    fn sql_on_table(
+        &self,
+        workers: &str,
+        udfs: &str,
+        location: &str,
+        query: &str,
+        extra: &[&str],
+    ) -> Run {
         let udfs = format!("/udfs/{udfs}");
+        let table = format!("facts={location}");
         let mut args = vec![
             "dfship",
             "sql",
@@ -290,13 +303,13 @@ impl Cluster {
             "--udfs",
             &udfs,
             "--table",
-            "facts=/data/facts",
+            &table,
             "--bytes-per-partition",
             "1",
         ];
         args.extend(extra.iter().copied());
         args.push(query);
-        self.exec(&args, Duration::from_secs(120))
+        self.exec(&args, Duration::from_secs(180))
     }
 
     /// Writes the shared dataset (as the coordinator, into /data).
@@ -1123,19 +1136,6 @@ const S3_ENV: &[&str] = &[
 /// `dfship sql` on the coordinator with the facts table at `location`,
 /// knowing the S3 server from explicit storage options.
 fn sql_on(cluster: &Cluster, workers: &str, location: &str, query: &str) -> Run {
-    let table = format!("facts={location}");
-    let mut args = vec![
-        "dfship",
-        "sql",
-        "--workers",
-        workers,
-        "--udfs",
-        "/udfs/basic.py",
-        "--table",
-        &table,
-        "--bytes-per-partition",
-        "1",
-    ];
     let options: Vec<String> = S3_ENV
         .iter()
         .map(|pair| {
@@ -1147,9 +1147,8 @@ fn sql_on(cluster: &Cluster, workers: &str, location: &str, query: &str) -> Run 
             format!("--storage-option={key}={value}")
         })
         .collect();
-    args.extend(options.iter().map(String::as_str));
-    args.push(query);
-    cluster.exec(&args, Duration::from_secs(180))
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    cluster.sql_on_table(workers, "basic.py", location, query, &options)
 }
 
 #[test]

@@ -166,40 +166,34 @@ fn which(name: &std::path::Path) -> Option<PathBuf> {
 
 fn lookup_user(name: &str) -> Option<RunnerUser> {
     let name = std::ffi::CString::new(name).ok()?;
-    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; the result points into
-    // `entry` and `buffer`, which outlive its use.
-    let status = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut entry,
-            buffer.as_mut_ptr(),
-            buffer.len(),
-            &mut found,
-        )
-    };
-    (status == 0 && !found.is_null()).then_some(RunnerUser {
-        uid: entry.pw_uid,
-        gid: entry.pw_gid,
+    // SAFETY: `name` is a valid C string for the call.
+    passwd_entry(|entry, buffer, length, found| unsafe {
+        libc::getpwnam_r(name.as_ptr(), entry, buffer, length, found)
     })
 }
 
 fn lookup_uid(uid: u32) -> Option<RunnerUser> {
+    // SAFETY: plain values and the pointers `passwd_entry` hands over.
+    passwd_entry(|entry, buffer, length, found| unsafe {
+        libc::getpwuid_r(uid, entry, buffer, length, found)
+    })
+}
+
+/// The user and group of the `/etc/passwd` entry `lookup` finds (a
+/// `getpw*_r` call given the entry, a buffer, its length and the result).
+fn passwd_entry(
+    lookup: impl FnOnce(
+        *mut libc::passwd,
+        *mut libc::c_char,
+        usize,
+        *mut *mut libc::passwd,
+    ) -> libc::c_int,
+) -> Option<RunnerUser> {
+    // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids).
     let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buffer = vec![0 as libc::c_char; 16 * 1024];
     let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: as in `lookup_user`.
-    let status = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut entry,
-            buffer.as_mut_ptr(),
-            buffer.len(),
-            &mut found,
-        )
-    };
+    let status = lookup(&mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found);
     (status == 0 && !found.is_null()).then_some(RunnerUser {
         uid: entry.pw_uid,
         gid: entry.pw_gid,
