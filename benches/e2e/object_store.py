@@ -80,6 +80,15 @@ def timed(ctx: dfship.ClusterContext, runs: int) -> tuple[float, pa.Table]:
     return statistics.median(times), result
 
 
+def same_result(a: pa.Table, b: pa.Table) -> bool:
+    """Equal groups and counts; float sums equal up to summation order."""
+    rows_a, rows_b = a.to_pylist(), b.to_pylist()
+    return len(rows_a) == len(rows_b) and all(
+        x["g"] == y["g"] and x["c"] == y["c"] and abs(x["s"] - y["s"]) <= 1e-9 * abs(x["s"])
+        for x, y in zip(rows_a, rows_b, strict=True)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results")
@@ -108,7 +117,7 @@ def main() -> None:
                         ctx.register_udf(udf)
                         ctx.register_parquet("t", location)
                         measured[source], results[source] = timed(ctx, args.runs)
-                    if results["local"].to_pylist() != results["s3"].to_pylist():
+                    if not same_result(results["local"], results["s3"]):
                         raise SystemExit("the S3 and local results differ")
                     rows.append((workers, measured["local"], measured["s3"]))
         finally:
@@ -122,9 +131,11 @@ def main() -> None:
         f"files ({mb:.0f} MB), the vectorized UDF `scaled(v)` (pyarrow sqrt and multiply). "
         f"Median of {args.runs} runs after a warm-up, both sources in the same cluster, one "
         "after the other. The S3-compatible server is moto's (Python, objects in memory) on "
-        "127.0.0.1 of the same two-core machine.",
+        "127.0.0.1 of the same two-core machine. The query reads 3 of the 4 columns (Parquet "
+        "projection: ranged GETs of their column chunks), so the last column overstates the bytes "
+        "fetched.",
         "",
-        "| workers | local disk | S3 (moto) | S3 / local | S3 MB/s through the query |",
+        "| workers | local disk | S3 (moto) | S3 / local | files' MB / S3 query time |",
         "|---|---|---|---|---|",
     ]
     for workers, local, remote in rows:
