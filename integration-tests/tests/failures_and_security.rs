@@ -100,8 +100,28 @@ async fn keyed_workers_refuse_clients_without_the_key() {
     )
     .await;
     let error = query_error(&wrong, query).await.to_string();
+    // A coordinator with another key cannot tell these workers from
+    // impostors: it asks them to prove its key, and sends them nothing.
     assert!(
-        error.contains("does not match this worker's cluster key"),
+        error.contains("did not prove that it holds the cluster key")
+            && error.contains("does not match this process's cluster key")
+            && error.contains("nothing was sent to it"),
+        "{error}"
+    );
+
+    // Nor does a keyed coordinator send anything to a worker without a key.
+    let open =
+        InProcessCluster::start(2, PythonWorkerSessionBuilder::new(CodecOptions::default())).await;
+    let keyed_to_open = triple_context(
+        &open.urls,
+        CodecOptions::default().with_cluster_key(key(7)),
+        dir.path(),
+    )
+    .await;
+    let error = query_error(&keyed_to_open, query).await.to_string();
+    assert!(
+        error.contains("did not prove that it holds the cluster key")
+            && error.contains("without an identity"),
         "{error}"
     );
 

@@ -37,28 +37,72 @@ METHODS = {
 }
 
 
-def proof(key: str, path: str, millis: int, nonce: bytes) -> str:
+def rpc_key(key: str | bytes) -> bytes:
+    raw = key.encode() if isinstance(key, str) else key
+    return hmac.new(raw, b"dfship-rpc-auth-v1", hashlib.sha256).digest()
+
+
+def proof(key: str | bytes, path: str, millis: int, nonce: bytes, worker: bytes) -> str:
     """The documented proof (crates/dfship-distributed/src/rpc_auth.rs), computed here independently."""
-    rpc_key = hmac.new(key.encode(), b"dfship-rpc-auth-v1", hashlib.sha256).digest()
-    message = b"dfship-rpc\nv1\n" + path.encode() + b"\n" + str(millis).encode() + b"\n" + nonce
-    tag = hmac.new(rpc_key, message, hashlib.sha256).hexdigest()
-    return f"v1.{millis}.{nonce.hex()}.{tag}"
+    message = b"dfship-rpc\nv2\n" + path.encode() + b"\n" + str(millis).encode() + b"\n" + nonce + worker
+    tag = hmac.new(rpc_key(key), message, hashlib.sha256).hexdigest()
+    return f"v2.{millis}.{nonce.hex()}.{worker.hex()}.{tag}"
+
+
+def tagged(key: str | bytes, nonce: bytes, messages: list[bytes]) -> list[bytes]:
+    """The request messages with the tag each carries (crates/dfship-distributed/src/signed_body.rs)."""
+    out = []
+    for index, message in enumerate(messages):
+        prefix = b"\x00" + len(message).to_bytes(4, "big")
+        covered = b"dfship-frame\nv2\n" + nonce + index.to_bytes(8, "little") + prefix + message
+        out.append(message + hmac.new(rpc_key(key), covered, hashlib.sha256).digest())
+    return out
+
+
+def hello(channel: grpc.Channel, key: str | bytes) -> bytes:
+    """Asks a worker who it is and checks its answer; its worker id."""
+    challenge = os.urandom(16)
+    _, call_ = channel.unary_unary("/dfship.Auth/Hello").with_call(
+        b"", metadata=[("dfship-hello", challenge.hex())], timeout=10
+    )
+    answer = dict(call_.initial_metadata())["dfship-identity"]
+    worker_hex, tag = answer.split(".")
+    worker = bytes.fromhex(worker_hex)
+    expected = hmac.new(rpc_key(key), b"dfship-hello\nv1\n" + challenge + worker, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(tag, expected), "the worker proved the key"
+    return worker
+
+
+def signed(key: str | bytes, path: str, worker: bytes, messages: list[bytes] | None = None) -> dict[str, Any]:
+    """A fresh proof and tagged messages for one call of `path` on `worker`."""
+    nonce = os.urandom(16)
+    return {
+        "metadata": [("dfship-auth", proof(key, path, now_millis(), nonce, worker))],
+        "messages": tagged(key, nonce, [b""] if messages is None else messages),
+    }
 
 
 def now_millis() -> int:
     return int(time.time() * 1000)
 
 
-def call(channel: grpc.Channel, path: str, metadata: list[tuple[str, str]] | None = None) -> grpc.StatusCode:
-    """Calls `path` with an empty message; the status code it ends with."""
-    kind = METHODS[path]
+def call(
+    channel: grpc.Channel,
+    path: str,
+    metadata: list[tuple[str, str]] | None = None,
+    messages: list[bytes] | None = None,
+    kind: str | None = None,
+) -> grpc.StatusCode:
+    """Calls `path` with `messages` (one empty message by default); the status code it ends with."""
+    kind = kind or METHODS[path]
+    messages = [b""] if messages is None else messages
     try:
         if kind == "unary_unary":
-            channel.unary_unary(path)(b"", metadata=metadata, timeout=10)
+            channel.unary_unary(path)(messages[0], metadata=metadata, timeout=10)
         elif kind == "unary_stream":
-            list(channel.unary_stream(path)(b"", metadata=metadata, timeout=10))
+            list(channel.unary_stream(path)(messages[0], metadata=metadata, timeout=10))
         else:
-            list(channel.stream_stream(path)(iter([b""]), metadata=metadata, timeout=10))
+            list(channel.stream_stream(path)(iter(messages), metadata=metadata, timeout=10))
     except grpc.RpcError as error:
         return error.code()
     return grpc.StatusCode.OK
@@ -72,12 +116,15 @@ def keyed() -> Iterator[dfship.LocalCluster]:
 
 def test_every_method_refuses_a_client_without_the_key(keyed: dfship.LocalCluster) -> None:
     with grpc.insecure_channel(keyed.urls[0].removeprefix("http://")) as channel:
+        worker = hello(channel, KEY)
         for path in METHODS:
             assert call(channel, path) == grpc.StatusCode.UNAUTHENTICATED, path
-            wrong = proof("another secret of enough length", path, now_millis(), os.urandom(16))
-            assert call(channel, path, [("dfship-auth", wrong)]) == grpc.StatusCode.UNAUTHENTICATED, path
-            garbage = [("dfship-auth", "v1.0.00.00")]
+            wrong = signed("another secret of enough length", path, worker)
+            assert call(channel, path, **wrong) == grpc.StatusCode.UNAUTHENTICATED, path
+            garbage = [("dfship-auth", "v2.0.00.00.00")]
             assert call(channel, path, garbage) == grpc.StatusCode.UNAUTHENTICATED, path
+            old_version = [("dfship-auth", "v1.0.00.00")]
+            assert call(channel, path, old_version) == grpc.StatusCode.UNAUTHENTICATED, path
 
 
 def test_a_flood_of_refused_requests_with_long_paths_logs_little(keyed: dfship.LocalCluster) -> None:
@@ -102,18 +149,38 @@ def test_a_flood_of_refused_requests_with_long_paths_logs_little(keyed: dfship.L
     assert len(logs) <= dfship.cluster.LOG_LINES
 
 
-def test_a_captured_proof_cannot_be_replayed(keyed: dfship.LocalCluster) -> None:
+def test_a_proof_opens_one_worker_once_for_one_body(keyed: dfship.LocalCluster) -> None:
     path = "/worker.WorkerService/GetWorkerInfo"
-    with grpc.insecure_channel(keyed.urls[0].removeprefix("http://")) as channel:
-        fresh = [("dfship-auth", proof(KEY, path, now_millis(), os.urandom(16)))]
-        assert call(channel, path, fresh) == grpc.StatusCode.OK, "a valid proof passes"
-        assert call(channel, path, fresh) == grpc.StatusCode.UNAUTHENTICATED, "but only once"
-        old = [("dfship-auth", proof(KEY, path, now_millis() - 10 * 60 * 1000, os.urandom(16)))]
-        assert call(channel, path, old) == grpc.StatusCode.UNAUTHENTICATED, "and not after the window"
-        other = [
-            ("dfship-auth", proof(KEY, "/worker.WorkerService/ExecuteTask", now_millis(), os.urandom(16)))
-        ]
-        assert call(channel, path, other) == grpc.StatusCode.UNAUTHENTICATED, "nor for another method"
+    with (
+        grpc.insecure_channel(keyed.urls[0].removeprefix("http://")) as first,
+        grpc.insecure_channel(keyed.urls[1].removeprefix("http://")) as second,
+    ):
+        worker = hello(first, KEY)
+        assert hello(second, KEY) != worker, "each worker has its own identity"
+        fresh = signed(KEY, path, worker)
+        assert call(first, path, **fresh) == grpc.StatusCode.OK, "a valid proof passes"
+        assert call(first, path, **fresh) == grpc.StatusCode.UNAUTHENTICATED, "but only once"
+        assert call(second, path, **signed(KEY, path, worker)) == grpc.StatusCode.UNAUTHENTICATED, (
+            "and only on the worker it names"
+        )
+        nonce = os.urandom(16)
+        old = [("dfship-auth", proof(KEY, path, now_millis() - 10 * 60 * 1000, nonce, worker))]
+        assert call(first, path, old, tagged(KEY, nonce, [b""])) == grpc.StatusCode.UNAUTHENTICATED, (
+            "and not after the window"
+        )
+        other = signed(KEY, "/worker.WorkerService/ExecuteTask", worker)
+        assert call(first, path, **other) == grpc.StatusCode.UNAUTHENTICATED, "nor for another method"
+        # The body is bound to the proof: another message, a message tagged
+        # for another request, or one without a tag are refused.
+        altered = signed(KEY, path, worker)
+        altered["messages"] = [b"\x08\x01" + altered["messages"][0]]
+        assert call(first, path, **altered) == grpc.StatusCode.UNAUTHENTICATED, "nor with another body"
+        foreign = signed(KEY, path, worker)
+        foreign["messages"] = signed(KEY, path, worker)["messages"]
+        assert call(first, path, **foreign) == grpc.StatusCode.UNAUTHENTICATED, "nor another request's body"
+        bare = signed(KEY, path, worker)
+        bare["messages"] = [b""]
+        assert call(first, path, **bare) == grpc.StatusCode.UNAUTHENTICATED, "nor an untagged body"
 
 
 def test_the_keyed_coordinator_runs_queries(keyed: dfship.LocalCluster, dataset: Path) -> None:

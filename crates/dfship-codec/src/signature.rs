@@ -5,11 +5,9 @@
 //! and the return field as a one-field IPC schema stream. This keeps nested
 //! types, nullability and field metadata (extension types) exact.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, Field, FieldRef, Schema};
-use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::StreamWriter;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::Volatility;
@@ -137,56 +135,15 @@ fn schema_to_ipc(schema: &Schema) -> Result<Vec<u8>> {
 }
 
 fn schema_from_ipc(name: &str, what: &str, bytes: &[u8]) -> Result<Schema, UdfPayloadError> {
-    let malformed = |detail: String| UdfPayloadError::Malformed {
-        name: name.to_string(),
-        detail: format!("the {what} is not a valid Arrow IPC schema stream ({detail})"),
-    };
-    // arrow-ipc allocates a message's declared length before reading it: a
-    // 1 KB frame could make a worker allocate 2 GB (found by the
-    // `decode_payload` fuzz target).
-    check_message_length(bytes).map_err(malformed)?;
-    // arrow-ipc 59 verifies the flatbuffer but then unwraps optional parts
-    // of it (e.g. a schema without its fields vector panics in
-    // `fb_to_schema`; also found by the fuzzer). Bytes from the wire must
-    // never panic a worker, so contain it.
-    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        StreamReader::try_new(Cursor::new(bytes), None)
-            .map(|reader| reader.schema().as_ref().clone())
-    }));
-    match parsed {
-        Ok(Ok(schema)) => Ok(schema),
-        Ok(Err(e)) => Err(malformed(e.to_string())),
-        Err(panic) => Err(malformed(format!(
-            "arrow-ipc rejected it with a panic: {}",
-            panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default()
-        ))),
-    }
-}
-
-/// The first IPC message must fit in `bytes`: a continuation marker
-/// (0xFFFFFFFF) and a little-endian i32 length, or a legacy bare length.
-fn check_message_length(bytes: &[u8]) -> Result<(), String> {
-    let word = |at: usize| {
-        bytes
-            .get(at..at + 4)
-            .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-    };
-    let (declared, header) = match word(0) {
-        Some(-1) => (word(4), 8),
-        other => (other, 4),
-    };
-    let declared = declared.ok_or_else(|| "shorter than an IPC message header".to_string())?;
-    let available = bytes.len().saturating_sub(header);
-    if declared < 0 || declared as usize > available {
-        return Err(format!(
-            "its first message declares {declared} bytes but only {available} follow"
-        ));
-    }
-    Ok(())
+    // Bytes from the wire: decoded without panics and without allocating
+    // what they declare before it is there (see `decode_stream`; both were
+    // found by the `decode_payload` fuzz target).
+    dfship_runtime::protocol::decode_stream(bytes.to_vec())
+        .map(|(schema, _)| schema.as_ref().clone())
+        .map_err(|detail| UdfPayloadError::Malformed {
+            name: name.to_string(),
+            detail: format!("the {what} is not a valid Arrow IPC schema stream ({detail})"),
+        })
 }
 
 /// The one-byte volatility code of our frame.

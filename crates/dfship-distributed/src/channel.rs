@@ -381,9 +381,21 @@ impl InlineUdfChannelResolver {
                 self.options.connect_timeout
             ))
         })?;
-        let limited = LimitedChannel::new(channel, self.options.max_message_bytes);
+        let mut limited = LimitedChannel::new(channel, self.options.max_message_bytes);
         Ok(match &self.auth {
-            Some(auth) => BoxCloneSyncChannel::new(SignedChannel::new(limited, auth.clone())),
+            Some(auth) => {
+                // Nothing signed goes to an endpoint before it proves it
+                // holds the key (`rpc_auth`).
+                let worker = crate::rpc_auth::challenge_endpoint(
+                    &mut limited,
+                    auth,
+                    url.as_str(),
+                    self.options.connect_timeout,
+                )
+                .await
+                .map_err(DataFusionError::Execution)?;
+                BoxCloneSyncChannel::new(SignedChannel::new(limited, auth.clone(), worker))
+            }
             None => BoxCloneSyncChannel::new(limited),
         })
     }

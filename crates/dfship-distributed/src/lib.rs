@@ -43,6 +43,7 @@ mod retry;
 mod routing;
 mod rpc_auth;
 mod session;
+mod signed_body;
 mod task_lifetime;
 mod tls;
 mod worker_errors;
@@ -64,7 +65,10 @@ pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
 pub use progress::{stages_of, ProgressCallback, QueryProgress, StageProgress};
 pub use query_span::{QuerySpanLayer, QUERY_HEADER};
 pub use retry::{collect, collect_with_progress, QueryRetry, RetryPolicy, RetryStats};
-pub use rpc_auth::{RpcAuthLayer, RpcAuthenticator, SignedChannel, AUTH_HEADER, MAX_CLOCK_SKEW};
+pub use rpc_auth::{
+    challenge_endpoint, RpcAuthLayer, RpcAuthenticator, SignedChannel, WorkerId, AUTH_HEADER,
+    HELLO_HEADER, HELLO_PATH, IDENTITY_HEADER, MAX_CLOCK_SKEW,
+};
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
 pub use tls::{generate_tls_files, write_cluster_key_file, GeneratedTls, TlsConfig};

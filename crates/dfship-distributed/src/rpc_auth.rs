@@ -1,4 +1,5 @@
-//! Every RPC to a keyed worker carries a proof of the cluster key.
+//! Every RPC to a keyed worker carries a proof of the cluster key, made for
+//! that worker and bound to what the request carries.
 //!
 //! The cluster key signs Python UDF payloads; on its own that protects
 //! pickles, not the worker: a client without the key could still reach
@@ -9,19 +10,42 @@
 //! channels (coordinator to worker, and worker to worker for shuffles) add
 //! the proof to each request.
 //!
-//! The proof, in the `dfship-auth` metadata entry, is
-//! `v1.<unix milliseconds>.<nonce: 32 hex>.<tag: 64 hex>` where
-//! `tag = HMAC-SHA256(rpc key, "dfship-rpc\nv1\n" + method path + "\n" +
-//! milliseconds + "\n" + nonce)` and the rpc key is
-//! `HMAC-SHA256(cluster key, "dfship-rpc-auth-v1")`. The key itself never
-//! travels. A worker accepts a timestamp within [`MAX_CLOCK_SKEW`] of its
-//! clock and each nonce once (a replay cache remembers them for as long as
-//! their timestamp is acceptable), and compares tags in constant time.
+//! Three messages, all HMAC-SHA256 under the rpc key
+//! `HMAC-SHA256(cluster key, "dfship-rpc-auth-v1")` (the key itself never
+//! travels):
 //!
-//! What it does not do: hide or protect the bytes of a request — a proof
-//! binds the method, not the body, so someone who can read and alter
-//! traffic in flight can replace a body within the same request. That is
-//! what TLS (`--tls-*`) is for.
+//! - **Identity challenge.** Before a client sends anything signed to an
+//!   endpoint, it asks it to prove it holds the key: a `POST
+//!   /dfship.Auth/Hello` with a fresh 16-byte challenge in `dfship-hello`,
+//!   answered with `dfship-identity: <worker id: 32 hex>.<tag: 64 hex>`,
+//!   `tag = HMAC(rpc key, "dfship-hello\nv1\n" + challenge + worker id)`.
+//!   An endpoint that cannot answer (an impostor, a stale DNS record, a typo
+//!   in the worker list, a worker with another key) gets nothing else: no
+//!   proof, no plan. The worker id is `HMAC(rpc key, "dfship-worker-id\n" +
+//!   host name + ":" + port)[..16]`: the worker computes and checks it, it
+//!   does not depend on the names clients reach the worker by, and it stays
+//!   the same when the worker restarts on its host and port.
+//! - **Request proof**, in `dfship-auth`: `v2.<unix ms>.<nonce: 32
+//!   hex>.<worker id: 32 hex>.<tag: 64 hex>`, `tag = HMAC(rpc key,
+//!   "dfship-rpc\nv2\n" + method path + "\n" + ms + "\n" + nonce + worker
+//!   id)`. A worker refuses a proof that names another worker, a timestamp
+//!   beyond [`MAX_CLOCK_SKEW`] of its clock, and a nonce it has seen (a
+//!   replay cache keeps each for as long as its timestamp is acceptable);
+//!   tags are compared in constant time.
+//! - **Message tags** (`crate::signed_body`): every gRPC message of the
+//!   request body (a `SetPlanRequest` in the bidirectional
+//!   `CoordinatorChannel` stream as much as a unary request) is followed by
+//!   `HMAC(rpc key, "dfship-frame\nv2\n" + nonce + message index (u64 LE) +
+//!   the message's 5-byte gRPC prefix + the message)`, checked and removed
+//!   by the worker before tonic decodes it. So a body is bound to the proof
+//!   of its request (its nonce) and to its place in the stream: a harvested
+//!   proof with another body, messages reordered, dropped at the end or
+//!   taken from another request are refused.
+//!
+//! What it does not do: hide the bytes (TLS, `--tls-*`, does), or authenticate
+//! responses beyond the identity challenge. A relay that forwards everything
+//! both ways to a real worker is a man in the middle: it can read traffic and
+//! drop it, not alter or replay it; only TLS keeps it from reading.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -55,6 +79,8 @@ pub struct RpcAuthenticator {
     key: Arc<ClusterKey>,
     skew: Duration,
     seen: Arc<Mutex<ReplayCache>>,
+    /// A worker's own identity (set by [`Self::for_worker`]).
+    identity: Option<WorkerId>,
 }
 
 /// The nonces of accepted proofs, each kept until its proof can no longer
@@ -124,20 +150,38 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// What a tag covers: a fixed prefix, the method, the time and the nonce.
-fn signed_parts<'a>(path: &'a str, millis: &'a str, nonce: &'a [u8; 16]) -> [&'a [u8]; 6] {
+/// What a request proof covers: a fixed prefix, the method, the time, the
+/// nonce and the worker it is for.
+fn signed_parts<'a>(
+    path: &'a str,
+    millis: &'a str,
+    nonce: &'a [u8; 16],
+    worker: &'a WorkerId,
+) -> [&'a [u8]; 7] {
     [
-        b"dfship-rpc\nv1\n",
+        b"dfship-rpc\nv2\n",
         path.as_bytes(),
         b"\n",
         millis.as_bytes(),
         b"\n",
         nonce,
+        worker,
     ]
 }
 
+/// The path of the identity challenge (answered by [`RpcAuthLayer`] itself).
+pub const HELLO_PATH: &str = "/dfship.Auth/Hello";
+/// The request entry that carries the challenge.
+pub const HELLO_HEADER: &str = "dfship-hello";
+/// The response entry that carries the answer.
+pub const IDENTITY_HEADER: &str = "dfship-identity";
+
+/// What a worker is known by: 16 bytes it derives from the key and its host
+/// name and port, and proves in the identity challenge.
+pub type WorkerId = [u8; 16];
+
 impl RpcAuthenticator {
-    /// Proofs for `cluster_key`.
+    /// Proofs for `cluster_key`, as a client makes them.
     pub fn new(cluster_key: &ClusterKey) -> Self {
         let derived = cluster_key.derive(RPC_KEY_PURPOSE);
         Self {
@@ -147,31 +191,86 @@ impl RpcAuthenticator {
             ),
             skew: MAX_CLOCK_SKEW,
             seen: Arc::default(),
+            identity: None,
         }
     }
 
-    fn tag(&self, path: &str, millis: u64, nonce: &[u8; 16]) -> [u8; 32] {
+    /// A worker's authenticator: it answers identity challenges as the
+    /// worker `name` (its host name and port) and accepts only proofs made
+    /// for that identity.
+    pub fn for_worker(cluster_key: &ClusterKey, name: &str) -> Self {
+        let mut auth = Self::new(cluster_key);
+        let derived = auth.key.sign(&[b"dfship-worker-id\n", name.as_bytes()]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&derived[..16]);
+        auth.identity = Some(id);
+        auth
+    }
+
+    /// This worker's identity, if it is a worker's authenticator.
+    pub fn identity(&self) -> Option<WorkerId> {
+        self.identity
+    }
+
+    pub(crate) fn key(&self) -> &Arc<ClusterKey> {
+        &self.key
+    }
+
+    fn tag(&self, path: &str, millis: u64, nonce: &[u8; 16], worker: &WorkerId) -> [u8; 32] {
         let millis = millis.to_string();
-        self.key.sign(&signed_parts(path, &millis, nonce))
+        self.key.sign(&signed_parts(path, &millis, nonce, worker))
     }
 
-    /// A fresh proof for a request to `path` (e.g. `/worker.WorkerService/ExecuteTask`).
-    pub fn proof(&self, path: &str) -> String {
+    /// A fresh proof for a request to `path` (e.g.
+    /// `/worker.WorkerService/ExecuteTask`) on `worker`, and its nonce (which
+    /// the request's message tags use).
+    pub fn proof(&self, path: &str, worker: &WorkerId) -> (String, [u8; 16]) {
         let nonce = *uuid::Uuid::new_v4().as_bytes();
-        self.proof_at(path, now_millis(), &nonce)
+        (self.proof_at(path, now_millis(), &nonce, worker), nonce)
     }
 
-    /// The proof for `path` at a given time with a given nonce.
-    pub fn proof_at(&self, path: &str, millis: u64, nonce: &[u8; 16]) -> String {
+    /// The proof for `path` on `worker` at a given time with a given nonce.
+    pub fn proof_at(&self, path: &str, millis: u64, nonce: &[u8; 16], worker: &WorkerId) -> String {
         format!(
-            "v1.{millis}.{}.{}",
+            "v2.{millis}.{}.{}.{}",
             hex(nonce),
-            hex(&self.tag(path, millis, nonce))
+            hex(worker),
+            hex(&self.tag(path, millis, nonce, worker))
         )
     }
 
-    /// Checks the proof of a request to `path`; says why it is refused.
-    pub fn verify(&self, path: &str, proof: Option<&HeaderValue>) -> Result<(), String> {
+    /// A fresh identity challenge.
+    pub fn challenge() -> [u8; 16] {
+        *uuid::Uuid::new_v4().as_bytes()
+    }
+
+    /// A worker's answer to `challenge`, or `None` for a client's authenticator.
+    pub fn answer(&self, challenge: &[u8; 16]) -> Option<String> {
+        let id = self.identity?;
+        let tag = self.key.sign(&[b"dfship-hello\nv1\n", challenge, &id]);
+        Some(format!("{}.{}", hex(&id), hex(&tag)))
+    }
+
+    /// The identity `answer` proves for `challenge`; says why it proves none.
+    pub fn check_answer(&self, challenge: &[u8; 16], answer: &str) -> Result<WorkerId, String> {
+        let (id, tag) = answer
+            .split_once('.')
+            .ok_or_else(|| "its answer is not <id>.<tag>".to_string())?;
+        let id: WorkerId = unhex(id).ok_or_else(|| "its id is not 32 hex digits".to_string())?;
+        let tag: [u8; 32] = unhex(tag).ok_or_else(|| "its tag is not 64 hex digits".to_string())?;
+        if self
+            .key
+            .verify(&[b"dfship-hello\nv1\n", challenge, &id], &tag)
+        {
+            Ok(id)
+        } else {
+            Err("its answer does not match this process's cluster key".to_string())
+        }
+    }
+
+    /// Checks the proof of a request to `path` on this worker; returns its
+    /// nonce (for the message tags) or says why it is refused.
+    pub fn verify(&self, path: &str, proof: Option<&HeaderValue>) -> Result<[u8; 16], String> {
         let proof = proof.ok_or_else(|| {
             "this worker requires the cluster key: the request carries no proof of it \
              (dfship-auth); configure the same cluster key on this client"
@@ -181,34 +280,57 @@ impl RpcAuthenticator {
             .to_str()
             .map_err(|_| "the proof of the cluster key is not ASCII".to_string())?;
         let mut parts = text.split('.');
-        let (Some("v1"), Some(millis), Some(nonce), Some(tag), None) = (
+        let (Some(version), Some(millis), Some(nonce), Some(worker), Some(tag), None) = (
+            parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
         ) else {
-            return Err(
-                "the proof of the cluster key is malformed (expected v1.time.nonce.tag)"
-                    .to_string(),
-            );
+            return Err(if text.starts_with("v1.") {
+                "the proof is of version 1, which this worker no longer accepts: the client \
+                 runs an older dfship; run the same dfship version on every process"
+                    .to_string()
+            } else {
+                "the proof of the cluster key is malformed (expected v2.time.nonce.worker.tag)"
+                    .to_string()
+            });
         };
+        if version != "v2" {
+            return Err(format!(
+                "the proof is of version '{}', this worker accepts v2; run the same dfship \
+                 version on every process",
+                version.chars().take(8).collect::<String>().escape_debug()
+            ));
+        }
         let millis: u64 = millis
             .parse()
             .map_err(|_| "the proof's timestamp is not a number".to_string())?;
         let nonce: [u8; 16] =
             unhex(nonce).ok_or_else(|| "the proof's nonce is not 32 hex digits".to_string())?;
+        let worker: WorkerId = unhex(worker)
+            .ok_or_else(|| "the proof's worker id is not 32 hex digits".to_string())?;
         let tag: [u8; 32] =
             unhex(tag).ok_or_else(|| "the proof's tag is not 64 hex digits".to_string())?;
-        if !self
-            .key
-            .verify(&signed_parts(path, &millis.to_string(), &nonce), &tag)
-        {
+        if !self.key.verify(
+            &signed_parts(path, &millis.to_string(), &nonce, &worker),
+            &tag,
+        ) {
             return Err(
                 "the proof does not match this worker's cluster key; coordinator and workers \
                  must use the same key"
                     .to_string(),
             );
+        }
+        if let Some(own) = self.identity.filter(|own| *own != worker) {
+            return Err(format!(
+                "the proof was made for worker {}, and this is worker {}: a request meant for \
+                 another worker (replayed, or sent to a stale address); the client asks this \
+                 address who it is again on its next connection",
+                hex(&worker),
+                hex(&own)
+            ));
         }
         let now = now_millis();
         let skew = self.skew.as_millis() as u64;
@@ -223,22 +345,29 @@ impl RpcAuthenticator {
         self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .admit(nonce, now, 2 * skew + 1)
+            .admit(nonce, now, 2 * skew + 1)?;
+        Ok(nonce)
     }
 }
 
-/// The worker side: refuses, before reading its body, any request without
-/// a valid proof (every method of every service on the server).
+/// The worker side: answers identity challenges, and refuses, before
+/// reading its body, any request without a valid proof (every method of
+/// every service on the server); checks the message tags of the body.
 #[derive(Debug, Clone, Default)]
 pub struct RpcAuthLayer {
     auth: Option<RpcAuthenticator>,
+    max_message_bytes: usize,
 }
 
 impl RpcAuthLayer {
     /// `None`: no key, every request passes (a worker that refuses to listen
-    /// beyond loopback without `--insecure`, see `dfship-worker`).
-    pub fn new(auth: Option<RpcAuthenticator>) -> Self {
-        Self { auth }
+    /// beyond loopback without `--insecure`, see `dfship-worker`). `auth`
+    /// should be a worker's ([`RpcAuthenticator::for_worker`]).
+    pub fn new(auth: Option<RpcAuthenticator>, max_message_bytes: usize) -> Self {
+        Self {
+            auth,
+            max_message_bytes,
+        }
     }
 }
 
@@ -249,6 +378,7 @@ impl<S> Layer<S> for RpcAuthLayer {
         RpcAuthService {
             inner,
             auth: self.auth.clone(),
+            max_message_bytes: self.max_message_bytes,
         }
     }
 }
@@ -258,6 +388,7 @@ impl<S> Layer<S> for RpcAuthLayer {
 pub struct RpcAuthService<S> {
     inner: S,
     auth: Option<RpcAuthenticator>,
+    max_message_bytes: usize,
 }
 
 impl<S> Service<http::Request<tonic::body::Body>> for RpcAuthService<S>
@@ -275,20 +406,51 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        if let Some(auth) = &self.auth {
-            let path = request.uri().path().to_string();
-            if let Err(why) = auth.verify(&path, request.headers().get(AUTH_HEADER)) {
+        let Some(auth) = &self.auth else {
+            return Box::pin(self.inner.call(request));
+        };
+        let path = request.uri().path().to_string();
+        if path == HELLO_PATH {
+            let challenge = request
+                .headers()
+                .get(HELLO_HEADER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(unhex::<16>);
+            let reply = match challenge.and_then(|challenge| auth.answer(&challenge)) {
+                Some(answer) => {
+                    let mut headers = http::HeaderMap::new();
+                    if let Ok(value) = HeaderValue::from_str(&answer) {
+                        headers.insert(IDENTITY_HEADER, value);
+                    }
+                    crate::signed_body::empty_reply(headers)
+                }
+                None => tonic::Status::invalid_argument(format!(
+                    "{} an identity challenge needs {HELLO_HEADER}: 32 hex digits",
+                    dfship_codec::ErrorKind::Unauthenticated.tag()
+                ))
+                .into_http(),
+            };
+            return Box::pin(async move { Ok(reply) });
+        }
+        match auth.verify(&path, request.headers().get(AUTH_HEADER)) {
+            Ok(nonce) => {
+                let key = Arc::clone(auth.key());
+                let limit = self.max_message_bytes;
+                let request =
+                    request.map(|body| crate::signed_body::verify(body, key, nonce, limit));
+                Box::pin(self.inner.call(request))
+            }
+            Err(why) => {
                 let refused = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                log_refusal(&path, &why.to_string(), refused);
+                log_refusal(&path, &why, refused);
                 let refused = tonic::Status::unauthenticated(format!(
                     "{} {why}",
                     dfship_codec::ErrorKind::Unauthenticated.tag()
                 ))
                 .into_http();
-                return Box::pin(async move { Ok(refused) });
+                Box::pin(async move { Ok(refused) })
             }
         }
-        Box::pin(self.inner.call(request))
     }
 }
 
@@ -327,16 +489,23 @@ pub fn refused_requests() -> u64 {
     REFUSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The client side: adds a fresh proof to every request of a channel.
+/// The client side: adds a fresh proof for `worker` to every request of a
+/// channel, and tags its messages. Build it with [`verified_channel`], which
+/// learns `worker` from the endpoint's answer to an identity challenge.
 #[derive(Debug, Clone)]
 pub struct SignedChannel<S> {
     inner: S,
     auth: RpcAuthenticator,
+    worker: WorkerId,
 }
 
 impl<S> SignedChannel<S> {
-    pub fn new(inner: S, auth: RpcAuthenticator) -> Self {
-        Self { inner, auth }
+    pub fn new(inner: S, auth: RpcAuthenticator, worker: WorkerId) -> Self {
+        Self {
+            inner,
+            auth,
+            worker,
+        }
     }
 }
 
@@ -353,12 +522,68 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        let proof = self.auth.proof(request.uri().path());
+        let (proof, nonce) = self.auth.proof(request.uri().path(), &self.worker);
         if let Ok(value) = HeaderValue::from_str(&proof) {
             request.headers_mut().insert(AUTH_HEADER, value);
         }
-        self.inner.call(request)
+        let key = Arc::clone(self.auth.key());
+        self.inner
+            .call(request.map(|body| crate::signed_body::sign(body, key, nonce)))
     }
+}
+
+/// Asks the endpoint behind `channel` (at `url`, for messages) to prove it
+/// holds the cluster key, within `timeout`; the identity it proved. Nothing
+/// signed is sent before it answers.
+pub async fn challenge_endpoint<S>(
+    channel: &mut S,
+    auth: &RpcAuthenticator,
+    url: &str,
+    timeout: Duration,
+) -> Result<WorkerId, String>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
+    S::Error: std::fmt::Display,
+{
+    use tower::ServiceExt;
+    let challenge = RpcAuthenticator::challenge();
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(HELLO_PATH)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .header(HELLO_HEADER, hex(&challenge))
+        .body(tonic::body::Body::empty())
+        .map_err(|e| format!("cannot build the identity challenge: {e}"))?;
+    let not_proved = |why: String| {
+        format!(
+            "{} the endpoint {url} did not prove that it holds the cluster key ({why}); nothing \
+             was sent to it. It is not a worker of this cluster: a wrong or stale address in the \
+             worker list, a worker started with another key or without one, or an impostor",
+            dfship_codec::ErrorKind::Unauthenticated.tag()
+        )
+    };
+    let response = tokio::time::timeout(timeout, async {
+        channel.ready().await?.call(request).await
+    })
+    .await
+    .map_err(|_| not_proved(format!("no answer within {timeout:?}")))?
+    .map_err(|e| not_proved(format!("the challenge failed: {e}")))?;
+    let answer = match response.headers().get(IDENTITY_HEADER) {
+        Some(answer) => answer
+            .to_str()
+            .map_err(|_| not_proved("its answer is not ASCII".to_string()))?
+            .to_string(),
+        None => {
+            let status = tonic::Status::from_header_map(response.headers())
+                .map(|status| format!("{:?}: {}", status.code(), status.message()))
+                .unwrap_or_else(|| format!("HTTP {}", response.status()));
+            return Err(not_proved(format!(
+                "it answered without an identity ({status})"
+            )));
+        }
+    };
+    auth.check_answer(&challenge, &answer).map_err(not_proved)
 }
 
 #[cfg(test)]
@@ -375,15 +600,67 @@ mod tests {
         HeaderValue::from_str(text).unwrap()
     }
 
+    fn worker(byte: u8, name: &str) -> RpcAuthenticator {
+        RpcAuthenticator::for_worker(&ClusterKey::new(vec![byte; 32]).unwrap(), name)
+    }
+
+    /// A client's proof for the worker `name`.
+    fn proof_for(byte: u8, name: &str, path: &str) -> HeaderValue {
+        let id = worker(byte, name).identity().unwrap();
+        header(&auth(byte).proof(path, &id).0)
+    }
+
     #[test]
     fn a_fresh_proof_passes_once() {
-        let worker = auth(1);
-        let proof = header(&auth(1).proof(PATH));
-        assert_eq!(worker.verify(PATH, Some(&proof)), Ok(()));
+        let worker = worker(1, "a:1");
+        let proof = proof_for(1, "a:1", PATH);
+        assert!(worker.verify(PATH, Some(&proof)).is_ok());
         assert!(worker
             .verify(PATH, Some(&proof))
             .unwrap_err()
             .contains("replayed"));
+    }
+
+    #[test]
+    fn a_proof_opens_only_the_worker_it_was_made_for() {
+        let (a, b) = (worker(1, "host-a:7000"), worker(1, "host-b:7000"));
+        assert_ne!(a.identity(), b.identity());
+        assert_eq!(
+            a.identity(),
+            worker(1, "host-a:7000").identity(),
+            "an identity survives a restart in place"
+        );
+        let for_a = proof_for(1, "host-a:7000", PATH);
+        let refused = b.verify(PATH, Some(&for_a)).unwrap_err();
+        assert!(refused.contains("made for worker"), "{refused}");
+        assert!(a.verify(PATH, Some(&for_a)).is_ok());
+    }
+
+    #[test]
+    fn only_a_key_holder_answers_the_identity_challenge() {
+        let client = auth(1);
+        let challenge = RpcAuthenticator::challenge();
+        let real = worker(1, "a:1");
+        let answer = real.answer(&challenge).unwrap();
+        assert_eq!(
+            client.check_answer(&challenge, &answer),
+            Ok(real.identity().unwrap())
+        );
+        // An answer relayed from another challenge, or made with another key.
+        let other = RpcAuthenticator::challenge();
+        assert!(client.check_answer(&other, &answer).is_err());
+        let impostor = worker(2, "a:1").answer(&challenge).unwrap();
+        assert!(client.check_answer(&challenge, &impostor).is_err());
+        // A claimed identity with a made-up tag.
+        let forged = format!("{}.{}", hex(&real.identity().unwrap()), "0".repeat(64));
+        assert!(client.check_answer(&challenge, &forged).is_err());
+        for garbage in ["", ".", "zz.zz", "00.00"] {
+            assert!(
+                client.check_answer(&challenge, garbage).is_err(),
+                "{garbage}"
+            );
+        }
+        assert_eq!(client.answer(&challenge), None, "a client has no identity");
     }
 
     #[test]
@@ -411,21 +688,40 @@ mod tests {
 
     #[test]
     fn missing_wrong_key_other_method_stale_and_garbage_proofs_are_refused() {
-        let worker = auth(1);
+        let worker = worker(1, "a:1");
+        let id = worker.identity().unwrap();
         assert!(worker.verify(PATH, None).unwrap_err().contains("no proof"));
-        let wrong_key = header(&auth(2).proof(PATH));
+        let wrong_key = header(&auth(2).proof(PATH, &id).0);
         assert!(worker
             .verify(PATH, Some(&wrong_key))
             .unwrap_err()
             .contains("does not match"));
-        let other_method = header(&auth(1).proof("/worker.WorkerService/ExecuteTask"));
+        let other_method = header(&auth(1).proof("/worker.WorkerService/ExecuteTask", &id).0);
         assert!(worker.verify(PATH, Some(&other_method)).is_err());
-        let stale = header(&auth(1).proof_at(PATH, now_millis() - 10 * 60 * 1000, &[3; 16]));
+        let stale = header(&auth(1).proof_at(PATH, now_millis() - 10 * 60 * 1000, &[3; 16], &id));
         assert!(worker
             .verify(PATH, Some(&stale))
             .unwrap_err()
             .contains("clock"));
-        for garbage in ["", "v1", "v2.1.2.3", "v1.x.y.z", "v1.1.00.00", "v1.1.2.3.4"] {
+        let old = format!(
+            "v1.{}.{}.{}",
+            now_millis(),
+            "00".repeat(16),
+            "00".repeat(32)
+        );
+        assert!(worker
+            .verify(PATH, Some(&header(&old)))
+            .unwrap_err()
+            .contains("version 1"));
+        for garbage in [
+            "",
+            "v1",
+            "v2.1.2.3",
+            "v2.x.y.z.w",
+            "v2.1.00.00.00",
+            "v2.1.2.3.4.5",
+            "v3.1.2.3.4",
+        ] {
             assert!(
                 worker.verify(PATH, Some(&header(garbage))).is_err(),
                 "{garbage}"

@@ -39,15 +39,23 @@ pub async fn serve_worker_with_drain(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let options: ChannelOptions = builder.inline().channel_options().clone();
+    let local = listener.local_addr().ok();
+    // The identity this worker proves to clients: its host name and port
+    // (so it survives a restart in place, and differs between workers).
+    let identity = format!(
+        "{}:{}",
+        host_name(),
+        local.map_or(0, |address| address.port())
+    );
     let auth = builder
         .codec()
         .options()
         .cluster_key()
-        .map(RpcAuthenticator::new);
+        .map(|key| RpcAuthenticator::for_worker(key, &identity));
     let payloads = PayloadServer::new(Arc::clone(builder.codec()), options.max_message_bytes);
-    let node = match listener.local_addr() {
-        Ok(address) => format!("worker {address}"),
-        Err(_) => "this worker".to_string(),
+    let node = match local {
+        Some(address) => format!("worker {address}"),
+        None => "this worker".to_string(),
     };
     let runtime = crate::runtime_env_with_object_stores(builder.storage_options().clone(), node)?;
     let worker = Worker::from_session_builder(builder).with_runtime_env(runtime);
@@ -73,7 +81,7 @@ pub async fn serve_worker_with_drain(
         })?;
     }
     server
-        .layer(RpcAuthLayer::new(auth))
+        .layer(RpcAuthLayer::new(auth, options.max_message_bytes))
         .layer(DrainLayer(drain))
         .layer(TaskLifetimeLayer)
         .layer(crate::QuerySpanLayer)
@@ -101,4 +109,14 @@ impl datafusion_distributed::WorkerResolver for NoWorkers {
     fn get_urls(&self) -> Result<Vec<url::Url>> {
         Ok(Vec::new())
     }
+}
+
+/// This host's name (the kernel's), or "localhost".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string())
 }

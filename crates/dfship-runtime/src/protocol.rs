@@ -9,12 +9,12 @@
 //! | body`. The module docs of the runner describe each body. This module is
 //! pure bytes and Arrow IPC: nothing here touches a process or an interpreter.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::array::{ArrayData, ArrayRef, RecordBatch, RecordBatchOptions};
-use arrow::datatypes::{Field, FieldRef, Schema};
-use arrow::ipc::reader::StreamReader;
+use arrow::buffer::Buffer;
+use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
+use arrow::ipc::reader::StreamDecoder;
 use arrow::ipc::writer::StreamWriter;
 use bytes::Bytes;
 
@@ -237,20 +237,75 @@ pub fn aggregate_head(object: u64, create: bool, op: u8, count: u64, take: bool)
     Bytes::from(head)
 }
 
-/// The one column of a RESULT stream and its field (which carries an
-/// extension type's metadata). arrow-ipc validates what it decodes (buffer
-/// sizes, offsets, UTF-8); the caller checks it against the signature.
-pub fn decode_result(bytes: Vec<u8>) -> Result<(FieldRef, ArrayData), String> {
-    let mut reader = StreamReader::try_new(Cursor::new(bytes), None)
-        .map_err(|e| format!("its result is not an Arrow IPC stream ({e})"))?;
-    let batch = match reader.next() {
-        Some(Ok(batch)) => batch,
-        Some(Err(e)) => return Err(format!("its result batch is not valid Arrow data ({e})")),
-        None => return Err("its result stream holds no batch".to_string()),
-    };
-    if reader.next().is_some() {
-        return Err("its result stream holds more than one batch".to_string());
+/// The end-of-stream marker of an Arrow IPC stream.
+const END_OF_STREAM: [u8; 8] = [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+
+/// A whole Arrow IPC stream held in memory, decoded as bytes from an
+/// untrusted peer must be: its schema and every batch, validated.
+///
+/// Two things of arrow-ipc 59 make its `StreamReader` unfit for such bytes,
+/// and this avoids both:
+/// - it allocates a message's declared body length before reading it, so a
+///   few bytes declaring 2^60 could abort the process; the push decoder
+///   used here grows its buffer only with bytes that really came;
+/// - it unwraps optional parts of a verified flatbuffer (a schema without
+///   its fields vector panics in `fb_to_schema`): any panic is caught here
+///   and becomes an error.
+pub fn decode_stream(bytes: Vec<u8>) -> Result<(SchemaRef, Vec<RecordBatch>), String> {
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        // arrow-ipc 59's push decoder leaves a message whose body is empty
+        // (a schema) undecoded when it ends exactly at the end of the bytes,
+        // until more bytes come: a stream without its end-of-stream marker
+        // (pyarrow's `Schema.serialize()`) gets one.
+        let mut bytes = bytes;
+        if !bytes.ends_with(&END_OF_STREAM) {
+            bytes.extend_from_slice(&END_OF_STREAM);
+        }
+        let mut buffer = Buffer::from_vec(bytes);
+        let mut decoder = StreamDecoder::new();
+        let mut batches = Vec::new();
+        while !buffer.is_empty() {
+            match decoder.decode(&mut buffer).map_err(|e| e.to_string())? {
+                Some(batch) => batches.push(batch),
+                None => break,
+            }
+        }
+        decoder.finish().map_err(|e| e.to_string())?;
+        let schema = decoder
+            .schema()
+            .ok_or_else(|| "the stream holds no schema".to_string())?;
+        Ok((schema, batches))
+    }));
+    match decoded {
+        Ok(decoded) => decoded,
+        Err(panic) => Err(format!(
+            "arrow-ipc rejected it with a panic: {}",
+            panic_text(panic.as_ref())
+        )),
     }
+}
+
+/// The message of a caught panic.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}
+
+/// The one column of a RESULT stream and its field (which carries an
+/// extension type's metadata). The stream is decoded by [`decode_stream`]
+/// (validated, no panic, no allocation beyond the bytes received); the
+/// caller checks the column against the signature.
+pub fn decode_result(bytes: Vec<u8>) -> Result<(FieldRef, ArrayData), String> {
+    let (_, mut batches) = decode_stream(bytes)
+        .map_err(|e| format!("its result is not a valid Arrow IPC stream ({e})"))?;
+    let batch = match batches.len() {
+        1 => batches.remove(0),
+        0 => return Err("its result stream holds no batch".to_string()),
+        _ => return Err("its result stream holds more than one batch".to_string()),
+    };
     if batch.num_columns() != 1 {
         return Err(format!(
             "its result batch has {} columns instead of 1",
@@ -275,7 +330,9 @@ pub fn parse_done(body: &[u8]) -> Result<u64, String> {
 mod tests {
     use super::*;
     use arrow::array::{Int64Array, StringArray};
+    use arrow::ipc::reader::StreamReader;
     use std::collections::HashMap;
+    use std::io::Cursor;
 
     #[test]
     fn headers_round_trip() {

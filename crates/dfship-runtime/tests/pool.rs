@@ -628,3 +628,139 @@ fn a_starving_call_reserves_a_runner_that_objects_keep_busy() {
     );
     pump.join().unwrap();
 }
+
+/// A UDF that answers its own call with `body` (hex) as a RESULT, through
+/// the runner's socket, before the runner answers it again honestly.
+fn forging(name: &str, body: &[u8]) -> Arc<dfship_runtime::FunctionSpec> {
+    let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
+    Arc::new(function(
+        name,
+        &format!(
+            "import sys, os, struct\n\
+             BODY = bytes.fromhex('{hex}')\n\
+             def forge(xs):\n\
+             \x20   request = sys._getframe(1).f_locals['request']\n\
+             \x20   os.write(3, struct.pack('<BQQ', 12, request, len(BODY)) + BODY)\n\
+             \x20   return xs"
+        ),
+        "forge",
+    ))
+}
+
+#[test]
+fn replies_that_panic_or_exhaust_arrow_ipc_are_errors_and_the_pool_serves_on() {
+    let hostile = [
+        ("no_fields", common::schema_without_fields(), "panic"),
+        // 2^50 bytes: allocating it would abort the process.
+        (
+            "huge_body",
+            common::batch_declaring_body(1 << 50),
+            "End of Stream",
+        ),
+        ("negative_body", common::batch_declaring_body(-8), ""),
+    ];
+    let pool = pool(2, None);
+    let honest = Arc::new(function(
+        "plus",
+        "import pyarrow.compute as pc",
+        "lambda xs: pc.add(xs, 1)",
+    ));
+    let broken_before = pool.stats().broken;
+    for (name, body, expected) in hostile.clone() {
+        // Straight from the bytes…
+        let error = protocol::decode_result(body.clone()).unwrap_err();
+        assert!(
+            error.contains("not a valid Arrow IPC stream") && error.contains(expected),
+            "{name}: {error}"
+        );
+        // …and through a runner: the forged reply reaches its call, whose
+        // decoding fails cleanly; the runner is killed for answering twice.
+        let reply = pool
+            .submit(call(&forging(name, &body), vec![1, 2]))
+            .wait(&pool, None)
+            .unwrap();
+        assert_eq!(reply.kind, protocol::RESULT);
+        let error = protocol::decode_result(reply.body).unwrap_err();
+        assert!(error.contains(expected), "{name}: {error}");
+        // (Its second, honest answer breaks the runner: wait for that, so
+        // the next call does not go to it in between.)
+        let broken = pool.stats().broken;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.stats().broken == broken && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            ints(
+                pool.submit(call(&honest, vec![1]))
+                    .wait(&pool, None)
+                    .unwrap()
+            ),
+            vec![2],
+            "{name}"
+        );
+    }
+    assert_eq!(
+        pool.stats().broken - broken_before,
+        hostile.len() as u64,
+        "{:?}",
+        pool.stats()
+    );
+}
+
+#[test]
+fn a_reply_trickled_byte_by_byte_and_a_pickle_that_loads_forever_hit_the_call_timeout() {
+    let pool = pool(1, Some(Duration::from_secs(2)));
+    // Announces a 1 KiB reply for its own call, then sends a byte a second.
+    let trickle = Arc::new(function(
+        "trickle",
+        "import sys, os, struct, time\n\
+         def trickle(xs):\n\
+         \x20   request = sys._getframe(1).f_locals['request']\n\
+         \x20   os.write(3, struct.pack('<BQQ', 12, request, 1024))\n\
+         \x20   for _ in range(1024):\n\
+         \x20       os.write(3, b'x')\n\
+         \x20       time.sleep(1)\n\
+         \x20   return xs",
+        "trickle",
+    ));
+    // Unpickling it sleeps (a class whose __reduce__ runs time.sleep).
+    let slow_load = Arc::new(function(
+        "slow_load",
+        "import time\n\
+         class Slow:\n\
+         \x20   def __reduce__(self):\n\
+         \x20       return (time.sleep, (600,))\n\
+         SLOW = Slow()\n\
+         def f(xs):\n\
+         \x20   return xs if SLOW is None else xs",
+        "f",
+    ));
+    for function in [trickle, slow_load] {
+        let started = Instant::now();
+        let error = pool
+            .submit(call(&function, vec![1]))
+            .wait(&pool, None)
+            .unwrap_err();
+        assert!(
+            matches!(error, CallError::TimedOut { .. }),
+            "{}: {error:?}",
+            function.name
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}: {:?}",
+            function.name,
+            started.elapsed()
+        );
+    }
+    let honest = Arc::new(function("id", "", "lambda xs: xs"));
+    assert_eq!(
+        ints(
+            pool.submit(call(&honest, vec![5]))
+                .wait(&pool, None)
+                .unwrap()
+        ),
+        vec![5]
+    );
+    assert_eq!(pool.stats().timeouts, 2, "{:?}", pool.stats());
+}

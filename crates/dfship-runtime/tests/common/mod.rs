@@ -132,3 +132,57 @@ pub fn ints(reply: Reply) -> Vec<i64> {
     let (_, data) = protocol::decode_result(reply.body).unwrap();
     Int64Array::from(data).values().to_vec()
 }
+
+/// One IPC message, framed as in a stream (continuation marker, padded length).
+fn framed(message: &[u8]) -> Vec<u8> {
+    let padded = message.len().div_ceil(8) * 8;
+    let mut out = Vec::new();
+    out.extend_from_slice(&[0xff; 4]);
+    out.extend_from_slice(&(padded as u32).to_le_bytes());
+    out.extend_from_slice(message);
+    out.resize(8 + padded, 0);
+    out
+}
+
+/// A stream whose schema message has no `fields` vector: valid to the
+/// flatbuffer verifier, a panic in arrow-ipc 59's `fb_to_schema`.
+pub fn schema_without_fields() -> Vec<u8> {
+    use arrow::ipc::{MessageBuilder, MessageHeader, MetadataVersion, SchemaBuilder};
+    let mut fbb = flatbuffers::FlatBufferBuilder::new();
+    let schema = SchemaBuilder::new(&mut fbb).finish();
+    let mut message = MessageBuilder::new(&mut fbb);
+    message.add_version(MetadataVersion::V5);
+    message.add_header_type(MessageHeader::Schema);
+    message.add_header(schema.as_union_value());
+    let message = message.finish();
+    fbb.finish(message, None);
+    let mut stream = framed(fbb.finished_data());
+    stream.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    stream
+}
+
+/// A valid one-column int64 schema, then a record batch message declaring
+/// a body of `body_length` bytes and carrying none: arrow-ipc 59's
+/// `StreamReader` allocates the declared length before reading it.
+pub fn batch_declaring_body(body_length: i64) -> Vec<u8> {
+    use arrow::ipc::{MessageBuilder, MessageHeader, MetadataVersion, RecordBatchBuilder};
+    let schema = arrow::datatypes::Schema::new(vec![Field::new("x", DataType::Int64, true)]);
+    let mut stream = Vec::new();
+    {
+        let mut writer = arrow::ipc::writer::StreamWriter::try_new(&mut stream, &schema).unwrap();
+        writer.flush().unwrap();
+    }
+    let mut fbb = flatbuffers::FlatBufferBuilder::new();
+    let mut batch = RecordBatchBuilder::new(&mut fbb);
+    batch.add_length(1);
+    let batch = batch.finish();
+    let mut message = MessageBuilder::new(&mut fbb);
+    message.add_version(MetadataVersion::V5);
+    message.add_header_type(MessageHeader::RecordBatch);
+    message.add_header(batch.as_union_value());
+    message.add_bodyLength(body_length);
+    let message = message.finish();
+    fbb.finish(message, None);
+    stream.extend_from_slice(&framed(fbb.finished_data()));
+    stream
+}
