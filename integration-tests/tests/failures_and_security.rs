@@ -158,3 +158,117 @@ async fn strict_workers_refuse_inline_udfs() {
         vec!["| 4800 |"]
     );
 }
+
+/// Whether the peer closed `stream` within `within` (EOF or reset).
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_caps_connections_handshake_time_and_streams_per_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    let dir = dataset().await;
+    let tls_dir = tempfile::tempdir().unwrap();
+    let files =
+        dfship_distributed::generate_tls_files(tls_dir.path(), &["localhost".to_string()]).unwrap();
+    let channels = dfship_distributed::ChannelOptions {
+        max_connections: 3,
+        handshake_timeout: Duration::from_secs(1),
+        tls: dfship_distributed::TlsConfig::from_files(
+            Some(&files.cert),
+            Some(&files.key),
+            Some(&files.ca),
+        )
+        .unwrap(),
+        ..Default::default()
+    };
+    let workers = PythonWorkerSessionBuilder::with_channel_options(
+        CodecOptions::default().with_cluster_key(key(7)),
+        channels.clone(),
+    );
+    let cluster = InProcessCluster::start(2, workers).await;
+    let address = cluster.urls[0].trim_start_matches("http://").to_string();
+
+    // A client that never starts its TLS handshake is closed after 1 s.
+    let started = std::time::Instant::now();
+    let mut silent = TcpStream::connect(&address).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Three idle connections fill the worker; a fourth is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(&address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = TcpStream::connect(&address).await.unwrap();
+    assert!(closed_within(&mut fourth, Duration::from_millis(500)).await);
+    let refused = dfship_distributed::refused_connections();
+    assert!(refused >= 1, "{refused}");
+    // They go (their handshake time runs out too): the worker serves a real,
+    // keyed, TLS query again.
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let urls: Vec<String> = cluster
+        .urls
+        .iter()
+        .map(|url| url.replace("http://127.0.0.1", "https://localhost"))
+        .collect();
+    let ctx = dfship_distributed::ClusterContextBuilder::new(&urls)
+        .unwrap()
+        .with_config(datafusion::prelude::SessionConfig::new().with_target_partitions(4))
+        .with_inline_udfs(dfship_distributed::InlineUdfs::with_channel_options(
+            CodecOptions::default().with_cluster_key(key(7)),
+            channels,
+        ))
+        .with_file_scan_bytes_per_partition(1)
+        .build()
+        .unwrap();
+    register_dataset(&ctx, dir.path()).await.unwrap();
+    let query = "SELECT count(*) AS n FROM facts WHERE id % 7 = 0";
+    let local = datafusion::prelude::SessionContext::new();
+    register_dataset(&local, dir.path()).await.unwrap();
+    assert_eq!(
+        sorted_rows(&ctx, query).await.unwrap(),
+        sorted_rows(&local, query).await.unwrap()
+    );
+
+    // The stream cap is announced in the server's HTTP/2 SETTINGS
+    // (a plaintext worker, to read them without TLS).
+    let open =
+        InProcessCluster::start(1, PythonWorkerSessionBuilder::new(CodecOptions::default())).await;
+    let mut h2 = TcpStream::connect(open.urls[0].trim_start_matches("http://"))
+        .await
+        .unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut header = [0u8; 9];
+    h2.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[3], 4, "the server starts with SETTINGS");
+    let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let mut settings = vec![0u8; length];
+    h2.read_exact(&mut settings).await.unwrap();
+    let max_streams = settings.chunks(6).find_map(|entry| {
+        (u16::from_be_bytes([entry[0], entry[1]]) == 3)
+            .then(|| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]))
+    });
+    assert_eq!(
+        max_streams,
+        Some(dfship_distributed::MAX_CONCURRENT_STREAMS)
+    );
+}

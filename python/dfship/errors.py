@@ -9,7 +9,8 @@
     ├── UdfResultError         the UDF returned the wrong length, type, nulls or invalid data
     ├── WorkerLostError        a worker stopped or became unreachable
     ├── StorageError           an object store failed: credentials, bucket, endpoint
-    └── AuthenticationError    a worker refused this client (no or another cluster key)
+    └── AuthenticationError    a worker refused this client (no or another cluster key),
+                               or an endpoint could not prove it holds the cluster key
 
 Catch by cause::
 

@@ -9,8 +9,10 @@ import hashlib
 import hmac
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,138 @@ def test_a_proof_opens_one_worker_once_for_one_body(keyed: dfship.LocalCluster) 
         bare = signed(KEY, path, worker)
         bare["messages"] = [b""]
         assert call(first, path, **bare) == grpc.StatusCode.UNAUTHENTICATED, "nor an untagged body"
+
+
+class Impostor(grpc.GenericRpcHandler):
+    """An endpoint in a keyed coordinator's worker list that is no worker of
+    the cluster (a typo, a stale DNS record, a spoofed address). It keeps
+    every request it gets: method, metadata and messages. With
+    `relay_challenges_to`, it passes identity challenges on to that real
+    worker and hands back its answers: the strongest impostor that does not
+    hold the key."""
+
+    def __init__(self, relay_challenges_to: str | None = None) -> None:
+        self.harvest: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.relay = grpc.insecure_channel(relay_challenges_to) if relay_challenges_to else None
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=16), handlers=[self])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.stop(0)
+        if self.relay is not None:
+            self.relay.close()
+
+    def service(self, details: Any) -> Any:
+        method, metadata = details.method, list(details.invocation_metadata)
+        if method == "/dfship.Auth/Hello":
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: self.hello(metadata, context))
+
+        def keep(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            entry: dict[str, Any] = {"method": method, "metadata": metadata, "messages": []}
+            with self.lock:
+                self.harvest.append(entry)
+            for message in requests:
+                entry["messages"].append(message)
+                break  # one message is enough to keep; a stream would wait for more
+            context.abort(grpc.StatusCode.UNAVAILABLE, "an impostor")
+            yield b""  # never reached
+
+        return grpc.stream_stream_rpc_method_handler(keep)
+
+    def hello(self, metadata: list[tuple[str, str]], context: grpc.ServicerContext) -> bytes:
+        with self.lock:
+            self.harvest.append({"method": "/dfship.Auth/Hello", "metadata": metadata, "messages": []})
+        if self.relay is None:
+            # Claims an identity it cannot prove.
+            context.send_initial_metadata([("dfship-identity", os.urandom(16).hex() + "." + "0" * 64)])
+            return b""
+        _, relayed = self.relay.unary_unary("/dfship.Auth/Hello").with_call(b"", metadata=metadata, timeout=10)
+        context.send_initial_metadata([("dfship-identity", dict(relayed.initial_metadata())["dfship-identity"])])
+        return b""
+
+
+def kind_of(method: str) -> str:
+    return METHODS.get(method, "stream_stream")
+
+
+def test_an_impostor_in_the_worker_list_gets_nothing_signed(keyed: dfship.LocalCluster, dataset: Path) -> None:
+    impostor = Impostor()
+    try:
+        ctx = dfship.ClusterContext([impostor.url, keyed.urls[1]], cluster_key=KEY.encode(), bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(lambda a: pc.multiply(a, 3), [pa.int64()], pa.int64(), "immutable", name="triple_it"))
+        try:
+            rows = ctx.sql("SELECT sum(triple_it(id)) AS s FROM facts").collect().to_pylist()
+            assert rows == [{"s": 3 * sum(range(2400))}], "the query ran on the real worker"
+        except dfship.AuthenticationError as error:
+            assert "did not prove that it holds the cluster key" in str(error), error
+            assert impostor.url.removeprefix("http://") in str(error), error
+        with impostor.lock:
+            harvest = list(impostor.harvest)
+        assert harvest, "the impostor was asked who it is"
+        assert all(entry["method"] == "/dfship.Auth/Hello" for entry in harvest), [e["method"] for e in harvest]
+        assert not any(name == "dfship-auth" for entry in harvest for name, _ in entry["metadata"])
+    finally:
+        impostor.close()
+
+
+def test_what_a_relaying_impostor_harvests_opens_no_other_worker_and_no_other_body(
+    keyed: dfship.LocalCluster, dataset: Path
+) -> None:
+    """An impostor that relays identity challenges to worker 0 is taken for
+    it and sent signed requests. Within the proofs' 60 s window, none of
+    them opens worker 1 (also with :authority rewritten to worker 0's), none
+    opens worker 0 with another body, and none opens it twice."""
+    real = [url.removeprefix("http://") for url in keyed.urls]
+    impostor = Impostor(relay_challenges_to=real[0])
+    try:
+        ctx = dfship.ClusterContext([impostor.url, keyed.urls[1]], cluster_key=KEY.encode(), bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(lambda a: pc.multiply(a, 3), [pa.int64()], pa.int64(), "immutable", name="triple_it"))
+        try:
+            ctx.sql("SELECT sum(triple_it(id)) AS s FROM facts").collect()
+        except dfship.DfshipError:
+            pass  # the impostor answers no request; whether the query survives is not the point here
+        harvested_at = time.monotonic()
+        with impostor.lock:
+            harvest = [entry for entry in impostor.harvest if entry["method"] != "/dfship.Auth/Hello"]
+    finally:
+        impostor.close()
+    signed_requests = [entry for entry in harvest if any(name == "dfship-auth" for name, _ in entry["metadata"])]
+    assert signed_requests, "the relay was taken for worker 0 and sent signed requests"
+    with grpc.insecure_channel(real[0]) as first:
+        worker0 = hello(first, KEY)
+    with (
+        grpc.insecure_channel(real[1]) as second,
+        grpc.insecure_channel(real[1], options=[("grpc.default_authority", real[0])]) as second_as_first,
+        grpc.insecure_channel(real[0]) as first,
+    ):
+        for entry in signed_requests:
+            method, messages = entry["method"], entry["messages"]
+            metadata = [(name, value) for name, value in entry["metadata"] if name == "dfship-auth"]
+            assert metadata[0][1].split(".")[3] == worker0.hex(), "the proof names worker 0"
+            kind = kind_of(method)
+            for channel in (second, second_as_first):
+                code = call(channel, method, metadata, messages or [], kind)
+                assert code == grpc.StatusCode.UNAUTHENTICATED, (method, code)
+            if messages:
+                altered = [messages[0][:-33] + bytes([messages[0][-33] ^ 1]) + messages[0][-32:]] + messages[1:]
+                if len(messages[0]) == 32:  # an empty message: alter by adding a byte
+                    altered = [b"\x08" + messages[0]] + messages[1:]
+                code = call(first, method, metadata, altered, kind)
+                assert code == grpc.StatusCode.UNAUTHENTICATED, ("altered", method, code)
+            # What a man in the middle can do: deliver the request to the
+            # worker it was meant for (the altered attempt above already
+            # used its proof, so that too is refused now).
+            code = call(first, method, metadata, messages or [], kind)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, ("replayed", method, code)
+    assert time.monotonic() - harvested_at < 60, "all within the proofs' window"
 
 
 def test_the_keyed_coordinator_runs_queries(keyed: dfship.LocalCluster, dataset: Path) -> None:

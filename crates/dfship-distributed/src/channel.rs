@@ -267,6 +267,10 @@ pub struct ChannelOptions {
     pub max_message_bytes: usize,
     /// TLS for connections to `https://` workers, and for a worker's server.
     pub tls: Option<TlsConfig>,
+    /// A worker's server: connections open at most (more are closed at once).
+    pub max_connections: usize,
+    /// A worker's server: how long a client may take over its TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 /// The largest gRPC message accepted by default: a stage plan may carry
@@ -277,7 +281,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 impl Default for ChannelOptions {
     /// 5 s to connect; a silent peer is detected within about 15 s; messages
-    /// up to [`DEFAULT_MAX_MESSAGE_BYTES`]; no TLS.
+    /// up to [`DEFAULT_MAX_MESSAGE_BYTES`]; no TLS; a server keeps at most
+    /// [`crate::DEFAULT_MAX_CONNECTIONS`] connections and gives a TLS
+    /// handshake 10 s.
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(5),
@@ -285,6 +291,8 @@ impl Default for ChannelOptions {
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             tls: None,
+            max_connections: crate::connection_limit::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -189,6 +189,12 @@ pub fn metrics(drain: &Drain) -> String {
         crate::rpc_auth::refused_requests() as f64,
     );
     metric(
+        "dfship_connections_refused_total",
+        "counter",
+        "Connections closed at once because --max-connections were open.",
+        crate::connection_limit::refused_connections() as f64,
+    );
+    metric(
         "dfship_runners_alive",
         "gauge",
         "Python UDF runners alive now.",

@@ -26,6 +26,7 @@
 
 mod analyze;
 mod channel;
+mod connection_limit;
 mod drain;
 mod encoder;
 mod explain;
@@ -53,6 +54,7 @@ pub use analyze::explain_analyze;
 pub use channel::{
     ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver, DEFAULT_MAX_MESSAGE_BYTES,
 };
+pub use connection_limit::{refused_connections, DEFAULT_MAX_CONNECTIONS};
 pub use drain::{Drain, DrainLayer, DrainOptions};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use explain::{describe_udfs, explain_plan};
@@ -72,4 +74,4 @@ pub use rpc_auth::{
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
 pub use tls::{generate_tls_files, write_cluster_key_file, GeneratedTls, TlsConfig};
-pub use worker_server::{serve_worker, serve_worker_with_drain};
+pub use worker_server::{serve_worker, serve_worker_with_drain, MAX_CONCURRENT_STREAMS};

@@ -18,6 +18,12 @@ use crate::rpc_auth::{RpcAuthLayer, RpcAuthenticator};
 use crate::session::PythonWorkerSessionBuilder;
 use crate::task_lifetime::TaskLifetimeLayer;
 
+/// Streams one connection may have open at a time (HTTP/2
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`): a coordinator's connection carries
+/// every task stream of its queries on this worker, so this is generous;
+/// a client with more waits for a stream to end.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
 /// Serves a worker on `listener` until `shutdown` resolves: with the
 /// builder's cluster key, every request must prove it ([`RpcAuthLayer`],
 /// checked before anything is decoded); with its TLS settings, connections
@@ -70,10 +76,13 @@ pub async fn serve_worker_with_drain(
     let mut server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
-        .tcp_keepalive(Some(options.keepalive_interval))
-        .http2_adaptive_window(Some(true));
+        .http2_adaptive_window(Some(true))
+        // tonic leaves hyper's stream limit unset (unlimited): one
+        // connection could open any number of streams.
+        .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS));
     if let Some(tls) = options.tls.as_ref().filter(|tls| tls.identity.is_some()) {
-        server = server.tls_config(tls.server()?).map_err(|e| {
+        let tls = tls.server()?.timeout(options.handshake_timeout);
+        server = server.tls_config(tls).map_err(|e| {
             DataFusionError::Configuration(format!(
                 "cannot set up TLS with --tls-cert/--tls-key: {e}; check that they are a PEM \
                  certificate and its private key"
@@ -94,7 +103,7 @@ pub async fn serve_worker_with_drain(
         .add_service(payloads)
         .add_service(observability)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::connection_limit::limited_incoming(listener, options.max_connections),
             shutdown,
         )
         .await

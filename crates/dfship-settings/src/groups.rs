@@ -51,6 +51,11 @@ pub struct WorkerSettings {
     #[arg(long, env = "DFSHIP_DRAIN_TIMEOUT", default_value = "60", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Connections this worker keeps open at most; more are closed at once
+    /// (each holds a file descriptor; TLS handshakes get 10 s).
+    #[arg(long, env = "DFSHIP_MAX_CONNECTIONS", default_value_t = dfship_distributed::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(1..), |n| n as usize))]
+    pub max_connections: usize,
+
     /// Log lines on stderr as `text` or `json` (one object per line, with
     /// the query id of the request a line belongs to); `RUST_LOG` filters.
     #[arg(long, env = "DFSHIP_LOG_FORMAT", default_value = "text")]

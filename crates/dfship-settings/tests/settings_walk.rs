@@ -218,6 +218,14 @@ const TABLE: &[Row] = &[
         "5",
     ),
     (
+        "max_connections",
+        "--max-connections",
+        "DFSHIP_MAX_CONNECTIONS",
+        "worker.max_connections",
+        Some("1024"),
+        "64",
+    ),
+    (
         "log_format",
         "--log-format",
         "DFSHIP_LOG_FORMAT",

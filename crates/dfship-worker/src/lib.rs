@@ -206,7 +206,8 @@ pub async fn shutdown_signal() -> Stop {
 /// `key` comes from [`WorkerOptions::take_cluster_key`], called before.
 pub async fn run(options: WorkerOptions, key: Option<ClusterKey>) -> Result<()> {
     make_undumpable();
-    let channels = options.transport.channel_options()?;
+    let mut channels = options.transport.channel_options()?;
+    channels.max_connections = options.worker.max_connections;
     check_exposure(&options, key.as_ref(), &channels)?;
     prepare_python(&options)?;
     let (listener, address) = bind(&options).await?;
