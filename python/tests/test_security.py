@@ -214,6 +214,11 @@ class Impostor(grpc.GenericRpcHandler):
         method, metadata = details.method, list(details.invocation_metadata)
         if method == "/dfship.Auth/Hello":
             return grpc.unary_unary_rpc_method_handler(lambda request, context: self.hello(metadata, context))
+        if self.relay is not None and method == "/worker.WorkerService/GetWorkerInfo":
+            # Passes probes on too, so the coordinator plans on it.
+            return grpc.unary_unary_rpc_method_handler(
+                lambda request, context: self.forward(method, metadata, request)
+            )
 
         def keep(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             entry: dict[str, Any] = {"method": method, "metadata": metadata, "messages": []}
@@ -227,6 +232,15 @@ class Impostor(grpc.GenericRpcHandler):
 
         return grpc.stream_stream_rpc_method_handler(keep)
 
+    def forward(self, method: str, metadata: list[tuple[str, str]], request: bytes) -> bytes:
+        assert self.relay is not None
+        with self.lock:
+            entry = {"method": method, "metadata": metadata, "messages": [request], "forwarded": True}
+            self.harvest.append(entry)
+        passed = [(name, value) for name, value in metadata if name.startswith("dfship-")]
+        response: bytes = self.relay.unary_unary(method)(request, metadata=passed, timeout=10)
+        return response
+
     def hello(self, metadata: list[tuple[str, str]], context: grpc.ServicerContext) -> bytes:
         with self.lock:
             self.harvest.append({"method": "/dfship.Auth/Hello", "metadata": metadata, "messages": []})
@@ -234,31 +248,45 @@ class Impostor(grpc.GenericRpcHandler):
             # Claims an identity it cannot prove.
             context.send_initial_metadata([("dfship-identity", os.urandom(16).hex() + "." + "0" * 64)])
             return b""
-        _, relayed = self.relay.unary_unary("/dfship.Auth/Hello").with_call(b"", metadata=metadata, timeout=10)
-        context.send_initial_metadata([("dfship-identity", dict(relayed.initial_metadata())["dfship-identity"])])
+        challenge = self.relay.unary_unary("/dfship.Auth/Hello")
+        _, relayed = challenge.with_call(b"", metadata=metadata, timeout=10)
+        answer = dict(relayed.initial_metadata())["dfship-identity"]
+        context.send_initial_metadata([("dfship-identity", answer)])
         return b""
+
+
+def impostor_context(impostor: Impostor, keyed: dfship.LocalCluster, dataset: Path) -> Any:
+    """A keyed coordinator whose worker list is the impostor and worker 1."""
+    ctx = dfship.ClusterContext(
+        [impostor.url, keyed.urls[1]], cluster_key=KEY.encode(), bytes_per_partition=1
+    )
+    ctx.register_parquet("facts", dataset / "facts")
+    triple = dfship.udf(lambda a: pc.multiply(a, 3), [pa.int64()], pa.int64(), "immutable", name="triple_it")
+    ctx.register_udf(triple)
+    return ctx
 
 
 def kind_of(method: str) -> str:
     return METHODS.get(method, "stream_stream")
 
 
-def test_an_impostor_in_the_worker_list_gets_nothing_signed(keyed: dfship.LocalCluster, dataset: Path) -> None:
+def test_an_impostor_in_the_worker_list_gets_nothing_signed(
+    keyed: dfship.LocalCluster, dataset: Path
+) -> None:
     impostor = Impostor()
     try:
-        ctx = dfship.ClusterContext([impostor.url, keyed.urls[1]], cluster_key=KEY.encode(), bytes_per_partition=1)
-        ctx.register_parquet("facts", dataset / "facts")
-        ctx.register_udf(dfship.udf(lambda a: pc.multiply(a, 3), [pa.int64()], pa.int64(), "immutable", name="triple_it"))
+        ctx = impostor_context(impostor, keyed, dataset)
         try:
             rows = ctx.sql("SELECT sum(triple_it(id)) AS s FROM facts").collect().to_pylist()
-            assert rows == [{"s": 3 * sum(range(2400))}], "the query ran on the real worker"
+            assert rows == [{"s": 3 * sum(range(1, 2401))}], "the query ran on the real worker"
         except dfship.AuthenticationError as error:
             assert "did not prove that it holds the cluster key" in str(error), error
             assert impostor.url.removeprefix("http://") in str(error), error
         with impostor.lock:
             harvest = list(impostor.harvest)
         assert harvest, "the impostor was asked who it is"
-        assert all(entry["method"] == "/dfship.Auth/Hello" for entry in harvest), [e["method"] for e in harvest]
+        methods = [entry["method"] for entry in harvest]
+        assert all(method == "/dfship.Auth/Hello" for method in methods), methods
         assert not any(name == "dfship-auth" for entry in harvest for name, _ in entry["metadata"])
     finally:
         impostor.close()
@@ -274,9 +302,7 @@ def test_what_a_relaying_impostor_harvests_opens_no_other_worker_and_no_other_bo
     real = [url.removeprefix("http://") for url in keyed.urls]
     impostor = Impostor(relay_challenges_to=real[0])
     try:
-        ctx = dfship.ClusterContext([impostor.url, keyed.urls[1]], cluster_key=KEY.encode(), bytes_per_partition=1)
-        ctx.register_parquet("facts", dataset / "facts")
-        ctx.register_udf(dfship.udf(lambda a: pc.multiply(a, 3), [pa.int64()], pa.int64(), "immutable", name="triple_it"))
+        ctx = impostor_context(impostor, keyed, dataset)
         try:
             ctx.sql("SELECT sum(triple_it(id)) AS s FROM facts").collect()
         except dfship.DfshipError:
@@ -286,8 +312,17 @@ def test_what_a_relaying_impostor_harvests_opens_no_other_worker_and_no_other_bo
             harvest = [entry for entry in impostor.harvest if entry["method"] != "/dfship.Auth/Hello"]
     finally:
         impostor.close()
-    signed_requests = [entry for entry in harvest if any(name == "dfship-auth" for name, _ in entry["metadata"])]
-    assert signed_requests, "the relay was taken for worker 0 and sent signed requests"
+    signed_requests = [
+        entry
+        for entry in harvest
+        if not entry.get("forwarded") and any(name == "dfship-auth" for name, _ in entry["metadata"])
+    ]
+    methods = {entry["method"] for entry in signed_requests}
+    assert "/worker.WorkerService/CoordinatorChannel" in methods, (
+        "the relay was taken for worker 0 and sent stage plans",
+        methods,
+    )
+    assert any(entry["messages"] for entry in signed_requests), "with their messages"
     with grpc.insecure_channel(real[0]) as first:
         worker0 = hello(first, KEY)
     with (
@@ -304,9 +339,11 @@ def test_what_a_relaying_impostor_harvests_opens_no_other_worker_and_no_other_bo
                 code = call(channel, method, metadata, messages or [], kind)
                 assert code == grpc.StatusCode.UNAUTHENTICATED, (method, code)
             if messages:
-                altered = [messages[0][:-33] + bytes([messages[0][-33] ^ 1]) + messages[0][-32:]] + messages[1:]
-                if len(messages[0]) == 32:  # an empty message: alter by adding a byte
-                    altered = [b"\x08" + messages[0]] + messages[1:]
+                head = messages[0]
+                if len(head) > 32:  # flip a bit of the message, keep its tag
+                    altered = [head[:-33] + bytes([head[-33] ^ 1]) + head[-32:], *messages[1:]]
+                else:  # an empty message: give it a byte
+                    altered = [b"\x08" + head, *messages[1:]]
                 code = call(first, method, metadata, altered, kind)
                 assert code == grpc.StatusCode.UNAUTHENTICATED, ("altered", method, code)
             # What a man in the middle can do: deliver the request to the

@@ -553,7 +553,8 @@ where
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header("te", "trailers")
         .header(HELLO_HEADER, hex(&challenge))
-        .body(tonic::body::Body::empty())
+        // One empty message, as a unary gRPC call carries.
+        .body(crate::signed_body::empty_message(false))
         .map_err(|e| format!("cannot build the identity challenge: {e}"))?;
     let not_proved = |why: String| {
         format!(

@@ -225,10 +225,7 @@ impl Body for TaggedBody {
 
 /// A gRPC reply of one empty message and status OK, with `headers`.
 pub(crate) fn empty_reply(headers: http::HeaderMap) -> http::Response<tonic::body::Body> {
-    let mut response = http::Response::new(tonic::body::Body::new(EmptyReply {
-        message: true,
-        trailers: true,
-    }));
+    let mut response = http::Response::new(empty_message(true));
     *response.headers_mut() = headers;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -237,12 +234,21 @@ pub(crate) fn empty_reply(headers: http::HeaderMap) -> http::Response<tonic::bod
     response
 }
 
-struct EmptyReply {
+/// A body of one empty gRPC message; with `status_ok`, then the trailers
+/// of a reply that succeeded.
+pub(crate) fn empty_message(status_ok: bool) -> tonic::body::Body {
+    tonic::body::Body::new(EmptyMessage {
+        message: true,
+        trailers: status_ok,
+    })
+}
+
+struct EmptyMessage {
     message: bool,
     trailers: bool,
 }
 
-impl Body for EmptyReply {
+impl Body for EmptyMessage {
     type Data = Bytes;
     type Error = tonic::Status;
 
