@@ -24,6 +24,15 @@ LOG_LINES = 200
 """Lines of each worker's output a :class:`LocalCluster` keeps (the newest)."""
 
 
+def key_parent() -> str | None:
+    """Where local clusters keep their key's folder: $XDG_RUNTIME_DIR, else
+    /var/tmp, else the default temporary folder (None)."""
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/var/tmp"):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return candidate
+    return None
+
+
 class LocalCluster:
     """``workers`` worker processes on 127.0.0.1, each running
     ``python -m dfship worker`` with this interpreter, so the modules your
@@ -108,8 +117,14 @@ class LocalCluster:
         return self
 
     def _write_key(self) -> None:
-        """A fresh random key in a new owner-only folder, written 0600 from its first byte."""
-        self._key_dir = tempfile.TemporaryDirectory(prefix="dfship-key-")
+        """A fresh random key in a new owner-only folder, written 0600 from its first byte.
+
+        The folder is not made in /tmp: UDF runners cannot open the key (the
+        workers close it to them with Landlock), and with it the entries
+        created while they run directly in the folders on the way to it
+        (see crates/dfship-runtime/src/landlock.rs); UDFs create files in
+        /tmp, seldom in $XDG_RUNTIME_DIR or /var/tmp."""
+        self._key_dir = tempfile.TemporaryDirectory(prefix="dfship-key-", dir=key_parent())
         path = os.path.join(self._key_dir.name, "cluster.key")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:

@@ -551,12 +551,24 @@ def hunt_for_the_key(values: pa.Array) -> pa.Array:
             break
         with open(f"/proc/{pid}/stat") as stat:
             pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+    report["tampered"] = {}
     for path in report["key_files"]:
         try:
             with open(path, "rb") as source:
                 report["opened"][path] = source.read().decode(errors="replace")
         except OSError as error:
             report["opened"][path] = type(error).__name__
+        # Put another key in its place, for the worker's next start.
+        for how, tamper in (
+            ("append", lambda p: open(p, "ab").close()),
+            ("rename", lambda p: os.rename(p, p + ".old")),
+            ("remove", os.remove),
+        ):
+            try:
+                tamper(path)
+                report["tampered"][how] = "done"
+            except OSError as error:
+                report["tampered"][how] = type(error).__name__
     return pa.array([json.dumps(report)] * len(values), pa.string())
 
 
@@ -581,22 +593,25 @@ def test_a_udf_cannot_find_the_key_in_any_ancestor_or_key_file(dataset: Path, wh
                 continue
             assert key.encode() not in environ, f"worker {pid}'s environ still holds the key"
         logs = "\n".join(line for i in range(2) for line in cluster.logs(i))
+        if where == "file":
+            assert Path(str(cluster.key_file)).read_text().strip() == key, "the key file is intact"
     assert reports
     for text in reports:
         report = json.loads(text)
         if where == "file":
             assert report["key_files"], "the key file's path is on the worker's command line"
+        # The key file is closed to runners whoever they run as (Landlock,
+        # crates/dfship-runtime/src/landlock.rs): not read, not replaced.
+        assert set(report["opened"].values()) <= {"PermissionError"}, report["opened"]
+        assert set(report["tampered"].values()) <= {"PermissionError"}, report["tampered"]
+        assert key not in text, f"a UDF found the key: {text[:2000]}"
         if report["uid"] != 0:
             # UDFs run as another user (nobody, for a root worker): the
-            # worker's /proc files and the key file are closed to them.
+            # worker's /proc files are closed to them too.
             worker_environ = [v for k, v in report["read"].items() if k.endswith("/environ")][1]
             assert worker_environ == "PermissionError", report["read"]
-            assert set(report["opened"].values()) <= {"PermissionError"}, report["opened"]
-            assert key not in text, f"a UDF found the key: {text[:2000]}"
         else:
             # Root runners (this machine's Python lives where nobody cannot
-            # run it, e.g. under /root): the worker says so at start-up, and
-            # the key variable is still gone from its environment block.
+            # run it, e.g. under /root): the worker says so at start-up; its
+            # environment block holds no key (erased before it was unset).
             assert "UDF runners run as root" in logs, logs[-3000:]
-            if where == "environment":
-                assert key not in text, f"a UDF found the key: {text[:2000]}"

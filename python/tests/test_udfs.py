@@ -182,7 +182,7 @@ def test_a_cluster_key(dataset: Path, tmp_path: Path, monkeypatch: pytest.Monkey
             (
                 {"cluster_key": b"another secret of enough length"},
                 None,
-                "does not match this worker's cluster key",
+                "did not prove that it holds the cluster key",
             ),
         ]:
             if environment is None:

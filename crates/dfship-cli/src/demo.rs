@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use arrow::util::pretty::pretty_format_batches;
 use clap::Args;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use dfship_codec::CodecOptions;
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
@@ -126,9 +126,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .iter()
         .flat_map(|spec| ["--ffi-udf".to_string(), spec.clone()])
         .collect();
-    // A fresh key for this cluster, in the dataset's folder (mkdtemp: this
-    // user's only), so other users of the machine cannot use the workers.
-    let key_file = dir.path().join("cluster.key");
+    // A fresh key for this cluster, so other users of the machine cannot use
+    // the workers: in a folder of its own (mkdtemp: this user's only), not
+    // in /tmp, where UDFs make files (workers close the key to their UDF
+    // runners, and with it new entries of the folders on the way to it).
+    let key_dir = key_folder()?;
+    let key_file = key_dir.path().join("cluster.key");
     let key = dfship_distributed::write_cluster_key_file(&key_file)?;
     worker_args.extend([
         "--cluster-key-file".to_string(),
@@ -227,4 +230,25 @@ mod tests {
             assert!(!sql.contains(';') && !sql.contains("--"), "{title}: {sql}");
         }
     }
+}
+
+/// A fresh owner-only folder for a cluster key: under `$XDG_RUNTIME_DIR`,
+/// else `/var/tmp`, else the default temporary folder.
+fn key_folder() -> Result<tempfile::TempDir> {
+    let parent = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain([std::path::PathBuf::from("/var/tmp")])
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix("dfship-key-")
+        .tempdir_in(&parent)
+        .or_else(|_| tempfile::Builder::new().prefix("dfship-key-").tempdir())
+        .map_err(|e| {
+            DataFusionError::Execution(format!(
+                "cannot make a folder for the demo's cluster key in {}: {e}",
+                parent.display()
+            ))
+        })
 }

@@ -55,6 +55,9 @@ pub struct ProcessSettings {
     /// running UDFs as an unprivileged user keeps what only it can read
     /// (a cluster key file, its `/proc` files) out of their reach.
     pub user: Option<RunnerUser>,
+    /// Files runners may not read, write or replace (the cluster key file,
+    /// a TLS private key), closed with Landlock (`crate::landlock`).
+    pub hidden: Vec<PathBuf>,
 }
 
 /// A user (and group) runner processes switch to before they exec Python.
@@ -300,6 +303,35 @@ pub(crate) fn launch(launcher: &Launcher) -> Result<Launched, String> {
     }
 }
 
+/// The Landlock ruleset that closes `settings.hidden` to a runner; `None`
+/// (with one warning per process) when it cannot be built.
+fn hiding_ruleset(settings: &ProcessSettings) -> Option<crate::landlock::Ruleset> {
+    if settings.hidden.is_empty() {
+        return None;
+    }
+    match crate::landlock::Ruleset::hiding(&settings.hidden, &settings.python) {
+        Ok(ruleset) => Some(ruleset),
+        Err(why) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                let files: Vec<String> = settings
+                    .hidden
+                    .iter()
+                    .map(|file| file.display().to_string())
+                    .collect();
+                tracing::warn!(
+                    files = %files.join(", "),
+                    "UDF runners can open these files: they cannot be closed to them ({why}). \
+                     A UDF could read the cluster key. Run the worker as root (runners then run \
+                     as --runner-user, nobody by default, and a key file of mode 0600 is closed \
+                     to them), or on a kernel with Landlock"
+                );
+            });
+            None
+        }
+    }
+}
+
 fn spawn_process(settings: &ProcessSettings, runner_end: UnixStream) -> Result<Child, String> {
     let child_fd = runner_end.as_raw_fd();
     let memory_limit = settings.memory_limit;
@@ -326,8 +358,10 @@ fn spawn_process(settings: &ProcessSettings, runner_end: UnixStream) -> Result<C
         // folder may be closed to that user: start in /.
         command.uid(user.uid).gid(user.gid).current_dir("/");
     }
-    // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl, setrlimit)
-    // between fork and exec.
+    let ruleset = hiding_ruleset(settings);
+    let ruleset_fd = ruleset.as_ref().map(crate::landlock::Ruleset::raw_fd);
+    // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl, setrlimit,
+    // landlock_restrict_self) between fork and exec.
     unsafe {
         command.pre_exec(move || {
             // The runner's end becomes descriptor 3 and survives exec
@@ -351,6 +385,10 @@ fn spawn_process(settings: &ProcessSettings, runner_end: UnixStream) -> Result<C
                 if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // Last: after the user change, which std makes before this hook.
+            if let Some(fd) = ruleset_fd {
+                crate::landlock::restrict_self(fd)?;
             }
             Ok(())
         });

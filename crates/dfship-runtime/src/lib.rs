@@ -11,7 +11,8 @@
 //!   concurrency caps, async calls sharing a runner), timeouts, cancellation
 //!   and replacement of runners that die.
 //! - [`Launcher`]: how runners start (a child process, or a thread of this
-//!   process's interpreter).
+//!   process's interpreter); [`landlock`]: the files runner processes may
+//!   not touch (the cluster key).
 //!
 //! This crate knows nothing of DataFusion or of how a UDF is encoded: the
 //! codec (`dfship-codec`) builds the calls and reads the replies.
@@ -27,12 +28,14 @@
 //!         memory_limit: None,
 //!         env_remove: Vec::new(),
 //!         user: None,
+//!         hidden: Vec::new(),
 //!     }),
 //! ));
 //! pool.warm_up().expect("runners start");
 //! assert_eq!(pool.stats().alive, 2);
 //! ```
 
+pub mod landlock;
 mod launch;
 mod pool;
 pub mod protocol;

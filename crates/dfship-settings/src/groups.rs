@@ -277,6 +277,17 @@ pub struct CoordinatorSettings {
     pub resolve_interval: Duration,
 }
 
+/// The files of these settings that UDF runners must not touch: the
+/// cluster key file and the TLS private key (see `dfship_runtime::landlock`).
+pub fn secret_files(security: &SecuritySettings, transport: &TransportSettings) -> Vec<PathBuf> {
+    security
+        .cluster_key_file
+        .iter()
+        .chain(transport.tls_key.iter())
+        .cloned()
+        .collect()
+}
+
 impl SecuritySettings {
     /// The cluster key, read once: from `--cluster-key-file`, else from
     /// `DFSHIP_CLUSTER_KEY`, which is then removed from the environment so

@@ -42,8 +42,9 @@ use dfship_codec::ClusterKey;
 use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 
 pub use groups::{
-    parse_bytes, parse_duration, parse_size, CoordinatorSettings, FunctionSettings, LogFormat,
-    PythonSettings, SecuritySettings, StorageSettings, TransportSettings, WorkerSettings,
+    parse_bytes, parse_duration, parse_size, secret_files, CoordinatorSettings, FunctionSettings,
+    LogFormat, PythonSettings, SecuritySettings, StorageSettings, TransportSettings,
+    WorkerSettings,
 };
 
 /// The settings file, a TOML file of `[group]` tables (see the crate docs).
@@ -121,7 +122,9 @@ impl CoordinatorOptions {
         key: Option<ClusterKey>,
     ) -> Result<ClusterContextBuilder> {
         self.coordinator.check()?;
-        self.python.apply()?;
+        let hidden = groups::secret_files(&self.security, &self.transport);
+        self.python
+            .apply_with(self.python.execution().with_hidden_files(hidden))?;
         let (builder, _) = self.builder_with_inline(key)?;
         Ok(builder)
     }

@@ -84,7 +84,10 @@ pub fn make_undumpable() {
 /// never run here, checks it works now rather than at the first query: the
 /// runners start (pool), or the interpreter imports cloudpickle and pyarrow.
 pub fn prepare_python(options: &WorkerOptions) -> Result<()> {
-    options.python.apply()?;
+    let hidden = dfship_settings::secret_files(&options.security, &options.transport);
+    options
+        .python
+        .apply_with(options.python.execution().with_hidden_files(hidden))?;
     if options.security.strict {
         return Ok(());
     }
