@@ -1037,6 +1037,31 @@ impl Compose {
         ])
     }
 
+    /// `udfs/key_hunt.py` on every row of the demo's trips, from a coordinator
+    /// container (after [`Self::demo`] wrote them): what its runners found.
+    fn hunt(&self) -> String {
+        let udfs = format!("{}:/udfs:ro", here().join("udfs").display());
+        self.ok(&[
+            "run",
+            "--rm",
+            "-T",
+            "-v",
+            &udfs,
+            "--entrypoint",
+            "python3",
+            "coordinator",
+            "-m",
+            "dfship",
+            "sql",
+            "--workers=dns://worker:8000",
+            "--cluster-key-file=/run/secrets/cluster_key",
+            "--udfs=/udfs/key_hunt.py",
+            "--table=trips=/var/lib/dfship/demo/trips",
+            "--bytes-per-partition=1",
+            "SELECT DISTINCT hunt(trip_id) AS h FROM trips",
+        ])
+    }
+
     /// `dfship_udf_calls_total` of a worker container, from its /metrics.
     fn udf_calls(container: &str) -> f64 {
         let metrics = docker_ok(&[
@@ -1089,6 +1114,24 @@ fn the_compose_deployment_scales_between_queries() {
         "2 workers:\n{two}"
     );
     assert!(!two.contains("False"), "mean_fare equals avg:\n{two}");
+
+    // The deployment image runs workers and UDFs as one unprivileged user
+    // (10001), with no capability: a UDF hunting for the key in every
+    // ancestor's /proc files and in the key file finds nothing (the worker
+    // is not dumpable; Landlock closes the key file to its runners).
+    let key_text = std::fs::read_to_string(&compose.key).unwrap();
+    let hunt = compose.hunt();
+    assert!(
+        !hunt.contains(key_text.trim()),
+        "a UDF found the key:\n{hunt}"
+    );
+    assert!(
+        hunt.contains("uid=10001")
+            && hunt.contains("/run/secrets/cluster_key=PermissionError")
+            && hunt.contains("/environ=PermissionError"),
+        "UDFs ran as the image's user and were refused the key file and the worker's \
+         environment:\n{hunt}"
+    );
 
     compose.scale(4);
     let four = compose.demo();

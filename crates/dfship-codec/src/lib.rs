@@ -53,6 +53,7 @@ pub use declarations::{
     PythonUdf,
 };
 /// The user runner processes run as (see [`PythonExecution::with_runner_user`]).
+pub use dfship_runtime::landlock::hide_from_runners;
 pub use dfship_runtime::RunnerUser;
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{

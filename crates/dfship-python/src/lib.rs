@@ -183,11 +183,11 @@ impl ClusterContext {
         if options.python.python_executable.is_none() && options.python.python_env.is_none() {
             execution = execution.with_python(host_python(py)?);
         }
-        let hidden = dfship_settings::secret_files(&options.security, &options.transport);
-        options
-            .python
-            .apply_with(execution.with_hidden_files(hidden))
-            .map_err(to_py)?;
+        dfship_codec::hide_from_runners(dfship_settings::secret_files(
+            &options.security,
+            &options.transport,
+        ));
+        options.python.apply_with(execution).map_err(to_py)?;
         let (builder, inline) = options.builder_with_inline(key).map_err(to_py)?;
         let ctx = py.detach(|| builder.build()).map_err(to_py)?;
         Ok(Self { ctx, inline })

@@ -32,6 +32,27 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+/// Files this process's runners may not touch, added by
+/// [`hide_from_runners`].
+static HIDDEN: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Closes `files` (a cluster key file, a TLS private key) to every runner
+/// process this process starts from now on (see the module docs). Files
+/// add up: a process with several contexts hides all their keys.
+pub fn hide_from_runners(files: impl IntoIterator<Item = PathBuf>) {
+    let mut hidden = HIDDEN.lock().unwrap_or_else(|p| p.into_inner());
+    for file in files {
+        if !hidden.contains(&file) {
+            hidden.push(file);
+        }
+    }
+}
+
+/// The files [`hide_from_runners`] was given.
+pub fn hidden_files() -> Vec<PathBuf> {
+    HIDDEN.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
 const CREATE_RULESET: libc::c_long = 444;
 const ADD_RULE: libc::c_long = 445;
 const RESTRICT_SELF: libc::c_long = 446;

@@ -55,9 +55,6 @@ pub struct ProcessSettings {
     /// running UDFs as an unprivileged user keeps what only it can read
     /// (a cluster key file, its `/proc` files) out of their reach.
     pub user: Option<RunnerUser>,
-    /// Files runners may not read, write or replace (the cluster key file,
-    /// a TLS private key), closed with Landlock (`crate::landlock`).
-    pub hidden: Vec<PathBuf>,
 }
 
 /// A user (and group) runner processes switch to before they exec Python.
@@ -303,19 +300,20 @@ pub(crate) fn launch(launcher: &Launcher) -> Result<Launched, String> {
     }
 }
 
-/// The Landlock ruleset that closes `settings.hidden` to a runner; `None`
-/// (with one warning per process) when it cannot be built.
+/// The Landlock ruleset that closes this process's secret files
+/// ([`crate::landlock::hide_from_runners`]) to a runner; `None` (with one
+/// warning per process) when it cannot be built.
 fn hiding_ruleset(settings: &ProcessSettings) -> Option<crate::landlock::Ruleset> {
-    if settings.hidden.is_empty() {
+    let hidden = crate::landlock::hidden_files();
+    if hidden.is_empty() {
         return None;
     }
-    match crate::landlock::Ruleset::hiding(&settings.hidden, &settings.python) {
+    match crate::landlock::Ruleset::hiding(&hidden, &settings.python) {
         Ok(ruleset) => Some(ruleset),
         Err(why) => {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                let files: Vec<String> = settings
-                    .hidden
+                let files: Vec<String> = hidden
                     .iter()
                     .map(|file| file.display().to_string())
                     .collect();

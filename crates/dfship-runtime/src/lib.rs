@@ -28,7 +28,6 @@
 //!         memory_limit: None,
 //!         env_remove: Vec::new(),
 //!         user: None,
-//!         hidden: Vec::new(),
 //!     }),
 //! ));
 //! pool.warm_up().expect("runners start");

@@ -155,7 +155,6 @@ fn a_runner_of_another_protocol_version_is_refused_with_a_clear_error() {
             memory_limit: None,
             env_remove: Vec::new(),
             user: None,
-            hidden: Vec::new(),
         }),
     ));
     let error = pool.warm_up().unwrap_err();

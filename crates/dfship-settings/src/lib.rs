@@ -122,9 +122,8 @@ impl CoordinatorOptions {
         key: Option<ClusterKey>,
     ) -> Result<ClusterContextBuilder> {
         self.coordinator.check()?;
-        let hidden = groups::secret_files(&self.security, &self.transport);
-        self.python
-            .apply_with(self.python.execution().with_hidden_files(hidden))?;
+        dfship_codec::hide_from_runners(groups::secret_files(&self.security, &self.transport));
+        self.python.apply()?;
         let (builder, _) = self.builder_with_inline(key)?;
         Ok(builder)
     }

@@ -84,10 +84,11 @@ pub fn make_undumpable() {
 /// never run here, checks it works now rather than at the first query: the
 /// runners start (pool), or the interpreter imports cloudpickle and pyarrow.
 pub fn prepare_python(options: &WorkerOptions) -> Result<()> {
-    let hidden = dfship_settings::secret_files(&options.security, &options.transport);
-    options
-        .python
-        .apply_with(options.python.execution().with_hidden_files(hidden))?;
+    dfship_codec::hide_from_runners(dfship_settings::secret_files(
+        &options.security,
+        &options.transport,
+    ));
+    options.python.apply()?;
     if options.security.strict {
         return Ok(());
     }

@@ -102,11 +102,6 @@ pub struct PythonExecution {
     pub python: PathBuf,
     /// The user runner processes run as (pool only; `None`: this process's).
     pub runner_user: Option<dfship_runtime::RunnerUser>,
-    /// Files runner processes may not read, write or replace (the cluster
-    /// key file, a TLS private key): see `dfship_runtime::landlock`. In
-    /// in-process mode UDFs run in this process, which holds the key: no
-    /// file or memory of it can be kept from them.
-    pub hidden_files: Vec<PathBuf>,
 }
 
 impl Default for PythonExecution {
@@ -120,7 +115,6 @@ impl Default for PythonExecution {
             runner_memory_limit: None,
             python: default_python(),
             runner_user: None,
-            hidden_files: Vec::new(),
         }
     }
 }
@@ -153,12 +147,6 @@ impl PythonExecution {
         self
     }
 
-    /// Runner processes cannot read, write or replace `files` (pool only).
-    pub fn with_hidden_files(mut self, files: Vec<PathBuf>) -> Self {
-        self.hidden_files = files;
-        self
-    }
-
     pub fn with_python(mut self, python: impl Into<PathBuf>) -> Self {
         self.python = python.into();
         self
@@ -171,7 +159,6 @@ impl PythonExecution {
                 memory_limit: self.runner_memory_limit,
                 env_remove: vec![crate::auth::CLUSTER_KEY_ENV.into()],
                 user: self.runner_user,
-                hidden: self.hidden_files.clone(),
             }),
             PythonMode::InProcess => Launcher::InProcess(in_process::runner()),
         };

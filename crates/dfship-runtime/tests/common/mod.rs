@@ -106,7 +106,6 @@ pub fn pool(runners: usize, timeout: Option<Duration>) -> RunnerPool {
             memory_limit: None,
             env_remove: Vec::new(),
             user: None,
-            hidden: Vec::new(),
         }),
     );
     config.call_timeout = timeout;
