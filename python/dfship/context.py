@@ -96,7 +96,9 @@ class ClusterContext:
     ``udf_timeout`` (seconds per batch) and ``runner_memory_limit`` (bytes)
     bound each runner; ``runner_user`` is the user runners run as (default:
     ``nobody`` when this process runs as root, else its own user; ``"worker"``
-    keeps its own). These settings are per process: every context in it
+    keeps its own); ``runner_isolation`` ``"query"`` gives each query runners
+    of its own, replaced by fresh processes when it ends (default
+    ``"shared"``). These settings are per process: every context in it
     must use the same ones.
 
     ``tls_ca`` (PEM) makes connections TLS (worker URLs ``https://``),
@@ -156,6 +158,7 @@ class ClusterContext:
         python_env: str | os.PathLike[str] | None = None,
         python_executable: str | os.PathLike[str] | None = None,
         runner_user: str | None = None,
+        runner_isolation: str | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
@@ -186,6 +189,7 @@ class ClusterContext:
             "python_env": _path(python_env),
             "python_executable": _path(python_executable),
             "runner_user": runner_user,
+            "runner_isolation": runner_isolation,
             "tls_ca": _path(tls_ca),
             "tls_cert": _path(tls_cert),
             "tls_key": _path(tls_key),

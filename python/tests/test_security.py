@@ -615,3 +615,57 @@ def test_a_udf_cannot_find_the_key_in_any_ancestor_or_key_file(dataset: Path, wh
             # run it, e.g. under /root): the worker says so at start-up; its
             # environment block holds no key (erased before it was unset).
             assert "UDF runners run as root" in logs, logs[-3000:]
+
+
+def plant_in_runner(values: pa.Array) -> pa.Array:
+    """A hostile UDF: patches a builtin, plants a module and starts a thread
+    in its runner, for later queries' UDFs to find; returns its pid."""
+    import builtins
+    import os
+    import threading
+    import time as clock
+    import types
+
+    builtins.dfship_planted = True  # type: ignore[attr-defined]
+    sys.modules["planted_module"] = types.ModuleType("planted_module")
+    threading.Thread(target=clock.sleep, args=(3600,), name="planted", daemon=True).start()
+    return pa.array([os.getpid()] * len(values), pa.int64())
+
+
+def probe_runner(values: pa.Array) -> pa.Array:
+    """What a UDF finds of earlier calls in its runner: `pid:builtin:module:thread`."""
+    import builtins
+    import os
+    import threading
+
+    seen = (
+        f"{os.getpid()}:{int(hasattr(builtins, 'dfship_planted'))}:{int('planted_module' in sys.modules)}:"
+        f"{sum(t.name == 'planted' for t in threading.enumerate())}"
+    )
+    return pa.array([seen] * len(values), pa.string())
+
+
+@pytest.mark.parametrize("isolation", ["shared", "query"])
+def test_what_a_query_plants_in_its_runners_reaches_the_next_query_only_when_runners_are_shared(
+    dataset: Path, isolation: str
+) -> None:
+    args = ["--python-runners", "1", "--runner-isolation", isolation]
+    with dfship.LocalCluster(workers=2, worker_args=args) as cluster:
+        ctx = cluster.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(plant_in_runner, [pa.int64()], pa.int64(), "volatile", name="plant"))
+        ctx.register_udf(dfship.udf(probe_runner, [pa.int64()], pa.string(), "volatile", name="probe"))
+        planted = set(ctx.sql("SELECT DISTINCT plant(id) AS p FROM facts").collect().column("p").to_pylist())
+        assert len(planted) == 2, "each worker's runner ran the planting UDF"
+        time.sleep(0.5)  # the first query's tasks end on the workers
+        seen = ctx.sql("SELECT DISTINCT probe(id) AS s FROM facts").collect().column("s").to_pylist()
+    probes = [tuple(int(part) for part in text.split(":")) for text in seen]
+    assert probes
+    if isolation == "shared":
+        # Control: the same runners serve the next query, plants and all.
+        assert {probe[0] for probe in probes} == planted
+        assert all(probe[1:] == (1, 1, 1) for probe in probes), probes
+    else:
+        # Fresh processes that never ran user code serve the next query.
+        assert not {probe[0] for probe in probes} & planted, (probes, planted)
+        assert all(probe[1:] == (0, 0, 0) for probe in probes), probes

@@ -54,7 +54,7 @@ pub use declarations::{
 };
 /// The user runner processes run as (see [`PythonExecution::with_runner_user`]).
 pub use dfship_runtime::landlock::hide_from_runners;
-pub use dfship_runtime::RunnerUser;
+pub use dfship_runtime::{Isolation, RunnerUser};
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{
     configure_python_execution, default_python, default_runners, end_task, label_task,

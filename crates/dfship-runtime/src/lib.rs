@@ -44,7 +44,8 @@ pub use launch::{
     describe_exit, InProcessRunner, Launcher, ProcessSettings, RunnerUser, RUNNER_SOURCE,
 };
 pub use pool::{
-    CallError, CallSpec, CancelToken, FunctionSpec, ObjectCall, PendingCall, PoolConfig, PoolStats,
-    Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REPLY_BYTES,
+    CallError, CallSpec, CancelToken, FunctionSpec, Isolation, ObjectCall, PendingCall, PoolConfig,
+    PoolStats, Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_REPLY_BYTES,
 };
 pub use protocol::{ErrorClass, RunnerVersions, PROTOCOL_VERSION};

@@ -42,6 +42,37 @@ pub struct PoolConfig {
     pub function_budget: usize,
     /// How long a new runner may take to announce itself.
     pub startup_timeout: Duration,
+    /// Whether runners serve one tenant (query) only.
+    pub isolation: Isolation,
+}
+
+/// Which calls may share a runner process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// Any calls: a runner keeps what it loaded (and whatever a UDF left in
+    /// it) across queries.
+    #[default]
+    Shared,
+    /// A runner serves the calls of one tenant (a query) only; once the
+    /// tenant ends, or another needs the room, the runner is stopped and a
+    /// fresh process that never ran user code takes its place. Process
+    /// runners only.
+    Query,
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "shared" => Ok(Self::Shared),
+            "query" => Ok(Self::Query),
+            other => Err(format!(
+                "'{other}' is not a runner isolation level: use shared (runners serve every \
+                 query) or query (a runner serves one query, then a fresh one replaces it)"
+            )),
+        }
+    }
 }
 
 impl PoolConfig {
@@ -53,6 +84,7 @@ impl PoolConfig {
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
             function_budget: DEFAULT_FUNCTION_BUDGET,
             startup_timeout: Duration::from_secs(60),
+            isolation: Isolation::Shared,
         }
     }
 }
@@ -101,6 +133,9 @@ pub struct CallSpec {
     /// The body after the digest, in parts (sent without copying them together).
     pub body: Vec<Bytes>,
     pub object: Option<ObjectCall>,
+    /// Whose call it is (a query), for [`Isolation::Query`]; calls of no
+    /// tenant share runners with each other only.
+    pub tenant: Option<u64>,
 }
 
 /// A runner's answer to a call: `RESULT` or `DONE`, and its body.
@@ -169,17 +204,33 @@ impl fmt::Display for CallError {
     }
 }
 
-/// Set when the task a call belongs to is over (cancelled, or finished).
+/// Set when the task a call belongs to is over (cancelled, or finished);
+/// it also says whose the task is (its tenant, for [`Isolation::Query`]).
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken {
+    cancelled: Arc<AtomicBool>,
+    tenant: Option<u64>,
+}
 
 impl CancelToken {
+    /// A token for a task of `tenant`.
+    pub fn for_tenant(tenant: u64) -> Self {
+        Self {
+            cancelled: Arc::default(),
+            tenant: Some(tenant),
+        }
+    }
+
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        self.cancelled.store(true, Ordering::Release);
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    pub fn tenant(&self) -> Option<u64> {
+        self.tenant
     }
 }
 
@@ -205,6 +256,9 @@ pub struct PoolStats {
     pub cancelled: u64,
     /// Calls run again on a fresh runner after theirs crashed.
     pub replays: u64,
+    /// Runners stopped because their tenant ended or another tenant needed
+    /// the room ([`Isolation::Query`]); not counted as lost.
+    pub retired: u64,
     /// Runners alive now.
     pub alive: usize,
     /// Runners with a call in flight now.
@@ -222,6 +276,7 @@ pub(crate) struct Counters {
     pub calls: AtomicU64,
     pub cancelled: AtomicU64,
     pub replays: AtomicU64,
+    pub retired: AtomicU64,
     pub alive: AtomicUsize,
     pub busy: AtomicUsize,
 }
@@ -324,6 +379,15 @@ impl RunnerPool {
         let _ = self.send(Event::Cancel(request));
     }
 
+    /// Tenant `tenant` (a query) will make no more calls: under
+    /// [`Isolation::Query`] its runners are stopped once idle and fresh ones
+    /// started in their place; never blocks.
+    pub fn end_tenant(&self, tenant: u64) {
+        if self.config.isolation == Isolation::Query {
+            let _ = self.send(Event::TenantEnded(tenant));
+        }
+    }
+
     pub fn stats(&self) -> PoolStats {
         let c = &self.counters;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -337,6 +401,7 @@ impl RunnerPool {
             calls: load(&c.calls),
             cancelled: load(&c.cancelled),
             replays: load(&c.replays),
+            retired: load(&c.retired),
             alive: c.alive.load(Ordering::Relaxed),
             busy: c.busy.load(Ordering::Relaxed),
         }

@@ -47,7 +47,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::launch::{describe_exit, launch, RunnerHandle};
-use crate::pool::{CallError, CallSpec, Counters, PoolConfig, Reply};
+use crate::pool::{CallError, CallSpec, Counters, Isolation, PoolConfig, Reply};
 use crate::protocol::{self, ErrorClass, RunnerVersions, PROTOCOL_VERSION};
 
 /// How long a synchronous call waits for an idle runner before it queues
@@ -56,6 +56,9 @@ pub(crate) const STARVATION: Duration = Duration::from_millis(200);
 
 /// Late replies of cancelled async calls remembered per runner.
 const IGNORED_KEPT: usize = 10_000;
+
+/// Ended tenants remembered (a runner bound to one retires once idle).
+const ENDED_TENANTS_KEPT: usize = 1_024;
 
 /// A fresh, unguessable request id (never 0, which READY uses).
 pub(crate) fn request_id() -> u64 {
@@ -95,6 +98,8 @@ pub(crate) enum Event {
     Submit(Box<Waiting>),
     Cancel(u64),
     Close(u64),
+    /// A tenant's calls are over (`RunnerPool::end_tenant`).
+    TenantEnded(u64),
     WarmUp(SyncSender<Result<(), String>>),
     Started(Result<Box<NewRunner>, String>),
     Message {
@@ -159,6 +164,8 @@ enum Ending {
     },
     Broken(String),
     Cancelled,
+    /// Its tenant ended, or another tenant needed the room (`Isolation::Query`).
+    Retired,
 }
 
 enum InFlight {
@@ -193,6 +200,9 @@ struct Runner {
     ending: Option<Ending>,
     /// A starving call this runner is kept for (module docs).
     reserved_for: Option<u64>,
+    /// Under `Isolation::Query`, the tenant it serves once it served one
+    /// (`Some(None)`: calls of no tenant).
+    bound: Option<Option<u64>>,
 }
 
 impl Runner {
@@ -264,6 +274,8 @@ struct Scheduler {
     last_start_error: Option<String>,
     /// After a failed start while other runners serve, no start until then.
     starts_blocked_until: Option<Instant>,
+    /// Tenants that ended (their runners retire once idle), oldest first.
+    ended_tenants: VecDeque<u64>,
 }
 
 impl Scheduler {
@@ -282,6 +294,7 @@ impl Scheduler {
             warm_ups: Vec::new(),
             last_start_error: None,
             starts_blocked_until: None,
+            ended_tenants: VecDeque::new(),
         }
     }
 
@@ -330,6 +343,14 @@ impl Scheduler {
             Event::Submit(waiting) => self.waiting.push_back(waiting),
             Event::Cancel(request) => self.cancel(request),
             Event::Close(object) => self.close(object),
+            Event::TenantEnded(tenant) => {
+                if !self.ended_tenants.contains(&tenant) {
+                    if self.ended_tenants.len() >= ENDED_TENANTS_KEPT {
+                        self.ended_tenants.pop_front();
+                    }
+                    self.ended_tenants.push_back(tenant);
+                }
+            }
             Event::WarmUp(reply) => {
                 self.warm_ups.push(reply);
                 let missing = self
@@ -420,6 +441,7 @@ impl Scheduler {
                         ignored: HashSet::new(),
                         ending: None,
                         reserved_for: None,
+                        bound: None,
                     },
                 );
                 tracing::debug!(runner = id, pid, "UDF runner started");
@@ -487,12 +509,16 @@ impl Scheduler {
         };
         let how = describe_exit(status);
         let ending = runner.ending.clone();
-        Counters::bump(&self.counters.lost);
+        if matches!(ending, Some(Ending::Retired)) {
+            Counters::bump(&self.counters.retired);
+        } else {
+            Counters::bump(&self.counters.lost);
+        }
         match &ending {
             None => Counters::bump(&self.counters.crashes),
             Some(Ending::TimedOut { .. }) => Counters::bump(&self.counters.timeouts),
             Some(Ending::Broken(_)) => Counters::bump(&self.counters.broken),
-            Some(Ending::Cancelled) => {}
+            Some(Ending::Cancelled | Ending::Retired) => {}
         }
         let lost_state = match &ending {
             None => format!("runner {} (pid {}) died: {how}", runner.id, runner.pid),
@@ -508,6 +534,10 @@ impl Scheduler {
             Some(Ending::Cancelled) => {
                 format!("runner {} was stopped to cancel a call on it", runner.id)
             }
+            Some(Ending::Retired) => format!(
+                "runner {} was retired (its query ended: runners serve one query)",
+                runner.id
+            ),
         };
         for object in runner.objects.keys() {
             self.objects
@@ -838,6 +868,9 @@ impl Scheduler {
             }
         }
         self.reserve_for_starving();
+        if self.config.isolation == Isolation::Query {
+            self.retire_runners(need_runner);
+        }
         let room = self
             .config
             .runners
@@ -851,6 +884,55 @@ impl Scheduler {
         }
         for _ in 0..wanted.min(room) {
             self.start_runner();
+        }
+    }
+
+    /// Whether `runner` may serve a call of `tenant`.
+    fn serves(&self, runner: &Runner, tenant: Option<u64>) -> bool {
+        serves(self.config.isolation, runner, tenant)
+    }
+
+    /// `Isolation::Query`: stops idle runners whose tenant ended, and, while
+    /// calls wait for a runner that cannot start (the pool is full), idle
+    /// runners of other tenants (their replacements start when they are
+    /// reaped). A runner holding objects is never retired.
+    fn retire_runners(&mut self, need_runner: usize) {
+        let ended = &self.ended_tenants;
+        for runner in self.runners.values_mut() {
+            let retirable = runner.ending.is_none()
+                && runner.idle()
+                && runner.objects.is_empty()
+                && runner.reserved_for.is_none();
+            if retirable && matches!(runner.bound, Some(Some(tenant)) if ended.contains(&tenant)) {
+                runner.kill(Ending::Retired);
+            }
+        }
+        let room = self.runners.len() + self.starting < self.config.runners;
+        if need_runner == 0 || room {
+            return;
+        }
+        let waiting_tenants: HashSet<Option<u64>> = self
+            .waiting
+            .iter()
+            .filter(|w| self.would_use_new_runner(w))
+            .map(|w| w.spec.tenant)
+            .collect();
+        let mut wanted = need_runner;
+        for runner in self.runners.values_mut() {
+            if wanted == 0 {
+                break;
+            }
+            let retirable = runner.ending.is_none()
+                && runner.idle()
+                && runner.objects.is_empty()
+                && runner.reserved_for.is_none()
+                && runner
+                    .bound
+                    .is_some_and(|tenant| !waiting_tenants.contains(&tenant));
+            if retirable {
+                runner.kill(Ending::Retired);
+                wanted -= 1;
+            }
         }
     }
 
@@ -921,6 +1003,7 @@ impl Scheduler {
             runner.ending.is_none()
                 && (!capped || runner.holds(digest))
                 && runner.open_to(waiting.id)
+                && self.serves(runner, spec.tenant)
         };
         let asynchronous = spec.kind == protocol::CALL
             && spec.object.is_none()
@@ -953,7 +1036,7 @@ impl Scheduler {
     /// [`STARVATION`] with every runner busy and no runner to start.
     fn reserve_for_starving(&mut self) {
         let room_to_start = self.runners.len() + self.starting < self.config.runners;
-        let starving: Vec<(u64, [u8; 32], bool)> = self
+        let starving: Vec<(u64, [u8; 32], bool, Option<u64>)> = self
             .waiting
             .iter()
             .filter(|w| w.since.elapsed() >= STARVATION)
@@ -968,10 +1051,11 @@ impl Scheduler {
                     .function
                     .concurrency
                     .is_some_and(|cap| self.holders(&w.spec.function.digest) >= cap);
-                (w.id, w.spec.function.digest, capped)
+                (w.id, w.spec.function.digest, capped, w.spec.tenant)
             })
             .collect();
-        for (request, digest, capped) in starving {
+        let isolation = self.config.isolation;
+        for (request, digest, capped, tenant) in starving {
             if (room_to_start && !capped)
                 || self
                     .runners
@@ -985,6 +1069,7 @@ impl Scheduler {
                 .values_mut()
                 .filter(|r| r.ending.is_none() && r.reserved_for.is_none())
                 .filter(|r| !capped || r.holds(&digest))
+                .filter(|r| serves(isolation, r, tenant))
                 .min_by_key(|r| (r.in_flight.len(), r.id));
             if let Some(runner) = least {
                 runner.reserved_for = Some(request);
@@ -1010,6 +1095,9 @@ impl Scheduler {
             }));
             return;
         };
+        if self.config.isolation == Isolation::Query {
+            runner.bound = Some(waiting.spec.tenant);
+        }
         let function = Arc::clone(&waiting.spec.function);
         let digest = function.digest;
         if !runner.loaded.contains_key(&digest) {
@@ -1107,6 +1195,15 @@ fn forget_unpinned(runner: &mut Runner, keep: &[u8; 32]) {
             runner.loaded_bytes = runner.loaded_bytes.saturating_sub(bytes);
         }
         runner.send(protocol::FORGET, 0, vec![Bytes::copy_from_slice(&digest)]);
+    }
+}
+
+/// Whether `runner` may serve a call of `tenant` under `isolation`: under
+/// `Query`, a fresh runner or one bound to that tenant.
+fn serves(isolation: Isolation, runner: &Runner, tenant: Option<u64>) -> bool {
+    match isolation {
+        Isolation::Shared => true,
+        Isolation::Query => runner.bound.is_none_or(|bound| bound == tenant),
     }
 }
 

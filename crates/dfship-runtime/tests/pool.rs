@@ -420,6 +420,7 @@ fn aggregate(
             Bytes::from(encode_streams(batches).unwrap()),
         ],
         object: Some(object),
+        tenant: None,
     }
 }
 
@@ -763,4 +764,100 @@ fn a_reply_trickled_byte_by_byte_and_a_pickle_that_loads_forever_hit_the_call_ti
         vec![5]
     );
     assert_eq!(pool.stats().timeouts, 2, "{:?}", pool.stats());
+}
+
+/// What a runner shows of earlier calls: `[pid, a patched builtin, a planted
+/// module, a planted thread]` (four rows in, four out).
+const PROBE: &str = "import builtins, os, sys, threading, pyarrow as pa\n\
+     def probe(xs):\n\
+     \x20   return pa.array([os.getpid(), int(getattr(builtins, 'dfship_planted', 0)),\n\
+     \x20                    int('planted_module' in sys.modules),\n\
+     \x20                    sum(t.name == 'planted' for t in threading.enumerate())], pa.int64())";
+
+/// Plants things in its runner for later calls to find, then probes.
+const PLANT: &str = "import builtins, os, sys, threading, time, types, pyarrow as pa\n\
+     def plant(xs):\n\
+     \x20   builtins.dfship_planted = 1\n\
+     \x20   sys.modules['planted_module'] = types.ModuleType('planted_module')\n\
+     \x20   threading.Thread(target=time.sleep, args=(3600,), name='planted', daemon=True).start()\n\
+     \x20   return pa.array([os.getpid(), 1, 1, 1], pa.int64())";
+
+fn isolated_pool(
+    runners: usize,
+    isolation: dfship_runtime::Isolation,
+) -> dfship_runtime::RunnerPool {
+    let mut config = dfship_runtime::PoolConfig::new(
+        runners,
+        dfship_runtime::Launcher::Process(dfship_runtime::ProcessSettings {
+            python: common::python(),
+            memory_limit: None,
+            env_remove: Vec::new(),
+            user: None,
+        }),
+    );
+    config.isolation = isolation;
+    dfship_runtime::RunnerPool::new(config)
+}
+
+fn as_tenant(
+    pool: &dfship_runtime::RunnerPool,
+    function: &Arc<dfship_runtime::FunctionSpec>,
+    tenant: u64,
+) -> Vec<i64> {
+    let mut spec = call(function, vec![0, 0, 0, 0]);
+    spec.tenant = Some(tenant);
+    ints(pool.submit(spec).wait(pool, None).unwrap())
+}
+
+#[test]
+fn under_query_isolation_nothing_a_query_plants_in_its_runner_reaches_another_query() {
+    use dfship_runtime::Isolation;
+    let plant = Arc::new(function("plant", PLANT, "plant"));
+    let probe = Arc::new(function("probe", PROBE, "probe"));
+
+    // Control: shared runners (one) carry the plants from query 1 to query 2.
+    let shared = isolated_pool(1, Isolation::Shared);
+    let planted = as_tenant(&shared, &plant, 1);
+    let seen = as_tenant(&shared, &probe, 2);
+    assert_eq!(
+        seen,
+        vec![planted[0], 1, 1, 1],
+        "shared runners keep what a UDF leaves"
+    );
+
+    // Query isolation, two runners: the second query gets the other runner
+    // while the first lives; the first query keeps its own runner.
+    let pool = isolated_pool(2, Isolation::Query);
+    let planted = as_tenant(&pool, &plant, 1);
+    let other = as_tenant(&pool, &probe, 2);
+    assert_ne!(other[0], planted[0]);
+    assert_eq!(other[1..], [0, 0, 0], "query 2 sees nothing of query 1");
+    assert_eq!(
+        as_tenant(&pool, &probe, 1),
+        vec![planted[0], 1, 1, 1],
+        "query 1 keeps its runner"
+    );
+    // Query 1 ends: its runner is replaced by a fresh process.
+    pool.end_tenant(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().retired < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let third = as_tenant(&pool, &probe, 3);
+    assert!(
+        third[0] != planted[0] && third[1..] == [0, 0, 0],
+        "{third:?}"
+    );
+
+    // One runner, two live queries: the idle runner of one is retired for
+    // the other (never shared).
+    let single = isolated_pool(1, Isolation::Query);
+    let first = as_tenant(&single, &plant, 10);
+    let second = as_tenant(&single, &probe, 11);
+    assert!(
+        second[0] != first[0] && second[1..] == [0, 0, 0],
+        "{second:?}"
+    );
+    let stats = single.stats();
+    assert_eq!((stats.retired, stats.lost), (1, 0), "{stats:?}");
 }

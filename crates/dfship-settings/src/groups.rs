@@ -209,6 +209,14 @@ pub struct PythonSettings {
     /// cluster key file, the worker's /proc files), else its own user].
     #[arg(long, env = "DFSHIP_RUNNER_USER", value_parser = parse_runner_user)]
     pub runner_user: Option<String>,
+
+    /// Which calls may share a runner process: `shared` (any: a runner keeps
+    /// what it loaded, and whatever a UDF left in it, across queries) or
+    /// `query` (a runner serves one query, then a fresh process replaces it:
+    /// nothing a UDF plants reaches another query; costs a runner start per
+    /// query and runner used). Pool mode.
+    #[arg(long, env = "DFSHIP_RUNNER_ISOLATION", default_value = "shared")]
+    pub runner_isolation: dfship_codec::Isolation,
 }
 
 /// TLS and message limits of the connections between coordinator and workers.
@@ -318,6 +326,7 @@ impl PythonSettings {
     pub fn execution(&self) -> PythonExecution {
         let mut execution = PythonExecution::default()
             .with_mode(self.python_mode)
+            .with_isolation(self.runner_isolation)
             .with_udf_timeout(self.udf_timeout)
             .with_runner_memory_limit(self.runner_memory_limit);
         if let Some(runners) = self.python_runners {

@@ -266,6 +266,14 @@ const TABLE: &[Row] = &[
         "10002:10002",
     ),
     (
+        "runner_isolation",
+        "--runner-isolation",
+        "DFSHIP_RUNNER_ISOLATION",
+        "python.runner_isolation",
+        Some("shared"),
+        "query",
+    ),
+    (
         "storage_options",
         "--storage-option",
         "DFSHIP_STORAGE_OPTIONS",

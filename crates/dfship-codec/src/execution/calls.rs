@@ -9,7 +9,7 @@ use arrow::datatypes::FieldRef;
 use bytes::Bytes;
 use datafusion::error::{DataFusionError, Result};
 use dfship_runtime::protocol::{self, RESULT};
-use dfship_runtime::{CallError, CallSpec, PendingCall, Reply};
+use dfship_runtime::{CallError, CallSpec, CancelToken, PendingCall, Reply};
 
 use crate::execution::errors::call_error;
 use crate::execution::{function_spec, pool, record_udf_figures, task_token, wait_off_runtime};
@@ -57,6 +57,7 @@ pub(crate) fn call_scalar(
                 kind: protocol::CALL,
                 body: vec![Bytes::from(stream)],
                 object: None,
+                tenant: cancel.as_ref().and_then(CancelToken::tenant),
             };
             pending.push((rows, pool.submit(call)));
             offset += rows;
@@ -151,6 +152,7 @@ fn stateless(
             kind,
             body,
             object: None,
+            tenant: function.task.get().and_then(CancelToken::tenant),
         };
         let reply = pool
             .submit(call)

@@ -115,6 +115,15 @@ pub fn label_task(id: &str, label: TaskLabel) {
     }
 }
 
+/// The query task `id` belongs to, if it was labelled.
+pub(crate) fn query_of(id: &str) -> Option<[u8; 16]> {
+    tasks()
+        .by_id
+        .get(id)
+        .and_then(|entry| entry.label)
+        .map(|label| label.query)
+}
+
 /// The entry of task `id`, making room by forgetting the oldest ended
 /// tasks; none when [`MAX_TASKS`] live tasks are kept already.
 fn room_for<'a>(tasks: &'a mut Tasks, id: &str) -> Option<&'a mut TaskFigures> {

@@ -27,7 +27,7 @@ mod figures;
 mod in_process;
 mod objects;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::Duration;
@@ -102,6 +102,8 @@ pub struct PythonExecution {
     pub python: PathBuf,
     /// The user runner processes run as (pool only; `None`: this process's).
     pub runner_user: Option<dfship_runtime::RunnerUser>,
+    /// Whether a runner serves the calls of one query only (pool only).
+    pub isolation: dfship_runtime::Isolation,
 }
 
 impl Default for PythonExecution {
@@ -115,6 +117,7 @@ impl Default for PythonExecution {
             runner_memory_limit: None,
             python: default_python(),
             runner_user: None,
+            isolation: dfship_runtime::Isolation::Shared,
         }
     }
 }
@@ -147,6 +150,13 @@ impl PythonExecution {
         self
     }
 
+    /// `Query`: a runner serves one query's calls, then a fresh process
+    /// replaces it (pool only).
+    pub fn with_isolation(mut self, isolation: dfship_runtime::Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
     pub fn with_python(mut self, python: impl Into<PathBuf>) -> Self {
         self.python = python.into();
         self
@@ -164,6 +174,7 @@ impl PythonExecution {
         };
         let mut config = PoolConfig::new(self.runners, launcher);
         config.call_timeout = self.udf_timeout;
+        config.isolation = self.isolation;
         // A runner cannot legitimately send more than it may hold.
         config.max_reply_bytes = self
             .runner_memory_limit
@@ -200,6 +211,15 @@ fn build(config: PythonExecution) -> (PythonExecution, RunnerPool) {
 /// first Python UDF runs; calling it again with the same settings is fine.
 pub fn configure_python_execution(config: PythonExecution) -> Result<()> {
     let config = config.clone().with_runners(config.runners);
+    if config.mode == PythonMode::InProcess && config.isolation == dfship_runtime::Isolation::Query
+    {
+        return Err(DataFusionError::Configuration(
+            "--runner-isolation query needs runner processes: in-process mode runs every UDF in \
+             this process's interpreter, which cannot be replaced between queries; use \
+             --python-mode pool"
+                .to_string(),
+        ));
+    }
     let (active, _) = EXECUTOR.get_or_init(|| build(config.clone()));
     if *active == config {
         Ok(())
@@ -300,10 +320,39 @@ impl ConfigExtension for TaskOptions {
 
 static TASKS: LazyLock<Mutex<HashMap<String, CancelToken>>> = LazyLock::new(Default::default);
 
-/// The token of task `id` (created on first use).
+/// The live tasks of each tenant (query) that made calls, by task id.
+static TENANTS: LazyLock<Mutex<HashMap<u64, HashSet<String>>>> = LazyLock::new(Default::default);
+
+/// The tenant of task `id`: its query (from the coordinator's label), else
+/// the task itself.
+fn tenant_of(id: &str) -> u64 {
+    match figures::query_of(id) {
+        Some(query) => u64::from_le_bytes(query[..8].try_into().unwrap_or_default()),
+        None => {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            id.hash(&mut hasher);
+            hasher.finish()
+        }
+    }
+}
+
+/// The token of task `id` (created on first use, with the task's tenant).
 pub fn task_token(id: &str) -> CancelToken {
     let mut tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner());
-    tasks.entry(id.to_string()).or_default().clone()
+    if let Some(token) = tasks.get(id) {
+        return token.clone();
+    }
+    let tenant = tenant_of(id);
+    let token = CancelToken::for_tenant(tenant);
+    tasks.insert(id.to_string(), token.clone());
+    TENANTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(tenant)
+        .or_default()
+        .insert(id.to_string());
+    token
 }
 
 /// How many ended tasks are remembered (so their late calls fail too)
@@ -314,9 +363,30 @@ const ENDED_TASKS_KEPT: usize = 16_384;
 /// it makes later fail at once.
 pub fn end_task(id: &str) {
     figures::task_ended(id);
-    let mut tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner());
-    tasks.entry(id.to_string()).or_default().cancel();
-    if tasks.len() > ENDED_TASKS_KEPT {
-        tasks.retain(|_, token| !token.is_cancelled());
+    let tenant = {
+        let mut tasks = TASKS.lock().unwrap_or_else(|p| p.into_inner());
+        let token = tasks.entry(id.to_string()).or_default();
+        token.cancel();
+        let tenant = token.tenant();
+        if tasks.len() > ENDED_TASKS_KEPT {
+            tasks.retain(|_, token| !token.is_cancelled());
+        }
+        tenant
+    };
+    // The last task of its tenant on this process: under query isolation,
+    // the tenant's runners are replaced by fresh ones.
+    if let Some(tenant) = tenant {
+        let mut tenants = TENANTS.lock().unwrap_or_else(|p| p.into_inner());
+        let over = tenants.get_mut(&tenant).is_some_and(|live| {
+            live.remove(id);
+            live.is_empty()
+        });
+        if over {
+            tenants.remove(&tenant);
+            drop(tenants);
+            if let Some((_, pool)) = EXECUTOR.get() {
+                pool.end_tenant(tenant);
+            }
+        }
     }
 }

@@ -21,7 +21,7 @@ use arrow::datatypes::FieldRef;
 use bytes::Bytes;
 use datafusion::error::Result;
 use dfship_runtime::protocol::{self, DONE};
-use dfship_runtime::{CallSpec, ObjectCall, PendingCall};
+use dfship_runtime::{CallSpec, CancelToken, ObjectCall, PendingCall};
 
 use crate::execution::calls::result_of;
 use crate::execution::errors::call_error;
@@ -106,6 +106,7 @@ impl RunnerObject {
                 Bytes::from(streams),
             ],
             object: Some(object),
+            tenant: self.function.task.get().and_then(CancelToken::tenant),
         })
     }
 

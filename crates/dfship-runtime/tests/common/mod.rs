@@ -123,6 +123,7 @@ pub fn call(function: &Arc<FunctionSpec>, values: Vec<i64>) -> CallSpec {
         kind: protocol::CALL,
         body: vec![Bytes::from(stream)],
         object: None,
+        tenant: None,
     }
 }
 
