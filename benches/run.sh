@@ -3,7 +3,7 @@
 # then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
 # and 2 workers) and the aggregate/window comparison. Results land in
 # benches/results/ (results.md, results.png, micro.md, profile.md,
-# aggregates.md, runners.md, recovery.md, object_store.md). Takes about 35 minutes on two cores, most of it the
+# aggregates.md, runners.md, recovery.md, object_store.md, isolation.md). Takes about 35 minutes on two cores, most of it the
 # release build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,6 +72,9 @@ rm -f target/wheels-release/dfship-*.whl
 
 echo "bench: tables on an S3-compatible server (moto) against local disk"
 "$venv/bin/python" benches/e2e/object_store.py --out "$out"
+
+echo "bench: what authentication and query isolation cost per query"
+"$venv/bin/python" benches/e2e/isolation.py --out "$out"
 
 case " $* " in
 *" --skip-spark "*) echo "bench: --skip-spark given, so no profile of the GIL-bound query against PySpark" ;;

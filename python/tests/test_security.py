@@ -664,7 +664,7 @@ def test_what_a_query_plants_in_its_runners_reaches_the_next_query_only_when_run
     if isolation == "shared":
         # Control: the same runners serve the next query, plants and all.
         assert {probe[0] for probe in probes} == planted
-        assert all(probe[1:] == (1, 1, 1) for probe in probes), probes
+        assert all(probe[1:3] == (1, 1) and probe[3] >= 1 for probe in probes), probes
     else:
         # Fresh processes that never ran user code serve the next query.
         assert not {probe[0] for probe in probes} & planted, (probes, planted)

@@ -681,6 +681,14 @@ def serve(sock: socket.socket) -> None:
         header = _HEADER.pack(ERROR, 0, 1 + len(text.encode()))
         sock.sendall(header + bytes([STARTUP]) + text.encode())
         return
+    # A process's first compute call pays for pyarrow's kernel set-up (about
+    # 0.2 s): here, before READY, in the background of a warm-up or a
+    # replacement, not in a UDF's first call (under query isolation, every
+    # query's first calls are on fresh runners).
+    try:
+        pyarrow.compute.add(pa.array([0], pa.int64()), 1)
+    except Exception:  # noqa: BLE001 - a warm-up only; the UDFs will say what fails
+        pass
     runner = Runner(sock, pa, cloudpickle)
     cloudpickle_major = int(cloudpickle.__version__.split(".")[0])
     info = sys.version_info
