@@ -861,3 +861,89 @@ fn under_query_isolation_nothing_a_query_plants_in_its_runner_reaches_another_qu
     let stats = single.stats();
     assert_eq!((stats.retired, stats.lost), (1, 0), "{stats:?}");
 }
+
+#[test]
+fn a_runner_imports_nothing_from_the_workers_working_directory() {
+    // `python -c` puts the working directory first on sys.path; a module
+    // there named like one the runner imports would run in every runner.
+    let dir = tempfile_dir().join("hostile-cwd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = dir.join("imported");
+    for module in [
+        "functools",
+        "inspect",
+        "socket",
+        "struct",
+        "threading",
+        "traceback",
+        "cloudpickle",
+        "pyarrow",
+    ] {
+        std::fs::write(
+            dir.join(format!("{module}.py")),
+            format!(
+                "open({:?}, 'a').write('{module} ')\n",
+                marker.display().to_string()
+            ),
+        )
+        .unwrap();
+    }
+    // (Pickled first: the helper runs Python too.)
+    let f = Arc::new(function(
+        "plus",
+        "import pyarrow.compute as pc",
+        "lambda xs: pc.add(xs, 1)",
+    ));
+    let spec = call(&f, vec![1]);
+    // nextest runs each test in a process of its own: the cwd is ours.
+    std::env::set_current_dir(&dir).unwrap();
+    let pool = pool(1, None);
+    assert_eq!(ints(pool.submit(spec).wait(&pool, None).unwrap()), vec![2]);
+    assert!(
+        !marker.exists(),
+        "the runner imported from its working directory: {}",
+        std::fs::read_to_string(&marker).unwrap_or_default()
+    );
+}
+
+#[test]
+fn a_reply_above_the_limit_breaks_its_runner_before_anything_is_allocated() {
+    let mut config = dfship_runtime::PoolConfig::new(
+        1,
+        dfship_runtime::Launcher::Process(dfship_runtime::ProcessSettings {
+            python: common::python(),
+            memory_limit: None,
+            env_remove: Vec::new(),
+            user: None,
+        }),
+    );
+    config.max_reply_bytes = 64 << 20;
+    let pool = dfship_runtime::RunnerPool::new(config);
+    // Declares a 1 TiB reply for its own call and sends nothing more.
+    let huge = Arc::new(function(
+        "huge",
+        "import sys, os, struct, time\n\
+         def huge(xs):\n\
+         \x20   request = sys._getframe(1).f_locals['request']\n\
+         \x20   os.write(3, struct.pack('<BQQ', 12, request, 1 << 40))\n\
+         \x20   time.sleep(600)",
+        "huge",
+    ));
+    let error = pool
+        .submit(call(&huge, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
+    assert!(
+        matches!(&error, CallError::Broken { detail } if detail.contains("above the limit of 67108864")),
+        "{error:?}"
+    );
+    let honest = Arc::new(function("id", "", "lambda xs: xs"));
+    assert_eq!(
+        ints(
+            pool.submit(call(&honest, vec![3]))
+                .wait(&pool, None)
+                .unwrap()
+        ),
+        vec![3]
+    );
+}

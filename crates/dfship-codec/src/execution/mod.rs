@@ -390,3 +390,33 @@ pub fn end_task(id: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runner_may_send_no_more_than_its_memory_limit() {
+        let unlimited = PythonExecution::default().pool_config();
+        assert_eq!(unlimited.max_reply_bytes, DEFAULT_MAX_REPLY_BYTES);
+        let limited = PythonExecution::default()
+            .with_runner_memory_limit(Some(256 << 20))
+            .pool_config();
+        assert_eq!(limited.max_reply_bytes, 256 << 20);
+        let generous = PythonExecution::default()
+            .with_runner_memory_limit(Some(64 << 30))
+            .pool_config();
+        assert_eq!(generous.max_reply_bytes, DEFAULT_MAX_REPLY_BYTES);
+    }
+
+    #[test]
+    fn query_isolation_needs_runner_processes() {
+        let error = configure_python_execution(
+            PythonExecution::default()
+                .with_mode(PythonMode::InProcess)
+                .with_isolation(dfship_runtime::Isolation::Query),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("--python-mode pool"), "{error}");
+    }
+}
