@@ -272,3 +272,88 @@ async fn a_worker_caps_connections_handshake_time_and_streams_per_connection() {
         Some(dfship_distributed::MAX_CONCURRENT_STREAMS)
     );
 }
+
+/// A TCP proxy on 127.0.0.1 whose target can be switched; switching drops
+/// the connections it carries.
+struct SwitchingProxy {
+    url: String,
+    target: Arc<std::sync::Mutex<String>>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl SwitchingProxy {
+    async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = Arc::new(std::sync::Mutex::new(target.to_string()));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(generation);
+        let (to, gen) = (Arc::clone(&target), Arc::clone(&generation));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let address = to.lock().unwrap().clone();
+                let mut switched = gen.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&address).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = switched.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            url,
+            target,
+            generation,
+        }
+    }
+
+    fn switch_to(&self, target: &str) {
+        *self.target.lock().unwrap() = target.to_string();
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_address_that_now_leads_to_another_worker_is_asked_again_and_the_query_retried() {
+    let dir = dataset().await;
+    let workers = PythonWorkerSessionBuilder::new(CodecOptions::default().with_cluster_key(key(7)));
+    let cluster = InProcessCluster::start(3, workers).await;
+    let host = |url: &str| url.trim_start_matches("http://").to_string();
+    let proxy = SwitchingProxy::start(&host(&cluster.urls[0])).await;
+    let ctx = triple_context(
+        &[proxy.url.clone(), cluster.urls[1].clone()],
+        CodecOptions::default().with_cluster_key(key(7)),
+        dir.path(),
+    )
+    .await;
+    let query = "SELECT py_triple(id) AS t FROM facts WHERE id % 5 = 0";
+    let rows = |batches: Vec<arrow::array::RecordBatch>| -> usize {
+        batches.iter().map(|b| b.num_rows()).sum()
+    };
+    let first = dfship_distributed::collect(ctx.sql(query).await.unwrap())
+        .await
+        .unwrap();
+    // The address now leads to worker 2, which refuses proofs made for
+    // worker 0: the coordinator asks the address again and plans again.
+    let refused = dfship_distributed::refused_requests();
+    proxy.switch_to(&host(&cluster.urls[2]));
+    let second = dfship_distributed::collect(ctx.sql(query).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rows(first), rows(second));
+    assert!(
+        dfship_distributed::refused_requests() > refused,
+        "worker 2 refused a proof made for worker 0 (the path under test was taken)"
+    );
+    // And from then on the address is known as worker 2: no more refusals.
+    let refused = dfship_distributed::refused_requests();
+    let third = dfship_distributed::collect(ctx.sql(query).await.unwrap())
+        .await
+        .unwrap();
+    assert!(rows(third) > 0);
+    assert_eq!(dfship_distributed::refused_requests(), refused);
+}

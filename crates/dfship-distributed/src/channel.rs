@@ -22,6 +22,7 @@
 //! coming back through a channel names the worker it came from.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -297,7 +298,9 @@ impl Default for ChannelOptions {
     }
 }
 
-type ChannelCell = Arc<tokio::sync::OnceCell<BoxCloneSyncChannel>>;
+/// A channel, and the flag its [`SignedChannel`] raises when the worker at
+/// its address is no longer the one it verified (then it is made again).
+type ChannelCell = Arc<tokio::sync::OnceCell<(BoxCloneSyncChannel, Option<Arc<AtomicBool>>)>>;
 
 /// gRPC channels to workers (one per URL, reused, with [`ChannelOptions`]),
 /// wrapped in [`InlineUdfChannel`]. Install it with
@@ -345,7 +348,7 @@ impl InlineUdfChannelResolver {
         self.payloads.stats()
     }
 
-    async fn connect(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
+    async fn connect(&self, url: &Url) -> Result<(BoxCloneSyncChannel, Option<Arc<AtomicBool>>)> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| {
                 DataFusionError::Configuration(format!(
@@ -402,19 +405,30 @@ impl InlineUdfChannelResolver {
                 )
                 .await
                 .map_err(DataFusionError::Execution)?;
-                BoxCloneSyncChannel::new(SignedChannel::new(limited, auth.clone(), worker))
+                let signed = SignedChannel::new(limited, auth.clone(), worker, url.as_str());
+                let stale = signed.stale_flag();
+                (BoxCloneSyncChannel::new(signed), Some(stale))
             }
-            None => BoxCloneSyncChannel::new(limited),
+            None => (BoxCloneSyncChannel::new(limited), None),
         })
     }
 
     async fn channel(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
         let cell = {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            let stale = channels.get(url).is_some_and(|cell| {
+                cell.get()
+                    .and_then(|(_, stale)| stale.as_ref())
+                    .is_some_and(|stale| stale.load(Ordering::Acquire))
+            });
+            if stale {
+                // Ask the address who it is again.
+                channels.remove(url);
+            }
             Arc::clone(channels.entry(url.clone()).or_default())
         };
         match cell.get_or_try_init(|| self.connect(url)).await {
-            Ok(channel) => Ok(channel.clone()),
+            Ok((channel, _)) => Ok(channel.clone()),
             Err(error) => {
                 // Forget the failed attempt so the next query connects afresh.
                 let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());

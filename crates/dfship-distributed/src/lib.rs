@@ -68,8 +68,9 @@ pub use progress::{stages_of, ProgressCallback, QueryProgress, StageProgress};
 pub use query_span::{QuerySpanLayer, QUERY_HEADER};
 pub use retry::{collect, collect_with_progress, QueryRetry, RetryPolicy, RetryStats};
 pub use rpc_auth::{
-    challenge_endpoint, RpcAuthLayer, RpcAuthenticator, SignedChannel, WorkerId, AUTH_HEADER,
-    HELLO_HEADER, HELLO_PATH, IDENTITY_HEADER, MAX_CLOCK_SKEW,
+    challenge_endpoint, refused_requests, RpcAuthLayer, RpcAuthenticator, SignedChannel, WorkerId,
+    AUTH_HEADER, HELLO_HEADER, HELLO_PATH, IDENTITY_CHANGED_HEADER, IDENTITY_HEADER,
+    MAX_CLOCK_SKEW,
 };
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};

@@ -175,6 +175,11 @@ pub const HELLO_PATH: &str = "/dfship.Auth/Hello";
 pub const HELLO_HEADER: &str = "dfship-hello";
 /// The response entry that carries the answer.
 pub const IDENTITY_HEADER: &str = "dfship-identity";
+/// Set on a refusal of a proof made for another worker: the client's
+/// knowledge of who is at this address is stale.
+pub const IDENTITY_CHANGED_HEADER: &str = "dfship-identity-changed";
+/// How the refusal of a proof made for another worker begins.
+const OTHER_WORKER: &str = "the proof was made for worker";
 
 /// What a worker is known by: 16 bytes it derives from the key and its host
 /// name and port, and proves in the identity challenge.
@@ -325,7 +330,7 @@ impl RpcAuthenticator {
         }
         if let Some(own) = self.identity.filter(|own| *own != worker) {
             return Err(format!(
-                "the proof was made for worker {}, and this is worker {}: a request meant for \
+                "{OTHER_WORKER} {}, and this is worker {}: a request meant for \
                  another worker (replayed, or sent to a stale address); the client asks this \
                  address who it is again on its next connection",
                 hex(&worker),
@@ -443,11 +448,16 @@ where
             Err(why) => {
                 let refused = REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 log_refusal(&path, &why, refused);
-                let refused = tonic::Status::unauthenticated(format!(
+                let mut refused = tonic::Status::unauthenticated(format!(
                     "{} {why}",
                     dfship_codec::ErrorKind::Unauthenticated.tag()
                 ))
                 .into_http();
+                if why.starts_with(OTHER_WORKER) {
+                    refused
+                        .headers_mut()
+                        .insert(IDENTITY_CHANGED_HEADER, HeaderValue::from_static("1"));
+                }
                 Box::pin(async move { Ok(refused) })
             }
         }
@@ -492,30 +502,51 @@ pub fn refused_requests() -> u64 {
 /// The client side: adds a fresh proof for `worker` to every request of a
 /// channel, and tags its messages. Build it with [`verified_channel`], which
 /// learns `worker` from the endpoint's answer to an identity challenge.
+///
+/// When the worker says a proof was made for another worker (the address now
+/// leads to another worker, or it restarted with another identity), the
+/// channel marks itself stale ([`Self::is_stale`]: its owner challenges the
+/// address again) and the request fails as a lost worker, which queries
+/// retry.
 #[derive(Debug, Clone)]
 pub struct SignedChannel<S> {
     inner: S,
     auth: RpcAuthenticator,
     worker: WorkerId,
+    url: Arc<str>,
+    stale: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<S> SignedChannel<S> {
-    pub fn new(inner: S, auth: RpcAuthenticator, worker: WorkerId) -> Self {
+    pub fn new(inner: S, auth: RpcAuthenticator, worker: WorkerId, url: &str) -> Self {
         Self {
             inner,
             auth,
             worker,
+            url: Arc::from(url),
+            stale: Arc::default(),
         }
+    }
+
+    /// Whether a worker refused a proof of this channel as made for another.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The flag [`Self::is_stale`] reads (shared by every clone).
+    pub fn stale_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.stale)
     }
 }
 
 impl<S> Service<http::Request<tonic::body::Body>> for SignedChannel<S>
 where
-    S: Service<http::Request<tonic::body::Body>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -527,8 +558,24 @@ where
             request.headers_mut().insert(AUTH_HEADER, value);
         }
         let key = Arc::clone(self.auth.key());
-        self.inner
-            .call(request.map(|body| crate::signed_body::sign(body, key, nonce)))
+        let response = self
+            .inner
+            .call(request.map(|body| crate::signed_body::sign(body, key, nonce)));
+        let (stale, url) = (Arc::clone(&self.stale), Arc::clone(&self.url));
+        Box::pin(async move {
+            let response = response.await?;
+            if response.headers().get(IDENTITY_CHANGED_HEADER).is_none() {
+                return Ok(response);
+            }
+            stale.store(true, std::sync::atomic::Ordering::Release);
+            Ok(tonic::Status::unavailable(format!(
+                "{} {url} is no longer the worker this process verified there (it was replaced, \
+                 or the address now leads to another worker); it is asked who it is again, and \
+                 the query planned again",
+                dfship_codec::ErrorKind::WorkerLost.tag()
+            ))
+            .into_http())
+        })
     }
 }
 
