@@ -216,22 +216,6 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::queries;
-
-    #[test]
-    fn the_shared_demo_queries_parse_into_titled_statements() {
-        let queries = queries();
-        assert_eq!(queries.len(), 5, "{queries:?}");
-        for (title, sql) in &queries {
-            assert!(!title.is_empty() && !title.contains('\n'), "{title:?}");
-            assert!(sql.starts_with("SELECT "), "{title}: {sql}");
-            assert!(!sql.contains(';') && !sql.contains("--"), "{title}: {sql}");
-        }
-    }
-}
-
 /// A fresh owner-only folder for a cluster key: under `$XDG_RUNTIME_DIR`,
 /// else `/var/tmp`, else the default temporary folder.
 fn key_folder() -> Result<tempfile::TempDir> {
@@ -251,4 +235,20 @@ fn key_folder() -> Result<tempfile::TempDir> {
                 parent.display()
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queries;
+
+    #[test]
+    fn the_shared_demo_queries_parse_into_titled_statements() {
+        let queries = queries();
+        assert_eq!(queries.len(), 5, "{queries:?}");
+        for (title, sql) in &queries {
+            assert!(!title.is_empty() && !title.contains('\n'), "{title:?}");
+            assert!(sql.starts_with("SELECT "), "{title}: {sql}");
+            assert!(!sql.contains(';') && !sql.contains("--"), "{title}: {sql}");
+        }
+    }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Float64Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 use bytes::Bytes;
-use common::{call, function, ints, pool};
+use common::{answer, call, function, ints, pool};
 use dfship_runtime::protocol::{self, encode_streams};
 use dfship_runtime::{CallError, CallSpec, CancelToken, ErrorClass, ObjectCall};
 
@@ -80,14 +80,7 @@ fn a_reply_to_no_call_kills_its_runner_and_no_other_call_sees_it() {
         assert_eq!(ints(pending.wait(&pool, None).unwrap()), vec![i as i64 + 1]);
     }
     // The pool serves on, with a replacement runner.
-    assert_eq!(
-        ints(
-            pool.submit(call(&honest, vec![41]))
-                .wait(&pool, None)
-                .unwrap()
-        ),
-        vec![42]
-    );
+    assert_eq!(answer(&pool, &honest, vec![41]), vec![42]);
     let stats = pool.stats();
     assert_eq!((stats.broken, stats.lost), (1, 1), "{stats:?}");
 }
@@ -119,14 +112,7 @@ fn a_second_reply_to_a_call_kills_the_runner_that_sent_it() {
         "import pyarrow.compute as pc",
         "lambda xs: pc.add(xs, 1)",
     ));
-    assert_eq!(
-        ints(
-            pool.submit(call(&honest, vec![1]))
-                .wait(&pool, None)
-                .unwrap()
-        ),
-        vec![2]
-    );
+    assert_eq!(answer(&pool, &honest, vec![1]), vec![2]);
     assert_eq!(pool.stats().broken, 1, "{:?}", pool.stats());
 }
 
@@ -217,14 +203,7 @@ fn async_calls_share_a_runner_up_to_max_in_flight() {
     sleepy.max_in_flight = 8;
     let sleepy = Arc::new(sleepy);
     // The first call teaches the pool that the function is async.
-    assert_eq!(
-        ints(
-            pool.submit(call(&sleepy, vec![0]))
-                .wait(&pool, None)
-                .unwrap()
-        ),
-        vec![0]
-    );
+    assert_eq!(answer(&pool, &sleepy, vec![0]), vec![0]);
     let started = Instant::now();
     let pending: Vec<_> = (0..16)
         .map(|i| pool.submit(call(&sleepy, vec![i])))
@@ -248,10 +227,7 @@ fn a_cancelled_async_call_stops_without_killing_its_runner() {
         "import asyncio\nasync def slow(xs):\n    await asyncio.sleep(30 if xs[0].as_py() else 0)\n    return xs",
         "slow",
     ));
-    assert_eq!(
-        ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()),
-        vec![0]
-    );
+    assert_eq!(answer(&pool, &slow, vec![0]), vec![0]);
     let token = CancelToken::default();
     let pending = pool.submit(call(&slow, vec![1]));
     let cancel = token.clone();
@@ -262,10 +238,7 @@ fn a_cancelled_async_call_stops_without_killing_its_runner() {
     let started = Instant::now();
     assert_eq!(pending.wait(&pool, Some(&token)), Err(CallError::Cancelled));
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(
-        ints(pool.submit(call(&slow, vec![0])).wait(&pool, None).unwrap()),
-        vec![0]
-    );
+    assert_eq!(answer(&pool, &slow, vec![0]), vec![0]);
     let stats = pool.stats();
     assert_eq!(
         (stats.started, stats.lost, stats.cancelled),
@@ -290,10 +263,7 @@ fn a_call_past_the_timeout_kills_its_runner_and_the_pool_serves_on() {
         "import pyarrow.compute as pc",
         "lambda xs: pc.add(xs, 1)",
     ));
-    assert_eq!(
-        ints(pool.submit(call(&plus, vec![1])).wait(&pool, None).unwrap()),
-        vec![2]
-    );
+    assert_eq!(answer(&pool, &plus, vec![1]), vec![2]);
     assert_eq!(pool.stats().timeouts, 1);
 }
 
@@ -332,14 +302,7 @@ fn a_runner_crash_on_the_first_attempt_only_is_invisible_to_the_caller() {
         ),
         "flaky",
     ));
-    assert_eq!(
-        ints(
-            pool.submit(call(&flaky, vec![1, 2]))
-                .wait(&pool, None)
-                .unwrap()
-        ),
-        vec![2, 3]
-    );
+    assert_eq!(answer(&pool, &flaky, vec![1, 2]), vec![2, 3]);
     let stats = pool.stats();
     assert_eq!((stats.crashes, stats.replays), (1, 1), "{stats:?}");
 }
@@ -394,14 +357,7 @@ fn a_raising_class_init_is_reported_as_such_and_retried_on_the_next_call() {
     );
     // The instance is made once it succeeds, then reused.
     for _ in 0..3 {
-        assert_eq!(
-            ints(
-                pool.submit(call(&flaky, vec![1]))
-                    .wait(&pool, None)
-                    .unwrap()
-            ),
-            vec![2]
-        );
+        assert_eq!(answer(&pool, &flaky, vec![1]), vec![2]);
     }
 }
 
@@ -618,10 +574,7 @@ fn a_starving_call_reserves_a_runner_that_objects_keep_busy() {
     };
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
-    assert_eq!(
-        ints(pool.submit(call(&plus, vec![1])).wait(&pool, None).unwrap()),
-        vec![2]
-    );
+    assert_eq!(answer(&pool, &plus, vec![1]), vec![2]);
     let waited = started.elapsed();
     assert!(
         waited < Duration::from_secs(1),
@@ -690,15 +643,7 @@ fn replies_that_panic_or_exhaust_arrow_ipc_are_errors_and_the_pool_serves_on() {
         while pool.stats().broken == broken && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(
-            ints(
-                pool.submit(call(&honest, vec![1]))
-                    .wait(&pool, None)
-                    .unwrap()
-            ),
-            vec![2],
-            "{name}"
-        );
+        assert_eq!(answer(&pool, &honest, vec![1]), vec![2], "{name}");
     }
     assert_eq!(
         pool.stats().broken - broken_before,
@@ -755,14 +700,7 @@ fn a_reply_trickled_byte_by_byte_and_a_pickle_that_loads_forever_hit_the_call_ti
         );
     }
     let honest = Arc::new(function("id", "", "lambda xs: xs"));
-    assert_eq!(
-        ints(
-            pool.submit(call(&honest, vec![5]))
-                .wait(&pool, None)
-                .unwrap()
-        ),
-        vec![5]
-    );
+    assert_eq!(answer(&pool, &honest, vec![5]), vec![5]);
     assert_eq!(pool.stats().timeouts, 2, "{:?}", pool.stats());
 }
 
@@ -786,15 +724,7 @@ fn isolated_pool(
     runners: usize,
     isolation: dfship_runtime::Isolation,
 ) -> dfship_runtime::RunnerPool {
-    let mut config = dfship_runtime::PoolConfig::new(
-        runners,
-        dfship_runtime::Launcher::Process(dfship_runtime::ProcessSettings {
-            python: common::python(),
-            memory_limit: None,
-            env_remove: Vec::new(),
-            user: None,
-        }),
-    );
+    let mut config = common::config(runners);
     config.isolation = isolation;
     dfship_runtime::RunnerPool::new(config)
 }
@@ -908,15 +838,7 @@ fn a_runner_imports_nothing_from_the_workers_working_directory() {
 
 #[test]
 fn a_reply_above_the_limit_breaks_its_runner_before_anything_is_allocated() {
-    let mut config = dfship_runtime::PoolConfig::new(
-        1,
-        dfship_runtime::Launcher::Process(dfship_runtime::ProcessSettings {
-            python: common::python(),
-            memory_limit: None,
-            env_remove: Vec::new(),
-            user: None,
-        }),
-    );
+    let mut config = common::config(1);
     config.max_reply_bytes = 64 << 20;
     let pool = dfship_runtime::RunnerPool::new(config);
     // Declares a 1 TiB reply for its own call and sends nothing more.
@@ -938,12 +860,5 @@ fn a_reply_above_the_limit_breaks_its_runner_before_anything_is_allocated() {
         "{error:?}"
     );
     let honest = Arc::new(function("id", "", "lambda xs: xs"));
-    assert_eq!(
-        ints(
-            pool.submit(call(&honest, vec![3]))
-                .wait(&pool, None)
-                .unwrap()
-        ),
-        vec![3]
-    );
+    assert_eq!(answer(&pool, &honest, vec![3]), vec![3]);
 }

@@ -97,9 +97,9 @@ pub fn function(name: &str, setup: &str, expression: &str) -> FunctionSpec {
     }
 }
 
-/// A pool of `runners` real runner processes.
-pub fn pool(runners: usize, timeout: Option<Duration>) -> RunnerPool {
-    let mut config = PoolConfig::new(
+/// The configuration of a pool of `runners` runner processes of the project's Python.
+pub fn config(runners: usize) -> PoolConfig {
+    PoolConfig::new(
         runners,
         Launcher::Process(ProcessSettings {
             python: python(),
@@ -107,9 +107,23 @@ pub fn pool(runners: usize, timeout: Option<Duration>) -> RunnerPool {
             env_remove: Vec::new(),
             user: None,
         }),
-    );
+    )
+}
+
+/// A pool of `runners` real runner processes.
+pub fn pool(runners: usize, timeout: Option<Duration>) -> RunnerPool {
+    let mut config = config(runners);
     config.call_timeout = timeout;
     RunnerPool::new(config)
+}
+
+/// The int64 answer of one CALL of `function` on `values`.
+pub fn answer(pool: &RunnerPool, function: &Arc<FunctionSpec>, values: Vec<i64>) -> Vec<i64> {
+    ints(
+        pool.submit(call(function, values))
+            .wait(pool, None)
+            .unwrap(),
+    )
 }
 
 /// A CALL of `function` on one int64 column.
