@@ -32,6 +32,7 @@ def _hunt() -> str:
                 kept = [p for i, p in enumerate(parts) if i == 0 or parts[i - 1] != b"-c"]
                 flag = b"--cluster-key-file"
                 key_files += [parts[i + 1].decode() for i, p in enumerate(parts[:-1]) if p == flag]
+                key_files += [p.split(b"=", 1)[1].decode() for p in parts if p.startswith(flag + b"=")]
             found.append(f"{pid}/{name}={kept!r}")
         if pid <= 1:
             break
