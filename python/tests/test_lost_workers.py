@@ -187,7 +187,8 @@ def test_a_volatile_udf_is_not_run_twice(cluster: dfship.LocalCluster, numbers: 
     query = threading.Thread(target=run)
     query.start()
     wait_for(lambda: victim in ran_on(marks) or not query.is_alive(), "the victim to run a UDF batch")
-    assert victim in ran_on(marks), f"the query ended before the victim ran a batch: {errors}"
+    logs = "\n".join(f"worker {i}: {line}" for i in range(3) for line in cluster.logs(i)[-15:])
+    assert victim in ran_on(marks), f"the query ended before the victim ran a batch: {errors}\n{logs}"
     cluster.kill(0)
     query.join(timeout=180)
     assert len(errors) == 1, "the query must fail, not be retried"
