@@ -907,8 +907,10 @@ impl Scheduler {
                 runner.kill(Ending::Retired);
             }
         }
+        // Runners already starting will serve that many of the waiting calls.
+        let wanted = need_runner.saturating_sub(self.starting);
         let room = self.runners.len() + self.starting < self.config.runners;
-        if need_runner == 0 || room {
+        if wanted == 0 || room {
             return;
         }
         let waiting_tenants: HashSet<Option<u64>> = self
@@ -917,7 +919,7 @@ impl Scheduler {
             .filter(|w| self.would_use_new_runner(w))
             .map(|w| w.spec.tenant)
             .collect();
-        let mut wanted = need_runner;
+        let mut wanted = wanted;
         for runner in self.runners.values_mut() {
             if wanted == 0 {
                 break;
