@@ -230,7 +230,7 @@ impl RpcAuthenticator {
     /// `/worker.WorkerService/ExecuteTask`) on `worker`, and its nonce (which
     /// the request's message tags use).
     pub fn proof(&self, path: &str, worker: &WorkerId) -> (String, [u8; 16]) {
-        let nonce = *uuid::Uuid::new_v4().as_bytes();
+        let nonce = Self::challenge();
         (self.proof_at(path, now_millis(), &nonce, worker), nonce)
     }
 
@@ -244,7 +244,7 @@ impl RpcAuthenticator {
         )
     }
 
-    /// A fresh identity challenge.
+    /// 16 fresh random bytes: an identity challenge, or a proof's nonce.
     pub fn challenge() -> [u8; 16] {
         *uuid::Uuid::new_v4().as_bytes()
     }
@@ -500,12 +500,12 @@ pub fn refused_requests() -> u64 {
 }
 
 /// The client side: adds a fresh proof for `worker` to every request of a
-/// channel, and tags its messages. Build it with [`verified_channel`], which
+/// channel, and tags its messages. Build it after [`challenge_endpoint`], which
 /// learns `worker` from the endpoint's answer to an identity challenge.
 ///
 /// When the worker says a proof was made for another worker (the address now
 /// leads to another worker, or it restarted with another identity), the
-/// channel marks itself stale ([`Self::is_stale`]: its owner challenges the
+/// channel marks itself stale ([`Self::stale_flag`]: its owner challenges the
 /// address again) and the request fails as a lost worker, which queries
 /// retry.
 #[derive(Debug, Clone)]
@@ -528,12 +528,8 @@ impl<S> SignedChannel<S> {
         }
     }
 
-    /// Whether a worker refused a proof of this channel as made for another.
-    pub fn is_stale(&self) -> bool {
-        self.stale.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// The flag [`Self::is_stale`] reads (shared by every clone).
+    /// Raised once a worker refused a proof of this channel as made for
+    /// another (shared by every clone).
     pub fn stale_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
         Arc::clone(&self.stale)
     }

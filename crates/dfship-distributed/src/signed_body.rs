@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use dfship_codec::{ClusterKey, ErrorKind};
 use http_body::{Body, Frame, SizeHint};
 
@@ -19,15 +19,15 @@ use http_body::{Body, Frame, SizeHint};
 pub const TAG_LEN: usize = 32;
 const PREFIX_LEN: usize = 5;
 
-/// What a message tag covers (besides the message and its prefix).
-fn tag(key: &ClusterKey, nonce: &[u8; 16], index: u64, prefix: &[u8], message: &[u8]) -> [u8; 32] {
-    key.sign(&[
-        b"dfship-frame\nv2\n",
-        nonce,
-        &index.to_le_bytes(),
-        prefix,
-        message,
-    ])
+/// What a message tag covers: a fixed prefix, its request's nonce, its
+/// place in the body, its gRPC prefix and the message.
+fn covered<'a>(
+    nonce: &'a [u8; 16],
+    index: &'a [u8; 8],
+    prefix: &'a [u8],
+    message: &'a [u8],
+) -> [&'a [u8]; 5] {
+    [b"dfship-frame\nv2\n", nonce, index, prefix, message]
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -118,48 +118,44 @@ impl TaggedBody {
         if self.pending.len() < PREFIX_LEN + length {
             return Ok(None);
         }
-        let mut message = self.pending.split_to(PREFIX_LEN + length);
-        let flag = message[0];
-        message.advance(PREFIX_LEN);
+        // The message with its prefix, taken out of `pending` without a copy.
+        let mut framed = self.pending.split_to(PREFIX_LEN + length);
         let index = self.index;
+        let place = index.to_le_bytes();
         self.index += 1;
         match self.side {
             Side::Sign => {
-                let prefix = prefix(flag, length);
-                let tag = tag(&self.key, &self.nonce, index, &prefix, &message);
-                let mut out = BytesMut::with_capacity(PREFIX_LEN + length + TAG_LEN);
-                out.extend_from_slice(&self::prefix(flag, length + TAG_LEN));
-                out.extend_from_slice(&message);
-                out.extend_from_slice(&tag);
-                Ok(Some(out.freeze()))
+                let tag = self.key.sign(&covered(
+                    &self.nonce,
+                    &place,
+                    &framed[..PREFIX_LEN],
+                    &framed[PREFIX_LEN..],
+                ));
+                framed[1..PREFIX_LEN].copy_from_slice(&((length + TAG_LEN) as u32).to_be_bytes());
+                framed.extend_from_slice(&tag);
+                Ok(Some(framed.freeze()))
             }
             Side::Verify { .. } => {
-                let body_length = length - TAG_LEN;
-                let carried = message.split_off(body_length);
-                let prefix = prefix(flag, body_length);
-                let expected = tag(&self.key, &self.nonce, index, &prefix, &message);
-                if !constant_time_eq(&expected, &carried) {
+                let carried = framed.split_off(PREFIX_LEN + length - TAG_LEN);
+                framed[1..PREFIX_LEN].copy_from_slice(&((length - TAG_LEN) as u32).to_be_bytes());
+                // (`ClusterKey::verify` compares in constant time.)
+                let parts = covered(
+                    &self.nonce,
+                    &place,
+                    &framed[..PREFIX_LEN],
+                    &framed[PREFIX_LEN..],
+                );
+                if !self.key.verify(&parts, &carried) {
                     return Err(refused(format!(
                         "message {index} of the request does not match the proof of its request: \
                          a body altered in flight or taken from another request"
                     )));
                 }
-                let mut out = BytesMut::with_capacity(PREFIX_LEN + body_length);
-                out.extend_from_slice(&prefix);
-                out.extend_from_slice(&message);
-                Ok(Some(out.freeze()))
+                // The message as the client framed it, verified in place.
+                Ok(Some(framed.freeze()))
             }
         }
     }
-}
-
-fn prefix(flag: u8, length: usize) -> [u8; PREFIX_LEN] {
-    let length = (length as u32).to_be_bytes();
-    [flag, length[0], length[1], length[2], length[3]]
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Body for TaggedBody {
@@ -278,6 +274,11 @@ mod tests {
 
     fn key() -> Arc<ClusterKey> {
         Arc::new(ClusterKey::new(vec![7; 32]).unwrap())
+    }
+
+    fn prefix(flag: u8, length: usize) -> [u8; PREFIX_LEN] {
+        let length = (length as u32).to_be_bytes();
+        [flag, length[0], length[1], length[2], length[3]]
     }
 
     fn message(length: usize, fill: u8) -> Vec<u8> {

@@ -215,6 +215,15 @@ impl Runner {
         self.in_flight.is_empty()
     }
 
+    /// Whether `Isolation::Query` may stop it now: alive, idle, holding no
+    /// object, kept for no starving call.
+    fn retirable(&self) -> bool {
+        self.ending.is_none()
+            && self.idle()
+            && self.objects.is_empty()
+            && self.reserved_for.is_none()
+    }
+
     fn async_in_flight(&self) -> usize {
         self.async_calls.values().sum()
     }
@@ -899,11 +908,9 @@ impl Scheduler {
     fn retire_runners(&mut self, need_runner: usize) {
         let ended = &self.ended_tenants;
         for runner in self.runners.values_mut() {
-            let retirable = runner.ending.is_none()
-                && runner.idle()
-                && runner.objects.is_empty()
-                && runner.reserved_for.is_none();
-            if retirable && matches!(runner.bound, Some(Some(tenant)) if ended.contains(&tenant)) {
+            if runner.retirable()
+                && matches!(runner.bound, Some(Some(tenant)) if ended.contains(&tenant))
+            {
                 runner.kill(Ending::Retired);
             }
         }
@@ -919,22 +926,19 @@ impl Scheduler {
             .filter(|w| self.would_use_new_runner(w))
             .map(|w| w.spec.tenant)
             .collect();
-        let mut wanted = wanted;
-        for runner in self.runners.values_mut() {
-            if wanted == 0 {
-                break;
-            }
-            let retirable = runner.ending.is_none()
-                && runner.idle()
-                && runner.objects.is_empty()
-                && runner.reserved_for.is_none()
+        let for_another_tenant = |runner: &&mut Runner| {
+            runner.retirable()
                 && runner
                     .bound
-                    .is_some_and(|tenant| !waiting_tenants.contains(&tenant));
-            if retirable {
-                runner.kill(Ending::Retired);
-                wanted -= 1;
-            }
+                    .is_some_and(|tenant| !waiting_tenants.contains(&tenant))
+        };
+        for runner in self
+            .runners
+            .values_mut()
+            .filter(for_another_tenant)
+            .take(wanted)
+        {
+            runner.kill(Ending::Retired);
         }
     }
 
