@@ -239,12 +239,16 @@ pub enum ErrorKind {
     /// missing credentials, a missing bucket or object, an endpoint that
     /// does not answer, a URL scheme no store serves.
     Storage,
+    /// The query ran past its timeout (`query_timeout`, `timeout=`) and was
+    /// cancelled on every worker.
+    QueryTimeout,
     /// Anything else (I/O, resources, internal errors).
     Other,
 }
 
 impl ErrorKind {
-    const TAGGED: [ErrorKind; 9] = [
+    const TAGGED: [ErrorKind; 10] = [
+        ErrorKind::QueryTimeout,
         ErrorKind::PayloadRefused,
         ErrorKind::VersionMismatch,
         ErrorKind::UdfLoadFailed,
@@ -268,6 +272,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::Planning => "planning",
             ErrorKind::Storage => "storage",
+            ErrorKind::QueryTimeout => "query-timeout",
             ErrorKind::Other => "other",
         }
     }

@@ -26,6 +26,8 @@ pub(crate) struct PythonFunction {
     pub(crate) spec: std::sync::OnceLock<Arc<dfship_runtime::FunctionSpec>>,
     /// The task this instance serves, on a worker (see `task_binding`).
     pub(crate) task: std::sync::OnceLock<dfship_runtime::CancelToken>,
+    /// That task's id (its calls' output is kept under its query).
+    pub(crate) task_id: std::sync::OnceLock<String>,
 }
 
 impl PythonFunction {
@@ -61,6 +63,7 @@ impl PythonFunction {
             received: None,
             spec: Default::default(),
             task: Default::default(),
+            task_id: Default::default(),
         })
     }
 
@@ -74,8 +77,15 @@ impl PythonFunction {
     }
 
     /// Binds this instance to a task; the first binding holds.
-    pub(crate) fn bind_task(&self, token: &dfship_runtime::CancelToken) {
-        let _ = self.task.set(token.clone());
+    pub(crate) fn bind_task(&self, token: &dfship_runtime::CancelToken, id: &str) {
+        if self.task.set(token.clone()).is_ok() {
+            let _ = self.task_id.set(id.to_string());
+        }
+    }
+
+    /// The id of the task this instance serves, once bound.
+    pub(crate) fn task_id(&self) -> Option<&str> {
+        self.task_id.get().map(String::as_str)
     }
 
     pub(crate) fn received(&self, format: WireFormat) -> Option<&Bytes> {

@@ -57,10 +57,13 @@ pub use dfship_runtime::landlock::hide_from_runners;
 pub use dfship_runtime::{Isolation, RunnerUser};
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{
-    configure_python_execution, default_python, default_runners, end_task, label_task,
-    python_execution, query_figures, runner_pool_stats, start_python, task_token, udf_figures,
-    CancelToken, PoolStats, PythonExecution, PythonMode, TaskLabel, TaskOptions, UdfFigures,
+    bind_task_output, configure_python_execution, default_python, default_runners, end_task,
+    forget_query_output, label_task, python_execution, query_figures, runner_pool_stats,
+    set_query_output, start_python, take_query_output, task_token, udf_figures, CancelToken,
+    OutputLimits, OutputLine, OutputOrigin, PoolStats, PythonExecution, PythonMode, TakenOutput,
+    TaskLabel, TaskOptions, UdfFigures, UdfOutputMode, DEFAULT_OUTPUT_BYTES, DEFAULT_OUTPUT_LINES,
 };
+pub use dfship_runtime::OutputStream;
 pub use logical_codec::PythonUdfLogicalCodec;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};
 pub use pickled::{PickleContent, PickledCallable, PicklerVersions};

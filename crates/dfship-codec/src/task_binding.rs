@@ -31,7 +31,7 @@ pub fn bind_python_udfs_to_task(plan: &Arc<dyn ExecutionPlan>, task_id: &str) ->
     plan.apply(|node| {
         if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
             for expr in aggregate.aggr_expr() {
-                bind_aggregate(expr.fun(), &token);
+                bind_aggregate(expr.fun(), &token, task_id);
             }
         }
         let windows: &[Arc<dyn WindowExpr>] = if let Some(w) = node.downcast_ref::<WindowAggExec>()
@@ -43,20 +43,20 @@ pub fn bind_python_udfs_to_task(plan: &Arc<dyn ExecutionPlan>, task_id: &str) ->
             &[]
         };
         for expr in windows {
-            bind_window_expr(expr.as_ref(), &token);
+            bind_window_expr(expr.as_ref(), &token, task_id);
         }
         Ok(TreeNodeRecursion::Continue)
     })?;
     Ok(())
 }
 
-fn bind_aggregate(udaf: &AggregateUDF, token: &CancelToken) {
+fn bind_aggregate(udaf: &AggregateUDF, token: &CancelToken, id: &str) {
     if let Some(python) = udaf.inner().downcast_ref::<PythonAggregateUdf>() {
-        python.function().bind_task(token);
+        python.function().bind_task(token, id);
     }
 }
 
-fn bind_window_expr(expr: &dyn WindowExpr, token: &CancelToken) {
+fn bind_window_expr(expr: &dyn WindowExpr, token: &CancelToken, id: &str) {
     let any = expr.as_any();
     if let Some(standard) = any.downcast_ref::<StandardWindowExpr>() {
         if let Some(udf) = standard
@@ -65,12 +65,12 @@ fn bind_window_expr(expr: &dyn WindowExpr, token: &CancelToken) {
             .downcast_ref::<WindowUDFExpr>()
         {
             if let Some(python) = udf.fun().inner().downcast_ref::<PythonWindowUdf>() {
-                python.function().bind_task(token);
+                python.function().bind_task(token, id);
             }
         }
     } else if let Some(plain) = any.downcast_ref::<PlainAggregateWindowExpr>() {
-        bind_aggregate(plain.get_aggregate_expr().fun(), token);
+        bind_aggregate(plain.get_aggregate_expr().fun(), token, id);
     } else if let Some(sliding) = any.downcast_ref::<SlidingAggregateWindowExpr>() {
-        bind_aggregate(sliding.get_aggregate_expr().fun(), token);
+        bind_aggregate(sliding.get_aggregate_expr().fun(), token, id);
     }
 }

@@ -191,6 +191,15 @@ impl WorkerChannel for InlineUdfChannel {
         if let Some(query) = crate::query_span::query_header(&set_plan_request.task_key) {
             headers.insert(crate::query_span::QUERY_HEADER, query);
         }
+        // Where the task's UDF output goes (see `watch`).
+        let query_options = task_ctx
+            .session_config()
+            .get_extension::<crate::QueryRetry>()
+            .map(|retry| *retry.query_options())
+            .unwrap_or_default();
+        if let Some(value) = query_options.output_header() {
+            headers.insert(crate::watch::OUTPUT_HEADER, value);
+        }
         let explain = self.explainer();
         let stream = self
             .inner

@@ -23,6 +23,8 @@
 //! - `routing`: reproducible round-robin task routing over the live workers.
 //! - `membership`: the coordinator's live view of its workers (probes, losses).
 //! - `retry`: a query that lost a worker planned again on the others; staged COPY.
+//! - `watch`: a query's timeout and cancellation, and its UDFs' output
+//!   brought back to the client.
 
 mod analyze;
 mod channel;
@@ -47,6 +49,7 @@ mod session;
 mod signed_body;
 mod task_lifetime;
 mod tls;
+mod watch;
 mod worker_errors;
 mod worker_server;
 
@@ -66,7 +69,10 @@ pub use payloads::{PayloadServer, PayloadStats, PAYLOAD_SERVICE};
 pub use prebuilt::{dataframe_from_logical_bytes, dataframe_from_physical_bytes};
 pub use progress::{stages_of, ProgressCallback, QueryProgress, StageProgress};
 pub use query_span::{QuerySpanLayer, QUERY_HEADER};
-pub use retry::{collect, collect_with_progress, QueryRetry, RetryPolicy, RetryStats};
+pub use retry::{
+    collect, collect_with, collect_with_progress, CollectOptions, QueryRetry, RetryPolicy,
+    RetryStats, PROGRESS_INTERVAL,
+};
 pub use rpc_auth::{
     challenge_endpoint, refused_requests, RpcAuthLayer, RpcAuthenticator, SignedChannel, WorkerId,
     AUTH_HEADER, HELLO_HEADER, HELLO_PATH, IDENTITY_CHANGED_HEADER, IDENTITY_HEADER,
@@ -74,5 +80,8 @@ pub use rpc_auth::{
 };
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
+pub use watch::{
+    print_output_to_stderr, OutputCallback, QueryOptions, UdfOutput, OUTPUT_HEADER,
+};
 pub use tls::{generate_tls_files, write_cluster_key_file, GeneratedTls, TlsConfig};
 pub use worker_server::{serve_worker, serve_worker_with_drain, MAX_CONCURRENT_STREAMS};

@@ -38,6 +38,45 @@ pub const PAYLOAD_SERVICE: &str = "dfship.payloads.v1.Payloads";
 const HOLD: &str = "/dfship.payloads.v1.Payloads/Hold";
 const PUT: &str = "/dfship.payloads.v1.Payloads/Put";
 const UDF_FIGURES: &str = "/dfship.payloads.v1.Payloads/UdfFigures";
+const UDF_OUTPUT: &str = "/dfship.payloads.v1.Payloads/UdfOutput";
+
+/// Bytes of UDF output text one `UdfOutput` answer carries at most (the
+/// rest waits for the next ask).
+const MAX_OUTPUT_REPLY_BYTES: usize = 1 << 20;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct UdfOutputRequest {
+    /// The query (16 bytes, its UUID).
+    #[prost(bytes = "vec", tag = "1")]
+    pub query: Vec<u8>,
+}
+
+/// One line a UDF of the query wrote on this worker.
+#[derive(Clone, PartialEq, Message)]
+pub struct UdfOutputLine {
+    #[prost(uint64, tag = "1")]
+    pub stage: u64,
+    #[prost(uint64, tag = "2")]
+    pub task: u64,
+    #[prost(string, tag = "3")]
+    pub udf: String,
+    /// `stdout`, `stderr`, `logging` or `warning`.
+    #[prost(string, tag = "4")]
+    pub stream: String,
+    #[prost(string, tag = "5")]
+    pub text: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct UdfOutputResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub lines: Vec<UdfOutputLine>,
+    /// Lines (and their bytes) dropped past the query's caps since the last ask.
+    #[prost(uint64, tag = "2")]
+    pub dropped_lines: u64,
+    #[prost(uint64, tag = "3")]
+    pub dropped_bytes: u64,
+}
 
 /// Figures one `UdfFigures` answer carries at most.
 const MAX_FIGURES: usize = 10_000;
@@ -169,12 +208,7 @@ impl PayloadServer {
 impl PayloadServer {
     /// What each Python UDF cost in each task of a query this worker ran.
     fn udf_figures(&self, request: UdfFiguresRequest) -> Result<UdfFiguresResponse, tonic::Status> {
-        let query: [u8; 16] = request.query.as_slice().try_into().map_err(|_| {
-            tonic::Status::invalid_argument(format!(
-                "a query id of {} bytes (query ids are 16-byte UUIDs)",
-                request.query.len()
-            ))
-        })?;
+        let query = query_id(&request.query)?;
         let figures = dfship_codec::query_figures(query)
             .into_iter()
             .take(MAX_FIGURES)
@@ -190,6 +224,58 @@ impl PayloadServer {
             .collect();
         Ok(UdfFiguresResponse { figures })
     }
+}
+
+impl PayloadServer {
+    /// What the query's UDFs wrote on this worker since the last ask.
+    fn udf_output(&self, request: UdfOutputRequest) -> Result<UdfOutputResponse, tonic::Status> {
+        let query = query_id(&request.query)?;
+        let taken = dfship_codec::take_query_output(query, false, MAX_OUTPUT_REPLY_BYTES);
+        let lines = taken
+            .lines
+            .into_iter()
+            .map(|line| {
+                let (stage, task) = match line.origin {
+                    dfship_codec::OutputOrigin::Task { stage, task } => (stage, task),
+                    dfship_codec::OutputOrigin::Coordinator => (0, 0),
+                };
+                UdfOutputLine {
+                    stage,
+                    task,
+                    udf: line.udf,
+                    stream: line.stream.name().to_string(),
+                    text: line.text,
+                }
+            })
+            .collect();
+        Ok(UdfOutputResponse {
+            lines,
+            dropped_lines: taken.dropped_lines,
+            dropped_bytes: taken.dropped_bytes,
+        })
+    }
+}
+
+/// A query id of a request: 16 bytes.
+fn query_id(bytes: &[u8]) -> Result<[u8; 16], tonic::Status> {
+    bytes.try_into().map_err(|_| {
+        tonic::Status::invalid_argument(format!(
+            "a query id of {} bytes (query ids are 16-byte UUIDs)",
+            bytes.len()
+        ))
+    })
+}
+
+/// Asks `channel`'s worker for what the UDFs of `query` wrote since the last ask.
+pub(crate) async fn fetch_udf_output(
+    channel: BoxCloneSyncChannel,
+    query: uuid::Uuid,
+) -> Result<UdfOutputResponse, tonic::Status> {
+    let mut client = tonic::client::Grpc::new(channel);
+    let request = UdfOutputRequest {
+        query: query.as_bytes().to_vec(),
+    };
+    unary::<UdfOutputRequest, UdfOutputResponse>(&mut client, UDF_OUTPUT, request).await
 }
 
 /// Asks `channel`'s worker for the UDF figures of `query`.
@@ -265,6 +351,13 @@ where
                 let method = Unary {
                     server,
                     method: PayloadServer::udf_figures,
+                };
+                Ok(grpc(limit).unary(method, request).await)
+            }),
+            UDF_OUTPUT => Box::pin(async move {
+                let method = Unary {
+                    server,
+                    method: PayloadServer::udf_output,
                 };
                 Ok(grpc(limit).unary(method, request).await)
             }),

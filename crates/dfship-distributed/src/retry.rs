@@ -86,6 +86,8 @@ pub struct QueryRetry {
     /// Connections of their own to the workers, for progress polls.
     channels: Option<crate::channel::InlineUdfChannelResolver>,
     policy: RetryPolicy,
+    /// Timeout and UDF output of every query (see [`crate::QueryOptions`]).
+    query: crate::QueryOptions,
     queries: AtomicU64,
     retries: AtomicU64,
     exhausted: AtomicU64,
@@ -97,6 +99,7 @@ impl QueryRetry {
             membership,
             channels: None,
             policy,
+            query: crate::QueryOptions::default(),
             queries: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
@@ -110,6 +113,16 @@ impl QueryRetry {
     ) -> Self {
         self.channels = Some(channels);
         self
+    }
+
+    /// Every query's timeout and UDF output settings.
+    pub(crate) fn with_query_options(mut self, options: crate::QueryOptions) -> Self {
+        self.query = options;
+        self
+    }
+
+    pub fn query_options(&self) -> &crate::QueryOptions {
+        &self.query
     }
 
     pub(crate) fn channels(&self) -> Option<&crate::channel::InlineUdfChannelResolver> {
@@ -149,7 +162,20 @@ impl QueryRetry {
 /// # Ok(()) }
 /// ```
 pub async fn collect(df: DataFrame) -> Result<Vec<RecordBatch>> {
-    collect_with_progress(df, None).await
+    collect_with(df, CollectOptions::default()).await
+}
+
+/// What [`collect_with`] does beside running the query.
+#[derive(Clone, Default)]
+pub struct CollectOptions {
+    /// Called as the workers report the query's stages advancing.
+    pub progress: Option<crate::ProgressCallback>,
+    /// Called with each line the query's Python UDFs write, when the
+    /// context's `udf_output` is `client` (the default); `None` prints them
+    /// on this process's stderr ([`crate::print_output_to_stderr`]).
+    pub output: Option<crate::OutputCallback>,
+    /// Overrides the context's query timeout (`Some(None)`: no limit).
+    pub timeout: Option<Option<Duration>>,
 }
 
 /// [`collect`], calling `progress` as the workers report the query's
@@ -176,20 +202,107 @@ pub async fn collect_with_progress(
     df: DataFrame,
     progress: Option<crate::ProgressCallback>,
 ) -> Result<Vec<RecordBatch>> {
+    collect_with(
+        df,
+        CollectOptions {
+            progress,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Runs `df` like [`collect`], with progress, UDF output and a timeout as
+/// `options` say (see [`crate::watch`] for how a query is stopped and watched).
+///
+/// **Cancelling**: drop the returned future (for example, lose a
+/// `tokio::select!` against Ctrl-C); the query's tasks then end on every
+/// worker, their Python calls are cancelled, and nothing is retried.
+///
+/// ```no_run
+/// # async fn f() -> datafusion::error::Result<()> {
+/// use std::time::Duration;
+/// use dfship_distributed::{collect_with, CollectOptions};
+/// let ctx = dfship_distributed::ClusterContextBuilder::new(["http://127.0.0.1:50051"])?.build()?;
+/// let df = ctx.sql("SELECT slow_udf(x) FROM t").await?;
+/// let options = CollectOptions {
+///     output: Some(std::sync::Arc::new(|line: &dfship_distributed::UdfOutput| {
+///         eprintln!("{} said: {}", line.udf, line.text)
+///     })),
+///     timeout: Some(Some(Duration::from_secs(60))),
+///     ..Default::default()
+/// };
+/// tokio::select! {
+///     rows = collect_with(df, options) => { let _rows = rows?; }
+///     _ = tokio::signal::ctrl_c() => eprintln!("cancelled: every worker stops the query"),
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn collect_with(df: DataFrame, options: CollectOptions) -> Result<Vec<RecordBatch>> {
     let (state, plan) = df.into_parts();
     let Some(retry) = QueryRetry::of(&state) else {
         return DataFrame::new(state, plan).collect().await;
     };
     retry.queries.fetch_add(1, Ordering::Relaxed);
-    retry.membership.ensure_probed().await;
+    let timeout = options.timeout.unwrap_or(retry.query.timeout);
+    let started = tokio::time::Instant::now();
     let staged = StagedCopy::prepare(&plan)?;
     let plan = staged.as_ref().map_or(plan.clone(), |s| s.plan.clone());
-    let refusal = retry_refusal(&plan, staged.is_some());
+    let attempts = attempts(&state, &plan, &retry, &options, staged.is_some());
+    let result = match timeout {
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
+            Ok(result) => result,
+            // The attempts' future is dropped: every task of the query ends.
+            Err(_) => Err(DataFusionError::Execution(format!(
+                "{} the query ran past its timeout of {} and was cancelled on every worker \
+                 (after {:.1} s); raise query_timeout (or the call's timeout), or make the \
+                 query cheaper",
+                ErrorKind::QueryTimeout.tag(),
+                humantime(limit),
+                started.elapsed().as_secs_f64()
+            ))),
+        },
+        None => attempts.await,
+    };
+    match (result, staged) {
+        (Ok(batches), Some(staged)) => {
+            staged.commit()?;
+            Ok(batches)
+        }
+        (Err(error), Some(staged)) => {
+            staged.discard();
+            Err(error)
+        }
+        (result, None) => result,
+    }
+}
+
+/// `1.5 s`, `2 min`: a duration as a person reads it.
+fn humantime(duration: Duration) -> String {
+    let secs = duration.as_secs_f64();
+    if secs >= 120.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+/// Attempts of the query until one succeeds, an error is not a lost
+/// worker, or the attempts run out.
+async fn attempts(
+    state: &SessionState,
+    plan: &LogicalPlan,
+    retry: &QueryRetry,
+    options: &CollectOptions,
+    staged: bool,
+) -> Result<Vec<RecordBatch>> {
+    retry.membership.ensure_probed().await;
+    let refusal = retry_refusal(plan, staged);
     let mut causes: Vec<String> = Vec::new();
     let mut backoff = retry.policy.first_backoff;
-    let result = loop {
-        let error = match run_once(&state, &plan, &retry, progress.as_ref()).await {
-            Ok(batches) => break Ok(batches),
+    loop {
+        let error = match run_once(state, plan, retry, options).await {
+            Ok(batches) => return Ok(batches),
             Err(error) => error,
         };
         let text = error.to_string();
@@ -199,21 +312,21 @@ pub async fn collect_with_progress(
         }
         let attempt = causes.len() + 1;
         if !is_retryable(&text) {
-            break Err(with_earlier_attempts(error, &causes));
+            return Err(with_earlier_attempts(error, &causes));
         }
         causes.push(text);
         if let Some(refusal) = &refusal {
-            break Err(DataFusionError::Context(
+            return Err(DataFusionError::Context(
                 format!("{} not retried: {refusal}", ErrorKind::WorkerLost.tag()),
                 Box::new(error),
             ));
         }
         if attempt >= retry.policy.max_attempts as usize {
             if attempt == 1 {
-                break Err(error);
+                return Err(error);
             }
             retry.exhausted.fetch_add(1, Ordering::Relaxed);
-            break Err(exhausted(&causes));
+            return Err(exhausted(&causes));
         }
         tracing::warn!(
             attempt,
@@ -229,37 +342,77 @@ pub async fn collect_with_progress(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(retry.policy.max_backoff);
         }
-    };
-    match (result, staged) {
-        (Ok(batches), Some(staged)) => {
-            staged.commit()?;
-            Ok(batches)
-        }
-        (Err(error), Some(staged)) => {
-            staged.discard();
-            Err(error)
-        }
-        (result, None) => result,
     }
 }
 
 /// How often a query's progress is asked of its workers.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Ends the coordinator's own task of a query when dropped: its Python
+/// calls still running are cancelled (a query that fails, times out or is
+/// dropped stops here too, not only on the workers).
+struct LocalTask(String);
+
+impl Drop for LocalTask {
+    fn drop(&mut self) {
+        dfship_codec::end_task(&self.0);
+    }
+}
+
 async fn run_once(
     state: &SessionState,
     plan: &LogicalPlan,
     retry: &QueryRetry,
-    progress: Option<&crate::ProgressCallback>,
+    options: &CollectOptions,
 ) -> Result<Vec<RecordBatch>> {
+    let progress = options.progress.as_ref();
+    // The stages this process runs are a task of their own: their Python
+    // calls see its id (scalar UDFs read it from the planning config), so
+    // they stop when the query does and their output is labelled.
+    let local = LocalTask(format!("coordinator-{}", uuid::Uuid::new_v4().simple()));
+    let mut state = state.clone();
+    let mut task_options = dfship_codec::TaskOptions::default();
+    task_options.task_id = local.0.clone();
+    state.config_mut().options_mut().extensions.insert(task_options);
     let physical = state.create_physical_plan(plan).await?;
     let stages = crate::stages_of(&physical);
+    let query = stages
+        .as_ref()
+        .map_or_else(uuid::Uuid::new_v4, |(query, _)| *query);
+    let output = match retry.query.udf_output {
+        dfship_codec::UdfOutputMode::Client => Some(
+            options
+                .output
+                .clone()
+                .unwrap_or_else(crate::print_output_to_stderr),
+        ),
+        _ => None,
+    };
+    dfship_codec::set_query_output(
+        *query.as_bytes(),
+        retry.query.udf_output,
+        retry.query.udf_output_limits,
+    );
+    dfship_codec::bind_task_output(
+        &local.0,
+        *query.as_bytes(),
+        dfship_codec::OutputOrigin::Coordinator,
+    );
+    let watcher = output.map(|callback| {
+        crate::watch::OutputWatcher::start(
+            query,
+            retry.membership.live(),
+            retry.channels.clone(),
+            &retry.query,
+            callback,
+        )
+    });
     // The coordinator's lines of this query name it, as workers' lines do.
     let span = match &stages {
         Some((query, _)) => tracing::info_span!("query", query_id = %query),
         None => tracing::Span::none(),
     };
-    let watcher = match (progress, &retry.channels, stages) {
+    let progress_watcher = match (progress, &retry.channels, stages) {
         (Some(callback), Some(channels), Some((query, stages))) => {
             Some(crate::progress::ProgressWatcher::start(
                 query,
@@ -278,10 +431,16 @@ async fn run_once(
             .instrument(span.clone())
             .await
     };
+    // Every call has answered (a runner reports a call's output before its
+    // answer): what is left on the workers is taken now, also on failure.
+    if let Some(watcher) = watcher {
+        watcher.finish().await;
+    }
+    drop(local);
     if let Err(error) = &result {
         span.in_scope(|| tracing::info!(error = %first_line(&error.to_string()), "query failed"));
     }
-    match (watcher, progress) {
+    match (progress_watcher, progress) {
         (Some(watcher), _) => watcher.finish(result.is_ok()).await,
         // Nothing ran on the workers (e.g. answered from statistics): one
         // view, finished, with no stage.

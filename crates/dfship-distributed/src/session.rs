@@ -195,6 +195,20 @@ impl WorkerSessionBuilder for PythonWorkerSessionBuilder {
                         task,
                     },
                 );
+                // What its UDFs write: kept for the coordinator, logged, or
+                // dropped, as the coordinator asks (see `watch`).
+                if let Some((mode, limits)) = ctx
+                    .headers
+                    .get(crate::watch::OUTPUT_HEADER)
+                    .and_then(crate::watch::parse_output_header)
+                {
+                    dfship_codec::set_query_output(*query.as_bytes(), mode, limits);
+                }
+                dfship_codec::bind_task_output(
+                    task_id,
+                    *query.as_bytes(),
+                    dfship_codec::OutputOrigin::Task { stage, task },
+                );
             }
             if let Some(config) = builder.config() {
                 let mut options = TaskOptions::default();
@@ -240,6 +254,7 @@ pub struct ClusterContextBuilder {
     max_tasks_per_stage: Option<usize>,
     membership: MembershipOptions,
     retry: RetryPolicy,
+    query: crate::QueryOptions,
     storage: StorageOptions,
 }
 
@@ -272,6 +287,7 @@ impl ClusterContextBuilder {
             max_tasks_per_stage: None,
             membership: MembershipOptions::default(),
             retry: RetryPolicy::default(),
+            query: crate::QueryOptions::default(),
             storage: StorageOptions::default(),
         })
     }
@@ -359,6 +375,13 @@ impl ClusterContextBuilder {
         self
     }
 
+    /// Every query's timeout and where its Python UDFs' output goes (see
+    /// [`crate::QueryOptions`]).
+    pub fn with_query_options(mut self, options: crate::QueryOptions) -> Self {
+        self.query = options;
+        self
+    }
+
     /// Object stores (`s3://`, `gs://`, `az://`, `http(s)://`) this
     /// coordinator lists and writes with `storage` over its environment;
     /// workers use their own (see [`StorageOptions`]).
@@ -373,7 +396,9 @@ impl ClusterContextBuilder {
             Arc::new(inline.probe_channels());
         let membership = Membership::new(self.workers, self.membership, Some(probes));
         let retry = Arc::new(
-            QueryRetry::new(membership.clone(), self.retry).with_channels(inline.probe_channels()),
+            QueryRetry::new(membership.clone(), self.retry)
+                .with_channels(inline.probe_channels())
+                .with_query_options(self.query),
         );
         let mut builder = inline.install(
             SessionStateBuilder::new()

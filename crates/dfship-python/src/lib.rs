@@ -82,6 +82,12 @@ create_exception!(
 );
 create_exception!(
     dfship._native,
+    QueryTimeoutError,
+    DfshipError,
+    "The query ran past its timeout (`timeout=` or the `query_timeout` setting) and was cancelled on every worker."
+);
+create_exception!(
+    dfship._native,
     WorkerLostError,
     DfshipError,
     "A worker stopped or became unreachable during the query."
@@ -111,7 +117,42 @@ fn to_py(error: DataFusionError) -> PyErr {
         ErrorKind::WorkerLost => WorkerLostError::new_err(message),
         ErrorKind::Storage => StorageError::new_err(message),
         ErrorKind::Unauthenticated => AuthenticationError::new_err(message),
+        ErrorKind::QueryTimeout => QueryTimeoutError::new_err(message),
         ErrorKind::Other => DfshipError::new_err(message),
+    }
+}
+
+/// How often a waiting call looks at signals (Ctrl-C) and hands UDF output
+/// to Python.
+const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Runs `future` on the runtime with the GIL released, taking the GIL back
+/// every [`TICK`] to run Python's signal handlers (so Ctrl-C raises
+/// `KeyboardInterrupt` at once) and `tick` (which shows UDF output from this
+/// thread: in a notebook, the cell's own stream). When a handler raises, the
+/// future is dropped, which cancels the query on every worker.
+fn wait_interruptibly<T: Send>(
+    py: Python<'_>,
+    future: impl Future<Output = Result<T, DataFusionError>> + Send,
+    mut tick: impl FnMut(Python<'_>) -> PyResult<()>,
+) -> PyResult<T> {
+    let mut future = Box::pin(future);
+    loop {
+        let step = py.detach(|| {
+            runtime().block_on(async { tokio::time::timeout(TICK, &mut future).await.ok() })
+        });
+        if let Some(result) = step {
+            tick(py)?;
+            return result.map_err(to_py);
+        }
+        if let Err(error) = py.check_signals().and_then(|()| tick(py)) {
+            // Dropped off the GIL, inside the runtime (its tasks and timers).
+            py.detach(move || {
+                let _inside = runtime().enter();
+                drop(future);
+            });
+            return Err(error);
+        }
     }
 }
 
@@ -266,10 +307,7 @@ impl ClusterContext {
         let ctx = self.ctx.clone();
         let query = query.to_string();
         let df = wait(py, async move { ctx.sql(&query).await })?;
-        Ok(DataFrame {
-            df,
-            ctx: self.ctx.clone(),
-        })
+        Ok(DataFrame::new(df, self.ctx.clone()))
     }
 
     /// A DataFrame over datafusion-python 55 logical plan bytes.
@@ -279,10 +317,7 @@ impl ClusterContext {
         let df = wait(py, async move {
             dfship_distributed::dataframe_from_logical_bytes(&ctx, codec, &data).await
         })?;
-        Ok(DataFrame {
-            df,
-            ctx: self.ctx.clone(),
-        })
+        Ok(DataFrame::new(df, self.ctx.clone()))
     }
 
     /// A DataFrame over datafusion-python 55 physical plan bytes.
@@ -292,10 +327,7 @@ impl ClusterContext {
         let df = wait(py, async move {
             dfship_distributed::dataframe_from_physical_bytes(&ctx, codec, &data).await
         })?;
-        Ok(DataFrame {
-            df,
-            ctx: self.ctx.clone(),
-        })
+        Ok(DataFrame::new(df, self.ctx.clone()))
     }
 
     /// Each worker as (url, "live" | "down", cause).
@@ -344,6 +376,18 @@ impl ClusterContext {
 struct DataFrame {
     df: datafusion::dataframe::DataFrame,
     ctx: SessionContext,
+    /// What the UDFs of the last `collect` wrote (within the query's caps).
+    output: Arc<std::sync::Mutex<Vec<dfship_distributed::UdfOutput>>>,
+}
+
+impl DataFrame {
+    fn new(df: datafusion::dataframe::DataFrame, ctx: SessionContext) -> Self {
+        Self {
+            df,
+            ctx,
+            output: Arc::default(),
+        }
+    }
 }
 
 #[pymethods]
@@ -355,12 +399,18 @@ impl DataFrame {
 
     /// Runs the query on the cluster; returns a list of `pyarrow.RecordBatch`.
     /// `progress`, if given, is called with a dict per new view of the
-    /// query's progress (see `dfship.DataFrame.collect`).
-    #[pyo3(signature = (progress=None))]
+    /// query's progress; `timeout` (seconds) overrides the context's
+    /// `query_timeout`; `on_output` is called (on this thread) with a dict
+    /// per line the query's UDFs wrote, else each line is written to
+    /// `sys.stderr` (see `dfship.DataFrame.collect`). Ctrl-C (SIGINT) cancels
+    /// the query on every worker and raises `KeyboardInterrupt`.
+    #[pyo3(signature = (progress=None, timeout=None, on_output=None))]
     fn collect<'py>(
         &self,
         py: Python<'py>,
         progress: Option<Py<PyAny>>,
+        timeout: Option<f64>,
+        on_output: Option<Py<PyAny>>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let df = self.df.clone();
         let callback = progress.map(|callback| -> dfship_distributed::ProgressCallback {
@@ -376,8 +426,69 @@ impl DataFrame {
                 })
             })
         });
-        let batches = wait(py, dfship_distributed::collect_with_progress(df, callback))?;
+        let timeout = match timeout {
+            None => None,
+            Some(seconds) if seconds.is_finite() && seconds > 0.0 => {
+                Some(Some(std::time::Duration::from_secs_f64(seconds)))
+            }
+            Some(seconds) => {
+                return Err(PlanningError::new_err(format!(
+                    "timeout must be a positive number of seconds, got {seconds}"
+                )))
+            }
+        };
+        // Lines arrive on the runtime's threads; they are shown from this
+        // one, at each tick.
+        let arrived: Arc<std::sync::Mutex<Vec<dfship_distributed::UdfOutput>>> = Arc::default();
+        let sink = Arc::clone(&arrived);
+        let options = dfship_distributed::CollectOptions {
+            progress: callback,
+            output: Some(Arc::new(move |line: &dfship_distributed::UdfOutput| {
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line.clone());
+            })),
+            timeout,
+        };
+        let kept = Arc::clone(&self.output);
+        kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let show = |py: Python<'_>| -> PyResult<()> {
+            let lines = std::mem::take(&mut *arrived.lock().unwrap_or_else(|p| p.into_inner()));
+            if lines.is_empty() {
+                return Ok(());
+            }
+            let stderr = py.import("sys")?.getattr("stderr")?;
+            for line in &lines {
+                match &on_output {
+                    Some(callback) => {
+                        callback.call1(py, (output_dict(py, line)?,))?;
+                    }
+                    None => {
+                        stderr.call_method1("write", (format!("{line}\n"),))?;
+                    }
+                }
+            }
+            if on_output.is_none() {
+                let _ = stderr.call_method0("flush");
+            }
+            kept.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(lines);
+            Ok(())
+        };
+        let batches = wait_interruptibly(
+            py,
+            dfship_distributed::collect_with(df, options),
+            show,
+        )?;
         batches.iter().map(|batch| batch.to_pyarrow(py)).collect()
+    }
+
+    /// What the UDFs of the last `collect` wrote, as dicts (`worker`,
+    /// `stage`, `task`, `udf`, `stream`, `text`).
+    fn udf_output<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, pyo3::types::PyDict>>> {
+        let lines = self.output.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        lines.iter().map(|line| output_dict(py, line)).collect()
     }
 
     /// The distributed plan (stages, tasks) and how each UDF travels; with
@@ -386,11 +497,26 @@ impl DataFrame {
     fn explain(&self, py: Python<'_>, analyze: bool) -> PyResult<String> {
         let df = self.df.clone();
         if analyze {
-            return wait(py, dfship_distributed::explain_analyze(df));
+            return wait_interruptibly(py, dfship_distributed::explain_analyze(df), |_| Ok(()));
         }
         let plan = wait(py, async move { df.create_physical_plan().await })?;
         Ok(dfship_distributed::explain_plan(&self.ctx, &plan))
     }
+}
+
+/// A line of UDF output as a dict: `worker`, `stage`, `task`, `udf`, `stream`, `text`.
+fn output_dict<'py>(
+    py: Python<'py>,
+    line: &dfship_distributed::UdfOutput,
+) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let dict = pyo3::types::PyDict::new(py);
+    dict.set_item("worker", &line.worker)?;
+    dict.set_item("stage", line.stage)?;
+    dict.set_item("task", line.task)?;
+    dict.set_item("udf", &line.udf)?;
+    dict.set_item("stream", &line.stream)?;
+    dict.set_item("text", &line.text)?;
+    Ok(dict)
 }
 
 /// `{"stages": [{"stage", "tasks", "done", "running", "rows"}, …], "done",
@@ -568,5 +694,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("WorkerLostError", py.get_type::<WorkerLostError>())?;
     m.add("StorageError", py.get_type::<StorageError>())?;
     m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;
+    m.add("QueryTimeoutError", py.get_type::<QueryTimeoutError>())?;
     Ok(())
 }

@@ -10,7 +10,7 @@ pyarrow and cloudpickle) and talks to it over the one socket it inherits as
 file descriptor 3; in in-process mode ``serve`` runs on a thread of the
 parent's own interpreter over a socket pair. A runner opens no connection.
 
-Protocol version 2. Every message, both ways, is
+Protocol version 3. Every message, both ways, is
 
     kind: u8 | request: u64 LE | length: u64 LE | body: `length` bytes
 
@@ -37,6 +37,9 @@ Runner to parent:
     RESULT    Arrow IPC stream: one batch, one column named "result"
     DONE      size u64: the bytes the call's object holds now (an estimate)
     ERROR     class u8 (the error classes below) | UTF-8 text
+    OUTPUT    dropped lines u64 | dropped bytes u64 | (stream u8 (STREAM_*) | length u32 | UTF-8)*
+              what a call wrote, sent just before its RESULT, DONE or ERROR (never for a
+              call with no output)
 
 ``streams`` is a sequence of ``length: u64 LE | Arrow IPC stream of one batch``.
 
@@ -46,6 +49,15 @@ until the parent sends FORGET (then the next CALL loads and instantiates it
 again). Async UDFs (``async def`` functions, or classes whose ``__call__`` is
 ``async def``) run on this runner's event loop thread, several at a time;
 CANCEL cancels one.
+
+Output: in a runner process, ``sys.stdout``, ``sys.stderr``, the root
+logger (a handler of its own) and ``warnings.showwarning`` write into the
+current call's capture (a context variable: async calls have their own), kept
+up to ``_CALL_LINES`` lines and ``_CALL_BYTES`` bytes and counted past that,
+and sent as OUTPUT with the call's answer. Writes outside any call (threads a
+UDF started, code run while loading) go to the runner's own stderr, which is
+its worker's log. Writes to file descriptors 1 and 2 from C code are not
+captured either.
 
 Aggregates keep their state here: an AGGREGATE call names an object (the
 accumulators of one aggregate in one partition, one per group), created by
@@ -63,14 +75,18 @@ import sys
 if __name__ == "__main__" and sys.path and sys.path[0] == "":
     del sys.path[0]
 
+import contextvars  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
+import warnings  # noqa: E402
 from typing import Any  # noqa: E402
 
 # The protocol: crates/dfship-runtime/src/protocol.rs declares the same
@@ -91,6 +107,7 @@ LOADED = 11
 RESULT = 12
 ERROR = 13
 DONE = 14
+OUTPUT = 15
 # Error classes.
 RAISED = 0
 MODULE_MISSING = 1
@@ -118,10 +135,144 @@ WIN_DESCRIBE = 0
 WIN_ALL = 1
 WIN_RANK = 2
 WIN_FRAMES = 3
+# Where an OUTPUT line was written.
+STREAM_STDOUT = 0
+STREAM_STDERR = 1
+STREAM_LOGGING = 2
+STREAM_WARNING = 3
 
 _HEADER = struct.Struct("<BQQ")
 _AGGREGATE_HEAD = struct.Struct("<QBBQB")
 _TRACEBACK_FRAMES = 5
+
+
+# What one call's output keeps at most (the rest is counted).
+_CALL_LINES = 10_000
+_CALL_BYTES = 1 << 20
+_LINE = struct.Struct("<BI")
+
+
+class Capture:
+    """What one call writes: whole lines per stream, bounded, and what was dropped."""
+
+    __slots__ = ("lines", "size", "dropped_lines", "dropped_bytes", "partial")
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+        self.size = 0
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self.partial: dict[int, str] = {}
+
+    def line(self, stream: int, text: str) -> None:
+        if len(self.lines) >= _CALL_LINES or self.size + len(text) > _CALL_BYTES:
+            self.dropped_lines += 1
+            self.dropped_bytes += len(text)
+            return
+        self.lines.append((stream, text))
+        self.size += len(text)
+
+    def write(self, stream: int, text: str) -> None:
+        if len(self.lines) >= _CALL_LINES or self.size >= _CALL_BYTES:
+            # Full: count, keep nothing (a UDF printing a million lines stays cheap).
+            self.dropped_lines += text.count("\n")
+            self.dropped_bytes += len(text)
+            return
+        pending = self.partial.pop(stream, "") + text
+        *complete, rest = pending.split("\n")
+        for line in complete:
+            self.line(stream, line)
+        if rest:
+            self.partial[stream] = rest[:_CALL_BYTES]
+
+    def body(self) -> bytes | None:
+        """The OUTPUT body, or None when the call wrote nothing."""
+        for stream, rest in sorted(self.partial.items()):
+            self.line(stream, rest)
+        self.partial.clear()
+        if not self.lines and not self.dropped_lines:
+            return None
+        parts = [struct.pack("<QQ", self.dropped_lines, self.dropped_bytes)]
+        for stream, text in self.lines:
+            data = text.encode("utf-8", "replace")
+            parts.append(_LINE.pack(stream, len(data)))
+            parts.append(data)
+        return b"".join(parts)
+
+
+_capture: contextvars.ContextVar[Capture | None] = contextvars.ContextVar("dfship_capture", default=None)
+
+
+class _CapturedStream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` of a runner: the current call's capture, else ``fallback``."""
+
+    def __init__(self, stream: int, fallback: Any) -> None:
+        super().__init__()
+        self.stream = stream
+        self.fallback = fallback
+
+    def write(self, text: str) -> int:
+        capture = _capture.get()
+        if capture is None:
+            return int(self.fallback.write(text) or 0)
+        capture.write(self.stream, str(text))
+        return len(text)
+
+    def flush(self) -> None:
+        if _capture.get() is None:
+            self.fallback.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+class _CapturedLogs(logging.Handler):
+    """The root logger's handler in a runner: records go to the current call's capture."""
+
+    def __init__(self, fallback: Any) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.fallback = fallback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is not a call failure
+            text = f"{record.levelname} {record.name}: (unformattable record {record.msg!r})"
+        capture = _capture.get()
+        if capture is None:
+            self.fallback.write(text + "\n")
+            return
+        for line in text.split("\n"):
+            capture.line(STREAM_LOGGING, line)
+
+
+def _capture_output() -> None:
+    """Sends what calls write to their capture (a runner process only: in-process
+    runners share the host's streams and leave them alone)."""
+    fallback = sys.stderr
+    sys.stdout = _CapturedStream(STREAM_STDOUT, fallback)
+    sys.stderr = _CapturedStream(STREAM_STDERR, fallback)
+    logging.getLogger().addHandler(_CapturedLogs(fallback))
+    show = warnings.showwarning
+
+    def showwarning(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        capture = _capture.get()
+        if capture is None or file is not None:
+            show(message, category, filename, lineno, file, line)
+            return
+        capture.line(STREAM_WARNING, f"{filename}:{lineno}: {category.__name__}: {message}")
+
+    warnings.showwarning = showwarning
 
 
 def _describe(error: BaseException) -> str:
@@ -534,17 +685,34 @@ class Runner:
                 if failed is not None:
                     raise Failure(failed.error_class, failed.text)
                 raise Failure(PROTOCOL, "a call for a function that was never loaded")
-            if kind == CALL:
-                self.call(request, function, body[32:])
-            elif kind == AGGREGATE:
-                self.aggregate(request, function, body[32:])
-            else:
-                if len(body) < 33:
-                    raise Failure(PROTOCOL, "a WINDOW call without an op")
-                result = _window(self.pa, function.obj, body[32], _batches(self.pa, body[33:]))
-                self.send(RESULT, request, _result_stream(self.pa, result))
+            capture = Capture()
+            token = _capture.set(capture)
+            try:
+                answer = self.run(kind, request, function, body)
+            finally:
+                # Before the answer (or the ERROR that dispatch's caller sends).
+                _capture.reset(token)
+                self.send_output(request, capture)
+            if answer is not None:
+                self.send(*answer)
         else:
             raise Failure(PROTOCOL, f"unknown message kind {kind}")
+
+    def run(self, kind: int, request: int, function: Function, body: memoryview) -> tuple[Any, ...] | None:
+        """One call; its answer as ``send`` arguments (None: answered later, by an async call)."""
+        if kind == CALL:
+            return self.call(request, function, body[32:])
+        if kind == AGGREGATE:
+            return self.aggregate(request, function, body[32:])
+        if len(body) < 33:
+            raise Failure(PROTOCOL, "a WINDOW call without an op")
+        result = _window(self.pa, function.obj, body[32], _batches(self.pa, body[33:]))
+        return (RESULT, request, _result_stream(self.pa, result))
+
+    def send_output(self, request: int, capture: Capture) -> None:
+        body = capture.body()
+        if body is not None:
+            self.send(OUTPUT, request, body)
 
     # Ops.
 
@@ -569,7 +737,7 @@ class Runner:
         self.failed_loads[digest] = failure
         raise failure
 
-    def call(self, request: int, function: Function, stream: memoryview) -> None:
+    def call(self, request: int, function: Function, stream: memoryview) -> tuple[Any, ...] | None:
         pa = self.pa
         try:
             batch = _stream_batch(pa, stream)
@@ -578,16 +746,16 @@ class Runner:
         target = function.callable()
         if function.is_async:
             self.start_async(request, target, batch.columns)
-            return
+            return None
         try:
             result = target(*batch.columns)
         except MemoryError as error:
             raise Failure(OUT_OF_MEMORY, _describe(error)) from None
         except Exception as error:
             raise Failure(RAISED, _describe(error)) from None
-        self.send(RESULT, request, _result_stream(pa, _scalar_result(pa, result)))
+        return (RESULT, request, _result_stream(pa, _scalar_result(pa, result)))
 
-    def aggregate(self, request: int, function: Function, body: memoryview) -> None:
+    def aggregate(self, request: int, function: Function, body: memoryview) -> tuple[Any, ...]:
         pa = self.pa
         if len(body) < _AGGREGATE_HEAD.size:
             raise Failure(PROTOCOL, "a truncated AGGREGATE call")
@@ -605,8 +773,7 @@ class Runner:
                 if keep[row]:
                     _user("update()", accumulator.update, *(column.slice(row, 1) for column in arguments))
                 accumulators.append(accumulator)
-            self.send(RESULT, request, _result_stream(pa, _states(pa, accumulators, state_type)))
-            return
+            return (RESULT, request, _result_stream(pa, _states(pa, accumulators, state_type)))
         if create:
             if number in self.objects:
                 raise Failure(PROTOCOL, f"object {number} exists already")
@@ -616,17 +783,16 @@ class Runner:
             raise Failure(PROTOCOL, f"object {number} does not exist here")
         if op in (AGG_UPDATE, AGG_MERGE):
             groups.apply(pa, op, count, batches[0])
-            self.send(DONE, request, struct.pack("<Q", groups.size()))
-        elif op == AGG_STATE:
+            return (DONE, request, struct.pack("<Q", groups.size()))
+        if op == AGG_STATE:
             state_type = batches[0].schema.field(0).type
             states = _states(pa, groups.emit(count, bool(take)), state_type)
-            self.send(RESULT, request, _result_stream(pa, states))
-        elif op == AGG_EVALUATE:
+            return (RESULT, request, _result_stream(pa, states))
+        if op == AGG_EVALUATE:
             returns = batches[0].schema.field(0).type
             values = [_user("evaluate()", a.evaluate) for a in groups.emit(count, bool(take))]
-            self.send(RESULT, request, _result_stream(pa, _column(pa, values, returns, "evaluate()")))
-        else:
-            raise Failure(PROTOCOL, f"unknown aggregate op {op}")
+            return (RESULT, request, _result_stream(pa, _column(pa, values, returns, "evaluate()")))
+        raise Failure(PROTOCOL, f"unknown aggregate op {op}")
 
     # Async calls.
 
@@ -643,19 +809,24 @@ class Runner:
     def start_async(self, request: int, target: Any, columns: list[Any]) -> None:
         import asyncio
 
+        capture = Capture()
+
         async def run() -> Any:
+            # This task's own context: what it writes is this call's.
+            _capture.set(capture)
             return await target(*columns)
 
         future = asyncio.run_coroutine_threadsafe(run(), self.event_loop())
         with self.tasks_lock:
             self.tasks[request] = future
-        future.add_done_callback(lambda done: self.finish_async(request, done))
+        future.add_done_callback(lambda done: self.finish_async(request, done, capture))
 
-    def finish_async(self, request: int, future: Any) -> None:
+    def finish_async(self, request: int, future: Any, capture: Capture) -> None:
         with self.tasks_lock:
             self.tasks.pop(request, None)
         if future.cancelled():
             return
+        self.send_output(request, capture)
         try:
             error = future.exception()
             if error is not None:
@@ -700,6 +871,7 @@ def serve(sock: socket.socket) -> None:
 def main() -> None:
     # The parent handles Ctrl-C and stops its runners itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _capture_output()
     serve(socket.socket(fileno=3))
 
 

@@ -44,8 +44,8 @@ pub use launch::{
     describe_exit, InProcessRunner, Launcher, ProcessSettings, RunnerUser, RUNNER_SOURCE,
 };
 pub use pool::{
-    CallError, CallSpec, CancelToken, FunctionSpec, Isolation, ObjectCall, PendingCall, PoolConfig,
-    PoolStats, Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT,
+    CallError, CallSpec, CancelToken, FunctionSpec, Isolation, ObjectCall, OutputSink, PendingCall,
+    PoolConfig, PoolStats, Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_REPLY_BYTES,
 };
-pub use protocol::{ErrorClass, RunnerVersions, PROTOCOL_VERSION};
+pub use protocol::{CallOutput, ErrorClass, OutputStream, RunnerVersions, PROTOCOL_VERSION};

@@ -136,6 +136,26 @@ pub struct CallSpec {
     /// Whose call it is (a query), for [`Isolation::Query`]; calls of no
     /// tenant share runners with each other only.
     pub tenant: Option<u64>,
+    /// Where what the call writes (stdout, stderr, logging, warnings) goes,
+    /// as the runner reports it before the call's answer; `None` drops it.
+    pub output: Option<OutputSink>,
+}
+
+/// Receives what a call wrote ([`crate::protocol::CallOutput`]), on the
+/// pool's scheduler thread: keep it short and never block.
+#[derive(Clone)]
+pub struct OutputSink(pub Arc<dyn Fn(crate::protocol::CallOutput) + Send + Sync>);
+
+impl OutputSink {
+    pub fn new(sink: impl Fn(crate::protocol::CallOutput) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(sink))
+    }
+}
+
+impl std::fmt::Debug for OutputSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputSink")
+    }
 }
 
 /// A runner's answer to a call: `RESULT` or `DONE`, and its body.

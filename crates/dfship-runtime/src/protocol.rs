@@ -19,7 +19,7 @@ use arrow::ipc::writer::StreamWriter;
 use bytes::Bytes;
 
 /// The protocol this build speaks; a runner announcing another is refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The size of a message header: kind, request id, body length.
 pub const HEADER_LEN: usize = 17;
@@ -56,6 +56,9 @@ numbers! {
     ERROR = 13,
     /// Runner to parent: an aggregate op done (the object's size).
     DONE = 14,
+    /// Runner to parent: what a call wrote (stdout, stderr, logging,
+    /// warnings), sent before the call's answer; see [`parse_output`].
+    OUTPUT = 15,
     RAISED = 0,
     MODULE_MISSING = 1,
     UNPICKLE_FAILED = 2,
@@ -78,6 +81,10 @@ numbers! {
     WIN_ALL = 1,
     WIN_RANK = 2,
     WIN_FRAMES = 3,
+    STREAM_STDOUT = 0,
+    STREAM_STDERR = 1,
+    STREAM_LOGGING = 2,
+    STREAM_WARNING = 3,
 }
 
 /// Every number of the protocol by the name both sides give it, the
@@ -318,6 +325,110 @@ pub fn decode_result(bytes: Vec<u8>) -> Result<(FieldRef, ArrayData), String> {
     ))
 }
 
+/// Where a line of a call's output was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+    /// A `logging` record (formatted as `LEVEL logger: message`).
+    Logging,
+    /// A `warnings.warn` (formatted as `file:line: Category: message`).
+    Warning,
+}
+
+impl OutputStream {
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            STREAM_STDOUT => Self::Stdout,
+            STREAM_STDERR => Self::Stderr,
+            STREAM_LOGGING => Self::Logging,
+            STREAM_WARNING => Self::Warning,
+            _ => return None,
+        })
+    }
+
+    /// The name users see: `stdout`, `stderr`, `logging`, `warning`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+            Self::Logging => "logging",
+            Self::Warning => "warning",
+        }
+    }
+}
+
+/// What one call wrote, as an OUTPUT message carries it: the lines the
+/// runner kept (it keeps at most a per-call budget) and how much it dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallOutput {
+    pub lines: Vec<(OutputStream, String)>,
+    pub dropped_lines: u64,
+    pub dropped_bytes: u64,
+}
+
+/// The most lines one OUTPUT message may carry.
+pub const MAX_OUTPUT_LINES: usize = 100_000;
+
+/// An OUTPUT body: `dropped lines u64 | dropped bytes u64 | (stream u8 |
+/// length u32 | UTF-8 text)*`. Invalid UTF-8 is replaced, never refused;
+/// anything else malformed is an error (the runner is then broken).
+pub fn parse_output(body: &[u8]) -> Result<CallOutput, String> {
+    if body.len() < 16 {
+        return Err(format!("an OUTPUT message of {} bytes (at least 16)", body.len()));
+    }
+    let word = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&body[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let mut output = CallOutput {
+        lines: Vec::new(),
+        dropped_lines: word(0),
+        dropped_bytes: word(8),
+    };
+    let mut at = 16;
+    while at < body.len() {
+        if at + 5 > body.len() {
+            return Err("an OUTPUT message with a truncated line header".to_string());
+        }
+        let stream = OutputStream::from_code(body[at])
+            .ok_or_else(|| format!("an OUTPUT line of unknown stream {}", body[at]))?;
+        let length = u32::from_le_bytes([body[at + 1], body[at + 2], body[at + 3], body[at + 4]])
+            as usize;
+        at += 5;
+        let text = body
+            .get(at..at.saturating_add(length))
+            .ok_or_else(|| "an OUTPUT line longer than its message".to_string())?;
+        if output.lines.len() >= MAX_OUTPUT_LINES {
+            return Err(format!("an OUTPUT message of more than {MAX_OUTPUT_LINES} lines"));
+        }
+        output
+            .lines
+            .push((stream, String::from_utf8_lossy(text).into_owned()));
+        at += length;
+    }
+    Ok(output)
+}
+
+/// An OUTPUT body for `output` (what a runner sends; for tests and tools).
+pub fn encode_output(output: &CallOutput) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&output.dropped_lines.to_le_bytes());
+    body.extend_from_slice(&output.dropped_bytes.to_le_bytes());
+    for (stream, text) in &output.lines {
+        body.push(match stream {
+            OutputStream::Stdout => STREAM_STDOUT,
+            OutputStream::Stderr => STREAM_STDERR,
+            OutputStream::Logging => STREAM_LOGGING,
+            OutputStream::Warning => STREAM_WARNING,
+        });
+        body.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        body.extend_from_slice(text.as_bytes());
+    }
+    body
+}
+
 /// A DONE body: the size of the object the call changed.
 pub fn parse_done(body: &[u8]) -> Result<u64, String> {
     let bytes: [u8; 8] = body
@@ -386,6 +497,32 @@ mod tests {
         ];
         let wide = encode_arguments(&two, &[], 1).unwrap();
         assert!(decode_result(wide).unwrap_err().contains("2 columns"));
+    }
+
+    #[test]
+    fn output_bodies_round_trip_and_malformed_ones_are_refused() {
+        let output = CallOutput {
+            lines: vec![
+                (OutputStream::Stdout, "hello".to_string()),
+                (OutputStream::Warning, "x.py:3: UserWarning: careful".to_string()),
+                (OutputStream::Logging, String::new()),
+            ],
+            dropped_lines: 7,
+            dropped_bytes: 70,
+        };
+        let body = encode_output(&output);
+        assert_eq!(parse_output(&body).unwrap(), output);
+        assert!(parse_output(&body[..10]).is_err());
+        assert!(parse_output(&body[..body.len() - 1]).is_err());
+        let mut unknown = body.clone();
+        unknown[16] = 9;
+        assert!(parse_output(&unknown).unwrap_err().contains("stream 9"));
+        let mut huge = body[..16].to_vec();
+        huge.extend_from_slice(&[0, 0xff, 0xff, 0xff, 0xff, b'x']);
+        assert!(parse_output(&huge).is_err());
+        let mut bad_utf8 = body[..16].to_vec();
+        bad_utf8.extend_from_slice(&[1, 2, 0, 0, 0, 0xff, b'a']);
+        assert_eq!(parse_output(&bad_utf8).unwrap().lines[0].1, "\u{fffd}a");
     }
 
     #[test]

@@ -377,6 +377,7 @@ fn aggregate(
         ],
         object: Some(object),
         tenant: None,
+        output: None,
     }
 }
 

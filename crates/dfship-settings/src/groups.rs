@@ -9,8 +9,8 @@ use clap::builder::BoolishValueParser;
 use clap::Args;
 use datafusion::error::{DataFusionError, Result};
 use dfship_codec::{
-    ClusterKey, CodecOptions, PythonExecution, PythonMode, RunnerUser, DEFAULT_MAX_PAYLOAD_BYTES,
-    DEFAULT_WARN_PAYLOAD_BYTES,
+    ClusterKey, CodecOptions, PythonExecution, PythonMode, RunnerUser, UdfOutputMode,
+    DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES,
 };
 use dfship_distributed::{ChannelOptions, StorageOptions, TlsConfig, DEFAULT_MAX_MESSAGE_BYTES};
 
@@ -283,6 +283,40 @@ pub struct CoordinatorSettings {
     /// or leave are seen within this time).
     #[arg(long, env = "DFSHIP_RESOLVE_INTERVAL", default_value = "5", value_parser = parse_duration)]
     pub resolve_interval: Duration,
+
+    /// Longest a query may run, e.g. `30s` or `10m`; it is then cancelled on
+    /// every worker and fails with a query-timeout error [default: no limit].
+    #[arg(long, env = "DFSHIP_QUERY_TIMEOUT", value_parser = parse_duration)]
+    pub query_timeout: Option<Duration>,
+
+    /// Where what Python UDFs print, log and warn goes: `client` (shown
+    /// where the query was run, each line prefixed with its UDF and worker;
+    /// also in the workers' logs), `worker` (workers' logs only) or `off`.
+    #[arg(long, env = "DFSHIP_UDF_OUTPUT", default_value = "client")]
+    pub udf_output: UdfOutputMode,
+
+    /// Lines of UDF output kept per query (on each worker, and on the
+    /// client); the rest is counted and reported in one line.
+    #[arg(long, env = "DFSHIP_UDF_OUTPUT_MAX_LINES", default_value_t = dfship_codec::DEFAULT_OUTPUT_LINES)]
+    pub udf_output_max_lines: u64,
+
+    /// Bytes of UDF output kept per query, e.g. `1MiB` (on each worker, and on the client).
+    #[arg(long, env = "DFSHIP_UDF_OUTPUT_MAX_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub udf_output_max_bytes: u64,
+}
+
+impl CoordinatorSettings {
+    /// The query options (timeout, UDF output) these settings describe.
+    pub fn query_options(&self) -> dfship_distributed::QueryOptions {
+        dfship_distributed::QueryOptions {
+            timeout: self.query_timeout.filter(|t| !t.is_zero()),
+            udf_output: self.udf_output,
+            udf_output_limits: dfship_codec::OutputLimits {
+                max_lines: self.udf_output_max_lines,
+                max_bytes: self.udf_output_max_bytes,
+            },
+        }
+    }
 }
 
 /// The files of these settings that UDF runners must not touch: the

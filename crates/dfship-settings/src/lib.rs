@@ -158,6 +158,7 @@ impl CoordinatorOptions {
                 max_attempts: self.coordinator.max_attempts,
                 ..Default::default()
             })
+            .with_query_options(self.coordinator.query_options())
             .with_membership_options(dfship_distributed::MembershipOptions {
                 probe_interval: self.coordinator.probe_interval,
                 resolve_interval: self.coordinator.resolve_interval,

@@ -12,7 +12,9 @@ use dfship_runtime::protocol::{self, RESULT};
 use dfship_runtime::{CallError, CallSpec, CancelToken, PendingCall, Reply};
 
 use crate::execution::errors::call_error;
-use crate::execution::{function_spec, pool, record_udf_figures, task_token, wait_off_runtime};
+use crate::execution::{
+    function_spec, output_sink, pool, record_udf_figures, task_token, wait_off_runtime,
+};
 use crate::function::PythonFunction;
 use crate::result_check::{checked_result, invalid_array};
 
@@ -46,6 +48,7 @@ pub(crate) fn call_scalar(
     let result = wait_off_runtime(|| {
         let spec = function_spec(function)?;
         let pool = pool();
+        let output = output_sink(task, name);
         let mut pending: Vec<(usize, PendingCall)> = Vec::new();
         let mut offset = 0;
         while offset < number_rows {
@@ -58,6 +61,7 @@ pub(crate) fn call_scalar(
                 body: vec![Bytes::from(stream)],
                 object: None,
                 tenant: cancel.as_ref().and_then(CancelToken::tenant),
+                output: Some(output.clone()),
             };
             pending.push((rows, pool.submit(call)));
             offset += rows;
@@ -153,6 +157,7 @@ fn stateless(
             body,
             object: None,
             tenant: function.task.get().and_then(CancelToken::tenant),
+            output: Some(output_sink(function.task_id(), name)),
         };
         let reply = pool
             .submit(call)

@@ -19,13 +19,15 @@
 //!   together) and window evaluator calls, each stateless;
 //! - `objects`: an aggregate's accumulators, living in one runner;
 //! - `errors`: what users read when a call fails;
-//! - `in_process`: the runner served on a thread of this interpreter.
+//! - `in_process`: the runner served on a thread of this interpreter;
+//! - `output`: what UDFs print, from the runner to the query's client.
 
 mod calls;
 mod errors;
 mod figures;
 mod in_process;
 mod objects;
+mod output;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -49,6 +51,12 @@ pub use dfship_runtime::{CancelToken, PoolStats};
 pub(crate) use figures::record as record_udf_figures;
 pub use figures::{label_task, query_figures, udf_figures, TaskLabel, UdfFigures};
 pub(crate) use objects::RunnerObject;
+pub(crate) use output::sink_for as output_sink;
+pub use output::{
+    bind_task_output, forget_query_output, set_query_output, take_query_output, OutputLimits,
+    OutputLine, OutputOrigin, TakenOutput, UdfOutputMode, DEFAULT_OUTPUT_BYTES,
+    DEFAULT_OUTPUT_LINES,
+};
 
 /// How a process evaluates Python UDFs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -107,6 +107,10 @@ impl RunnerObject {
             ],
             object: Some(object),
             tenant: self.function.task.get().and_then(CancelToken::tenant),
+            output: Some(crate::execution::output_sink(
+                self.function.task_id(),
+                self.name(),
+            )),
         })
     }
 

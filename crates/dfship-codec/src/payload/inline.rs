@@ -62,5 +62,6 @@ pub(crate) fn decode(name: &str, payload: Bytes, options: &CodecOptions) -> Resu
         received: Some((WireFormat::Inline, payload)),
         spec: Default::default(),
         task: Default::default(),
+        task_id: Default::default(),
     })
 }

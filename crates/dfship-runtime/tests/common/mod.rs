@@ -138,6 +138,7 @@ pub fn call(function: &Arc<FunctionSpec>, values: Vec<i64>) -> CallSpec {
         body: vec![Bytes::from(stream)],
         object: None,
         tenant: None,
+        output: None,
     }
 }
 
