@@ -15,6 +15,7 @@ __all__ = [
     "DfshipError",
     "PayloadRefusedError",
     "PlanningError",
+    "QueryTimeoutError",
     "StorageError",
     "UdfLoadError",
     "UdfRaisedError",
@@ -56,6 +57,10 @@ class AuthenticationError(DfshipError):
 class WorkerLostError(DfshipError):
     """A worker stopped or became unreachable during the query."""
 
+class QueryTimeoutError(DfshipError):
+    """The query ran past its timeout (`timeout=` or the `query_timeout` setting) and was cancelled
+    on every worker."""
+
 class StorageError(DfshipError):
     """An object store (S3, GCS, Azure, HTTP) failed or is not set up: missing credentials, a missing
     bucket or object, an endpoint that does not answer, or a URL scheme no store serves."""
@@ -63,7 +68,13 @@ class StorageError(DfshipError):
 @final
 class DataFrame:
     def schema(self) -> pa.Schema: ...
-    def collect(self, progress: Callable[[dict[str, Any]], object] | None = None) -> list[pa.RecordBatch]: ...
+    def collect(
+        self,
+        progress: Callable[[dict[str, Any]], object] | None = None,
+        timeout: float | None = None,
+        on_output: Callable[[dict[str, Any]], object] | None = None,
+    ) -> list[pa.RecordBatch]: ...
+    def udf_output(self) -> list[dict[str, Any]]: ...
     def explain(self, analyze: bool = False) -> str: ...
 
 @final

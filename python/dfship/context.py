@@ -36,28 +36,60 @@ class DataFrame:
         """The schema of the result."""
         return self._native.schema()
 
-    def collect(self, progress: bool | Callable[[dict[str, Any]], object] | None = None) -> pa.Table:
+    def collect(
+        self,
+        progress: bool | Callable[[dict[str, Any]], object] | None = None,
+        *,
+        timeout: float | None = None,
+        on_output: Callable[[dict[str, Any]], object] | None = None,
+    ) -> pa.Table:
         """Runs the query on the cluster and returns the result as a ``pyarrow.Table``.
 
         ``progress`` shows how far the query has got, as the workers report
         it (every 250 ms, when something changed, and once at the end):
-        ``True`` draws a bar on stderr when it is a terminal; a callable is
-        called with ``{"done": tasks done, "total": tasks, "finished": bool,
-        "stages": [{"stage", "tasks", "done", "running", "rows"}, ...]}``
-        (from another thread: keep it short; what it raises is reported
-        through ``sys.unraisablehook`` and the query goes on).
+        ``True`` shows a bar: a widget in Jupyter when ``tqdm`` is installed
+        (``pip install tqdm``), else a line redrawn on stderr when it is a
+        terminal, else nothing; a callable is called with ``{"done": tasks
+        done, "total": tasks, "finished": bool, "stages": [{"stage",
+        "tasks", "done", "running", "rows"}, ...]}`` (from another thread:
+        keep it short; what it raises is reported through
+        ``sys.unraisablehook`` and the query goes on).
 
         >>> df.collect(progress=lambda p: print(f"{p['done']}/{p['total']} tasks"))  # doctest: +SKIP
+
+        **Stopping.** Ctrl-C (SIGINT, also a notebook's "interrupt kernel")
+        cancels the query on every worker within a moment and raises
+        ``KeyboardInterrupt``. ``timeout`` (seconds) overrides the context's
+        ``query_timeout``: a query running longer is cancelled the same way
+        and raises :class:`QueryTimeoutError`.
+
+        **UDF output.** What the query's Python UDFs print, log (``logging``)
+        and warn (``warnings``) comes back while the query runs, when the
+        context's ``udf_output`` is ``"client"`` (the default): each line is
+        written to ``sys.stderr`` as ``(udf, worker) text``, or handed to
+        ``on_output`` as ``{"worker", "stage", "task", "udf", "stream",
+        "text"}`` (``stream``: ``stdout``, ``stderr``, ``logging``,
+        ``warning``, or ``dropped`` for the one line saying how much went past
+        the caps). Both run on this thread. :meth:`udf_output` returns the
+        lines of the last run.
 
         Raises a :class:`DfshipError` subclass naming the cause (see
         :mod:`dfship.errors`); a UDF's own exception type, message and
         traceback tail are part of the message of :class:`UdfRaisedError`.
         """
-        callback = _terminal_bar() if progress is True else progress or None
-        batches = self._native.collect(callback)
-        if progress is True and callback is not None:
-            sys.stderr.write("\n")
+        callback, done = _progress_display(progress)
+        try:
+            batches = self._native.collect(callback, timeout, on_output)
+        finally:
+            if done is not None:
+                done()
         return pa.Table.from_batches(batches, schema=self.schema)
+
+    def udf_output(self) -> list[dict[str, Any]]:
+        """What the UDFs of the last :meth:`collect` wrote (within the query's
+        caps), as dicts: ``worker`` (``HOST:PORT``, or ``coordinator``),
+        ``stage``, ``task``, ``udf``, ``stream`` and ``text``."""
+        return self._native.udf_output()
 
     def to_pandas(self) -> pandas.DataFrame:
         """Runs the query and returns a ``pandas.DataFrame`` (needs pandas)."""
@@ -112,6 +144,14 @@ class ClusterContext:
     Python UDF, and writes other than ``COPY … TO`` a local path, are not
     retried. The coordinator probes every worker each ``probe_interval``
     seconds and plans only on those alive (see :meth:`workers_status`).
+    ``query_timeout`` (seconds) cancels a query that runs longer on every
+    worker (:class:`QueryTimeoutError`); ``collect(timeout=...)`` overrides
+    it per call. ``udf_output`` says where what Python UDFs print, log and
+    warn goes: ``"client"`` (the default: shown where ``collect`` runs, and
+    in the workers' logs), ``"worker"`` (the workers' logs only) or
+    ``"off"``; at most ``udf_output_max_lines`` lines (10,000) and
+    ``udf_output_max_bytes`` bytes (1 MiB) are kept per query, and one line
+    says how much more was dropped.
     ``workers`` may also be ``dns://NAME:PORT`` (every address of the name,
     resolved again every ``resolve_interval`` seconds) or ``file:///PATH``
     (a list of workers, read again when it changes).
@@ -151,6 +191,10 @@ class ClusterContext:
         max_attempts: int | None = None,
         probe_interval: float | None = None,
         resolve_interval: float | None = None,
+        query_timeout: float | None = None,
+        udf_output: str | None = None,
+        udf_output_max_lines: int | None = None,
+        udf_output_max_bytes: int | None = None,
         python_mode: str | None = None,
         python_runners: int | None = None,
         udf_timeout: float | None = None,
@@ -182,6 +226,10 @@ class ClusterContext:
             "max_attempts": max_attempts,
             "probe_interval": probe_interval,
             "resolve_interval": resolve_interval,
+            "query_timeout": query_timeout,
+            "udf_output": udf_output,
+            "udf_output_max_lines": udf_output_max_lines,
+            "udf_output_max_bytes": udf_output_max_bytes,
             "python_mode": python_mode,
             "python_runners": python_runners,
             "udf_timeout": udf_timeout,
@@ -304,7 +352,50 @@ class ClusterContext:
         return self._native.shipped()
 
 
-def _terminal_bar() -> Callable[[dict[str, Any]], None] | None:
+def _progress_display(
+    progress: bool | Callable[[dict[str, Any]], object] | None,
+) -> tuple[Callable[[dict[str, Any]], object] | None, Callable[[], None] | None]:
+    """The callback for ``collect(progress=...)``, and what to call once the query ended."""
+    if progress is True:
+        return _notebook_bar() or _terminal_bar() or (None, None)
+    if progress is None or progress is False:
+        return None, None
+    return progress, None
+
+
+def _in_notebook() -> bool:
+    """Whether this is a Jupyter kernel (its output goes to a notebook, not a terminal)."""
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    try:
+        ip = shell.get_ipython()
+    except Exception:  # noqa: BLE001 - any failure means "not a notebook"
+        return False
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+def _notebook_bar() -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]] | None:
+    """A ``tqdm.auto`` bar (a widget in Jupyter), if this is a notebook and tqdm is installed."""
+    if not _in_notebook():
+        return None
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    bar = tqdm(total=0, unit="task", desc="query")
+
+    def update(progress: dict[str, Any]) -> None:
+        bar.total = progress["total"]
+        bar.n = progress["done"]
+        rows = sum(s["rows"] for s in progress["stages"])
+        bar.set_postfix(rows=rows, refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def _terminal_bar() -> tuple[Callable[[dict[str, Any]], None], Callable[[], None]] | None:
     """A progress bar drawn on stderr, if stderr is a terminal."""
     if not sys.stderr.isatty():
         return None
@@ -319,7 +410,10 @@ def _terminal_bar() -> Callable[[dict[str, Any]], None] | None:
         sys.stderr.write(f"\r[{bar}] {done}/{total} tasks, {rows} rows  {stages}\x1b[K")
         sys.stderr.flush()
 
-    return draw
+    def end() -> None:
+        sys.stderr.write("\n")
+
+    return draw, end
 
 
 def _path(path: str | os.PathLike[str] | None) -> str | None:

@@ -8,6 +8,7 @@
     ├── UdfRaisedError         the UDF raised an exception
     ├── UdfResultError         the UDF returned the wrong length, type, nulls or invalid data
     ├── WorkerLostError        a worker stopped or became unreachable
+    ├── QueryTimeoutError      the query ran past its timeout and was cancelled on every worker
     ├── StorageError           an object store failed: credentials, bucket, endpoint
     └── AuthenticationError    a worker refused this client (no or another cluster key),
                                or an endpoint could not prove it holds the cluster key
@@ -21,6 +22,9 @@ Catch by cause::
     except dfship.WorkerLostError:
         ...  # retry without that worker
 
+Ctrl-C (SIGINT) during ``collect()`` cancels the query on every worker and
+raises Python's own ``KeyboardInterrupt``.
+
 Every message starts with the tag of its kind (e.g. ``[udf-raised]``) and says what to do.
 """
 
@@ -31,6 +35,7 @@ from dfship._native import (
     DfshipError,
     PayloadRefusedError,
     PlanningError,
+    QueryTimeoutError,
     StorageError,
     UdfLoadError,
     UdfRaisedError,
@@ -44,6 +49,7 @@ __all__ = [
     "DfshipError",
     "PayloadRefusedError",
     "PlanningError",
+    "QueryTimeoutError",
     "StorageError",
     "UdfLoadError",
     "UdfRaisedError",

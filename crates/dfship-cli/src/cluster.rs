@@ -152,9 +152,22 @@ pub async fn sql(args: SqlArgs, key: Option<ClusterKey>) -> Result<()> {
         }
         None => {
             let bar = ProgressView::on_terminal();
-            let batches =
-                dfship_distributed::collect_with_progress(df, bar.as_ref().map(|b| b.callback()))
-                    .await;
+            // UDF output on stderr, above the bar when there is one.
+            let output: dfship_distributed::OutputCallback = match &bar {
+                Some(view) => {
+                    let bar = view.0.clone();
+                    std::sync::Arc::new(move |line: &dfship_distributed::UdfOutput| {
+                        bar.suspend(|| eprintln!("{line}"))
+                    })
+                }
+                None => dfship_distributed::print_output_to_stderr(),
+            };
+            let options = dfship_distributed::CollectOptions {
+                progress: bar.as_ref().map(|b| b.callback()),
+                output: Some(output),
+                timeout: None,
+            };
+            let batches = dfship_distributed::collect_with(df, options).await;
             drop(bar);
             let batches = batches?;
             println!("{}", pretty_format_batches(&batches)?);

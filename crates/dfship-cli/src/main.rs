@@ -55,6 +55,23 @@ struct TlsInitArgs {
     hosts: Vec<String>,
 }
 
+/// What `dfship sql`/`explain` say when Ctrl-C stopped them.
+const INTERRUPTED: &str =
+    "interrupted (Ctrl-C): the query was cancelled, and its tasks end on every worker";
+
+/// Runs `work` until it ends or Ctrl-C (SIGINT) comes; then `work` is
+/// dropped, which cancels its query on every worker (`dfship_distributed::collect_with`).
+async fn until_interrupted(
+    work: impl std::future::Future<Output = datafusion::error::Result<()>>,
+) -> datafusion::error::Result<()> {
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => {
+            Err(datafusion::error::DataFusionError::Execution(INTERRUPTED.to_string()))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let (log_format, command) =
         match dfship_settings::layers::parse_from::<Cli, _, _>(std::env::args_os()) {
@@ -84,8 +101,8 @@ fn main() -> ExitCode {
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
         runtime.block_on(async move {
             match command {
-                Command::Sql(args) => cluster::sql(args, key).await,
-                Command::Explain(args) => cluster::explain(args, key).await,
+                Command::Sql(args) => until_interrupted(cluster::sql(args, key)).await,
+                Command::Explain(args) => until_interrupted(cluster::explain(args, key)).await,
                 Command::Worker(options) => dfship_worker::run(options, key).await,
                 Command::Demo(args) => demo::run(args).await,
                 Command::TlsInit(args) => {
@@ -104,6 +121,11 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.to_string().contains(INTERRUPTED) => {
+            eprintln!("dfship: {INTERRUPTED}");
+            // As shells report a command stopped by SIGINT.
+            ExitCode::from(130)
+        }
         Err(error) => {
             eprintln!("dfship: {error}");
             ExitCode::FAILURE

@@ -92,7 +92,7 @@ from typing import Any  # noqa: E402
 # The protocol: crates/dfship-runtime/src/protocol.rs declares the same
 # numbers, and a test holds the two to each other (every public integer
 # constant of this module is part of the protocol).
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # Parent to runner.
 LOAD = 1
 CALL = 2
