@@ -451,14 +451,20 @@ pub struct PendingCall {
 }
 
 impl PendingCall {
-    /// Blocks until the call is answered. While it waits, `cancel` is looked
-    /// at every 100 ms; once set, the call is cancelled.
+    /// Blocks until the call is answered. `cancel` is looked at first and
+    /// then every 100 ms while it waits; once set, the call is cancelled.
     pub fn wait(self, pool: &RunnerPool, cancel: Option<&CancelToken>) -> Result<Reply, CallError> {
         if let Some(detail) = self.failed {
             return Err(CallError::StartFailed { detail });
         }
-        let mut cancel_sent = false;
         let answer = self.answer.into_inner().unwrap_or_else(|p| p.into_inner());
+        // Cancelled already (a batch's later slices, once its task ended):
+        // out of the queue at once, not after a first wait.
+        let mut cancel_sent = false;
+        if cancel.is_some_and(CancelToken::is_cancelled) {
+            pool.cancel(self.id);
+            cancel_sent = true;
+        }
         loop {
             match answer.recv_timeout(Duration::from_millis(100)) {
                 Ok(answer) => return answer,
