@@ -458,6 +458,32 @@ fn a_module_only_the_coordinator_has() {
 
 #[test]
 #[ignore = "needs the container images: run integration-tests/containers/run.sh"]
+fn what_a_udf_prints_on_a_worker_container_reaches_dfship_sql() {
+    let cluster = Cluster::start("output", vec![worker("w1"), worker("w2")]);
+    cluster.write_dataset();
+    let run = cluster.sql(
+        &["w1", "w2"],
+        "basic.py",
+        "SELECT sum(chatty_host(id)) AS s FROM facts",
+        &[],
+    );
+    assert_ok(&run, "a query whose UDF prints");
+    assert!(run.stdout.contains("11522400"), "1 + ... + 4800:\n{}", run.stdout);
+    // Each line names its UDF and worker, and came from that worker's container.
+    for name in ["w1", "w2"] {
+        let host = cluster.container(name);
+        let line = format!("(chatty_host, {host}:{PORT}) hello from {host} (");
+        assert!(run.stderr.contains(&line), "{line:?} in:\n{}", run.stderr);
+    }
+    // The same lines are in the workers' own logs.
+    let logs = docker(&["logs", &cluster.container("w1")]);
+    let text = String::from_utf8_lossy(&logs.stdout).into_owned()
+        + &String::from_utf8_lossy(&logs.stderr);
+    assert!(text.contains("hello from"), "{text}");
+}
+
+#[test]
+#[ignore = "needs the container images: run integration-tests/containers/run.sh"]
 fn a_worker_on_another_python_version() {
     let skewed = WorkerSpec {
         name: "py313",

@@ -32,3 +32,10 @@ def slow_double_immutable(values: pa.Array) -> pa.Array:
 def whoami(values: pa.Array) -> pa.Array:
     """The host name of the worker container whose runner evaluates the batch."""
     return pa.array([socket.gethostname()] * len(values), pa.string())
+
+
+@udf([pa.int64()], pa.int64(), "immutable")
+def chatty_host(values: pa.Array) -> pa.Array:
+    """Prints the worker container's host name: the output must reach the coordinator's client."""
+    print(f"hello from {socket.gethostname()} ({len(values)} rows)")
+    return values
