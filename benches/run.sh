@@ -3,7 +3,7 @@
 # then the end-to-end comparison (datafusion-python, PySpark, dfship with 1
 # and 2 workers) and the aggregate/window comparison. Results land in
 # benches/results/ (results.md, results.png, micro.md, profile.md,
-# aggregates.md, runners.md, recovery.md, object_store.md, isolation.md). Takes about 35 minutes on two cores, most of it the
+# aggregates.md, runners.md, recovery.md, object_store.md, isolation.md, udf_output.md). Takes about 35 minutes on two cores, most of it the
 # release build.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -75,6 +75,9 @@ echo "bench: tables on an S3-compatible server (moto) against local disk"
 
 echo "bench: what authentication and query isolation cost per query"
 "$venv/bin/python" benches/e2e/isolation.py --out "$out"
+
+echo "bench: what bringing UDF output back to the client costs"
+"$venv/bin/python" benches/e2e/udf_output.py --out "$out"
 
 case " $* " in
 *" --skip-spark "*) echo "bench: --skip-spark given, so no profile of the GIL-bound query against PySpark" ;;
