@@ -204,7 +204,7 @@ async fn sql_shows_udf_output_and_ctrl_c_stops_the_query_on_every_worker() {
     std::fs::remove_file(&calls).unwrap();
 
     // Ctrl-C while calls run on both workers.
-    let mut child = command("SELECT sum(slow(id)) AS s FROM facts")
+    let child = command("SELECT sum(slow(id)) AS s FROM facts")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -225,7 +225,10 @@ async fn sql_shows_udf_output_and_ctrl_c_stops_the_query_on_every_worker() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted (Ctrl-C)"), "{stderr}");
-    assert!(exited < 2.0, "dfship took {exited:.2} s to stop after SIGINT");
+    assert!(
+        exited < 2.0,
+        "dfship took {exited:.2} s to stop after SIGINT"
+    );
     std::thread::sleep(std::time::Duration::from_secs(3));
     let started = slow_calls(&calls);
     let late: Vec<f64> = started

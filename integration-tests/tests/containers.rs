@@ -468,7 +468,11 @@ fn what_a_udf_prints_on_a_worker_container_reaches_dfship_sql() {
         &[],
     );
     assert_ok(&run, "a query whose UDF prints");
-    assert!(run.stdout.contains("11522400"), "1 + ... + 4800:\n{}", run.stdout);
+    assert!(
+        run.stdout.contains("11522400"),
+        "1 + ... + 4800:\n{}",
+        run.stdout
+    );
     // Each line names its UDF and worker, and came from that worker's container.
     for name in ["w1", "w2"] {
         let host = cluster.container(name);
@@ -477,8 +481,8 @@ fn what_a_udf_prints_on_a_worker_container_reaches_dfship_sql() {
     }
     // The same lines are in the workers' own logs.
     let logs = docker(&["logs", &cluster.container("w1")]);
-    let text = String::from_utf8_lossy(&logs.stdout).into_owned()
-        + &String::from_utf8_lossy(&logs.stderr);
+    let text =
+        String::from_utf8_lossy(&logs.stdout).into_owned() + &String::from_utf8_lossy(&logs.stderr);
     assert!(text.contains("hello from"), "{text}");
 }
 

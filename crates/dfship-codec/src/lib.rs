@@ -54,6 +54,7 @@ pub use declarations::{
 };
 /// The user runner processes run as (see [`PythonExecution::with_runner_user`]).
 pub use dfship_runtime::landlock::hide_from_runners;
+pub use dfship_runtime::OutputStream;
 pub use dfship_runtime::{Isolation, RunnerUser};
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{
@@ -63,7 +64,6 @@ pub use execution::{
     OutputLimits, OutputLine, OutputOrigin, PoolStats, PythonExecution, PythonMode, TakenOutput,
     TaskLabel, TaskOptions, UdfFigures, UdfOutputMode, DEFAULT_OUTPUT_BYTES, DEFAULT_OUTPUT_LINES,
 };
-pub use dfship_runtime::OutputStream;
 pub use logical_codec::PythonUdfLogicalCodec;
 pub use options::{CodecOptions, DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_WARN_PAYLOAD_BYTES};
 pub use pickled::{PickleContent, PickledCallable, PicklerVersions};

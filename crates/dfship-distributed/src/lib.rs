@@ -80,8 +80,6 @@ pub use rpc_auth::{
 };
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};
-pub use watch::{
-    print_output_to_stderr, OutputCallback, QueryOptions, UdfOutput, OUTPUT_HEADER,
-};
 pub use tls::{generate_tls_files, write_cluster_key_file, GeneratedTls, TlsConfig};
+pub use watch::{print_output_to_stderr, OutputCallback, QueryOptions, UdfOutput, OUTPUT_HEADER};
 pub use worker_server::{serve_worker, serve_worker_with_drain, MAX_CONCURRENT_STREAMS};

@@ -373,7 +373,11 @@ async fn run_once(
     let mut state = state.clone();
     let mut task_options = dfship_codec::TaskOptions::default();
     task_options.task_id = local.0.clone();
-    state.config_mut().options_mut().extensions.insert(task_options);
+    state
+        .config_mut()
+        .options_mut()
+        .extensions
+        .insert(task_options);
     let physical = state.create_physical_plan(plan).await?;
     let stages = crate::stages_of(&physical);
     let query = stages

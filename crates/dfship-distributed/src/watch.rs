@@ -64,7 +64,9 @@ impl QueryOptions {
 
 /// The mode and caps of an [`OUTPUT_HEADER`] value; anything malformed is
 /// ignored (the worker then logs the lines, as for an older coordinator).
-pub(crate) fn parse_output_header(value: &http::HeaderValue) -> Option<(UdfOutputMode, OutputLimits)> {
+pub(crate) fn parse_output_header(
+    value: &http::HeaderValue,
+) -> Option<(UdfOutputMode, OutputLimits)> {
     let text = value.to_str().ok().filter(|t| t.len() <= 64)?;
     let mut parts = text.split(';');
     let mode = parts.next()?.parse().ok()?;

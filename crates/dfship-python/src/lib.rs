@@ -471,23 +471,21 @@ impl DataFrame {
             if on_output.is_none() {
                 let _ = stderr.call_method0("flush");
             }
-            kept.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(lines);
+            kept.lock().unwrap_or_else(|p| p.into_inner()).extend(lines);
             Ok(())
         };
-        let batches = wait_interruptibly(
-            py,
-            dfship_distributed::collect_with(df, options),
-            show,
-        )?;
+        let batches = wait_interruptibly(py, dfship_distributed::collect_with(df, options), show)?;
         batches.iter().map(|batch| batch.to_pyarrow(py)).collect()
     }
 
     /// What the UDFs of the last `collect` wrote, as dicts (`worker`,
     /// `stage`, `task`, `udf`, `stream`, `text`).
     fn udf_output<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, pyo3::types::PyDict>>> {
-        let lines = self.output.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let lines = self
+            .output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         lines.iter().map(|line| output_dict(py, line)).collect()
     }
 

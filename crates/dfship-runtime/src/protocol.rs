@@ -375,7 +375,10 @@ pub const MAX_OUTPUT_LINES: usize = 100_000;
 /// anything else malformed is an error (the runner is then broken).
 pub fn parse_output(body: &[u8]) -> Result<CallOutput, String> {
     if body.len() < 16 {
-        return Err(format!("an OUTPUT message of {} bytes (at least 16)", body.len()));
+        return Err(format!(
+            "an OUTPUT message of {} bytes (at least 16)",
+            body.len()
+        ));
     }
     let word = |at: usize| {
         let mut bytes = [0u8; 8];
@@ -394,14 +397,16 @@ pub fn parse_output(body: &[u8]) -> Result<CallOutput, String> {
         }
         let stream = OutputStream::from_code(body[at])
             .ok_or_else(|| format!("an OUTPUT line of unknown stream {}", body[at]))?;
-        let length = u32::from_le_bytes([body[at + 1], body[at + 2], body[at + 3], body[at + 4]])
-            as usize;
+        let length =
+            u32::from_le_bytes([body[at + 1], body[at + 2], body[at + 3], body[at + 4]]) as usize;
         at += 5;
         let text = body
             .get(at..at.saturating_add(length))
             .ok_or_else(|| "an OUTPUT line longer than its message".to_string())?;
         if output.lines.len() >= MAX_OUTPUT_LINES {
-            return Err(format!("an OUTPUT message of more than {MAX_OUTPUT_LINES} lines"));
+            return Err(format!(
+                "an OUTPUT message of more than {MAX_OUTPUT_LINES} lines"
+            ));
         }
         output
             .lines
@@ -504,7 +509,10 @@ mod tests {
         let output = CallOutput {
             lines: vec![
                 (OutputStream::Stdout, "hello".to_string()),
-                (OutputStream::Warning, "x.py:3: UserWarning: careful".to_string()),
+                (
+                    OutputStream::Warning,
+                    "x.py:3: UserWarning: careful".to_string(),
+                ),
                 (OutputStream::Logging, String::new()),
             ],
             dropped_lines: 7,

@@ -630,21 +630,17 @@ impl Scheduler {
         if kind == protocol::OUTPUT {
             // What a call wrote, before its answer: the call stays in flight.
             match runner.in_flight.get(&request) {
-                Some(InFlight::Call { waiting, name, .. }) => {
-                    match protocol::parse_output(&body) {
-                        Ok(output) => {
-                            if let Some(sink) = waiting.as_ref().and_then(|w| w.spec.output.as_ref())
-                            {
-                                (sink.0)(output);
-                            }
-                        }
-                        Err(detail) => {
-                            let detail =
-                                format!("a malformed OUTPUT of Python UDF '{name}': {detail}");
-                            runner.kill(Ending::Broken(detail));
+                Some(InFlight::Call { waiting, name, .. }) => match protocol::parse_output(&body) {
+                    Ok(output) => {
+                        if let Some(sink) = waiting.as_ref().and_then(|w| w.spec.output.as_ref()) {
+                            (sink.0)(output);
                         }
                     }
-                }
+                    Err(detail) => {
+                        let detail = format!("a malformed OUTPUT of Python UDF '{name}': {detail}");
+                        runner.kill(Ending::Broken(detail));
+                    }
+                },
                 // A cancelled async call's output: nobody waits for it.
                 None if runner.ignored.contains(&request) => {}
                 _ => runner.kill(Ending::Broken(

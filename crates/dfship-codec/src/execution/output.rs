@@ -211,8 +211,7 @@ pub fn bind_task_output(id: &str, query: [u8; 16], origin: OutputOrigin) {
     let mut registry = registry();
     if registry.tasks.len() >= 16 * MAX_QUERIES && !registry.tasks.contains_key(id) {
         // Tasks are forgotten with their query; this bounds a flood of ids.
-        let known: std::collections::HashSet<[u8; 16]> =
-            registry.queries.keys().copied().collect();
+        let known: std::collections::HashSet<[u8; 16]> = registry.queries.keys().copied().collect();
         registry.tasks.retain(|_, (q, _)| known.contains(q));
         if registry.tasks.len() >= 16 * MAX_QUERIES {
             return;
@@ -384,7 +383,11 @@ mod tests {
                 max_bytes: 1000,
             },
         );
-        bind_task_output("output-task-a", query, OutputOrigin::Task { stage: 1, task: 0 });
+        bind_task_output(
+            "output-task-a",
+            query,
+            OutputOrigin::Task { stage: 1, task: 0 },
+        );
         let sink = sink_for(Some("output-task-a"), "f");
         (sink.0)(lines(3, "a"));
         (sink.0)(CallOutput {
@@ -409,13 +412,21 @@ mod tests {
         let query = [32; 16];
         set_query_output(query, UdfOutputMode::Client, OutputLimits::default());
         bind_task_output("output-task-c", query, OutputOrigin::Coordinator);
-        bind_task_output("output-task-w", query, OutputOrigin::Task { stage: 2, task: 1 });
+        bind_task_output(
+            "output-task-w",
+            query,
+            OutputOrigin::Task { stage: 2, task: 1 },
+        );
         (sink_for(Some("output-task-c"), "g").0)(lines(2, "here"));
         (sink_for(Some("output-task-w"), "g").0)(lines(3, "there"));
         let mine = take_query_output(query, true, 1 << 20);
         assert_eq!(mine.lines.len(), 2);
         let first = take_query_output(query, false, 8);
-        assert_eq!(first.lines.len(), 1, "a slice of at most 8 bytes (one line at least)");
+        assert_eq!(
+            first.lines.len(),
+            1,
+            "a slice of at most 8 bytes (one line at least)"
+        );
         let rest = take_query_output(query, false, 1 << 20);
         assert_eq!(rest.lines.len(), 2);
         forget_query_output(query);
@@ -438,9 +449,16 @@ mod tests {
 
     #[test]
     fn modes_parse_and_name_themselves() {
-        for mode in [UdfOutputMode::Client, UdfOutputMode::Worker, UdfOutputMode::Off] {
+        for mode in [
+            UdfOutputMode::Client,
+            UdfOutputMode::Worker,
+            UdfOutputMode::Off,
+        ] {
             assert_eq!(mode.name().parse::<UdfOutputMode>(), Ok(mode));
         }
-        assert!("loud".parse::<UdfOutputMode>().unwrap_err().contains("client"));
+        assert!("loud"
+            .parse::<UdfOutputMode>()
+            .unwrap_err()
+            .contains("client"));
     }
 }
