@@ -383,8 +383,10 @@ async fn run_once(
     let query = stages
         .as_ref()
         .map_or_else(uuid::Uuid::new_v4, |(query, _)| *query);
+    // Only a query that calls Python UDFs has output to fetch (a plan of
+    // extension nodes, such as a datafusion-python physical plan, may).
     let output = match retry.query.udf_output {
-        dfship_codec::UdfOutputMode::Client => Some(
+        dfship_codec::UdfOutputMode::Client if may_call_python(plan) => Some(
             options
                 .output
                 .clone()
@@ -488,7 +490,27 @@ fn retry_refusal(plan: &LogicalPlan, staged_copy: bool) -> Option<String> {
 
 /// The names of the volatile Python UDFs `plan` calls.
 fn volatile_python_udfs(plan: &LogicalPlan) -> Vec<String> {
-    let mut names = Vec::new();
+    python_udfs(plan)
+        .into_iter()
+        .filter(|(_, volatility)| *volatility == Volatility::Volatile)
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Whether `plan` calls a Python UDF, or has nodes whose expressions the
+/// logical plan does not show (extension nodes).
+fn may_call_python(plan: &LogicalPlan) -> bool {
+    let mut extension = false;
+    let _ = plan.apply_with_subqueries(|node| {
+        extension |= matches!(node, LogicalPlan::Extension(_));
+        Ok(TreeNodeRecursion::Continue)
+    });
+    extension || !python_udfs(plan).is_empty()
+}
+
+/// The name and volatility of every Python UDF (scalar, aggregate, window) `plan` calls.
+fn python_udfs(plan: &LogicalPlan) -> Vec<(String, Volatility)> {
+    let mut names: Vec<(String, Volatility)> = Vec::new();
     let _ = plan.apply_with_subqueries(|node| {
         node.apply_expressions(|expr| {
             expr.apply(|e| {
@@ -523,9 +545,9 @@ fn volatile_python_udfs(plan: &LogicalPlan) -> Vec<String> {
                     },
                     _ => None,
                 };
-                if let Some((name, Volatility::Volatile, true)) = found {
-                    if !names.contains(&name) {
-                        names.push(name);
+                if let Some((name, volatility, true)) = found {
+                    if !names.iter().any(|(known, _)| *known == name) {
+                        names.push((name, volatility));
                     }
                 }
                 Ok(TreeNodeRecursion::Continue)

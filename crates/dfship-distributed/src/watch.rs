@@ -227,15 +227,16 @@ impl Shared {
         let Some(channels) = &self.channels else {
             return count;
         };
-        for url in &self.workers {
-            // A worker that does not answer (lost, draining) is skipped: the
-            // query's own error handling deals with it.
-            let Ok(channel) = channels.raw_channel(url).await else {
-                continue;
-            };
-            let Ok(reply) = crate::payloads::fetch_udf_output(channel, self.query).await else {
-                continue;
-            };
+        // Every worker at once. One that does not answer (lost, draining)
+        // is skipped: the query's own error handling deals with it.
+        let asks = self.workers.iter().map(|url| async move {
+            let channel = channels.raw_channel(url).await.ok()?;
+            let reply = crate::payloads::fetch_udf_output(channel, self.query)
+                .await
+                .ok()?;
+            Some((url, reply))
+        });
+        for (url, reply) in futures::future::join_all(asks).await.into_iter().flatten() {
             count += reply.lines.len();
             self.deliver_dropped(reply.dropped_lines, reply.dropped_bytes);
             let worker = worker_label(url);
