@@ -218,12 +218,16 @@ def test_an_async_udf_s_coroutines_are_cancelled(
 
     async def waits(x: pa.Array) -> pa.Array:
         import asyncio
+        import uuid
 
+        me = uuid.uuid4().hex
+        with open(record, "a") as out:
+            out.write(f"started {me} {os.getppid()}\n")
         try:
-            await asyncio.sleep(30)
+            await asyncio.sleep(60)
         except asyncio.CancelledError:
             with open(record, "a") as out:
-                out.write(f"cancelled {time.time()} {os.getppid()}\n")
+                out.write(f"cancelled {me} {os.getppid()}\n")
             raise
         return x
 
@@ -231,22 +235,19 @@ def test_an_async_udf_s_coroutines_are_cancelled(
     ctx = cluster.context(bytes_per_partition=1)
     ctx.register_udf(udf)
     ctx.register_parquet("t", data)
+
+    def seen(kind: str) -> dict[str, int]:
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        return {line.split()[1]: int(line.split()[2]) for line in lines if line.startswith(kind)}
+
     with pytest.raises(dfship.QueryTimeoutError):
-        ctx.sql("SELECT sum(waits(x)) AS s FROM t").collect(timeout=2.0)
+        ctx.sql("SELECT sum(waits(x)) AS s FROM t").collect(timeout=5.0)
+    started = seen("started")
+    assert set(started.values()) == set(cluster.pids), f"coroutines ran under {started}, not {cluster.pids}"
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        cancelled = (
-            [line for line in calls.read_text().splitlines() if line.startswith("cancelled")]
-            if calls.exists()
-            else []
-        )
-        if {int(line.split()[2]) for line in cancelled} >= set(cluster.pids):
-            break
+    while set(seen("cancelled")) != set(started) and time.monotonic() < deadline:
         time.sleep(0.1)
-    workers = {int(line.split()[2]) for line in cancelled}
-    assert workers >= set(cluster.pids), (
-        f"coroutines cancelled under workers {workers}, not {cluster.pids}"
-    )
+    assert seen("cancelled") == started, "every coroutine that started got CancelledError"
 
 
 def noisy_udf() -> dfship.PythonUDF:

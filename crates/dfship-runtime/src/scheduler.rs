@@ -755,10 +755,20 @@ impl Scheduler {
         };
         Counters::bump(&self.counters.cancelled);
         waiting.answer(Err(CallError::Cancelled));
-        if asynchronous {
+        // A call sent with its function's LOAD was placed before LOADED said
+        // whether the function is async; by now the runner has said so.
+        let coroutine = asynchronous || self.asynchronous.get(&digest).copied().unwrap_or(false);
+        if coroutine {
             runner.in_flight.remove(&request);
-            if let Some(count) = runner.async_calls.get_mut(&digest) {
-                *count = count.saturating_sub(1);
+            if asynchronous {
+                if let Some(count) = runner.async_calls.get_mut(&digest) {
+                    *count = count.saturating_sub(1);
+                }
+            } else if let Some(at) = runner.sync_order.iter().position(|r| *r == request) {
+                runner.sync_order.remove(at);
+                if at == 0 {
+                    runner.head_since = Instant::now();
+                }
             }
             if runner.ignored.len() >= IGNORED_KEPT {
                 runner.ignored.clear();

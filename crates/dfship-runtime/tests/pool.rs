@@ -248,6 +248,45 @@ fn a_cancelled_async_call_stops_without_killing_its_runner() {
 }
 
 #[test]
+fn the_first_call_of_an_async_function_sent_with_its_load_is_cancelled_as_a_coroutine() {
+    // The call travels right behind its LOAD, before LOADED says the
+    // function is async: cancelling it must still cancel the coroutine
+    // (its `except CancelledError` runs), not kill the runner.
+    let pool = pool(1, None);
+    let mark = std::env::temp_dir().join(format!(
+        "dfship-first-async-cancelled-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&mark);
+    let source = format!(
+        "import asyncio\nasync def slow(xs):\n    try:\n        await asyncio.sleep(30)\n    \
+         except asyncio.CancelledError:\n        open({:?}, 'w').close()\n        raise\n    \
+         return xs",
+        mark.to_str().unwrap()
+    );
+    let slow = Arc::new(function("first_async", &source, "slow"));
+    let token = CancelToken::default();
+    let pending = pool.submit(call(&slow, vec![1]));
+    let cancel = token.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        cancel.cancel();
+    });
+    assert_eq!(pending.wait(&pool, Some(&token)), Err(CallError::Cancelled));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mark.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the coroutine was never cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file(&mark);
+    let stats = pool.stats();
+    assert_eq!((stats.started, stats.lost), (1, 0), "{stats:?}");
+}
+
+#[test]
 fn a_call_past_the_timeout_kills_its_runner_and_the_pool_serves_on() {
     let pool = pool(1, Some(Duration::from_secs(1)));
     let hang = Arc::new(function("hang", "import time", "lambda xs: time.sleep(60)"));
