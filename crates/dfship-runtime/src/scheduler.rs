@@ -245,6 +245,21 @@ impl Runner {
         let _ = self.out.send(message);
     }
 
+    /// Call `request` no longer holds its place: an async slot of its
+    /// function, or its turn among the synchronous calls.
+    fn release_slot(&mut self, request: u64, digest: &[u8; 32], asynchronous: bool) {
+        if asynchronous {
+            if let Some(count) = self.async_calls.get_mut(digest) {
+                *count = count.saturating_sub(1);
+            }
+        } else if let Some(at) = self.sync_order.iter().position(|r| *r == request) {
+            self.sync_order.remove(at);
+            if at == 0 {
+                self.head_since = Instant::now();
+            }
+        }
+    }
+
     fn kill(&mut self, why: Ending) {
         if self.ending.is_none() {
             self.ending = Some(why);
@@ -688,16 +703,7 @@ impl Scheduler {
                 name,
                 ..
             } => {
-                if asynchronous {
-                    if let Some(count) = runner.async_calls.get_mut(&digest) {
-                        *count = count.saturating_sub(1);
-                    }
-                } else if let Some(at) = runner.sync_order.iter().position(|r| *r == request) {
-                    runner.sync_order.remove(at);
-                    if at == 0 {
-                        runner.head_since = Instant::now();
-                    }
-                }
+                runner.release_slot(request, &digest, asynchronous);
                 let answer = match kind {
                     protocol::RESULT | protocol::DONE => Ok(Reply { kind, body }),
                     protocol::ERROR => {
@@ -760,16 +766,7 @@ impl Scheduler {
         let coroutine = asynchronous || self.asynchronous.get(&digest).copied().unwrap_or(false);
         if coroutine {
             runner.in_flight.remove(&request);
-            if asynchronous {
-                if let Some(count) = runner.async_calls.get_mut(&digest) {
-                    *count = count.saturating_sub(1);
-                }
-            } else if let Some(at) = runner.sync_order.iter().position(|r| *r == request) {
-                runner.sync_order.remove(at);
-                if at == 0 {
-                    runner.head_since = Instant::now();
-                }
-            }
+            runner.release_slot(request, &digest, asynchronous);
             if runner.ignored.len() >= IGNORED_KEPT {
                 runner.ignored.clear();
             }
