@@ -70,7 +70,8 @@ class DataFrame:
         ``on_output`` as ``{"worker", "stage", "task", "udf", "stream",
         "text"}`` (``stream``: ``stdout``, ``stderr``, ``logging``,
         ``warning``, or ``dropped`` for the one line saying how much went past
-        the caps). Both run on this thread. :meth:`udf_output` returns the
+        the caps). Both run on this thread; an exception ``on_output`` raises
+        cancels the query and is raised here. :meth:`udf_output` returns the
         lines of the last run.
 
         Raises a :class:`DfshipError` subclass naming the cause (see
