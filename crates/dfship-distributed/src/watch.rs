@@ -100,12 +100,37 @@ pub struct UdfOutput {
 
 impl std::fmt::Display for UdfOutput {
     /// `(udf, worker) text`, the way it is shown on a client's stderr.
+    /// Control characters (a UDF's terminal escape sequences) are shown
+    /// escaped, never sent to the terminal as they are.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.stream == "dropped" {
             return write!(f, "(dfship) {}", self.text);
         }
-        write!(f, "({}, {}) {}", self.udf, self.worker, self.text)
+        write!(
+            f,
+            "({}, {}) {}",
+            printable(&self.udf),
+            self.worker,
+            printable(&self.text)
+        )
     }
+}
+
+/// `text` with control characters but tabs escaped (`\u{1b}`).
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Called with each line of UDF output (from a tokio task: keep it short).
@@ -347,6 +372,14 @@ mod tests {
             text: "hello".to_string(),
         };
         assert_eq!(line.to_string(), "(slow, 127.0.0.1:50051) hello");
+        let hostile = UdfOutput {
+            text: "\u{1b}]0;owned\u{7}red\tok\r".to_string(),
+            ..line
+        };
+        assert_eq!(
+            hostile.to_string(),
+            "(slow, 127.0.0.1:50051) \\u{1b}]0;owned\\u{7}red\tok\\r"
+        );
         let url = Url::parse("https://w1.example:8443/").unwrap();
         assert_eq!(worker_label(&url), "w1.example:8443");
     }
