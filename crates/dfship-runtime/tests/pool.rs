@@ -86,6 +86,68 @@ fn a_reply_to_no_call_kills_its_runner_and_no_other_call_sees_it() {
 }
 
 #[test]
+fn what_a_call_writes_reaches_its_sink_capped_and_a_forged_output_breaks_the_runner() {
+    use dfship_runtime::protocol::{CallOutput, OutputStream};
+    let pool = pool(1, None);
+    // 10,005 lines, a log record and a warning: the runner keeps 10,000
+    // lines of a call and counts the rest.
+    let chatty = Arc::new(function(
+        "chatty",
+        "import logging, warnings\n\
+         def chatty(xs):\n\
+         \x20   warnings.warn('careful')\n\
+         \x20   logging.getLogger('t').error('bad %d', 1)\n\
+         \x20   for i in range(10_003):\n\
+         \x20       print(i)\n\
+         \x20   return xs",
+        "chatty",
+    ));
+    let seen: Arc<std::sync::Mutex<Vec<CallOutput>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let mut spec = call(&chatty, vec![1]);
+    spec.output = Some(dfship_runtime::OutputSink::new(move |output| {
+        sink.lock().unwrap().push(output)
+    }));
+    assert_eq!(ints(pool.submit(spec).wait(&pool, None).unwrap()), vec![1]);
+    let outputs = seen.lock().unwrap().clone();
+    assert_eq!(outputs.len(), 1, "one OUTPUT per call");
+    let output = &outputs[0];
+    assert_eq!(output.lines.len(), 10_000);
+    assert_eq!(output.dropped_lines, 5);
+    assert!(
+        output.lines[0].0 == OutputStream::Warning
+            && output.lines[0].1.ends_with("UserWarning: careful")
+    );
+    assert_eq!(
+        output.lines[1],
+        (OutputStream::Logging, "ERROR t: bad 1".to_string())
+    );
+    assert_eq!(output.lines[2], (OutputStream::Stdout, "0".to_string()));
+    // An OUTPUT naming the call but malformed (stream 9), from UDF code
+    // writing on the runner's socket: the runner is broken, the pool serves on.
+    let forger = Arc::new(function(
+        "bad_output",
+        "import sys, os, struct\n\
+         def bad_output(xs):\n\
+         \x20   request = sys._getframe(1).f_locals['request']\n\
+         \x20   body = struct.pack('<QQ', 0, 0) + struct.pack('<BI', 9, 2) + b'hi'\n\
+         \x20   os.write(3, struct.pack('<BQQ', 15, request, len(body)) + body)\n\
+         \x20   return xs",
+        "bad_output",
+    ));
+    let error = pool
+        .submit(call(&forger, vec![1]))
+        .wait(&pool, None)
+        .unwrap_err();
+    assert!(
+        matches!(&error, CallError::Broken { detail } if detail.contains("malformed OUTPUT")),
+        "{error:?}"
+    );
+    assert_eq!(answer(&pool, &chatty, vec![2]), vec![2]);
+    assert_eq!(pool.stats().broken, 1);
+}
+
+#[test]
 fn a_second_reply_to_a_call_kills_the_runner_that_sent_it() {
     let pool = pool(1, None);
     // Reads its own request id from the runner's frame and answers twice:
