@@ -350,12 +350,21 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Ends the coordinator's own task of a query when dropped: its Python
 /// calls still running are cancelled (a query that fails, times out or is
-/// dropped stops here too, not only on the workers).
-struct LocalTask(String);
+/// dropped stops here too, not only on the workers), and what this process
+/// kept of the query's UDF output is forgotten, whether a watcher took it
+/// or not.
+struct LocalTask {
+    id: String,
+    /// Known once the query is planned.
+    query: Option<[u8; 16]>,
+}
 
 impl Drop for LocalTask {
     fn drop(&mut self) {
-        dfship_codec::end_task(&self.0);
+        dfship_codec::end_task(&self.id);
+        if let Some(query) = self.query {
+            dfship_codec::forget_query_output(query);
+        }
     }
 }
 
@@ -369,10 +378,13 @@ async fn run_once(
     // The stages this process runs are a task of their own: their Python
     // calls see its id (scalar UDFs read it from the planning config), so
     // they stop when the query does and their output is labelled.
-    let local = LocalTask(format!("coordinator-{}", uuid::Uuid::new_v4().simple()));
+    let mut local = LocalTask {
+        id: format!("coordinator-{}", uuid::Uuid::new_v4().simple()),
+        query: None,
+    };
     let mut state = state.clone();
     let mut task_options = dfship_codec::TaskOptions::default();
-    task_options.task_id = local.0.clone();
+    task_options.task_id = local.id.clone();
     state
         .config_mut()
         .options_mut()
@@ -383,6 +395,7 @@ async fn run_once(
     let query = stages
         .as_ref()
         .map_or_else(uuid::Uuid::new_v4, |(query, _)| *query);
+    local.query = Some(*query.as_bytes());
     // Only a query that calls Python UDFs has output to fetch (a plan of
     // extension nodes, such as a datafusion-python physical plan, may).
     let output = match retry.query.udf_output {
@@ -400,7 +413,7 @@ async fn run_once(
         retry.query.udf_output_limits,
     );
     dfship_codec::bind_task_output(
-        &local.0,
+        &local.id,
         *query.as_bytes(),
         dfship_codec::OutputOrigin::Coordinator,
     );

@@ -204,8 +204,8 @@ impl OutputWatcher {
     }
 
     /// Stops polling after the round in flight, asks everyone once more
-    /// (until they have nothing left), says how much was dropped, and
-    /// forgets the query here.
+    /// (until they have nothing left) and says how much was dropped. (The
+    /// query's own task forgets its output here when it ends: `retry::LocalTask`.)
     pub async fn finish(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -219,7 +219,6 @@ impl OutputWatcher {
             }
         }
         self.shared.summary();
-        dfship_codec::forget_query_output(*self.shared.query.as_bytes());
     }
 }
 
@@ -228,7 +227,6 @@ impl Drop for OutputWatcher {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        dfship_codec::forget_query_output(*self.shared.query.as_bytes());
     }
 }
 
