@@ -55,7 +55,7 @@ pub use declarations::{
 /// The user runner processes run as (see [`PythonExecution::with_runner_user`]).
 pub use dfship_runtime::landlock::hide_from_runners;
 pub use dfship_runtime::OutputStream;
-pub use dfship_runtime::{Isolation, RunnerUser};
+pub use dfship_runtime::{Isolation, RunnerUser, DEFAULT_CALL_TIMEOUT};
 pub use error::{ErrorKind, UdfPayloadError};
 pub use execution::{
     bind_task_output, configure_python_execution, default_python, default_runners, end_task,

@@ -868,7 +868,28 @@ def serve(sock: socket.socket) -> None:
     runner.serve()
 
 
+def _make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0, before any UDF runs: processes of the same user
+    (other runners among them) can then neither trace this one nor read its
+    /proc/<pid>/mem, environ or descriptors, with or without Yama. exec
+    resets the flag, so the runner sets it itself. A UDF may set it back on
+    its own runner only, which exposes nothing of another query."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_dumpable = 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        print(
+            f"dfship runner: PR_SET_DUMPABLE failed (errno {ctypes.get_errno()}): processes of "
+            "this user can read this runner's memory",
+            file=sys.stderr,
+        )
+
+
 def main() -> None:
+    _make_undumpable()
     # The parent handles Ctrl-C and stops its runners itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _capture_output()

@@ -22,6 +22,15 @@
 //! for the worker's next start. Linking it elsewhere is refused by Landlock
 //! itself (`REFER` is denied by any ruleset).
 //!
+//! **Every runner is a domain of its own**, whether or not a file is
+//! hidden (a cluster key given as a variable hides none): Landlock lets a
+//! process in a domain trace (`ptrace`, `/proc/<pid>/mem`) only processes in
+//! the same domain or one nested in it, so runners cannot read each other's
+//! memory, nor the worker's. From ABI 6 the domain is also *scoped*: a
+//! runner can signal, and connect to abstract Unix sockets of, only
+//! processes of its own domain (what it forked), not its siblings (the
+//! runners of other queries) nor its worker.
+//!
 //! What it costs: an entry created, while a runner lives, directly in a
 //! folder on the way to a hidden file (e.g. in `/etc` for
 //! `/etc/dfship/key/cluster.key`) is closed to that runner too. Keep key files
@@ -63,13 +72,25 @@ const WRITE_FILE: u64 = 1 << 1;
 const READ_FILE: u64 = 1 << 2;
 const REMOVE_DIR: u64 = 1 << 4;
 const REMOVE_FILE: u64 = 1 << 5;
+const MAKE_CHAR: u64 = 1 << 6;
 const MAKE_DIR: u64 = 1 << 7;
 const MAKE_REG: u64 = 1 << 8;
+const MAKE_SOCK: u64 = 1 << 9;
+const MAKE_FIFO: u64 = 1 << 10;
+const MAKE_BLOCK: u64 = 1 << 11;
+const MAKE_SYM: u64 = 1 << 12;
 const TRUNCATE: u64 = 1 << 14;
 
+const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+const SCOPE_SIGNAL: u64 = 1 << 1;
+
+/// The ruleset attribute of ABI 6+ (`handled_access_net` from ABI 4,
+/// `scoped` from ABI 6); older kernels are given its first field only.
 #[repr(C)]
 struct RulesetAttr {
     handled_access_fs: u64,
+    handled_access_net: u64,
+    scoped: u64,
 }
 
 #[repr(C, packed)]
@@ -94,19 +115,40 @@ pub fn abi_version() -> Option<i64> {
 
 /// A Landlock ruleset that closes some files and leaves the rest open.
 #[derive(Debug)]
-pub struct Ruleset(OwnedFd);
+pub struct Ruleset {
+    fd: OwnedFd,
+    abi: i64,
+}
 
 impl Ruleset {
-    /// The ruleset that closes each of `files` (made canonical here) to a
-    /// process that applies it. Fails when the kernel has no Landlock, or
-    /// when `must_open` (the interpreter) would be closed too.
-    pub fn hiding(files: &[PathBuf], must_open: &Path) -> Result<Self, String> {
+    /// The ruleset of one runner: a domain of its own (see the module docs)
+    /// that closes each of `files` (made canonical here), scoped from ABI 6.
+    /// Fails when the kernel has no Landlock, or when `must_open` (the
+    /// interpreter) would be closed too.
+    pub fn for_runner(files: &[PathBuf], must_open: &Path) -> Result<Self, String> {
         let abi = abi_version().ok_or_else(|| {
             "this kernel offers no Landlock (Linux 5.13 or newer with the landlock LSM enabled)"
                 .to_string()
         })?;
         let file_rights = READ_FILE | WRITE_FILE | if abi >= 3 { TRUNCATE } else { 0 };
-        let handled = file_rights | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG;
+        // Everything that makes or removes an entry, so that nothing can be
+        // put beside or in place of a hidden file (a symlink, a FIFO, a
+        // socket) either. Devices need a capability runners lack: handled,
+        // never granted.
+        let entry_rights =
+            REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | MAKE_FIFO | MAKE_SOCK;
+        let handled = if files.is_empty() {
+            // No file to close: the domain alone is what is wanted. It must
+            // handle something; making devices is refused to runners anyway.
+            MAKE_CHAR | MAKE_BLOCK
+        } else {
+            file_rights | entry_rights | MAKE_CHAR | MAKE_BLOCK
+        };
+        let scoped = if abi >= 6 {
+            SCOPE_SIGNAL | SCOPE_ABSTRACT_UNIX_SOCKET
+        } else {
+            0
+        };
         let mut hidden = HashSet::new();
         let mut on_the_way = HashSet::new();
         for file in files {
@@ -127,16 +169,17 @@ impl Ruleset {
         }
         let attr = RulesetAttr {
             handled_access_fs: handled,
+            handled_access_net: 0,
+            scoped,
         };
-        // SAFETY: a valid attribute of the size given.
-        let fd = unsafe {
-            libc::syscall(
-                CREATE_RULESET,
-                &attr as *const RulesetAttr,
-                std::mem::size_of::<RulesetAttr>(),
-                0u32,
-            )
+        // ABI 1 to 3 know the first field only, 4 and 5 the first two.
+        let size = match abi {
+            ..=3 => std::mem::size_of::<u64>(),
+            4 | 5 => 2 * std::mem::size_of::<u64>(),
+            _ => std::mem::size_of::<RulesetAttr>(),
         };
+        // SAFETY: a valid attribute at least `size` bytes long.
+        let fd = unsafe { libc::syscall(CREATE_RULESET, &attr as *const RulesetAttr, size, 0u32) };
         if fd < 0 {
             return Err(format!(
                 "cannot create a Landlock ruleset: {}",
@@ -161,18 +204,27 @@ impl Ruleset {
                     // Opening through it is checked where it leads.
                     continue;
                 }
-                let rights = if kind.is_dir() { handled } else { file_rights };
+                let rights = if kind.is_dir() {
+                    file_rights | entry_rights
+                } else {
+                    file_rights
+                };
                 // Best effort per entry: one that vanished or cannot be
                 // opened stays closed, the others open.
                 let _ = add_rule(&ruleset, &path, rights);
             }
         }
-        Ok(Self(ruleset))
+        Ok(Self { fd: ruleset, abi })
+    }
+
+    /// The Landlock ABI the ruleset was made for (6+: scoped).
+    pub fn abi(&self) -> i64 {
+        self.abi
     }
 
     /// The descriptor to hand to [`restrict_self`] in the child.
     pub fn raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.fd.as_raw_fd()
     }
 }
 
@@ -232,7 +284,7 @@ mod tests {
 
     /// Runs `sh -c script` under a ruleset hiding `files`; its exit code.
     fn sh_under(files: &[PathBuf], script: &str) -> i32 {
-        let ruleset = Ruleset::hiding(files, Path::new("/bin/sh")).unwrap();
+        let ruleset = Ruleset::for_runner(files, Path::new("/bin/sh")).unwrap();
         let fd = ruleset.raw_fd();
         let mut command = Command::new("/bin/sh");
         command.arg("-c").arg(script);
@@ -302,7 +354,8 @@ mod tests {
         if abi_version().is_none() {
             return;
         }
-        let error = Ruleset::hiding(&[PathBuf::from("/bin/sh")], Path::new("/bin/sh")).unwrap_err();
+        let error =
+            Ruleset::for_runner(&[PathBuf::from("/bin/sh")], Path::new("/bin/sh")).unwrap_err();
         assert!(error.contains("interpreter"), "{error}");
     }
 }

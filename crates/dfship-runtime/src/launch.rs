@@ -222,48 +222,58 @@ pub(crate) struct Launched {
 /// What the pool holds of a runner besides its socket: a way to stop it and
 /// to learn how it ended.
 pub(crate) enum RunnerHandle {
+    /// A runner process, leader of its own process group
+    /// ([`crate::confine`]): whatever it forked dies with it.
     Process(Child),
     /// An in-process runner: shutting its socket down ends it once its
     /// current call returns.
     Thread(UnixStream),
+    /// A process runner already reaped (its group killed first).
+    Reaped,
 }
 
 impl RunnerHandle {
     pub(crate) fn pid(&self) -> Option<u32> {
         match self {
             Self::Process(child) => Some(child.id()),
-            Self::Thread(_) => None,
+            Self::Thread(_) | Self::Reaped => None,
         }
     }
 
-    /// Stops the runner now (SIGKILL), or, in-process, at its next read.
+    /// Stops the runner and everything it started now (SIGKILL to its
+    /// process group), or, in-process, at its next read.
     pub(crate) fn kill(&mut self) {
         match self {
             Self::Process(child) => {
+                // Not reaped yet (reaping turns this into `Reaped`): the
+                // group's id is still the runner's.
+                crate::confine::kill_group(child.id());
                 let _ = child.kill();
             }
             Self::Thread(socket) => {
                 let _ = socket.shutdown(std::net::Shutdown::Both);
             }
+            Self::Reaped => {}
         }
     }
 
     /// Waits up to `patience` for a runner that is ending, then kills it;
-    /// how it ended, when known.
+    /// how it ended, when known. Whatever the runner left running in its
+    /// process group is killed before the runner is reaped.
     pub(crate) fn reap(&mut self, patience: Duration) -> Option<ExitStatus> {
         let Self::Process(child) = self else {
             return None;
         };
+        let pid = child.id();
         let until = Instant::now() + patience;
-        while Instant::now() < until {
-            match child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => break,
-            }
+        while Instant::now() < until && !crate::confine::has_exited(pid) {
+            std::thread::sleep(Duration::from_millis(5));
         }
+        crate::confine::kill_group(pid);
         let _ = child.kill();
-        child.wait().ok()
+        let status = child.wait().ok();
+        *self = Self::Reaped;
+        status
     }
 }
 
@@ -300,16 +310,25 @@ pub(crate) fn launch(launcher: &Launcher) -> Result<Launched, String> {
     }
 }
 
-/// The Landlock ruleset that closes this process's secret files
-/// ([`crate::landlock::hide_from_runners`]) to a runner; `None` (with one
-/// warning per process) when it cannot be built.
-fn hiding_ruleset(settings: &ProcessSettings) -> Option<crate::landlock::Ruleset> {
+/// The Landlock ruleset of one runner: a domain of its own that closes this
+/// process's secret files ([`crate::landlock::hide_from_runners`]); `None`
+/// (with one warning per process) when the kernel cannot make one.
+fn runner_ruleset(settings: &ProcessSettings) -> Option<crate::landlock::Ruleset> {
     let hidden = crate::landlock::hidden_files();
-    if hidden.is_empty() {
-        return None;
-    }
-    match crate::landlock::Ruleset::hiding(&hidden, &settings.python) {
-        Ok(ruleset) => Some(ruleset),
+    match crate::landlock::Ruleset::for_runner(&hidden, &settings.python) {
+        Ok(ruleset) => {
+            if ruleset.abi() < 6 {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        landlock_abi = ruleset.abi(),
+                        "this kernel's Landlock (ABI {}) cannot scope signals: a UDF can signal                          other runners of the same user (under --runner-isolation query, those                          of other queries). Linux 6.12 or newer scopes them",
+                        ruleset.abi()
+                    );
+                });
+            }
+            Some(ruleset)
+        }
         Err(why) => {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
@@ -317,13 +336,23 @@ fn hiding_ruleset(settings: &ProcessSettings) -> Option<crate::landlock::Ruleset
                     .iter()
                     .map(|file| file.display().to_string())
                     .collect();
-                tracing::warn!(
-                    files = %files.join(", "),
-                    "UDF runners can open these files: they cannot be closed to them ({why}). \
-                     A UDF could read the cluster key. Run the worker as root (runners then run \
-                     as --runner-user, nobody by default, and a key file of mode 0600 is closed \
-                     to them), or on a kernel with Landlock"
-                );
+                if files.is_empty() {
+                    tracing::warn!(
+                        "runner isolation is weak on this kernel ({why}): runners of the same \
+                         user can signal each other and what they start, and only \
+                         PR_SET_DUMPABLE keeps their memory apart. Use a kernel with Landlock \
+                         (Linux 5.13+; 6.12+ scopes signals), or run the worker as root so \
+                         runners run as --runner-user"
+                    );
+                } else {
+                    tracing::warn!(
+                        files = %files.join(", "),
+                        "UDF runners can open these files: they cannot be closed to them ({why}). \
+                         A UDF could read the cluster key. Run the worker as root (runners then run \
+                         as --runner-user, nobody by default, and a key file of mode 0600 is closed \
+                         to them), or on a kernel with Landlock"
+                    );
+                }
             });
             None
         }
@@ -356,12 +385,15 @@ fn spawn_process(settings: &ProcessSettings, runner_end: UnixStream) -> Result<C
         // folder may be closed to that user: start in /.
         command.uid(user.uid).gid(user.gid).current_dir("/");
     }
-    let ruleset = hiding_ruleset(settings);
+    let ruleset = runner_ruleset(settings);
     let ruleset_fd = ruleset.as_ref().map(crate::landlock::Ruleset::raw_fd);
-    // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl, setrlimit,
-    // landlock_restrict_self) between fork and exec.
+    let session_filter = crate::confine::SessionFilter::new();
+    // SAFETY: only async-signal-safe calls (setpgid, fcntl, dup2, prctl,
+    // setrlimit, landlock_restrict_self) between fork and exec.
     unsafe {
         command.pre_exec(move || {
+            // A process group of its own, killed whole when the runner ends.
+            crate::confine::lead_own_group()?;
             // The runner's end becomes descriptor 3 and survives exec
             // (dup2 clears close-on-exec; on 3 already, clear it by hand).
             let moved = if child_fd == 3 {
@@ -387,6 +419,10 @@ fn spawn_process(settings: &ProcessSettings, runner_end: UnixStream) -> Result<C
             // Last: after the user change, which std makes before this hook.
             if let Some(fd) = ruleset_fd {
                 crate::landlock::restrict_self(fd)?;
+            }
+            // After `setpgid` above: from here on nothing can leave the group.
+            if let Some(filter) = &session_filter {
+                filter.install()?;
             }
             Ok(())
         });

@@ -11,8 +11,10 @@
 //!   concurrency caps, async calls sharing a runner), timeouts, cancellation
 //!   and replacement of runners that die.
 //! - [`Launcher`]: how runners start (a child process, or a thread of this
-//!   process's interpreter); [`landlock`]: the files runner processes may
-//!   not touch (the cluster key).
+//!   process's interpreter); [`landlock`]: each runner a Landlock domain of
+//!   its own, closed to the files it may not touch (the cluster key);
+//!   `confine`: each runner's process group, killed whole, that nothing it
+//!   forks can leave.
 //!
 //! This crate knows nothing of DataFusion or of how a UDF is encoded: the
 //! codec (`dfship-codec`) builds the calls and reads the replies.
@@ -34,6 +36,7 @@
 //! assert_eq!(pool.stats().alive, 2);
 //! ```
 
+mod confine;
 pub mod landlock;
 mod launch;
 mod pool;
@@ -45,7 +48,7 @@ pub use launch::{
 };
 pub use pool::{
     CallError, CallSpec, CancelToken, FunctionSpec, Isolation, ObjectCall, OutputSink, PendingCall,
-    PoolConfig, PoolStats, Reply, RunnerPool, DEFAULT_FUNCTION_BUDGET, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_REPLY_BYTES,
+    PoolConfig, PoolStats, Reply, RunnerPool, DEFAULT_CALL_TIMEOUT, DEFAULT_FUNCTION_BUDGET,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REPLY_BYTES, DEFAULT_REPLY_BYTES_IN_FLIGHT,
 };
 pub use protocol::{CallOutput, ErrorClass, OutputStream, RunnerVersions, PROTOCOL_VERSION};

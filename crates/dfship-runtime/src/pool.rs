@@ -27,6 +27,14 @@ pub const DEFAULT_FUNCTION_BUDGET: usize = 512 * 1024 * 1024;
 /// The largest reply a runner may send when it has no memory limit.
 pub const DEFAULT_MAX_REPLY_BYTES: u64 = 2 << 30;
 
+/// The bytes of replies all runners of a pool may be sending at once.
+pub const DEFAULT_REPLY_BYTES_IN_FLIGHT: u64 = 1 << 30;
+
+/// How long one call may run when nothing else is configured (a call that
+/// hangs, or a runner that announces a reply it never finishes, costs a
+/// runner after this).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// How a pool runs.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -38,6 +46,11 @@ pub struct PoolConfig {
     pub call_timeout: Option<Duration>,
     /// The largest message a runner may send; a longer one breaks it.
     pub max_reply_bytes: u64,
+    /// The bytes of replies being received from all runners at once, at
+    /// most: a reply waits (its runner blocks on its socket) until the
+    /// replies before it have arrived. Replies of 1 MiB or less are not
+    /// counted. A reply longer than this breaks its runner.
+    pub reply_bytes_in_flight: u64,
     /// See [`DEFAULT_FUNCTION_BUDGET`].
     pub function_budget: usize,
     /// How long a new runner may take to announce itself.
@@ -80,8 +93,9 @@ impl PoolConfig {
         Self {
             runners: runners.max(1),
             launcher,
-            call_timeout: None,
+            call_timeout: Some(DEFAULT_CALL_TIMEOUT),
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            reply_bytes_in_flight: DEFAULT_REPLY_BYTES_IN_FLIGHT,
             function_budget: DEFAULT_FUNCTION_BUDGET,
             startup_timeout: Duration::from_secs(60),
             isolation: Isolation::Shared,

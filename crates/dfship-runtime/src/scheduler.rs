@@ -203,6 +203,8 @@ struct Runner {
     /// Under `Isolation::Query`, the tenant it serves once it served one
     /// (`Some(None)`: calls of no tenant).
     bound: Option<Option<u64>>,
+    /// Told when the runner is killed (its reader may wait for reply budget).
+    killed: Arc<tokio::sync::Notify>,
 }
 
 impl Runner {
@@ -267,6 +269,8 @@ impl Runner {
         if let Some(handle) = self.handle.as_mut() {
             handle.kill();
         }
+        // A reader waiting for reply budget stops waiting: the socket is dead.
+        self.killed.notify_one();
     }
 }
 
@@ -300,11 +304,14 @@ struct Scheduler {
     starts_blocked_until: Option<Instant>,
     /// Tenants that ended (their runners retire once idle), oldest first.
     ended_tenants: VecDeque<u64>,
+    /// Shared by every runner's reader.
+    reply_budget: ReplyBudget,
 }
 
 impl Scheduler {
     fn new(config: PoolConfig, counters: Arc<Counters>, events: UnboundedSender<Event>) -> Self {
         Self {
+            reply_budget: ReplyBudget::new(config.reply_bytes_in_flight),
             config,
             counters,
             events,
@@ -439,10 +446,13 @@ impl Scheduler {
                 self.next_runner += 1;
                 let (out, outbox) = unbounded_channel();
                 tokio::spawn(write_loop(writer, outbox));
+                let killed = Arc::new(tokio::sync::Notify::new());
                 tokio::spawn(read_loop(
                     id,
                     reader,
                     self.config.max_reply_bytes,
+                    self.reply_budget.clone(),
+                    Arc::clone(&killed),
                     self.events.clone(),
                 ));
                 Counters::bump(&self.counters.started);
@@ -466,6 +476,7 @@ impl Scheduler {
                         ending: None,
                         reserved_for: None,
                         bound: None,
+                        killed,
                     },
                 );
                 tracing::debug!(runner = id, pid, "UDF runner started");
@@ -1265,7 +1276,16 @@ async fn announce(
         }
     };
     let (mut reader, writer) = socket.into_split();
-    let first = tokio::time::timeout(startup, read_message(&mut reader, 1 << 20)).await;
+    let first = tokio::time::timeout(
+        startup,
+        read_message(
+            &mut reader,
+            1 << 20,
+            &ReplyBudget::new(1 << 20),
+            &tokio::sync::Notify::new(),
+        ),
+    )
+    .await;
     let (kind, _, body) = match first {
         Err(_) => {
             return Err(refuse(
@@ -1347,9 +1367,38 @@ enum ReadFailure {
     Invalid(String),
 }
 
+/// Replies this small are read without counting against the pool's reply
+/// budget: they never wait behind a large one.
+const UNCOUNTED_REPLY_BYTES: u64 = 1 << 20;
+
+/// The budget's unit (the semaphore counts `u32` permits).
+const BUDGET_UNIT: u64 = 1024;
+
+/// The bytes of replies being received from all runners at once, at most
+/// (`PoolConfig::reply_bytes_in_flight`). A reply's whole length is taken
+/// before its body is read (first come, first served: two large replies
+/// never hold half each), and given back once it has arrived.
+#[derive(Clone)]
+pub(crate) struct ReplyBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    bytes: u64,
+}
+
+impl ReplyBudget {
+    pub(crate) fn new(bytes: u64) -> Self {
+        let units = (bytes / BUDGET_UNIT).clamp(1, u64::from(u32::MAX) / 2);
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(units as usize)),
+            bytes: units * BUDGET_UNIT,
+        }
+    }
+}
+
 async fn read_message(
     reader: &mut tokio::net::unix::OwnedReadHalf,
     max_body: u64,
+    budget: &ReplyBudget,
+    killed: &tokio::sync::Notify,
 ) -> Result<(u8, u64, Vec<u8>), ReadFailure> {
     let mut header = [0u8; protocol::HEADER_LEN];
     reader
@@ -1363,11 +1412,45 @@ async fn read_message(
              send more than its memory limit, or 2 GiB)"
         )));
     }
-    let mut body = vec![0u8; length as usize];
-    reader
-        .read_exact(&mut body)
-        .await
-        .map_err(|_| ReadFailure::Closed)?;
+    if length > budget.bytes {
+        return Err(ReadFailure::Invalid(format!(
+            "a message of {length} bytes, more than the {} bytes this process lets all its \
+             runners' replies hold at once (raise --runner-replies-in-flight, or return \
+             smaller batches)",
+            budget.bytes
+        )));
+    }
+    let _permit = if length > UNCOUNTED_REPLY_BYTES {
+        let units = length.div_ceil(BUDGET_UNIT) as u32;
+        tokio::select! {
+            permit = Arc::clone(&budget.permits).acquire_many_owned(units) => {
+                Some(permit.map_err(|_| ReadFailure::Closed)?)
+            }
+            // Killed while waiting (timed out): nothing more to read.
+            _ = killed.notified() => return Err(ReadFailure::Closed),
+        }
+    } else {
+        None
+    };
+    // The buffer grows with what has arrived (never past the declared
+    // length): a header alone allocates nothing.
+    let mut body: Vec<u8> = Vec::new();
+    while (body.len() as u64) < length {
+        let remaining = length - body.len() as u64;
+        if body.capacity() == body.len() {
+            let grow = remaining.min((body.len() as u64).max(64 * 1024));
+            body.reserve_exact(grow as usize);
+        }
+        let spare = (body.capacity() - body.len()) as u64;
+        let read = (&mut *reader)
+            .take(remaining.min(spare))
+            .read_buf(&mut body)
+            .await
+            .map_err(|_| ReadFailure::Closed)?;
+        if read == 0 {
+            return Err(ReadFailure::Closed);
+        }
+    }
     Ok((kind, request, body))
 }
 
@@ -1375,10 +1458,12 @@ async fn read_loop(
     runner: u64,
     mut reader: tokio::net::unix::OwnedReadHalf,
     max_body: u64,
+    budget: ReplyBudget,
+    killed: Arc<tokio::sync::Notify>,
     events: UnboundedSender<Event>,
 ) {
     loop {
-        match read_message(&mut reader, max_body).await {
+        match read_message(&mut reader, max_body, &budget, &killed).await {
             Ok((kind, request, body)) => {
                 if events
                     .send(Event::Message {

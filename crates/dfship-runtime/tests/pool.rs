@@ -964,3 +964,167 @@ fn a_reply_above_the_limit_breaks_its_runner_before_anything_is_allocated() {
     let honest = Arc::new(function("id", "", "lambda xs: xs"));
     assert_eq!(answer(&pool, &honest, vec![3]), vec![3]);
 }
+
+/// Holds a secret in the runner's memory; answers the runner's pid and the
+/// address of the secret's bytes (CPython: a bytes object's data follows
+/// its 32-byte header).
+const HOLD_SECRET: &str = "import os, pyarrow as pa\n\
+     SECRET = None\n\
+     def hold(x):\n\
+     \x20   global SECRET\n\
+     \x20   SECRET = b'SECRET-OF-QUERY-B-' + os.urandom(8).hex().encode()\n\
+     \x20   return pa.array([os.getpid(), id(SECRET) + 32, 0, 0], pa.int64())";
+
+/// Given B's runner pid, the secret's address and the worker's pid: reads
+/// B's memory, SIGKILLs B's runner, probes the worker with signal 0, and
+/// leaves a double-forked daemon (that tries to start a session of its
+/// own). Answers 1 for each attack that worked, and the daemon's pid.
+const ATTACK: &str = "import os, signal, time, pyarrow as pa\n\
+     def attack(x):\n\
+     \x20   pid, address, worker = x.to_pylist()[:3]\n\
+     \x20   try:\n\
+     \x20       with open(f'/proc/{pid}/mem', 'rb') as mem:\n\
+     \x20           mem.seek(address)\n\
+     \x20           read = int(mem.read(18) == b'SECRET-OF-QUERY-B-')\n\
+     \x20   except OSError:\n\
+     \x20       read = 0\n\
+     \x20   try:\n\
+     \x20       os.kill(pid, signal.SIGKILL)\n\
+     \x20       killed = 1\n\
+     \x20   except OSError:\n\
+     \x20       killed = 0\n\
+     \x20   try:\n\
+     \x20       os.kill(worker, 0)\n\
+     \x20       reached = 1\n\
+     \x20   except OSError:\n\
+     \x20       reached = 0\n\
+     \x20   r, w = os.pipe()\n\
+     \x20   if os.fork() == 0:\n\
+     \x20       if os.fork() == 0:\n\
+     \x20           try:\n\
+     \x20               os.setsid()\n\
+     \x20           except OSError:\n\
+     \x20               pass\n\
+     \x20           os.write(w, str(os.getpid()).encode().ljust(16))\n\
+     \x20           time.sleep(3600)\n\
+     \x20       os._exit(0)\n\
+     \x20   daemon = int(os.read(r, 16).decode().strip())\n\
+     \x20   return pa.array([read, killed, reached, daemon], pa.int64())";
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper does not).
+fn runs(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn under_query_isolation_a_query_cannot_read_or_signal_another_querys_runner_and_what_it_forks_dies_with_its_runner(
+) {
+    use dfship_runtime::Isolation;
+    // No file hidden from runners (a key given as a variable): each runner
+    // is still a domain of its own.
+    let pool = isolated_pool(2, Isolation::Query);
+    let hold = Arc::new(function("hold", HOLD_SECRET, "hold"));
+    let attack = Arc::new(function("attack", ATTACK, "attack"));
+    let held = as_tenant(&pool, &hold, 1);
+    let (b_pid, address) = (held[0], held[1]);
+
+    let mut spec = call(
+        &attack,
+        vec![b_pid, address, i64::from(std::process::id()), 0],
+    );
+    spec.tenant = Some(2);
+    let outcome = ints(pool.submit(spec).wait(&pool, None).unwrap());
+    assert_eq!(
+        outcome[..3],
+        [0, 0, 0],
+        "query 2 read query 1's memory, killed its runner or signalled the worker: {outcome:?}"
+    );
+    let daemon = outcome[3];
+    assert!(
+        runs(daemon),
+        "the daemon a UDF left runs until its runner ends"
+    );
+
+    // Query 1's runner lives on, its secret where it was.
+    let again = as_tenant(&pool, &hold, 1);
+    assert_eq!(again[0], b_pid, "query 1 kept its runner");
+    assert_eq!(pool.stats().lost, 0, "{:?}", pool.stats());
+
+    // Query 2 ends: its runner retires, and its process group with it.
+    pool.end_tenant(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runs(daemon) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !runs(daemon),
+        "a daemon double-forked by a UDF outlived its retired runner"
+    );
+    assert_eq!(pool.stats().retired, 1, "{:?}", pool.stats());
+}
+
+/// This process's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .unwrap();
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn forged_reply_headers_from_every_runner_hold_at_most_the_reply_budget_in_memory() {
+    const MIB: u64 = 1 << 20;
+    let mut config = common::config(3);
+    config.call_timeout = Some(Duration::from_secs(3));
+    config.reply_bytes_in_flight = 256 * MIB;
+    let pool = dfship_runtime::RunnerPool::new(config);
+    pool.warm_up().unwrap();
+    // Each runner announces a 200 MiB RESULT for its call, sends 199 MiB of
+    // it from one 1 MiB buffer, and stalls.
+    let forge = Arc::new(function(
+        "forge",
+        "import sys, os, struct, time\n\
+         def forge(xs):\n\
+         \x20   request = sys._getframe(1).f_locals['request']\n\
+         \x20   os.write(3, struct.pack('<BQQ', 12, request, 200 << 20))\n\
+         \x20   chunk = b'x' * (1 << 20)\n\
+         \x20   for _ in range(199):\n\
+         \x20       os.write(3, chunk)\n\
+         \x20   time.sleep(3600)\n\
+         \x20   return xs",
+        "forge",
+    ));
+    let before = peak_rss();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..3).map(|i| pool.submit(call(&forge, vec![i]))).collect();
+    for pending in calls {
+        let error = pending.wait(&pool, None).unwrap_err();
+        assert!(matches!(error, CallError::TimedOut { .. }), "{error:?}");
+    }
+    let grown = peak_rss().saturating_sub(before);
+    eprintln!(
+        "three forged 200 MiB replies: peak RSS grew {} MiB in {:.1} s",
+        grown / MIB,
+        started.elapsed().as_secs_f64()
+    );
+    // Without the budget all three bodies (597 MiB) would be held at once.
+    assert!(
+        grown < 300 * MIB,
+        "peak RSS grew by {} MiB: more than the 256 MiB budget allows",
+        grown / MIB
+    );
+    let honest = Arc::new(function("id", "", "lambda xs: xs"));
+    assert_eq!(answer(&pool, &honest, vec![5]), vec![5]);
+}

@@ -189,10 +189,27 @@ pub struct PythonSettings {
     #[arg(long, env = "DFSHIP_PYTHON_RUNNERS", value_parser = clap::value_parser!(u16).range(1..))]
     pub python_runners: Option<u16>,
 
-    /// Longest one UDF call may run, e.g. `30s` or `2m`; the runner is then
-    /// killed and the query fails naming the UDF (pool mode).
-    #[arg(long, env = "DFSHIP_UDF_TIMEOUT", value_parser = parse_duration)]
+    /// Longest one UDF call (one batch) may run, e.g. `30s` or `2m`; the
+    /// runner is then killed and the query fails naming the UDF (pool mode)
+    /// [default: 10m; 0 for no limit].
+    #[arg(long, env = "DFSHIP_UDF_TIMEOUT", value_parser = parse_duration_or_zero)]
     pub udf_timeout: Option<Duration>,
+
+    /// Most bytes of replies all runners may be sending at once, e.g.
+    /// `512MiB`; a larger reply waits for the others to arrive, one larger
+    /// than this fails (pool mode) [default: 1GiB].
+    #[arg(long, env = "DFSHIP_RUNNER_REPLIES_IN_FLIGHT", value_parser = parse_bytes)]
+    pub runner_replies_in_flight: Option<u64>,
+
+    /// Environment variables runners do not inherit (comma-separated):
+    /// credentials of this process that UDFs have no business with; `none`
+    /// for none. The cluster key variable is never inherited [default: the
+    /// object stores' secrets, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+    /// `AZURE_STORAGE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCESS_KEY`,
+    /// `AZURE_CLIENT_SECRET`, `GOOGLE_SERVICE_ACCOUNT_KEY`,
+    /// `GOOGLE_APPLICATION_CREDENTIALS`].
+    #[arg(long, env = "DFSHIP_RUNNER_ENV_DENY", value_delimiter = ',')]
+    pub runner_env_deny: Option<Vec<String>>,
 
     /// Most memory each runner may use, e.g. `512MiB` or `2GiB` (pool mode).
     #[arg(long, env = "DFSHIP_RUNNER_MEMORY_LIMIT", value_parser = parse_bytes)]
@@ -319,14 +336,33 @@ impl CoordinatorSettings {
     }
 }
 
+/// Variables runners do not inherit unless `--runner-env-deny` says
+/// otherwise: the object stores' secrets (the worker reads objects itself;
+/// UDFs that need credentials of their own get them another way).
+pub const DEFAULT_RUNNER_ENV_DENY: &[&str] = &[
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+];
+
 /// The files of these settings that UDF runners must not touch: the
-/// cluster key file and the TLS private key (see `dfship_runtime::landlock`).
+/// cluster key file, the TLS private key, and the Google service account
+/// file `GOOGLE_APPLICATION_CREDENTIALS` names (see
+/// `dfship_runtime::landlock`).
 pub fn secret_files(security: &SecuritySettings, transport: &TransportSettings) -> Vec<PathBuf> {
+    let google = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS")
+        .map(PathBuf::from)
+        .filter(|file| file.is_file());
     security
         .cluster_key_file
         .iter()
         .chain(transport.tls_key.iter())
         .cloned()
+        .chain(google)
         .collect()
 }
 
@@ -361,8 +397,26 @@ impl PythonSettings {
         let mut execution = PythonExecution::default()
             .with_mode(self.python_mode)
             .with_isolation(self.runner_isolation)
-            .with_udf_timeout(self.udf_timeout)
+            .with_udf_timeout(match self.udf_timeout {
+                None => Some(dfship_codec::DEFAULT_CALL_TIMEOUT),
+                Some(limit) if limit.is_zero() => None,
+                limit => limit,
+            })
+            .with_runner_env_deny(match &self.runner_env_deny {
+                None => DEFAULT_RUNNER_ENV_DENY
+                    .iter()
+                    .map(|name| name.to_string())
+                    .collect(),
+                Some(names) => names
+                    .iter()
+                    .map(|name| name.trim().to_string())
+                    .filter(|name| !name.is_empty() && !name.eq_ignore_ascii_case("none"))
+                    .collect(),
+            })
             .with_runner_memory_limit(self.runner_memory_limit);
+        if let Some(bytes) = self.runner_replies_in_flight {
+            execution = execution.with_replies_in_flight(bytes);
+        }
         if let Some(runners) = self.python_runners {
             execution = execution.with_runners(runners.into());
         }

@@ -44,7 +44,7 @@ use dfship_distributed::{ClusterContextBuilder, InlineUdfs};
 pub use groups::{
     parse_bytes, parse_duration, parse_size, secret_files, CoordinatorSettings, FunctionSettings,
     LogFormat, PythonSettings, SecuritySettings, StorageSettings, TransportSettings,
-    WorkerSettings,
+    WorkerSettings, DEFAULT_RUNNER_ENV_DENY,
 };
 
 /// The settings file, a TOML file of `[group]` tables (see the crate docs).

@@ -114,6 +114,22 @@ const TABLE: &[Row] = &[
         "45",
     ),
     (
+        "runner_replies_in_flight",
+        "--runner-replies-in-flight",
+        "DFSHIP_RUNNER_REPLIES_IN_FLIGHT",
+        "python.runner_replies_in_flight",
+        None,
+        "536870912",
+    ),
+    (
+        "runner_env_deny",
+        "--runner-env-deny",
+        "DFSHIP_RUNNER_ENV_DENY",
+        "python.runner_env_deny",
+        None,
+        "AWS_SECRET_ACCESS_KEY,AWS_SESSION_TOKEN",
+    ),
+    (
         "runner_memory_limit",
         "--runner-memory-limit",
         "DFSHIP_RUNNER_MEMORY_LIMIT",

@@ -101,8 +101,16 @@ pub struct PythonExecution {
     pub mode: PythonMode,
     /// Runner processes (pool) or interpreter threads (in-process); at least one.
     pub runners: usize,
-    /// How long one call (one batch) may run before its runner is killed (pool only).
+    /// How long one call (one batch) may run before its runner is killed
+    /// (pool only; default [`dfship_runtime::DEFAULT_CALL_TIMEOUT`], `None`
+    /// for no limit).
     pub udf_timeout: Option<Duration>,
+    /// The bytes of replies all runners may be sending at once (pool only;
+    /// default [`dfship_runtime::DEFAULT_REPLY_BYTES_IN_FLIGHT`]).
+    pub replies_in_flight: u64,
+    /// Variables runner processes do not inherit, besides the cluster key
+    /// (pool only): credentials UDFs have no business with.
+    pub runner_env_deny: Vec<String>,
     /// The most memory (bytes of data segment, `RLIMIT_DATA`) a runner may use (pool only).
     pub runner_memory_limit: Option<u64>,
     /// The Python interpreter runners run: an ordinary `python` of the
@@ -116,12 +124,15 @@ pub struct PythonExecution {
 
 impl Default for PythonExecution {
     /// The pool, one runner per core this process may use, the Python of
-    /// `$VIRTUAL_ENV` (else `python3` on the `PATH`), no timeout, no memory limit.
+    /// `$VIRTUAL_ENV` (else `python3` on the `PATH`), calls of at most 10
+    /// minutes, no memory limit.
     fn default() -> Self {
         Self {
             mode: PythonMode::Pool,
             runners: default_runners(),
-            udf_timeout: None,
+            udf_timeout: Some(dfship_runtime::DEFAULT_CALL_TIMEOUT),
+            replies_in_flight: dfship_runtime::DEFAULT_REPLY_BYTES_IN_FLIGHT,
+            runner_env_deny: Vec::new(),
             runner_memory_limit: None,
             python: default_python(),
             runner_user: None,
@@ -143,6 +154,18 @@ impl PythonExecution {
 
     pub fn with_udf_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.udf_timeout = timeout;
+        self
+    }
+
+    /// See [`Self::replies_in_flight`].
+    pub fn with_replies_in_flight(mut self, bytes: u64) -> Self {
+        self.replies_in_flight = bytes.max(1);
+        self
+    }
+
+    /// See [`Self::runner_env_deny`].
+    pub fn with_runner_env_deny(mut self, names: Vec<String>) -> Self {
+        self.runner_env_deny = names;
         self
     }
 
@@ -175,13 +198,17 @@ impl PythonExecution {
             PythonMode::Pool => Launcher::Process(ProcessSettings {
                 python: self.python.clone(),
                 memory_limit: self.runner_memory_limit,
-                env_remove: vec![crate::auth::CLUSTER_KEY_ENV.into()],
+                env_remove: std::iter::once(crate::auth::CLUSTER_KEY_ENV)
+                    .chain(self.runner_env_deny.iter().map(String::as_str))
+                    .map(Into::into)
+                    .collect(),
                 user: self.runner_user,
             }),
             PythonMode::InProcess => Launcher::InProcess(in_process::runner()),
         };
         let mut config = PoolConfig::new(self.runners, launcher);
         config.call_timeout = self.udf_timeout;
+        config.reply_bytes_in_flight = self.replies_in_flight;
         config.isolation = self.isolation;
         // A runner cannot legitimately send more than it may hold.
         config.max_reply_bytes = self
