@@ -28,7 +28,6 @@
 //! partial output. Other writes (`INSERT`) are not retried: the error says
 //! rows may have been written.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +42,7 @@ use dfship_codec::ErrorKind;
 use url::Url;
 
 use crate::membership::Membership;
+use crate::staged_copy::StagedCopy;
 
 /// How often a query is attempted, and how long to wait between attempts.
 #[derive(Debug, Clone)]
@@ -640,102 +640,6 @@ fn numbered(causes: &[String]) -> String {
         .join(" | ")
 }
 
-/// `COPY … TO` a local path, redirected into a staging directory beside
-/// the target until the query succeeds.
-struct StagedCopy {
-    plan: LogicalPlan,
-    staging: PathBuf,
-    staged: PathBuf,
-    target: PathBuf,
-}
-
-impl StagedCopy {
-    /// A staged copy of `plan` when it is a `COPY` to a local path.
-    fn prepare(plan: &LogicalPlan) -> Result<Option<Self>> {
-        let LogicalPlan::Copy(copy) = plan else {
-            return Ok(None);
-        };
-        let Some(target) = local_path(&copy.output_url) else {
-            return Ok(None);
-        };
-        let directory = copy.output_url.ends_with('/');
-        let name = target.file_name().ok_or_else(|| {
-            DataFusionError::Plan(format!(
-                "COPY needs a file or directory name to write to, not '{}'",
-                copy.output_url
-            ))
-        })?;
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let staging = parent.join(format!(".dfship-staging-{}", uuid::Uuid::new_v4().simple()));
-        let staged = staging.join(name);
-        let mut output_url = staged.to_string_lossy().into_owned();
-        if directory {
-            output_url.push('/');
-        }
-        let mut copy = copy.clone();
-        copy.output_url = output_url;
-        Ok(Some(Self {
-            plan: LogicalPlan::Copy(copy),
-            staging,
-            staged,
-            target,
-        }))
-    }
-
-    /// Moves what the query wrote into place.
-    fn commit(self) -> Result<()> {
-        let moved = if self.staged.is_dir() && self.target.is_dir() {
-            // Into an existing directory: each file, as DataFusion would.
-            std::fs::read_dir(&self.staged).and_then(|entries| {
-                for entry in entries {
-                    let entry = entry?;
-                    std::fs::rename(entry.path(), self.target.join(entry.file_name()))?;
-                }
-                Ok(())
-            })
-        } else if self.staged.exists() {
-            std::fs::rename(&self.staged, &self.target)
-        } else {
-            Ok(())
-        };
-        let result = moved.map_err(|e| {
-            DataFusionError::Execution(format!(
-                "COPY wrote its output to {} but could not move it to {}: {e}; move it by hand",
-                self.staged.display(),
-                self.target.display()
-            ))
-        });
-        if result.is_ok() {
-            let _ = std::fs::remove_dir_all(&self.staging);
-        }
-        result
-    }
-
-    /// Removes whatever the failed attempts wrote.
-    fn discard(self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.staging) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(staging = %self.staging.display(), error = %e,
-                    "could not remove the staging directory of a failed COPY");
-            }
-        }
-    }
-}
-
-/// The local path of a COPY target (`/a/b`, `a/b`, `file:///a/b`).
-fn local_path(url: &str) -> Option<PathBuf> {
-    if let Some(path) = url.strip_prefix("file://") {
-        return Some(PathBuf::from(path));
-    }
-    if url.contains("://") {
-        return None;
-    }
-    Some(Path::new(url.trim_end_matches('/')).to_path_buf())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,15 +671,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(&ErrorKind::WorkerLost.tag()));
-    }
-
-    #[test]
-    fn local_copy_targets() {
-        assert_eq!(local_path("/tmp/x/"), Some(PathBuf::from("/tmp/x")));
-        assert_eq!(
-            local_path("file:///tmp/y.parquet"),
-            Some(PathBuf::from("/tmp/y.parquet"))
-        );
-        assert_eq!(local_path("s3://bucket/key"), None);
     }
 }
