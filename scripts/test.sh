@@ -7,6 +7,17 @@ cd "$root"
 scripts/setup.sh
 export VIRTUAL_ENV="$root/.venv"
 
+# A clean build of every test binary takes about 25 GB; CI builds once, so
+# incremental caches (several GB more) buy nothing there.
+if [ "${CI:-}" = "true" ]; then
+    export CARGO_INCREMENTAL=0
+fi
+free_gb="$(df -P -BG . | awk 'NR == 2 { sub("G", "", $4); print $4 }')"
+echo "== disk: ${free_gb} GB free here"
+if [ "${free_gb:-0}" -lt 30 ]; then
+    echo "warning: less than 30 GB free; the build may run out of space (remove old target/ folders)" >&2
+fi
+
 echo "== format and lint"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

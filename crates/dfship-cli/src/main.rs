@@ -73,15 +73,14 @@ async fn until_interrupted(
 }
 
 fn main() -> ExitCode {
-    let (log_format, command) =
-        match dfship_settings::layers::parse_from::<Cli, _, _>(std::env::args_os()) {
-            Ok(cli) => (cli.log_format, cli.command),
-            Err(error) => {
-                // --help and --version print and succeed; usage errors print and fail.
-                let _ = error.print();
-                return ExitCode::from(error.exit_code() as u8);
-            }
-        };
+    let (log_format, command) = match dfship_settings::layers::parse_command_line::<Cli>() {
+        Ok(cli) => (cli.log_format, cli.command),
+        Err(error) => {
+            // --help and --version print and succeed; usage errors print and fail.
+            let _ = error.print();
+            return ExitCode::from(error.exit_code() as u8);
+        }
+    };
     dfship_worker::init_logging(match &command {
         Command::Worker(options) => options.worker.log_format,
         _ => log_format,

@@ -220,6 +220,73 @@ where
     T::from_arg_matches(&matches)
 }
 
+/// [`parse_from`] this process's own command line, refusing secrets on it
+/// first ([`refuse_secret_flags`]).
+pub fn parse_command_line<T>() -> Result<T, clap::Error>
+where
+    T: CommandFactory + FromArgMatches,
+{
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    refuse_secret_flags(&argv)?;
+    parse_from(argv)
+}
+
+/// Whether a storage option's key names a credential (its value is a secret).
+pub fn is_secret_storage_key(key: &str) -> bool {
+    let key = key.trim().to_ascii_lowercase();
+    [
+        "secret",
+        "token",
+        "password",
+        "account_key",
+        "access_key",
+        "sas_key",
+        "client_assertion",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+        && !key.ends_with("access_key_id")
+}
+
+/// Refuses a credential given with `--storage-option` on a command line:
+/// every user of the machine can read a process's arguments
+/// (`/proc/<pid>/cmdline`, `ps`). The variable (`DFSHIP_STORAGE_OPTIONS`,
+/// `AWS_SECRET_ACCESS_KEY`, …) or the settings file keep it private.
+pub fn refuse_secret_flags(argv: &[std::ffi::OsString]) -> Result<(), clap::Error> {
+    let mut next_is_option = false;
+    for arg in argv.iter().skip(1) {
+        let arg = arg.to_string_lossy();
+        let value = if next_is_option {
+            next_is_option = false;
+            Some(arg.as_ref())
+        } else if arg == "--storage-option" {
+            next_is_option = true;
+            None
+        } else {
+            arg.strip_prefix("--storage-option=")
+        };
+        let Some(value) = value else {
+            continue;
+        };
+        for pair in value.split(',') {
+            let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+            if is_secret_storage_key(key) {
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!(
+                        "--storage-option {key}=… puts a credential on the command line, where \
+                         every user of this machine can read it (ps, /proc/<pid>/cmdline); give \
+                         it in the environment ({} or DFSHIP_STORAGE_OPTIONS) or in the \
+                         settings file's [storage] storage_options instead\n",
+                        key.trim().to_ascii_uppercase()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn file_error(detail: String) -> clap::Error {
     clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{detail}\n"))
 }
@@ -252,6 +319,33 @@ fn config_path(
 mod tests {
     use super::*;
     use crate::{CoordinatorOptions, WorkerOptions};
+
+    #[test]
+    fn credentials_on_the_command_line_are_refused_and_other_storage_options_pass() {
+        let argv = |args: &[&str]| -> Vec<std::ffi::OsString> {
+            std::iter::once("dfship-worker")
+                .chain(args.iter().copied())
+                .map(Into::into)
+                .collect()
+        };
+        for refused in [
+            &["--storage-option", "aws_secret_access_key=abc"][..],
+            &["--storage-option=aws_region=x,aws_session_token=t"],
+            &["--storage-option", "AZURE_STORAGE_ACCOUNT_KEY=k"],
+            &["--storage-option", "google_service_account_key={}"],
+        ] {
+            let error = refuse_secret_flags(&argv(refused)).unwrap_err().to_string();
+            assert!(error.contains("command line"), "{error}");
+        }
+        refuse_secret_flags(&argv(&[
+            "--storage-option",
+            "aws_access_key_id=AKIA,aws_region=eu-west-1",
+            "--storage-option=aws_endpoint=http://127.0.0.1:9000",
+            "--max-connections",
+            "aws_secret_access_key",
+        ]))
+        .unwrap();
+    }
 
     #[test]
     fn keywords_become_flags_and_unknown_ones_are_refused() {
