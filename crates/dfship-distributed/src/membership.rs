@@ -502,6 +502,7 @@ fn read_source(
         WorkerSource::Dns { host, port } => resolve(host, *port),
         WorkerSource::File(path) => {
             files.insert(path.clone(), modified(path));
+            check_list_permissions(path)?;
             let text = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read the worker list: {e}"))?;
             let mut urls = Vec::new();
@@ -520,6 +521,27 @@ fn read_source(
             Ok(urls)
         }
     }
+}
+
+/// Refuses a worker list other users may write: whoever writes it chooses
+/// where this coordinator sends its plans.
+fn check_list_permissions(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the worker list: {e}"))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "the worker list {} may be written by other users (mode {:o}): whoever writes it \
+             chooses where this coordinator sends its queries; make it writable by its owner \
+             only (chmod go-w {})",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 fn address_url(address: std::net::SocketAddr) -> Option<Url> {
@@ -672,5 +694,31 @@ mod tests {
         m.refresh().await;
         let error = m.get_urls().unwrap_err().to_string();
         assert!(error.contains("gave no worker"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_worker_list_other_users_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("workers");
+        std::fs::write(&path, "http://a:1\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let m = Membership::new(
+            vec![WorkerSource::File(path.clone())],
+            MembershipOptions::default(),
+            None,
+        );
+        let error = m.get_urls().unwrap_err().to_string();
+        assert!(error.contains("chmod go-w"), "{error}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let later = std::time::SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        m.refresh().await;
+        assert_eq!(m.live(), vec![Url::parse("http://a:1").unwrap()]);
     }
 }
