@@ -7,32 +7,96 @@
 //! - `GET /readyz`: 200 `ready`, or 503 `draining` once the worker drains
 //!   (the same state coordinators' probes see, `crate::Drain`), so a load
 //!   balancer or Kubernetes stops sending it work.
-//! - `GET /metrics`: Prometheus text format: drain state, open tasks, and the
+//! - `GET /metrics`: Prometheus text format: drain state, open tasks, the
 //!   runner pool's counters (runners started, alive, busy; calls, loads,
-//!   crashes, timeouts, replays, cancelled calls).
+//!   crashes, timeouts, replays, cancelled calls), and what the worker's
+//!   ports turned away (connections over a cap or without a preface,
+//!   identity challenges by outcome).
 //!
 //! Requests are read up to 8 KiB and answered in one response; anything else
 //! gets 404 (unknown path) or 400 (not HTTP).
+//!
+//! The port has no key, so it bounds what anyone can hold of it: at most
+//! [`HEALTH_MAX_CONNECTIONS`] connections are open (more are closed at once,
+//! with a best-effort 503, and counted in `/metrics`), each gets
+//! [`HEALTH_IO_TIMEOUT`] to send its request and as long to take the answer,
+//! and accept errors (`EMFILE`) are waited out (100 ms) rather than retried
+//! in a spin. So slow clients cannot take the worker's file descriptors
+//! from its gRPC port, its runners or its file scans.
 
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::drain::Drain;
 
+/// Connections the endpoint keeps open at most; more are closed at once.
+pub const HEALTH_MAX_CONNECTIONS: usize = 64;
+
+/// How long a connection may take to send its request, and again to take
+/// the answer.
+pub const HEALTH_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// Connections to the endpoint this process closed at once because
+/// [`HEALTH_MAX_CONNECTIONS`] were open.
+pub fn refused_health_connections() -> u64 {
+    REFUSED.load(Ordering::Relaxed)
+}
+
 /// Serves the endpoint on `listener` until the task is dropped.
 pub async fn serve_health(listener: TcpListener, drain: Drain) {
+    static WARNED_ACCEPT: Mutex<Option<Instant>> = Mutex::new(None);
+    static WARNED_FULL: Mutex<Option<Instant>> = Mutex::new(None);
+    let permits = Arc::new(Semaphore::new(HEALTH_MAX_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                if crate::connection_limit::warn_rarely(&WARNED_ACCEPT) {
+                    tracing::warn!(
+                        %error,
+                        "the /livez, /readyz and /metrics port could not accept a connection; \
+                         retrying in 100 ms (if it says \"Too many open files\", raise the \
+                         worker's open-file limit, `ulimit -n`)"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 51\r\n\
+                connection: close\r\n\r\ntoo many open connections to this port; retry soon\n";
+            let _ = stream.try_write(BUSY);
+            drop(stream);
+            let refused = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+            if crate::connection_limit::warn_rarely(&WARNED_FULL) {
+                tracing::warn!(
+                    %peer,
+                    refused_total = refused,
+                    "closed a connection to /livez, /readyz and /metrics at once: \
+                     {HEALTH_MAX_CONNECTIONS} are open, each given {HEALTH_IO_TIMEOUT:?} per \
+                     read and write; probes should close their connections (if clients are \
+                     slow on purpose, keep --http-port off untrusted networks). At most one \
+                     such line a second; refused_total counts them all"
+                );
+            }
             continue;
         };
         let drain = drain.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let mut stream = stream;
             let mut request = Vec::with_capacity(1024);
             let mut buffer = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let read = tokio::time::timeout(HEALTH_IO_TIMEOUT, async {
                 while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
                     match stream.read(&mut buffer).await {
                         Ok(0) | Err(_) => break,
@@ -50,8 +114,11 @@ pub async fn serve_health(listener: TcpListener, drain: Drain) {
                  connection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(HEALTH_IO_TIMEOUT, async {
+                stream.write_all(response.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
         });
     }
 }
@@ -194,6 +261,47 @@ pub fn metrics(drain: &Drain) -> String {
         "Connections closed at once because --max-connections were open.",
         crate::connection_limit::refused_connections() as f64,
     );
+    metric(
+        "dfship_connections_refused_per_ip_total",
+        "counter",
+        "Connections closed at once because their address already held the most one address may.",
+        crate::connection_limit::refused_connections_per_ip() as f64,
+    );
+    metric(
+        "dfship_connections_preface_timeouts_total",
+        "counter",
+        "Connections closed because they sent no HTTP/2 preface (or TLS handshake) in time.",
+        crate::connection_limit::preface_timeouts() as f64,
+    );
+    metric(
+        "dfship_health_connections_refused_total",
+        "counter",
+        "Connections to this HTTP endpoint closed at once because it had its most open.",
+        refused_health_connections() as f64,
+    );
+    let hellos = crate::rpc_auth::hello_requests();
+    let _ = writeln!(
+        out,
+        "# HELP dfship_hello_requests_total Identity challenges (/dfship.Auth/Hello) received, \
+         by outcome: answered, invalid (malformed), rate_limited (over the rate of its address).\n\
+         # TYPE dfship_hello_requests_total counter"
+    );
+    for (outcome, count) in [
+        ("answered", hellos.answered),
+        ("invalid", hellos.invalid),
+        ("rate_limited", hellos.rate_limited),
+    ] {
+        let _ = writeln!(
+            out,
+            "dfship_hello_requests_total{{outcome=\"{outcome}\"}} {count}"
+        );
+    }
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
     metric(
         "dfship_runners_alive",
         "gauge",

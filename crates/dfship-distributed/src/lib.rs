@@ -57,12 +57,17 @@ pub use analyze::explain_analyze;
 pub use channel::{
     ChannelOptions, InlineUdfChannel, InlineUdfChannelResolver, DEFAULT_MAX_MESSAGE_BYTES,
 };
-pub use connection_limit::{refused_connections, DEFAULT_MAX_CONNECTIONS};
+pub use connection_limit::{
+    preface_timeouts, refused_connections, refused_connections_per_ip, DEFAULT_MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_IP, PREFACE_TIMEOUT,
+};
 pub use drain::{Drain, DrainLayer, DrainOptions};
 pub use encoder::{EncoderStats, InlineUdfEncoder};
 pub use explain::{describe_udfs, explain_plan};
 pub use ffi::{load_ffi_udf, SCALAR_UDF_CAPSULE};
-pub use health::{metrics, serve_health};
+pub use health::{
+    metrics, refused_health_connections, serve_health, HEALTH_IO_TIMEOUT, HEALTH_MAX_CONNECTIONS,
+};
 pub use membership::{Membership, MembershipOptions, WorkerHealth, WorkerSource};
 pub use object_stores::{runtime_env_with_object_stores, LazyObjectStores, StorageOptions};
 pub use payloads::{PayloadServer, PayloadStats, PAYLOAD_SERVICE};
@@ -74,9 +79,9 @@ pub use retry::{
     RetryStats, PROGRESS_INTERVAL,
 };
 pub use rpc_auth::{
-    challenge_endpoint, refused_requests, RpcAuthLayer, RpcAuthenticator, SignedChannel, WorkerId,
-    AUTH_HEADER, HELLO_HEADER, HELLO_PATH, IDENTITY_CHANGED_HEADER, IDENTITY_HEADER,
-    MAX_CLOCK_SKEW,
+    challenge_endpoint, hello_requests, refused_requests, HelloCounts, RpcAuthLayer,
+    RpcAuthenticator, SignedChannel, WorkerId, AUTH_HEADER, HELLO_BURST, HELLO_HEADER, HELLO_PATH,
+    HELLO_RATE_PER_SECOND, IDENTITY_CHANGED_HEADER, IDENTITY_HEADER, MAX_CLOCK_SKEW,
 };
 pub use session::{ClusterContextBuilder, InlineUdfs, PythonWorkerSessionBuilder, StaticWorkers};
 pub use task_lifetime::{TaskLifetimeLayer, TASK_ID_HEADER};

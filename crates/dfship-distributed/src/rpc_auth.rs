@@ -42,20 +42,33 @@
 //!   proof with another body, messages reordered, dropped at the end or
 //!   taken from another request are refused.
 //!
+//! Identity challenges are answered without the key being checked, so
+//! each peer address (an IPv6 /64) may send at most
+//! [`HELLO_RATE_PER_SECOND`] a second, in bursts of [`HELLO_BURST`]; more
+//! are answered `RESOURCE_EXHAUSTED`. Answered, malformed and rate-limited
+//! challenges are counted in `/metrics` ([`hello_requests`]). An address
+//! whose request proof passes is remembered as a known peer
+//! (`crate::connection_limit::KnownPeers`: slots are kept for it).
+//!
 //! What it does not do: hide the bytes (TLS, `--tls-*`, does), or authenticate
 //! responses beyond the identity challenge. A relay that forwards everything
 //! both ways to a real worker is a man in the middle: it can read traffic and
 //! drop it, not alter or replay it; only TLS keeps it from reading.
 
 use std::collections::{HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dfship_codec::ClusterKey;
 use futures::future::BoxFuture;
 use http::HeaderValue;
+use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
+
+use crate::connection_limit::{peer_key, KnownPeers, PeerTable, MAX_TRACKED_PEERS};
 
 /// The metadata entry that carries the proof.
 pub const AUTH_HEADER: &str = "dfship-auth";
@@ -355,6 +368,91 @@ impl RpcAuthenticator {
     }
 }
 
+/// Identity challenges one peer address may send a second, on average.
+pub const HELLO_RATE_PER_SECOND: f64 = 20.0;
+/// Identity challenges one peer address may send at once.
+pub const HELLO_BURST: f64 = 40.0;
+
+/// A token bucket per peer address (by [`peer_key`]) for identity
+/// challenges; at most [`MAX_TRACKED_PEERS`] addresses are tracked (the
+/// least recently seen are forgotten first).
+#[derive(Debug)]
+struct HelloLimiter {
+    buckets: PeerTable<Bucket>,
+    rate: f64,
+    burst: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Default for HelloLimiter {
+    fn default() -> Self {
+        Self {
+            buckets: PeerTable::new(MAX_TRACKED_PEERS),
+            rate: HELLO_RATE_PER_SECOND,
+            burst: HELLO_BURST,
+        }
+    }
+}
+
+impl HelloLimiter {
+    /// Whether a challenge from `ip` at `now` is within its rate (and takes a token).
+    fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let (rate, burst) = (self.rate, self.burst);
+        let bucket = self.buckets.touch(peer_key(ip), now, || Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+static HELLOS_ANSWERED: AtomicU64 = AtomicU64::new(0);
+static HELLOS_INVALID: AtomicU64 = AtomicU64::new(0);
+static HELLOS_LIMITED: AtomicU64 = AtomicU64::new(0);
+
+/// Identity challenges (`/dfship.Auth/Hello`) this process received, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HelloCounts {
+    /// Answered with this worker's identity.
+    pub answered: u64,
+    /// Refused as malformed (no 32-hex-digit challenge).
+    pub invalid: u64,
+    /// Refused because their address sent more than its rate.
+    pub rate_limited: u64,
+}
+
+/// The identity challenges this process received, by outcome.
+pub fn hello_requests() -> HelloCounts {
+    HelloCounts {
+        answered: HELLOS_ANSWERED.load(Ordering::Relaxed),
+        invalid: HELLOS_INVALID.load(Ordering::Relaxed),
+        rate_limited: HELLOS_LIMITED.load(Ordering::Relaxed),
+    }
+}
+
+/// The address of the peer that sent `request` (tonic records it for TCP
+/// connections, with TLS too).
+fn peer_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map(|address| address.ip())
+}
+
 /// The worker side: answers identity challenges, and refuses, before
 /// reading its body, any request without a valid proof (every method of
 /// every service on the server); checks the message tags of the body.
@@ -362,6 +460,8 @@ impl RpcAuthenticator {
 pub struct RpcAuthLayer {
     auth: Option<RpcAuthenticator>,
     max_message_bytes: usize,
+    known: Option<KnownPeers>,
+    hellos: Arc<Mutex<HelloLimiter>>,
 }
 
 impl RpcAuthLayer {
@@ -372,7 +472,15 @@ impl RpcAuthLayer {
         Self {
             auth,
             max_message_bytes,
+            known: None,
+            hellos: Arc::default(),
         }
+    }
+
+    /// Records in `known` the address of every request whose proof passes.
+    pub fn with_known_peers(mut self, known: KnownPeers) -> Self {
+        self.known = Some(known);
+        self
     }
 }
 
@@ -384,6 +492,8 @@ impl<S> Layer<S> for RpcAuthLayer {
             inner,
             auth: self.auth.clone(),
             max_message_bytes: self.max_message_bytes,
+            known: self.known.clone(),
+            hellos: Arc::clone(&self.hellos),
         }
     }
 }
@@ -394,6 +504,8 @@ pub struct RpcAuthService<S> {
     inner: S,
     auth: Option<RpcAuthenticator>,
     max_message_bytes: usize,
+    known: Option<KnownPeers>,
+    hellos: Arc<Mutex<HelloLimiter>>,
 }
 
 impl<S> Service<http::Request<tonic::body::Body>> for RpcAuthService<S>
@@ -416,6 +528,26 @@ where
         };
         let path = request.uri().path().to_string();
         if path == HELLO_PATH {
+            let peer = peer_ip(&request);
+            let allowed = self.hellos.lock().unwrap_or_else(|p| p.into_inner()).allow(
+                peer.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                Instant::now(),
+            );
+            if !allowed {
+                let limited = HELLOS_LIMITED.fetch_add(1, Ordering::Relaxed) + 1;
+                let peer =
+                    peer.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string());
+                log_rate_limited_hello(&peer, limited);
+                let reply = tonic::Status::resource_exhausted(format!(
+                    "{} this worker answers at most {HELLO_RATE_PER_SECOND} identity challenges \
+                     a second (bursts of {HELLO_BURST}) from one address, and {peer} sent more: \
+                     this one was not answered. Wait a second and connect again; a client needs \
+                     one challenge per connection, so look for one that reconnects in a loop",
+                    dfship_codec::ErrorKind::WorkerLost.tag()
+                ))
+                .into_http();
+                return Box::pin(async move { Ok(reply) });
+            }
             let challenge = request
                 .headers()
                 .get(HELLO_HEADER)
@@ -423,22 +555,29 @@ where
                 .and_then(unhex::<16>);
             let reply = match challenge.and_then(|challenge| auth.answer(&challenge)) {
                 Some(answer) => {
+                    HELLOS_ANSWERED.fetch_add(1, Ordering::Relaxed);
                     let mut headers = http::HeaderMap::new();
                     if let Ok(value) = HeaderValue::from_str(&answer) {
                         headers.insert(IDENTITY_HEADER, value);
                     }
                     crate::signed_body::empty_reply(headers)
                 }
-                None => tonic::Status::invalid_argument(format!(
-                    "{} an identity challenge needs {HELLO_HEADER}: 32 hex digits",
-                    dfship_codec::ErrorKind::Unauthenticated.tag()
-                ))
-                .into_http(),
+                None => {
+                    HELLOS_INVALID.fetch_add(1, Ordering::Relaxed);
+                    tonic::Status::invalid_argument(format!(
+                        "{} an identity challenge needs {HELLO_HEADER}: 32 hex digits",
+                        dfship_codec::ErrorKind::Unauthenticated.tag()
+                    ))
+                    .into_http()
+                }
             };
             return Box::pin(async move { Ok(reply) });
         }
         match auth.verify(&path, request.headers().get(AUTH_HEADER)) {
             Ok(nonce) => {
+                if let (Some(known), Some(peer)) = (&self.known, peer_ip(&request)) {
+                    known.mark(peer);
+                }
                 let key = Arc::clone(auth.key());
                 let limit = self.max_message_bytes;
                 let request =
@@ -491,6 +630,27 @@ fn log_refusal(path: &str, why: &str, refused_total: u64) {
         reason = %cut(why),
         refused_total,
         "refused an unauthenticated request (at most one such line a second; refused_total counts them all)"
+    );
+}
+
+/// Logs a rate-limited identity challenge, at most one line a second; the
+/// lines in between are counted in the next one (and `/metrics`).
+fn log_rate_limited_hello(peer: &str, limited_total: u64) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(now);
+    }
+    tracing::warn!(
+        %peer,
+        rate_limited_total = limited_total,
+        "turned away identity challenges (/dfship.Auth/Hello) from {peer}: more than \
+         {HELLO_RATE_PER_SECOND} a second (bursts of {HELLO_BURST}); a client that reconnects in \
+         a loop, or a flood (at most one such line a second; rate_limited_total counts them all)"
     );
 }
 
@@ -619,7 +779,21 @@ where
             .map_err(|_| not_proved("its answer is not ASCII".to_string()))?
             .to_string(),
         None => {
-            let status = tonic::Status::from_header_map(response.headers())
+            let status = tonic::Status::from_header_map(response.headers());
+            if let Some(status) = status
+                .as_ref()
+                .filter(|status| status.code() == tonic::Code::ResourceExhausted)
+            {
+                // A worker limiting challenges from this address: busy, not
+                // an impostor (nothing was sent either way).
+                return Err(format!(
+                    "{} the endpoint {url} turned away this process's identity challenge, so \
+                     nothing was sent to it: {}",
+                    dfship_codec::ErrorKind::WorkerLost.tag(),
+                    status.message()
+                ));
+            }
+            let status = status
                 .map(|status| format!("{:?}: {}", status.code(), status.message()))
                 .unwrap_or_else(|| format!("HTTP {}", response.status()));
             return Err(not_proved(format!(
@@ -652,6 +826,29 @@ mod tests {
     fn proof_for(byte: u8, name: &str, path: &str) -> HeaderValue {
         let id = worker(byte, name).identity().unwrap();
         header(&auth(byte).proof(path, &id).0)
+    }
+
+    #[test]
+    fn hellos_are_limited_per_address_by_a_token_bucket() {
+        let mut limiter = HelloLimiter::default();
+        let start = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let burst = HELLO_BURST as usize;
+        let allowed = (0..burst + 10).filter(|_| limiter.allow(a, start)).count();
+        assert_eq!(allowed, burst, "a burst, then nothing at the same instant");
+        assert!(
+            limiter.allow(b, start),
+            "another address has its own bucket"
+        );
+        // A second later, `rate` more.
+        let later = start + Duration::from_secs(1);
+        let allowed = (0..100).filter(|_| limiter.allow(a, later)).count();
+        assert_eq!(allowed, HELLO_RATE_PER_SECOND as usize);
+        // Many addresses: the table stays bounded.
+        for i in 0..(3 * MAX_TRACKED_PEERS as u32) {
+            limiter.allow(IpAddr::V4(std::net::Ipv4Addr::from(i)), later);
+        }
+        assert!(limiter.buckets.len() <= MAX_TRACKED_PEERS);
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Serves a worker on `listener` until `shutdown` resolves: with the
 /// builder's cluster key, every request must prove it ([`RpcAuthLayer`],
 /// checked before anything is decoded); with its TLS settings, connections
-/// are TLS (mutual when a CA is given); messages are bounded either way.
+/// are TLS (mutual when a CA is given); messages are bounded either way, and
+/// connections are capped in all and per peer address, and closed when they
+/// send no HTTP/2 preface in time (`crate::connection_limit`).
 pub async fn serve_worker(
     builder: PythonWorkerSessionBuilder,
     listener: TcpListener,
@@ -89,8 +91,13 @@ pub async fn serve_worker_with_drain(
             ))
         })?;
     }
+    // Addresses whose requests proved the key keep a share of the slots
+    // (`connection_limit`): without a key, no address becomes known.
+    let known = crate::connection_limit::KnownPeers::default();
+    let limits =
+        crate::connection_limit::ConnectionLimits::new(options.max_connections, auth.is_some());
     server
-        .layer(RpcAuthLayer::new(auth, options.max_message_bytes))
+        .layer(RpcAuthLayer::new(auth, options.max_message_bytes).with_known_peers(known.clone()))
         .layer(DrainLayer(drain))
         .layer(TaskLifetimeLayer)
         .layer(crate::QuerySpanLayer)
@@ -103,7 +110,7 @@ pub async fn serve_worker_with_drain(
         .add_service(payloads)
         .add_service(observability)
         .serve_with_incoming_shutdown(
-            crate::connection_limit::limited_incoming(listener, options.max_connections),
+            crate::connection_limit::limited_incoming(listener, limits, known),
             shutdown,
         )
         .await

@@ -80,6 +80,77 @@ pub fn make_undumpable() {
     }
 }
 
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its
+/// hard limit: every connection, runner pipe and file scan takes a file
+/// descriptor, and a soft limit of 1024 (a common default) is below what
+/// `--max-connections` allows. Never fails: it logs what the limit became
+/// (at debug) or why it stayed; returns the soft limit in force, if known.
+pub fn raise_open_file_limit() -> Option<libc::rlim_t> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not read the open-file limit (RLIMIT_NOFILE); left as it is"
+        );
+        return None;
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur >= limit.rlim_max {
+        tracing::debug!(
+            soft = before,
+            hard = limit.rlim_max,
+            "open-file limit (RLIMIT_NOFILE) already at its hard limit"
+        );
+        return Some(before);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit only reads the struct; raising the soft limit up to
+    // the hard one needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            soft = before,
+            hard = limit.rlim_max,
+            "could not raise the open-file limit (RLIMIT_NOFILE) to its hard limit; left as it is"
+        );
+        return Some(before);
+    }
+    tracing::debug!(
+        before,
+        now = raised.rlim_cur,
+        "raised the open-file limit (RLIMIT_NOFILE) to its hard limit"
+    );
+    Some(raised.rlim_cur)
+}
+
+/// Warns when `--max-connections` plus what the health port and the rest of
+/// the worker hold could exceed the open-file limit `open_files`.
+fn check_connection_room(open_files: Option<libc::rlim_t>, max_connections: usize) {
+    // Runner pipes, libraries, file scans, the health port's 64 connections.
+    const OTHER_FILES: libc::rlim_t = 256;
+    if let Some(open_files) = open_files {
+        let needed = (max_connections as libc::rlim_t).saturating_add(OTHER_FILES);
+        if needed > open_files {
+            tracing::warn!(
+                open_files,
+                max_connections,
+                "--max-connections {max_connections} leaves too little of the open-file limit \
+                 ({open_files}) for the rest of the worker (about {OTHER_FILES} more): with that \
+                 many connections, queries would fail with \"Too many open files\". Raise the \
+                 hard limit (`ulimit -Hn`, LimitNOFILE= in systemd, --ulimit in Docker) or \
+                 lower --max-connections"
+            );
+        }
+    }
+}
+
 /// Sets up Python UDF execution and, unless strict mode means Python UDFs
 /// never run here, checks it works now rather than at the first query: the
 /// runners start (pool), or the interpreter imports cloudpickle and pyarrow.
@@ -210,6 +281,8 @@ pub async fn shutdown_signal() -> Stop {
 /// `key` comes from [`WorkerOptions::take_cluster_key`], called before.
 pub async fn run(options: WorkerOptions, key: Option<ClusterKey>) -> Result<()> {
     make_undumpable();
+    let open_files = raise_open_file_limit();
+    check_connection_room(open_files, options.worker.max_connections);
     let mut channels = options.transport.channel_options()?;
     channels.max_connections = options.worker.max_connections;
     check_exposure(&options, key.as_ref(), &channels)?;
