@@ -6,6 +6,7 @@ import base64
 import collections
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,40 @@ def key_parent() -> str | None:
         if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
             return candidate
     return None
+
+
+def remove_stale_key_folders(parent: str | None) -> list[str]:
+    """Removes the key folders of local clusters whose process is gone
+    (killed before it could clean up: a key should not outlive its cluster).
+    Only this user's folders whose ``owner.pid`` names no live process.
+    Returns the folders removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        folder = os.path.join(parent, name)
+        if not name.startswith("dfship-key-"):
+            continue
+        try:
+            if os.lstat(folder).st_uid != os.getuid():
+                continue
+            with open(os.path.join(folder, "owner.pid")) as owner:
+                pid = int(owner.read().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 class LocalCluster:
@@ -124,7 +159,11 @@ class LocalCluster:
         created while they run directly in the folders on the way to it
         (see crates/dfship-runtime/src/landlock.rs); UDFs create files in
         /tmp, seldom in $XDG_RUNTIME_DIR or /var/tmp."""
-        self._key_dir = tempfile.TemporaryDirectory(prefix="dfship-key-", dir=key_parent())
+        parent = key_parent()
+        remove_stale_key_folders(parent)
+        self._key_dir = tempfile.TemporaryDirectory(prefix="dfship-key-", dir=parent)
+        with open(os.path.join(self._key_dir.name, "owner.pid"), "w") as owner:
+            owner.write(str(os.getpid()))
         path = os.path.join(self._key_dir.name, "cluster.key")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:

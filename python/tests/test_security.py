@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -669,3 +670,117 @@ def test_what_a_query_plants_in_its_runners_reaches_the_next_query_only_when_run
         # Fresh processes that never ran user code serve the next query.
         assert not {probe[0] for probe in probes} & planted, (probes, planted)
         assert all(probe[1:] == (0, 0, 0) for probe in probes), probes
+
+
+def hold_a_secret(values: pa.Array) -> pa.Array:
+    """Query B: keeps a secret in its runner's memory while it works."""
+    import os
+    import time as clock
+
+    secret = b"SECRET-OF-QUERY-B-" + os.urandom(8).hex().encode()
+    clock.sleep(2.5)
+    return pa.array([len(secret)] * len(values), pa.int64())
+
+
+def attack_other_runners(values: pa.Array) -> pa.Array:
+    """Query A: reads the memory of, and SIGKILLs, every other runner of its
+    worker it can find, and leaves a double-forked daemon (which tries to
+    start a session of its own). Answers `mem_reads:kills:tried:daemon`."""
+    import os
+    import signal as signals
+    import time as clock
+
+    me, parent = os.getpid(), os.getppid()
+    tried = reads = kills = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        pid = int(name)
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid != parent:
+            continue  # not a sibling runner of this worker
+        tried += 1
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                start = int(maps.readline().split("-")[0], 16)
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(start)
+                reads += int(len(mem.read(16)) > 0)
+        except (OSError, ValueError):
+            pass
+        try:
+            os.kill(pid, signals.SIGKILL)
+            kills += 1
+        except OSError:
+            pass
+    r, w = os.pipe()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            try:
+                os.setsid()
+            except OSError:
+                pass
+            os.write(w, str(os.getpid()).encode().ljust(16))
+            clock.sleep(3600)
+        os._exit(0)
+    daemon = int(os.read(r, 16).decode().strip())
+    return pa.array([f"{reads}:{kills}:{tried}:{daemon}"] * len(values), pa.string())
+
+
+def _runs(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_with_the_key_in_the_environment_a_query_cannot_read_or_kill_another_querys_runners(
+    dataset: Path,
+) -> None:
+    # No key file, so nothing is hidden: each runner is still a Landlock
+    # domain of its own, non-dumpable, in a process group killed whole.
+    args = ["--python-runners", "2", "--runner-isolation", "query"]
+    env = {"DFSHIP_CLUSTER_KEY": KEY}
+    with dfship.LocalCluster(workers=2, env=env, worker_args=args) as cluster:
+        ctx = cluster.context(bytes_per_partition=1, cluster_key=KEY.encode())
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(hold_a_secret, [pa.int64()], pa.int64(), "volatile", name="hold"))
+        ctx.register_udf(
+            dfship.udf(attack_other_runners, [pa.int64()], pa.string(), "volatile", name="attack")
+        )
+        with ThreadPoolExecutor(1) as pool:
+            query_b = pool.submit(lambda: ctx.sql("SELECT DISTINCT hold(id) AS n FROM facts").collect())
+            time.sleep(1.0)  # B's calls are running on both workers
+            reports = ctx.sql("SELECT DISTINCT attack(id) AS r FROM facts").collect().column("r").to_pylist()
+            b_rows = query_b.result(timeout=60)
+        assert b_rows.column("n").to_pylist() == [26], "query B ran to its end, unharmed"
+        parsed = [tuple(int(part) for part in report.split(":")) for report in reports]
+        assert parsed
+        assert sum(p[2] for p in parsed) >= 1, f"A found no other runner to attack: {parsed}"
+        assert all(p[0] == 0 and p[1] == 0 for p in parsed), f"A read or killed another runner: {parsed}"
+        daemons = [p[3] for p in parsed]
+        # Query A ended: its runners retire, and their process groups with them.
+        deadline = time.monotonic() + 10
+        while any(_runs(pid) for pid in daemons) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in daemons if _runs(pid)], "a UDF's daemon outlived its runner"
+
+
+def test_key_folders_of_killed_local_clusters_are_removed_at_the_next_start(tmp_path: Path) -> None:
+    from dfship.cluster import remove_stale_key_folders
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, foreign = (tmp_path / f"dfship-key-{n}" for n in ("stale", "live", "other"))
+    for folder, pid in ((stale, dead.pid), (live, os.getpid())):
+        folder.mkdir()
+        (folder / "cluster.key").write_text("k")
+        (folder / "owner.pid").write_text(str(pid))
+    foreign.mkdir()  # no owner.pid: not a local cluster's, left alone
+    assert remove_stale_key_folders(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and foreign.exists()

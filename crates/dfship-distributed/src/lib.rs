@@ -47,6 +47,7 @@ mod routing;
 mod rpc_auth;
 mod session;
 mod signed_body;
+mod staged_copy;
 mod task_lifetime;
 mod tls;
 mod watch;

@@ -18,12 +18,16 @@ pub use dfship_settings::{
 };
 
 /// Parses a worker's command line (program name first) with every layer of
-/// settings: flags, `DFSHIP_*` variables, the `--config` file.
+/// settings: flags, `DFSHIP_*` variables, the `--config` file. Credentials
+/// on it are refused ([`layers::refuse_secret_flags`]): every user of the
+/// machine can read a process's arguments.
 pub fn parse_worker_args<I, S>(argv: I) -> std::result::Result<WorkerOptions, clap::Error>
 where
     I: IntoIterator<Item = S>,
     S: Into<std::ffi::OsString> + Clone,
 {
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    layers::refuse_secret_flags(&argv)?;
     layers::parse_from(argv)
 }
 
