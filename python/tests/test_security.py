@@ -784,3 +784,65 @@ def test_key_folders_of_killed_local_clusters_are_removed_at_the_next_start(tmp_
     foreign.mkdir()  # no owner.pid: not a local cluster's, left alone
     assert remove_stale_key_folders(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and live.exists() and foreign.exists()
+
+
+def test_a_udf_swapping_the_staged_copy_for_a_link_to_the_key_gets_nothing(
+    dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)  # runners may run as another user
+    marker = tmp_path / "swapped"
+    with dfship.LocalCluster(workers=2) as cluster:
+        key_file = Path(str(cluster.key_file))
+        key = key_file.read_text()
+        key_dir, out_dir, marker_path = str(key_file.parent), str(out), str(marker)
+
+        def swap_staging(values: pa.Array) -> pa.Array:
+            """Leaves a daemon that waits for the COPY's staged file, then swaps
+            the staging folder for one whose `result.csv` links to the key's
+            folder and makes the target a folder, before the commit."""
+            import os
+            import time as clock
+
+            try:
+                os.close(os.open(marker_path + ".started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return values
+            if os.fork() == 0:
+                deadline = clock.monotonic() + 30
+                while clock.monotonic() < deadline:
+                    for name in os.listdir(out_dir):
+                        staged = os.path.join(out_dir, name, "result.csv")
+                        if name.startswith(".dfship-staging-") and os.path.isfile(staged):
+                            os.rename(os.path.join(out_dir, name), os.path.join(out_dir, "moved"))
+                            os.mkdir(os.path.join(out_dir, name))
+                            os.symlink(key_dir, staged)
+                            os.mkdir(os.path.join(out_dir, "result.csv"))
+                            with open(marker_path, "w") as done:
+                                done.write("swapped")
+                            os._exit(0)
+                    clock.sleep(0.0005)
+                os._exit(0)
+            return values
+
+        ctx = cluster.context(bytes_per_partition=1)
+        ctx.register_parquet("facts", dataset / "facts")
+        ctx.register_udf(dfship.udf(swap_staging, [pa.int64()], pa.int64(), "volatile", name="swap"))
+        copy = f"COPY (SELECT swap(id) AS id FROM facts) TO '{out / 'result.csv'}' STORED AS CSV"
+        try:
+            ctx.sql(copy).collect()
+            failure = None
+        except Exception as error:  # noqa: BLE001 - what the COPY says is checked below
+            failure = str(error)
+        deadline = time.monotonic() + 5
+        while not marker.exists() and failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert key_file.read_text() == key, "the key file is in place and unchanged"
+        found = [p for p in out.rglob("*") if p.name == key_file.name and not p.is_symlink()]
+        assert not found, f"the key was moved into the COPY's target: {found}"
+        if marker.exists() and marker.read_text() == "swapped" and failure is None:
+            # The swap came after the commit: the output is where it was asked.
+            assert (out / "result.csv").is_file(), list(out.iterdir())
+        elif failure is not None:
+            assert "not committed" in failure, failure

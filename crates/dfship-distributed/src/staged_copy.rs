@@ -324,11 +324,10 @@ impl StagedCopy {
 
     /// Moves what the query wrote into place, or fails having moved nothing.
     pub(crate) fn commit(self) -> Result<()> {
-        let refused = |why: String| {
+        let refused = |why: String, cleaned: &str| {
             DataFusionError::Execution(format!(
-                "COPY to {} was not committed: {why}. Nothing was moved into place and the \
-                 output was removed; run the COPY again, and keep its target in a folder UDF \
-                 runners cannot write",
+                "COPY to {} was not committed: {why}. Nothing was moved into place ({cleaned}); \
+                 run the COPY again, and keep its target in a folder UDF runners cannot write",
                 self.target.display()
             ))
         };
@@ -337,6 +336,7 @@ impl StagedCopy {
             return Err(refused(
                 "its staging folder was moved or replaced while the query ran (by a UDF?)"
                     .to_string(),
+                "what is now at its name was left alone",
             ));
         }
         let result = self.move_into_place();
@@ -347,7 +347,7 @@ impl StagedCopy {
             }
             Err(Refusal::Unsafe(why)) => {
                 self.remove_staging();
-                Err(refused(why))
+                Err(refused(why, "the staged output was removed"))
             }
             Err(Refusal::Failed(why)) => Err(DataFusionError::Execution(format!(
                 "COPY wrote its output to {} but could not move it to {}: {why}; move it by \

@@ -13,6 +13,21 @@ use std::time::Duration;
 pub const MAX_NAMES: usize = 500;
 /// Where calls of UDFs past [`MAX_NAMES`] are counted.
 pub const OTHER: &str = "(other)";
+/// Bytes of a UDF's name kept (longer ones are cut, with `…`): the table and
+/// `/metrics` hold at most [`MAX_NAMES`] names of this length.
+pub const MAX_NAME_BYTES: usize = 200;
+
+/// `name`, cut to [`MAX_NAME_BYTES`] on a character boundary.
+fn bounded(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= MAX_NAME_BYTES {
+        return name.into();
+    }
+    let mut end = MAX_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end]).into()
+}
 
 /// The totals of one UDF in this process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -58,6 +73,7 @@ pub(crate) fn record(
         seconds: waited.as_secs_f64(),
         failures: u64::from(failed),
     };
+    let name = &*bounded(name);
     if let Some(task) = task {
         record_for_task(task, name, &batch);
     }
@@ -222,6 +238,19 @@ mod tests {
             task_ended(&id);
         }
         assert!(tasks().by_id.len() <= MAX_TASKS);
+    }
+
+    #[test]
+    fn long_names_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_NAME_BYTES);
+        let cut = bounded(&long);
+        assert!(
+            cut.len() <= MAX_NAME_BYTES + '…'.len_utf8(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with('…'));
+        assert_eq!(bounded("short"), "short");
     }
 
     #[test]
