@@ -40,7 +40,7 @@ def remove_stale_key_folders(parent: str | None) -> list[str]:
     Only this user's folders whose ``owner.pid`` names no live process.
     Returns the folders removed."""
     parent = parent or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(parent)
     except OSError:
