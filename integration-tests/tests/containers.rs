@@ -247,9 +247,16 @@ impl Cluster {
 
     /// Runs a command in the coordinator container, killed after `limit`.
     fn exec(&self, args: &[&str], limit: Duration) -> Run {
+        self.exec_env(&[], args, limit)
+    }
+
+    /// [`Self::exec`] with `NAME=VALUE` variables set for the command.
+    fn exec_env(&self, env: &[&str], args: &[&str], limit: Duration) -> Run {
         let started = Instant::now();
         let mut child = Command::new("docker")
-            .args(["exec", &self.container("coordinator")])
+            .arg("exec")
+            .args(env.iter().flat_map(|pair| ["-e", pair]))
+            .arg(self.container("coordinator"))
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -281,7 +288,7 @@ impl Cluster {
 
     /// [`Self::sql`] against worker URLs written out (e.g. `https://…`).
     fn sql_at(&self, workers: &str, udfs: &str, query: &str, extra: &[&str]) -> Run {
-        self.sql_on_table(workers, udfs, "/data/facts", query, extra)
+        self.sql_on_table(workers, udfs, "/data/facts", query, extra, &[])
     }
 
     /// [`Self::sql_at`] with the facts table at `location` (a folder or a URL).
@@ -292,6 +299,7 @@ impl Cluster {
         location: &str,
         query: &str,
         extra: &[&str],
+        env: &[&str],
     ) -> Run {
         let udfs = format!("/udfs/{udfs}");
         let table = format!("facts={location}");
@@ -309,7 +317,7 @@ impl Cluster {
         ];
         args.extend(extra.iter().copied());
         args.push(query);
-        self.exec(&args, Duration::from_secs(180))
+        self.exec_env(env, &args, Duration::from_secs(180))
     }
 
     /// Writes the shared dataset (as the coordinator, into /data).
@@ -1213,7 +1221,9 @@ const S3_ENV: &[&str] = &[
 ];
 
 /// `dfship sql` on the coordinator with the facts table at `location`,
-/// knowing the S3 server from explicit storage options.
+/// knowing the S3 server from explicit storage options, given in
+/// `DFSHIP_STORAGE_OPTIONS` (a command line refuses the secret among them;
+/// flags would override the variable whole).
 fn sql_on(cluster: &Cluster, workers: &str, location: &str, query: &str) -> Run {
     let options: Vec<String> = S3_ENV
         .iter()
@@ -1223,11 +1233,11 @@ fn sql_on(cluster: &Cluster, workers: &str, location: &str, query: &str) -> Run 
                 "AWS_ENDPOINT_URL" => "aws_endpoint".to_string(),
                 other => other.to_ascii_lowercase(),
             };
-            format!("--storage-option={key}={value}")
+            format!("{key}={value}")
         })
         .collect();
-    let options: Vec<&str> = options.iter().map(String::as_str).collect();
-    cluster.sql_on_table(workers, "basic.py", location, query, &options)
+    let variable = format!("DFSHIP_STORAGE_OPTIONS={}", options.join(","));
+    cluster.sql_on_table(workers, "basic.py", location, query, &[], &[&variable])
 }
 
 #[test]
