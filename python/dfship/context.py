@@ -126,8 +126,12 @@ class ClusterContext:
     their Python UDFs like a worker does: ``python_mode`` ``"pool"`` (the
     default: runner processes of this interpreter, one per core unless
     ``python_runners`` says otherwise) or ``"in-process"``;
-    ``udf_timeout`` (seconds per batch) and ``runner_memory_limit`` (bytes)
-    bound each runner; ``runner_user`` is the user runners run as (default:
+    ``udf_timeout`` (seconds per batch; 600 by default, 0 for none) and
+    ``runner_memory_limit`` (bytes) bound each runner;
+    ``runner_replies_in_flight`` (bytes, 1 GiB by default) bounds the replies
+    all runners send at once; ``runner_env_deny`` names the variables runners
+    do not inherit (default: the object stores' secrets; ``["none"]`` for
+    none); ``runner_user`` is the user runners run as (default:
     ``nobody`` when this process runs as root, else its own user; ``"worker"``
     keeps its own); ``runner_isolation`` ``"query"`` gives each query runners
     of its own, replaced by fresh processes when it ends (default
@@ -204,6 +208,8 @@ class ClusterContext:
         python_executable: str | os.PathLike[str] | None = None,
         runner_user: str | None = None,
         runner_isolation: str | None = None,
+        runner_replies_in_flight: int | None = None,
+        runner_env_deny: Sequence[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
@@ -239,6 +245,8 @@ class ClusterContext:
             "python_executable": _path(python_executable),
             "runner_user": runner_user,
             "runner_isolation": runner_isolation,
+            "runner_replies_in_flight": runner_replies_in_flight,
+            "runner_env_deny": list(runner_env_deny) if runner_env_deny is not None else None,
             "tls_ca": _path(tls_ca),
             "tls_cert": _path(tls_cert),
             "tls_key": _path(tls_key),
