@@ -158,6 +158,36 @@ fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// A TCP connection to `to` from `FLOOD_IP`.
+/// Runs the test query as a keyed client (from 127.0.0.1) while `flood`
+/// goes on against `workers[0]`: checks its rows and that the flooded worker
+/// ran tasks of it; the client's context (its connections stay open) and
+/// how long the query took.
+async fn keyed_query_during(
+    workers: &[Worker],
+    key: ClusterKey,
+    dir: &Path,
+    flood: &str,
+) -> (datafusion::prelude::SessionContext, Duration) {
+    let ctx = triple_context(
+        &urls(workers),
+        CodecOptions::default().with_cluster_key(key),
+        dir,
+    )
+    .await;
+    let started = Instant::now();
+    let rows = tokio::time::timeout(Duration::from_secs(20), sorted_rows(&ctx, QUERY))
+        .await
+        .expect("the query ends within 20 s")
+        .unwrap_or_else(|e| panic!("the query succeeds during the {flood}: {e}"));
+    let took = started.elapsed();
+    assert_eq!(rows, expected_rows());
+    assert!(
+        tasks_taken(&workers[0]) > 0.0,
+        "the flooded worker ran tasks of the query"
+    );
+    (ctx, took)
+}
+
 async fn connect_from_flood_ip(to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(FLOOD_IP), 0))?;
@@ -215,24 +245,8 @@ async fn idle_connections_from_one_address_leave_room_for_other_clients() {
         dfship_distributed::MAX_CONNECTIONS_PER_IP
     );
 
-    let ctx = triple_context(
-        &urls(&workers),
-        CodecOptions::default().with_cluster_key(key),
-        dir.path(),
-    )
-    .await;
-    let started = Instant::now();
-    let rows = tokio::time::timeout(Duration::from_secs(20), sorted_rows(&ctx, QUERY))
-        .await
-        .expect("the query ends within 20 s")
-        .expect("the query succeeds while another address floods the port");
-    let took = started.elapsed();
+    let (ctx, took) = keyed_query_during(&workers, key, dir.path(), "idle flood").await;
     println!("query during the idle flood: {took:?}");
-    assert_eq!(rows, expected_rows());
-    assert!(
-        tasks_taken(worker) > 0.0,
-        "the flooded worker ran tasks of the query"
-    );
     assert!(
         opened.elapsed() < dfship_distributed::PREFACE_TIMEOUT,
         "the query ran while the idle connections were still open ({:?}); the per-address \
@@ -420,24 +434,7 @@ async fn a_hello_flood_is_counted_and_slowed_and_a_real_client_still_connects() 
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let ctx = triple_context(
-        &urls(&workers),
-        CodecOptions::default().with_cluster_key(key),
-        dir.path(),
-    )
-    .await;
-    let started = Instant::now();
-    let rows = tokio::time::timeout(Duration::from_secs(20), sorted_rows(&ctx, QUERY))
-        .await
-        .expect("the query ends within 20 s")
-        .expect("the query succeeds during the Hello flood");
-
-    let took = started.elapsed();
-    assert_eq!(rows, expected_rows());
-    assert!(
-        tasks_taken(worker) > 0.0,
-        "the flooded worker ran tasks of the query"
-    );
+    let (_ctx, took) = keyed_query_during(&workers, key, dir.path(), "Hello flood").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let (answered, limited, flooded) = flood.await.unwrap();

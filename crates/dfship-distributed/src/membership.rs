@@ -655,6 +655,17 @@ mod tests {
         }
     }
 
+    /// Sets `path`'s modification time `seconds` from now: a change a
+    /// refresh sees whatever the clock's resolution.
+    fn modified_in(path: &Path, seconds: u64) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + Duration::from_secs(seconds))
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_worker_file_is_read_again_when_it_changes() {
         let dir = tempfile::tempdir().unwrap();
@@ -671,13 +682,7 @@ mod tests {
         m.report_lost(&Url::parse("http://a:1").unwrap(), "gone");
         // A later modification time, whatever the clock's resolution.
         std::fs::write(&path, "http://b:2\nhttp://a:1\n").unwrap();
-        let later = std::time::SystemTime::now() + Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
+        modified_in(&path, 5);
         m.refresh().await;
         assert_eq!(
             m.live(),
@@ -685,12 +690,7 @@ mod tests {
             "b joined; a stays down"
         );
         std::fs::write(&path, "").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later + Duration::from_secs(5))
-            .unwrap();
+        modified_in(&path, 10);
         m.refresh().await;
         let error = m.get_urls().unwrap_err().to_string();
         assert!(error.contains("gave no worker"), "{error}");
@@ -711,13 +711,7 @@ mod tests {
         let error = m.get_urls().unwrap_err().to_string();
         assert!(error.contains("chmod go-w"), "{error}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let later = std::time::SystemTime::now() + Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
+        modified_in(&path, 5);
         m.refresh().await;
         assert_eq!(m.live(), vec![Url::parse("http://a:1").unwrap()]);
     }
