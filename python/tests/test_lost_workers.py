@@ -173,6 +173,30 @@ def test_without_retries_a_lost_worker_fails_the_query_naming_it(
     assert ctx.retry_stats() == {"queries": 3, "retries": 0, "exhausted": 0}
 
 
+def test_after_a_worker_restarts_the_first_query_runs_on_it_without_a_retry(
+    cluster: dfship.LocalCluster, numbers: Path, marks: Path
+) -> None:
+    """A query that failed because a worker was down leaves nothing behind
+    in the other workers' connections to it: tonic used to keep the error
+    of a reconnect attempt made for a cancelled request and hand it to the
+    next request, failing the first query after the worker came back (a
+    volatile UDF cannot be retried). Three rounds, every worker used."""
+    udf = tagged_udf(marks, 0.0, "volatile")
+    for _ in range(3):
+        failing = context(cluster, numbers, udf, max_attempts=1, probe_interval=3600)
+        cluster.kill(2)  # the probes do not run: the query plans on it
+        with pytest.raises(dfship.WorkerLostError):
+            failing.sql(QUERY).collect()
+        cluster.restart(2)
+        for mark in marks.iterdir():
+            mark.unlink()
+        # A new session (its first probe round finds every worker live).
+        ctx = context(cluster, numbers, udf, max_attempts=1, probe_interval=3600)
+        assert ctx.sql(QUERY).collect().to_pylist() == expected(numbers)
+        assert ran_on(marks) & set(cluster.pids) == set(cluster.pids)
+        assert ctx.retry_stats()["retries"] == 0
+
+
 def test_a_volatile_udf_is_not_run_twice(cluster: dfship.LocalCluster, numbers: Path, marks: Path) -> None:
     ctx = context(cluster, numbers, tagged_udf(marks, 0.15, "volatile"), probe_interval=3600)
     victim = cluster.pids[0]

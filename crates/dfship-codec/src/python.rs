@@ -191,8 +191,29 @@ pub(crate) fn local_versions(py: Python<'_>) -> PyResult<PicklerVersions> {
         .copied()
 }
 
+/// The helper that pickles a callable with the user's own modules by value
+/// (`local_modules.py`: a `mylib.py` beside the script reaches workers that
+/// cannot import it).
+fn local_modules(py: Python<'_>) -> PyResult<&Bound<'_, PyModule>> {
+    static MODULE: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
+    MODULE
+        .get_or_try_init(py, || {
+            let source = std::ffi::CString::new(include_str!("local_modules.py"))
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+            PyModule::from_code(
+                py,
+                &source,
+                c"dfship_local_modules.py",
+                c"dfship_local_modules",
+            )
+            .map(Bound::unbind)
+        })
+        .map(|m| m.bind(py))
+}
+
+/// `cloudpickle.dumps(object)`, with the local modules it reaches by value.
 pub(crate) fn dumps(py: Python<'_>, object: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    let pickled = cloudpickle(py)?.call_method1("dumps", (object,))?;
+    let pickled = local_modules(py)?.call_method1("dumps", (object,))?;
     Ok(pickled.cast::<PyBytes>()?.as_bytes().to_vec())
 }
 

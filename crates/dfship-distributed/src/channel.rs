@@ -38,6 +38,8 @@ use datafusion_distributed::{
     WorkerToCoordinatorMsg,
 };
 use dfship_codec::ErrorKind;
+
+use crate::watched_connector::WatchedConnector;
 use futures::stream::{BoxStream, StreamExt};
 use http::HeaderMap;
 use url::Url;
@@ -307,9 +309,29 @@ impl Default for ChannelOptions {
     }
 }
 
-/// A channel, and the flag its [`SignedChannel`] raises when the worker at
-/// its address is no longer the one it verified (then it is made again).
-type ChannelCell = Arc<tokio::sync::OnceCell<(BoxCloneSyncChannel, Option<Arc<AtomicBool>>)>>;
+/// A channel, and the flags that make the resolver make it again: raised
+/// when its connection closed ([`WatchedConnector`]: tonic would otherwise
+/// reconnect by itself and may keep a failed attempt's error for a later
+/// query), and by its [`SignedChannel`] when the worker at its address is no
+/// longer the one it verified.
+#[derive(Clone)]
+struct Connected {
+    channel: BoxCloneSyncChannel,
+    closed: Arc<AtomicBool>,
+    stale: Option<Arc<AtomicBool>>,
+}
+
+impl Connected {
+    fn outdated(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+            || self
+                .stale
+                .as_ref()
+                .is_some_and(|stale| stale.load(Ordering::Acquire))
+    }
+}
+
+type ChannelCell = Arc<tokio::sync::OnceCell<Connected>>;
 
 /// gRPC channels to workers (one per URL, reused, with [`ChannelOptions`]),
 /// wrapped in [`InlineUdfChannel`]. Install it with
@@ -357,7 +379,7 @@ impl InlineUdfChannelResolver {
         self.payloads.stats()
     }
 
-    async fn connect(&self, url: &Url) -> Result<(BoxCloneSyncChannel, Option<Arc<AtomicBool>>)> {
+    async fn connect(&self, url: &Url) -> Result<Connected> {
         let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| {
                 DataFusionError::Configuration(format!(
@@ -393,16 +415,21 @@ impl InlineUdfChannelResolver {
             }
             _ => {}
         }
-        let channel = endpoint.connect().await.map_err(|e| {
-            DataFusionError::Execution(format!(
+        let connector = WatchedConnector::new(self.options.keepalive_interval);
+        let closed = connector.closed();
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                DataFusionError::Execution(format!(
                 "{} cannot connect to worker {url} within {:?}: {e} ({e:?}); check that it runs \
                  and that this host can reach it",
                 ErrorKind::WorkerLost.tag(),
                 self.options.connect_timeout
             ))
-        })?;
+            })?;
         let mut limited = LimitedChannel::new(channel, self.options.max_message_bytes);
-        Ok(match &self.auth {
+        let (channel, stale) = match &self.auth {
             Some(auth) => {
                 // Nothing signed goes to an endpoint before it proves it
                 // holds the key (`rpc_auth`).
@@ -419,25 +446,28 @@ impl InlineUdfChannelResolver {
                 (BoxCloneSyncChannel::new(signed), Some(stale))
             }
             None => (BoxCloneSyncChannel::new(limited), None),
+        };
+        Ok(Connected {
+            channel,
+            closed,
+            stale,
         })
     }
 
     async fn channel(&self, url: &Url) -> Result<BoxCloneSyncChannel> {
         let cell = {
             let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-            let stale = channels.get(url).is_some_and(|cell| {
-                cell.get()
-                    .and_then(|(_, stale)| stale.as_ref())
-                    .is_some_and(|stale| stale.load(Ordering::Acquire))
-            });
-            if stale {
-                // Ask the address who it is again.
+            let outdated = channels
+                .get(url)
+                .is_some_and(|cell| cell.get().is_some_and(Connected::outdated));
+            if outdated {
+                // Connect afresh, and ask the address who it is again.
                 channels.remove(url);
             }
             Arc::clone(channels.entry(url.clone()).or_default())
         };
         match cell.get_or_try_init(|| self.connect(url)).await {
-            Ok((channel, _)) => Ok(channel.clone()),
+            Ok(connected) => Ok(connected.channel.clone()),
             Err(error) => {
                 // Forget the failed attempt so the next query connects afresh.
                 let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());

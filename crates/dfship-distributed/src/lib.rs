@@ -51,6 +51,7 @@ mod staged_copy;
 mod task_lifetime;
 mod tls;
 mod watch;
+mod watched_connector;
 mod worker_errors;
 mod worker_server;
 
