@@ -176,3 +176,58 @@ def test_a_module_that_cannot_travel_by_value_is_named_in_the_error(
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("lockedlib", None)
+
+
+def fake_distribution(folder: Path, version: str) -> Path:
+    """An installed-looking package ``skewpkg`` at ``version`` (its
+    ``.dist-info`` beside it, as pip leaves it), in ``folder``."""
+    (folder / "skewpkg").mkdir(parents=True, exist_ok=True)
+    (folder / "skewpkg" / "__init__.py").write_text(
+        "import pyarrow.compute as pc\n\ndef bump(v):\n    return pc.add(v, 1)\n"
+    )
+    info = folder / f"skewpkg-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: skewpkg\nVersion: {version}\n")
+    (info / "top_level.txt").write_text("skewpkg\n")
+    return folder
+
+
+def test_a_package_in_another_version_on_the_workers_is_refused_naming_both_versions(
+    numbers: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workers_copy = fake_distribution(tmp_path / "workers", "1.4.0")
+    total = sum(range(FILES * ROWS)) + FILES * ROWS
+
+    def run(cluster: dfship.LocalCluster, version: str) -> int:
+        folder = fake_distribution(tmp_path / f"coordinator-{version}", version)
+        sys.path.insert(0, str(folder))
+        try:
+            skewpkg = importlib.import_module("skewpkg")
+            ctx = cluster.context(bytes_per_partition=1)
+            ctx.register_parquet("numbers", numbers)
+            bump = dfship.udf([pa.int64()], pa.int64(), "immutable", name="bump")(lambda v: skewpkg.bump(v))
+            ctx.register_udf(bump)
+            result: int = ctx.sql("SELECT sum(bump(v)) AS s FROM numbers").collect().column("s")[0].as_py()
+            return result
+        finally:
+            sys.path.remove(str(folder))
+            sys.modules.pop("skewpkg", None)
+
+    with dfship.LocalCluster(workers=2, env={"PYTHONPATH": str(workers_copy)}) as cluster:
+        # Another major version: refused before the UDF is unpickled, naming
+        # the package, both versions and the worker's environment.
+        with pytest.raises(dfship.UdfLoadError) as refused:
+            run(cluster, "2.1.0")
+        text = str(refused.value)
+        assert "[version-skew]" in text and "skewpkg 2.1.0 on the coordinator but 1.4.0 here" in text, text
+        assert sys.prefix in text, text
+        # Another minor version passes by default; DFSHIP_VERSION_SKEW=minor refuses it.
+        assert run(cluster, "1.9.0") == total
+        monkeypatch.setenv("DFSHIP_VERSION_SKEW", "minor")
+        with pytest.raises(dfship.UdfLoadError, match="skewpkg 1.9.0 on the coordinator but 1.4.0 here"):
+            run(cluster, "1.9.0")
+        monkeypatch.setenv("DFSHIP_VERSION_SKEW", "off")
+        assert run(cluster, "2.1.0") == total
+        monkeypatch.setenv("DFSHIP_VERSION_SKEW", "sometimes")
+        with pytest.raises(dfship.DfshipError, match="DFSHIP_VERSION_SKEW is 'sometimes'"):
+            run(cluster, "1.4.0")

@@ -12,9 +12,18 @@ installed-packages folder, and pickles them *by value* with the callable
 (``cloudpickle.register_pickle_by_value`` for the duration of one
 ``dumps``; modules the user registered stay registered).
 
+It also records the version of every installed distribution the callable
+reaches *by reference* (``pandas``, ``numpy``, ``sklearn``…) as this process
+has it, and wraps the pickle so that the process that loads it compares
+those versions with its own *before* unpickling the callable: a different
+major version (``DFSHIP_VERSION_SKEW=minor``: minor version; ``off``: no
+check) is refused with an error naming each package, both versions and the
+environment, instead of an obscure failure deep inside ``pickle``.
+
 Loaded by ``dfship-codec`` (``python.rs``); nothing here imports dfship.
 """
 
+import importlib.metadata
 import os
 import site
 import sys
@@ -58,25 +67,65 @@ def _installed_folders():
 _NEVER = ("dfship", "cloudpickle", "pyarrow")
 
 
+# The distributions that provide each importable top-level name, per
+# ``sys.path`` (scanning every installed distribution takes milliseconds).
+_DISTRIBUTIONS = (None, {})
+
+
+def _distributions():
+    global _DISTRIBUTIONS
+    path = tuple(sys.path)
+    if _DISTRIBUTIONS[0] != path:
+        try:
+            found = importlib.metadata.packages_distributions()
+        except Exception:
+            found = {}
+        _DISTRIBUTIONS = (path, found)
+    return _DISTRIBUTIONS[1]
+
+
 def _is_local(module):
     """True for a pure-Python module loaded from a file outside the standard
-    library and the installed packages (``__main__`` travels by value anyway;
-    a compiled extension cannot)."""
+    library and the installed packages, that no installed distribution
+    provides (``__main__`` travels by value anyway; a compiled extension
+    cannot)."""
     name = getattr(module, "__name__", None)
     if not isinstance(name, str) or name == "__main__" or name in sys.builtin_module_names:
         return False
-    if name.partition(".")[0] in _NEVER or sys.modules.get(name) is not module:
+    top = name.partition(".")[0]
+    if top in _NEVER or sys.modules.get(name) is not module:
         return False
     path = getattr(module, "__file__", None)
     if not isinstance(path, str) or not path.endswith(".py"):
         return False
-    return not os.path.realpath(path).startswith(_installed_folders())
+    if os.path.realpath(path).startswith(_installed_folders()):
+        return False
+    return top not in _distributions()
+
+
+def _installed_top(module):
+    """The top-level name of an installed, non-standard module (one that
+    travels by reference and that a worker must have in the same version)."""
+    name = getattr(module, "__name__", None)
+    if not isinstance(name, str) or name == "__main__":
+        return None
+    top = name.partition(".")[0]
+    if top in sys.builtin_module_names or top in getattr(sys, "stdlib_module_names", ()):
+        return None
+    return top
 
 
 def local_modules(obj):
     """The local modules ``obj`` reaches (each one, packages and submodules
     alike: a package may hold compiled submodules that cannot travel)."""
+    return reached(obj)[0]
+
+
+def reached(obj):
+    """The local modules ``obj`` reaches, and the top-level names of the
+    installed modules it reaches."""
     found = {}
+    installed = set()
     seen = set()
     stack = [obj]
     visits = 0
@@ -90,6 +139,10 @@ def local_modules(obj):
             if _is_local(item):
                 found[item.__name__] = item
                 stack.extend(vars(item).values())
+            else:
+                top = _installed_top(item)
+                if top is not None:
+                    installed.add(top)
             continue
         module = sys.modules.get(getattr(item, "__module__", None) or "")
         if module is not None:
@@ -116,7 +169,7 @@ def local_modules(obj):
             state = getattr(item, "__dict__", None)
             if isinstance(state, dict):
                 stack.extend(state.values())
-    return list(found.values())
+    return list(found.values()), installed
 
 
 def _filled(cell):
@@ -133,37 +186,124 @@ _LOCK = threading.Lock()
 
 
 def dumps(obj):
-    """``cloudpickle.dumps(obj)`` with the local modules it reaches by value.
+    """``cloudpickle.dumps(obj)`` with the local modules it reaches by value,
+    wrapped with the versions of the installed distributions it reaches by
+    reference (checked by whoever loads it, before the callable is unpickled).
 
-    When one of them cannot be pickled by value (a global holding a lock, a
-    connection…), the callable is pickled as before, by reference: workers
-    that can import those modules (the same code on their ``sys.path``) run
-    it, the others answer with an error naming the module."""
+    When a local module cannot be pickled by value (a global holding a lock,
+    a connection…), the callable is pickled by reference: workers that can
+    import that module (the same code on their ``sys.path``) run it, the
+    others answer with an error naming the module."""
     with _LOCK:
-        registered = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
-        added = []
-        for module in local_modules(obj):
-            if module.__name__ not in registered:
-                try:
-                    cloudpickle.register_pickle_by_value(module)
-                except ValueError:  # not importable by its name
-                    continue
-                added.append(module)
-        try:
-            return cloudpickle.dumps(obj)
-        except Exception as error:
-            if not added:
-                raise
-            names = ", ".join(m.__name__ for m in added)
-            what = getattr(obj, "__name__", obj)
-            warnings.warn(
-                f"dfship: the module(s) {names} cannot travel by value with {what!r} "
-                f"({type(error).__name__}: {error}); it is pickled by reference, so workers must be able "
-                "to import them (install them there, or move what cannot be pickled out of the module's "
-                "globals)",
-                stacklevel=2,
-            )
-        finally:
-            for module in added:
-                cloudpickle.unregister_pickle_by_value(module)
+        local, installed = reached(obj)
+        pickle = _dumps_with(obj, local)
+        level = _skew_level()
+        versions = _versions(installed) if level != "off" else {}
+        if not versions:
+            return pickle
+        return cloudpickle.dumps(_Checked(versions, level, pickle))
+
+
+def _dumps_with(obj, local):
+    registered = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", set())
+    added = []
+    for module in local:
+        if module.__name__ not in registered:
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:  # not importable by its name
+                continue
+            added.append(module)
+    try:
         return cloudpickle.dumps(obj)
+    except Exception as error:
+        if not added:
+            raise
+        names = ", ".join(m.__name__ for m in added)
+        what = getattr(obj, "__name__", obj)
+        warnings.warn(
+            f"dfship: the module(s) {names} cannot travel by value with {what!r} "
+            f"({type(error).__name__}: {error}); it is pickled by reference, so workers must be able "
+            "to import them (install them there, or move what cannot be pickled out of the module's "
+            "globals)",
+            stacklevel=3,
+        )
+    finally:
+        for module in added:
+            cloudpickle.unregister_pickle_by_value(module)
+    return cloudpickle.dumps(obj)
+
+
+_LEVELS = ("major", "minor", "off")
+
+# At most this many distributions are recorded per pickle.
+_MAX_DISTRIBUTIONS = 64
+
+
+def _skew_level():
+    level = os.environ.get("DFSHIP_VERSION_SKEW", "major").strip().lower() or "major"
+    if level not in _LEVELS:
+        raise ValueError(
+            f"DFSHIP_VERSION_SKEW is {level!r}; set it to major (refuse a different major version "
+            "of a package a UDF uses on a worker, the default), minor, or off"
+        )
+    return level
+
+
+def _versions(tops):
+    """``{distribution: version}`` for the installed top-level names ``tops``."""
+    versions = {}
+    providers = _distributions()
+    for top in sorted(tops):
+        for dist in providers.get(top, ()):
+            if dist.lower() == "cloudpickle" or dist in versions:
+                continue  # cloudpickle: the frame checks its major version
+            try:
+                versions[dist] = importlib.metadata.version(dist)
+            except Exception:
+                continue
+            if len(versions) >= _MAX_DISTRIBUTIONS:
+                return versions
+    return versions
+
+
+# What runs where the pickle is loaded, before the UDF is unpickled: refuse
+# version skew, then unpickle. It travels as source text run by the
+# loader's own `eval`/`exec` (a few hundred bytes, where a function pickled
+# by value would add kilobytes to every payload).
+_CHECK_SOURCE = """
+import importlib.metadata, re, sys, cloudpickle
+def release(version):
+    match = re.match(r"(\\d+)(?:\\.(\\d+))?", version)
+    return None if match is None else tuple(int(n) for n in match.groups("0"))[:parts]
+parts = 2 if level == "minor" else 1
+skewed = []
+for dist, theirs in versions.items():
+    try:
+        ours = importlib.metadata.version(dist)
+    except Exception:
+        continue  # not installed: unpickling names the missing module
+    if None not in (release(theirs), release(ours)) and release(theirs) != release(ours):
+        skewed.append(f"{dist} {theirs} on the coordinator but {ours} here")
+if skewed:
+    raise ImportError(
+        "[version-skew] this UDF was pickled next to other package versions than this "
+        f"worker's Python environment ({sys.prefix}) has, a different {level} version: "
+        + "; ".join(skewed) + ". Install the coordinator's versions on every worker "
+        "(deploy/requirements.txt), or pin the coordinator to the workers' "
+        "(DFSHIP_VERSION_SKEW=minor, major or off on the coordinator sets how strict this is)"
+    )
+loaded = cloudpickle.loads(pickle)
+"""
+
+
+class _Checked:
+    """Pickles as ``eval`` of :data:`_CHECK_SOURCE` over the versions, the
+    strictness and the UDF's own pickle; loading it gives the UDF."""
+
+    def __init__(self, versions, level, pickle):
+        self.scope = {"versions": versions, "level": level, "pickle": pickle}
+
+    def __reduce__(self):
+        run = "exec(source, scope) or scope['loaded']"
+        return (eval, (run, {"source": _CHECK_SOURCE, "scope": self.scope}))
