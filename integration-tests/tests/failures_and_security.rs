@@ -318,7 +318,7 @@ impl SwitchingProxy {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_address_that_now_leads_to_another_worker_is_asked_again_and_the_query_retried() {
+async fn an_address_that_leads_to_another_worker_is_asked_again_before_anything_signed() {
     let dir = dataset().await;
     let workers = PythonWorkerSessionBuilder::new(CodecOptions::default().with_cluster_key(key(7)));
     let cluster = InProcessCluster::start(3, workers).await;
@@ -337,17 +337,30 @@ async fn an_address_that_now_leads_to_another_worker_is_asked_again_and_the_quer
     let first = dfship_distributed::collect(ctx.sql(query).await.unwrap())
         .await
         .unwrap();
-    // The address now leads to worker 2, which refuses proofs made for
-    // worker 0: the coordinator asks the address again and plans again.
+    // The address now leads to worker 2 (the proxy closed the connections
+    // to worker 0). The coordinator's channel saw its connection close, so
+    // it connects afresh and asks the address who it is before it sends
+    // anything signed: worker 2 never sees a proof made for worker 0 (a
+    // channel that reconnected by itself would send one, be refused, and
+    // make the query plan again).
     let refused = dfship_distributed::refused_requests();
+    let hellos = dfship_distributed::hello_requests().answered;
     proxy.switch_to(&host(&cluster.urls[2]));
+    // Time for the closed connections' ends to be read (a query racing the
+    // close would take the other path, the refusal and a new plan).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let second = dfship_distributed::collect(ctx.sql(query).await.unwrap())
         .await
         .unwrap();
     assert_eq!(rows(first), rows(second));
     assert!(
-        dfship_distributed::refused_requests() > refused,
-        "worker 2 refused a proof made for worker 0 (the path under test was taken)"
+        dfship_distributed::hello_requests().answered > hellos,
+        "the address was asked who it is again"
+    );
+    assert_eq!(
+        dfship_distributed::refused_requests(),
+        refused,
+        "no proof made for worker 0 reached worker 2"
     );
     // And from then on the address is known as worker 2: no more refusals.
     let refused = dfship_distributed::refused_requests();
