@@ -449,11 +449,14 @@ fn a_module_only_the_coordinator_has() {
     cluster.write_dataset();
     let all = ["w1", "w2", "w3"];
     let query = "SELECT max(with_bonus(id)) AS m FROM facts";
-    let by_reference = cluster.sql(&all, "by_reference.py", query, &[]);
-    assert_fails_with(
-        &by_reference,
-        "a UDF importing coord_helper by reference",
-        &["coord_helper", "register_pickle_by_value"],
+    // The workers' image has no coord_helper: it travels by value with the
+    // UDF that imports it, found by dfship (no registration).
+    let local = cluster.sql(&all, "local_module.py", query, &[]);
+    assert_ok(&local, "a UDF importing a module only the coordinator has");
+    assert!(
+        local.stdout.contains("5800"),
+        "4800 + 1000:\n{}",
+        local.stdout
     );
     let by_value = cluster.sql(&all, "by_value.py", query, &[]);
     assert_ok(&by_value, "the same UDF with coord_helper pickled by value");

@@ -67,9 +67,10 @@ def _installed_folders():
 _NEVER = ("dfship", "cloudpickle", "pyarrow")
 
 
-# The distributions that provide each importable top-level name, per
-# ``sys.path`` (scanning every installed distribution takes milliseconds).
-_DISTRIBUTIONS = (None, {})
+# The distributions that provide each importable top-level name, and the
+# versions looked up so far, per ``sys.path`` (scanning the installed
+# distributions takes milliseconds).
+_DISTRIBUTIONS = (None, {}, {})
 
 
 def _distributions():
@@ -80,8 +81,19 @@ def _distributions():
             found = importlib.metadata.packages_distributions()
         except Exception:
             found = {}
-        _DISTRIBUTIONS = (path, found)
+        _DISTRIBUTIONS = (path, found, {})
     return _DISTRIBUTIONS[1]
+
+
+def _version(dist):
+    _distributions()
+    known = _DISTRIBUTIONS[2]
+    if dist not in known:
+        try:
+            known[dist] = importlib.metadata.version(dist)
+        except Exception:
+            known[dist] = None
+    return known[dist]
 
 
 def _is_local(module):
@@ -123,7 +135,9 @@ def local_modules(obj):
 
 def reached(obj):
     """The local modules ``obj`` reaches, and the top-level names of the
-    installed modules it reaches."""
+    installed modules it reaches. Only what travels by value is looked into
+    (functions and classes of ``__main__``, of local or dynamic modules,
+    and plain data); what is installed is only named."""
     found = {}
     installed = set()
     seen = set()
@@ -138,15 +152,24 @@ def reached(obj):
         if isinstance(item, types.ModuleType):
             if _is_local(item):
                 found[item.__name__] = item
-                stack.extend(vars(item).values())
+                stack.extend(v for k, v in vars(item).items() if not k.startswith("__"))
             else:
                 top = _installed_top(item)
                 if top is not None:
                     installed.add(top)
             continue
-        module = sys.modules.get(getattr(item, "__module__", None) or "")
+        if isinstance(item, (str, bytes, int, float, bool, type(None))):
+            continue
+        try:
+            name = getattr(item, "__module__", None)
+        except Exception:
+            name = None
+        module = sys.modules.get(name) if isinstance(name, str) else None
         if module is not None:
             stack.append(module)
+            if module.__name__ != "__main__" and not _is_local(module):
+                if isinstance(item, (types.FunctionType, type)):
+                    continue  # pickled by reference: only its module matters
         if isinstance(item, types.FunctionType):
             stack.extend(item.__globals__.get(n) for n in item.__code__.co_names if n in item.__globals__)
             stack.extend(c.cell_contents for c in item.__closure__ or () if _filled(c))
@@ -163,7 +186,7 @@ def reached(obj):
             stack.extend(item)
         elif isinstance(item, dict):
             stack.extend(item.values())
-        elif not isinstance(item, (str, bytes, int, float, bool, type(None))):
+        else:
             # An instance (a callable class's object): its class and state.
             stack.append(type(item))
             state = getattr(item, "__dict__", None)
@@ -258,10 +281,10 @@ def _versions(tops):
         for dist in providers.get(top, ()):
             if dist.lower() == "cloudpickle" or dist in versions:
                 continue  # cloudpickle: the frame checks its major version
-            try:
-                versions[dist] = importlib.metadata.version(dist)
-            except Exception:
+            version = _version(dist)
+            if version is None:
                 continue
+            versions[dist] = version
             if len(versions) >= _MAX_DISTRIBUTIONS:
                 return versions
     return versions

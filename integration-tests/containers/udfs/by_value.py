@@ -1,4 +1,5 @@
-"""The same UDF as by_reference.py, with the helper module pickled by value:
+"""The same UDF as local_module.py, with the helper module registered by value
+by hand (as before dfship did it by itself; a registration is kept as is):
 workers get its code inside the payload and need no copy of it."""
 
 import cloudpickle

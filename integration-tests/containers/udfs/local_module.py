@@ -1,5 +1,6 @@
-"""A UDF calling a coordinator-only module: cloudpickle pickles `coord_helper`
-by reference, so workers must import it, and they cannot."""
+"""A UDF calling a module only the coordinator has (`/coord-lib`, on its
+`sys.path`, not installed): dfship pickles `coord_helper` by value with the
+UDF, so workers that cannot import it run it."""
 
 import coord_helper
 import pyarrow as pa
