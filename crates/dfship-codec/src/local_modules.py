@@ -73,7 +73,10 @@ _NEVER = ("dfship", "cloudpickle", "pyarrow")
 _DISTRIBUTIONS = (None, {}, {})
 
 
-def _distributions():
+def _metadata():
+    """``(providers, versions)`` for the current ``sys.path``: the
+    distributions providing each top-level name, and the versions looked
+    up so far."""
     global _DISTRIBUTIONS
     path = tuple(sys.path)
     if _DISTRIBUTIONS[0] != path:
@@ -82,12 +85,11 @@ def _distributions():
         except Exception:
             found = {}
         _DISTRIBUTIONS = (path, found, {})
-    return _DISTRIBUTIONS[1]
+    return _DISTRIBUTIONS[1], _DISTRIBUTIONS[2]
 
 
 def _version(dist):
-    _distributions()
-    known = _DISTRIBUTIONS[2]
+    known = _metadata()[1]
     if dist not in known:
         try:
             known[dist] = importlib.metadata.version(dist)
@@ -112,7 +114,7 @@ def _is_local(module):
         return False
     if os.path.realpath(path).startswith(_installed_folders()):
         return False
-    return top not in _distributions()
+    return top not in _metadata()[0]
 
 
 def _installed_top(module):
@@ -127,15 +129,10 @@ def _installed_top(module):
     return top
 
 
-def local_modules(obj):
-    """The local modules ``obj`` reaches (each one, packages and submodules
-    alike: a package may hold compiled submodules that cannot travel)."""
-    return reached(obj)[0]
-
-
 def reached(obj):
-    """The local modules ``obj`` reaches, and the top-level names of the
-    installed modules it reaches. Only what travels by value is looked into
+    """The local modules ``obj`` reaches (each one, packages and submodules
+    alike: a package may hold compiled submodules that cannot travel), and
+    the top-level names of the installed modules it reaches. Only what travels by value is looked into
     (functions and classes of ``__main__``, of local or dynamic modules,
     and plain data); what is installed is only named."""
     found = {}
@@ -143,6 +140,13 @@ def reached(obj):
     seen = set()
     stack = [obj]
     visits = 0
+    verdicts = {}  # id(module) -> _is_local(module), asked once per walk
+
+    def is_local(module):
+        if id(module) not in verdicts:
+            verdicts[id(module)] = _is_local(module)
+        return verdicts[id(module)]
+
     while stack and visits < _MAX_VISITS:
         item = stack.pop()
         if id(item) in seen:
@@ -150,7 +154,7 @@ def reached(obj):
         seen.add(id(item))
         visits += 1
         if isinstance(item, types.ModuleType):
-            if _is_local(item):
+            if is_local(item):
                 found[item.__name__] = item
                 stack.extend(v for k, v in vars(item).items() if not k.startswith("__"))
             else:
@@ -167,7 +171,7 @@ def reached(obj):
         module = sys.modules.get(name) if isinstance(name, str) else None
         if module is not None:
             stack.append(module)
-            if module.__name__ != "__main__" and not _is_local(module):
+            if module.__name__ != "__main__" and not is_local(module):
                 if isinstance(item, (types.FunctionType, type)):
                     continue  # pickled by reference: only its module matters
         if isinstance(item, types.FunctionType):
@@ -217,10 +221,10 @@ def dumps(obj):
     a connection…), the callable is pickled by reference: workers that can
     import that module (the same code on their ``sys.path``) run it, the
     others answer with an error naming the module."""
+    level = _skew_level()
     with _LOCK:
         local, installed = reached(obj)
         pickle = _dumps_with(obj, local)
-        level = _skew_level()
         versions = _versions(installed) if level != "off" else {}
         if not versions:
             return pickle
@@ -276,7 +280,7 @@ def _skew_level():
 def _versions(tops):
     """``{distribution: version}`` for the installed top-level names ``tops``."""
     versions = {}
-    providers = _distributions()
+    providers = _metadata()[0]
     for top in sorted(tops):
         for dist in providers.get(top, ()):
             if dist.lower() == "cloudpickle" or dist in versions:

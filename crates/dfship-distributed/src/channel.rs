@@ -38,8 +38,6 @@ use datafusion_distributed::{
     WorkerToCoordinatorMsg,
 };
 use dfship_codec::ErrorKind;
-
-use crate::watched_connector::WatchedConnector;
 use futures::stream::{BoxStream, StreamExt};
 use http::HeaderMap;
 use url::Url;
@@ -50,6 +48,7 @@ use crate::payloads::PayloadTracker;
 use crate::rpc_auth::{RpcAuthenticator, SignedChannel};
 use crate::task_lifetime::TASK_ID_HEADER;
 use crate::tls::TlsConfig;
+use crate::watched_connector::WatchedConnector;
 use crate::worker_errors::{explain_worker_error, PlanSendFailures};
 
 /// A [`WorkerChannel`] that has plans and partitionings encoded by
@@ -386,8 +385,9 @@ impl InlineUdfChannelResolver {
                     "'{url}' is not a valid worker URL ({e}); use http://HOST:PORT"
                 ))
             })?
+            // TCP keepalive is set on the connector (`WatchedConnector`):
+            // tonic applies an endpoint's TCP settings only to its own.
             .connect_timeout(self.options.connect_timeout)
-            .tcp_keepalive(Some(self.options.keepalive_interval))
             .http2_keep_alive_interval(self.options.keepalive_interval)
             .keep_alive_timeout(self.options.keepalive_timeout)
             .keep_alive_while_idle(true)
