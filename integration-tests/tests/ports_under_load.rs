@@ -157,7 +157,6 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-/// A TCP connection to `to` from `FLOOD_IP`.
 /// Runs the test query as a keyed client (from 127.0.0.1) while `flood`
 /// goes on against `workers[0]`: checks its rows and that the flooded worker
 /// ran tasks of it; the client's context (its connections stay open) and
@@ -188,6 +187,7 @@ async fn keyed_query_during(
     (ctx, took)
 }
 
+/// A TCP connection to `to` from `FLOOD_IP`.
 async fn connect_from_flood_ip(to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(IpAddr::V4(FLOOD_IP), 0))?;

@@ -171,8 +171,10 @@ def test_a_module_that_cannot_travel_by_value_is_named_in_the_error(
         ctx.register_parquet("numbers", numbers)
         ctx.register_udf(dfship.udf([pa.int64()], pa.int64(), "immutable", name="locked")(lockedlib.locked))
         with pytest.warns(UserWarning, match="lockedlib cannot travel by value"):
-            with pytest.raises(dfship.UdfLoadError, match="lockedlib"):
+            with pytest.raises(dfship.UdfLoadError, match="lockedlib") as refused:
                 ctx.sql("SELECT locked(v) FROM numbers").collect()
+        # The error names the remedy too.
+        assert "register_pickle_by_value" in str(refused.value), refused.value
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("lockedlib", None)
