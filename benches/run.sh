@@ -79,6 +79,9 @@ echo "bench: what authentication and query isolation cost per query"
 echo "bench: what bringing UDF output back to the client costs"
 "$venv/bin/python" benches/e2e/udf_output.py --out "$out"
 
+echo "bench: environments (a build, cached entries, a 5 MB working_dir)"
+"$venv/bin/python" benches/e2e/environments.py --out "$out"
+
 case " $* " in
 *" --skip-spark "*) echo "bench: --skip-spark given, so no profile of the GIL-bound query against PySpark" ;;
 *)

@@ -465,6 +465,21 @@ fn a_module_only_the_coordinator_has() {
         "4800 + 1000:\n{}",
         by_value.stdout
     );
+    // A package (two modules) the workers' image lacks, shipped by the UDF
+    // file's environment, unpacked into each worker's cache and imported
+    // there by the runners (which run as nobody).
+    let shipped = cluster.sql(
+        &all,
+        "shipped_package.py",
+        "SELECT max(with_pkg_bonus(id)) AS m FROM facts",
+        &[],
+    );
+    assert_ok(&shipped, "a package shipped with the UDF file's environment");
+    assert!(
+        shipped.stdout.contains("6800"),
+        "4800 + 2000:\n{}",
+        shipped.stdout
+    );
 }
 
 #[test]

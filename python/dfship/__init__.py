@@ -35,6 +35,7 @@ from dfship.udf import PythonUDAF, PythonUDF, PythonUDWF, udaf, udf, udwf
 if TYPE_CHECKING:
     from dfship.cluster import LocalCluster
     from dfship.context import ClusterContext, DataFrame
+    from dfship.environment import Environment
     from dfship.errors import (
         AuthenticationError,
         DfshipError,
@@ -68,6 +69,7 @@ __all__ = [
     "ClusterContext",
     "DataFrame",
     "DfshipError",
+    "Environment",
     "LocalCluster",
     "PayloadRefusedError",
     "PlanningError",
@@ -90,6 +92,7 @@ __all__ = [
 _LAZY = {
     "ClusterContext": "dfship.context",
     "DataFrame": "dfship.context",
+    "Environment": "dfship.environment",
     "LocalCluster": "dfship.cluster",
     **dict.fromkeys(_ERRORS, "dfship.errors"),
 }

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from dfship import _native
+from dfship.environment import Environment, _Bound
 from dfship.errors import (
     DfshipError,
     PayloadRefusedError,
@@ -179,6 +181,18 @@ class ClusterContext:
     (``DFSHIP_PYTHON_RUNNERS``) and in a TOML settings file (``config=``;
     ``[python] runners = 2``); a keyword wins over the variable, which wins
     over the file. ``dfship.settings()`` lists them all.
+
+    ``py_modules`` (modules, ``.py`` files or package folders),
+    ``working_dir`` (a folder: importable, and the runners' working
+    directory) and ``requirements`` (a list, or a requirements file; wheels
+    only, from the workers' package index or from ``wheelhouse``, a folder
+    of wheels shipped with them) make this context's *environment*: every
+    UDF it registers runs on runners of that environment only, which have
+    its code and packages first on ``sys.path`` (see
+    :mod:`dfship.environment`). What is shipped is capped at
+    ``max_environment_bytes`` (64 MiB). Without them, the modules of your
+    own a UDF uses (files outside the standard library and installed
+    packages) travel inside its pickle.
     """
 
     def __init__(
@@ -218,7 +232,25 @@ class ClusterContext:
         storage_options: Mapping[str, str] | Sequence[str] | None = None,
         cloud_metadata: bool | None = None,
         config: str | os.PathLike[str] | None = None,
+        py_modules: Sequence[str | os.PathLike[str] | types.ModuleType] | None = None,
+        working_dir: str | os.PathLike[str] | None = None,
+        requirements: Sequence[str] | str | os.PathLike[str] | None = None,
+        wheelhouse: str | os.PathLike[str] | None = None,
+        max_environment_bytes: int | None = None,
     ) -> None:
+        self.environment: Environment | None = None
+        if py_modules or working_dir is not None or requirements:
+            self.environment = Environment(
+                py_modules=list(py_modules or ()),
+                working_dir=working_dir,
+                requirements=requirements,
+                wheelhouse=wheelhouse,
+                max_bytes=max_environment_bytes,
+            )
+        elif wheelhouse is not None:
+            raise ValueError(
+                "wheelhouse= ships wheels for requirements=: give the requirements to install from it"
+            )
         if isinstance(workers, str):
             workers = [w for w in workers.split(",") if w]
         self.workers = list(workers)
@@ -264,21 +296,24 @@ class ClusterContext:
             raise TypeError(
                 f"register_udf() needs a dfship.udf/udaf/udwf(...) declaration, got {type(udf).__name__}"
             )
-        self._native.register_udf(udf)
+        self._native.register_udf(self._in_environment(udf))
+
+    def _in_environment(self, udf: Any) -> Any:
+        return udf if self.environment is None else _Bound(udf, self.environment)
 
     def register_udaf(self, udaf: PythonUDAF) -> None:
         """Makes an aggregate UDF declared with :func:`dfship.udaf` callable by its name."""
         if not isinstance(udaf, PythonUDAF):
             kind = type(udaf).__name__
             raise TypeError(f"register_udaf() needs a dfship.udaf(...) declaration, got {kind}")
-        self._native.register_udf(udaf)
+        self._native.register_udf(self._in_environment(udaf))
 
     def register_udwf(self, udwf: PythonUDWF) -> None:
         """Makes a window UDF declared with :func:`dfship.udwf` callable by its name."""
         if not isinstance(udwf, PythonUDWF):
             kind = type(udwf).__name__
             raise TypeError(f"register_udwf() needs a dfship.udwf(...) declaration, got {kind}")
-        self._native.register_udf(udwf)
+        self._native.register_udf(self._in_environment(udwf))
 
     def register_parquet(self, name: str, path: str | os.PathLike[str]) -> None:
         """Registers Parquet file(s) at ``path``: a local path every worker can read, or an

@@ -25,6 +25,10 @@ pub struct CallOptions {
     /// An async UDF's calls in flight on one runner at most
     /// (default [`dfship_runtime::DEFAULT_MAX_IN_FLIGHT`]).
     pub max_in_flight: Option<NonZeroU16>,
+    /// The environment the UDF runs in (the SHA-256 that names it, see
+    /// `local_modules.py`): a worker's runners serve the UDFs of one
+    /// environment only. `None`: the worker's own environment.
+    pub environment: Option<[u8; 32]>,
 }
 
 impl CallOptions {
@@ -43,7 +47,13 @@ impl CallOptions {
         self
     }
 
-    /// `batch_size u32 | concurrency u16 | max_in_flight u16`, 0 for unset.
+    pub fn with_environment(mut self, environment: Option<[u8; 32]>) -> Self {
+        self.environment = environment;
+        self
+    }
+
+    /// `batch_size u32 | concurrency u16 | max_in_flight u16`, 0 for unset
+    /// (the environment travels beside them, see `wire::inline`).
     pub(crate) fn to_wire(self) -> [u8; 8] {
         let mut bytes = [0u8; 8];
         bytes[..4].copy_from_slice(&self.batch_size.map_or(0, NonZeroU32::get).to_le_bytes());
@@ -60,6 +70,7 @@ impl CallOptions {
             ])),
             concurrency: NonZeroU16::new(u16_at(4)),
             max_in_flight: NonZeroU16::new(u16_at(6)),
+            environment: None,
         }
     }
 
@@ -74,6 +85,12 @@ impl CallOptions {
         }
         if let Some(calls) = self.max_in_flight {
             parts.push(format!("max_in_flight {calls}"));
+        }
+        if let Some(environment) = &self.environment {
+            parts.push(format!(
+                "environment {}",
+                crate::pickled::short_hex(environment)
+            ));
         }
         parts.join(", ")
     }

@@ -56,14 +56,21 @@ impl PythonUdf {
     }
 }
 
+/// Finds the declarations of a UDF file or module; a module-level
+/// `__dfship_environment__ = dfship.Environment(...)` puts them all in that
+/// environment (`python/dfship/environment.py`).
 const COLLECT: &std::ffi::CStr = c"
 seen = set()
 found = []
+environment = namespace.get('__dfship_environment__')
+if environment is not None and not callable(getattr(environment, 'bind', None)):
+    raise TypeError('__dfship_environment__ must be a dfship.Environment(py_modules=..., '
+                    'working_dir=..., requirements=...), got ' + type(environment).__name__)
 for value in list(namespace.values()):
     spec = getattr(value, '__dfship_udf__', None)
     if isinstance(spec, dict) and id(value) not in seen:
         seen.add(id(value))
-        found.append(spec)
+        found.append(spec if environment is None else environment.bind(spec))
 ";
 
 /// Runs the Python file at `path` and returns the UDFs it declares.
@@ -250,9 +257,29 @@ fn call_options(spec: &Bound<'_, PyAny>) -> PyResult<Result<CallOptions>> {
         Ok(n) => n.and_then(|n| NonZeroU16::new(n as u16)),
         Err(e) => return Ok(Err(e)),
     };
+    // The environment a context's `py_modules`/`working_dir`/`requirements`
+    // make (`dfship/environment.py`): the 32 bytes that name it.
+    let environment = match spec.get_item("environment") {
+        Ok(value) if !value.is_none() => match value.extract::<Vec<u8>>() {
+            Ok(bytes) if bytes.len() == 32 => {
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(&bytes);
+                Some(digest)
+            }
+            _ => {
+                return Ok(Err(DataFusionError::Plan(format!(
+                    "UDF '{name}': environment must be the 32-byte SHA-256 of an environment \
+                     (as dfship.ClusterContext sets it), got {}",
+                    value.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))))
+            }
+        },
+        _ => None,
+    };
     Ok(Ok(CallOptions {
         batch_size,
         concurrency,
         max_in_flight,
+        environment,
     }))
 }

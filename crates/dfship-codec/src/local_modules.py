@@ -222,13 +222,31 @@ def dumps(obj):
     import that module (the same code on their ``sys.path``) run it, the
     others answer with an error naming the module."""
     level = _skew_level()
+    environment = _environment_of(obj)
+    if environment is not None:
+        obj = obj.__dfship_function__
     with _LOCK:
         local, installed = reached(obj)
+        if environment is not None:
+            # What the environment ships is imported from it, by reference.
+            shipped = set(environment["shipped"])
+            local = [m for m in local if m.__name__.partition(".")[0] not in shipped]
         pickle = _dumps_with(obj, local)
         versions = _versions(installed) if level != "off" else {}
-        if not versions:
-            return pickle
-        return cloudpickle.dumps(_Checked(versions, level, pickle))
+        if versions:
+            pickle = cloudpickle.dumps(_Checked(versions, level, pickle))
+        if environment is not None:
+            pickle = cloudpickle.dumps(_Entering(environment, pickle))
+        return pickle
+
+
+def _environment_of(obj):
+    """The environment a ``dfship.ClusterContext`` bound ``obj`` to
+    (``dfship/environment.py``), or None."""
+    if type(obj).__name__ != "InEnvironment":
+        return None
+    environment = getattr(obj, "__dfship_environment__", None)
+    return environment if isinstance(environment, dict) else None
 
 
 def _dumps_with(obj, local):
@@ -312,10 +330,11 @@ for dist, theirs in versions.items():
         continue  # not installed: unpickling names the missing module
     if None not in (release(theirs), release(ours)) and release(theirs) != release(ours):
         skewed.append(f"{dist} {theirs} on the coordinator but {ours} here")
+where = sys.prefix + "".join(f" + environment {e[:12]}" for e in sys.__dict__.get("_dfship_environments", ()))
 if skewed:
     raise ImportError(
         "[version-skew] this UDF was pickled next to other package versions than this "
-        f"worker's Python environment ({sys.prefix}) has, a different {level} version: "
+        f"worker's Python environment ({where}) has, a different {level} version: "
         + "; ".join(skewed) + ". Install the coordinator's versions on every worker "
         "(deploy/requirements.txt), or pin the coordinator to the workers' "
         "(DFSHIP_VERSION_SKEW=minor, major or off on the coordinator sets how strict this is)"
@@ -334,3 +353,213 @@ class _Checked:
     def __reduce__(self):
         run = "exec(source, scope) or scope['loaded']"
         return (eval, (run, {"source": _CHECK_SOURCE, "scope": self.scope}))
+
+
+# What runs where the pickle is loaded (a runner), before anything else of
+# the UDF: make the environment's files ready in this machine's cache (once
+# per environment, under a lock), build its requirements into a venv layered
+# on this interpreter's packages (once), and put both first on `sys.path`.
+# Travels as source text, like _CHECK_SOURCE. A runner serves one
+# environment only (the worker's pool sees to it, `scheduler.rs`).
+_ENTER_SOURCE = r"""
+import fcntl, hashlib, importlib, io, os, re, shutil, stat, subprocess, sys, tempfile, time, zipfile
+import cloudpickle
+
+# A zip that unpacks to more than this is refused before anything is written.
+MAX_UNPACKED = 4 * 2**30
+
+def fail(what):
+    raise ImportError(f"[environment {label}] {what}")
+
+def cache_folder():
+    folder = os.environ.get("DFSHIP_ENVIRONMENT_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"dfship-environments-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        fail(f"the environment cache {folder} is not a folder of this runner's user (uid "
+             f"{os.getuid()}) closed to others; remove it, or point DFSHIP_ENVIRONMENT_CACHE on "
+             "the worker at a folder of that user")
+    return folder
+
+def unpack(archive, into, cap):
+    try:
+        members = zipfile.ZipFile(io.BytesIO(archive)).infolist()
+    except zipfile.BadZipFile as error:
+        fail(f"its archive is not a zip file ({error}); nothing was unpacked")
+    if sum(m.file_size for m in members) > cap:
+        fail(f"its files unpack to more than {cap} bytes; nothing was unpacked")
+    for member in members:
+        name = member.filename
+        parts = name.split("/")
+        kind = stat.S_IFMT(member.external_attr >> 16)
+        if (not name or name.startswith("/") or "\\" in name or "\0" in name
+                or ".." in parts or ":" in parts[0]
+                or kind not in (0, stat.S_IFREG, stat.S_IFDIR)):
+            fail(f"its archive holds {name!r}: a member must be a file or folder named by a "
+                 "relative path inside the archive (no '..', no absolute path, no link); the "
+                 "environment was refused and nothing of it was kept")
+    archive_file = zipfile.ZipFile(io.BytesIO(archive))
+    for member in members:
+        target = os.path.join(into, *[p for p in member.filename.split("/") if p not in ("", ".")])
+        if member.is_dir():
+            os.makedirs(target, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        mode = 0o755 if (member.external_attr >> 16) & 0o111 else 0o644
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(archive_file.read(member))
+
+def install(home):
+    venv = os.path.join(home, "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True,
+                   capture_output=True)
+    site = subprocess.run(
+        [os.path.join(venv, "bin", "python"), "-c",
+         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    # Layered: the venv sees this interpreter's packages (pyarrow, pip…).
+    with open(os.path.join(site, "_dfship_base.pth"), "w") as pth:
+        pth.write("\n".join(p for p in sys.path if p and os.path.isdir(p)) + "\n")
+    command = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--no-input",
+               "--disable-pip-version-check", "--only-binary", ":all:", "--no-cache-dir"]
+    if wheels:
+        command += ["--no-index", "--find-links", os.path.join(home, "wheels")]
+    command += requirements
+    done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        said = done.stdout + done.stderr
+        named = re.findall(r"(?:No matching distribution found for|satisfies the requirement) (\S+)", said)
+        named = sorted(set(named))
+        fail(f"installing its requirements failed ({', '.join(named or requirements)}): pip "
+             f"answered with exit code {done.returncode}: " + " | ".join(lines[-6:])
+             + (". The packages come from the wheelhouse the coordinator shipped: add the "
+                "missing wheels (built for this worker's platform and Python "
+                f"{sys.version_info[0]}.{sys.version_info[1]}) to it" if wheels else
+                ". Wheels only (no source builds): check the names and versions, and that this "
+                "worker reaches its package index (PIP_INDEX_URL)"))
+    return site
+
+def evict(folder, keep, cap):
+    homes = []
+    for name in os.listdir(folder):
+        ready = os.path.join(folder, name, ".ready")
+        if len(name) != 64:
+            continue
+        try:  # another runner may be evicting it right now
+            with open(ready) as stamp:
+                size = int(stamp.read() or 0)
+            homes.append((os.stat(ready).st_mtime, name, size))
+        except (OSError, ValueError):
+            continue
+    total = sum(size for _, _, size in homes)
+    for _, name, size in sorted(homes):
+        if total <= cap:
+            break
+        if name == keep:
+            continue
+        fd = os.open(os.path.join(folder, name + ".use"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a runner uses it
+        try:
+            gone = os.path.join(folder, f".evicted-{name}-{os.getpid()}")
+            os.rename(os.path.join(folder, name), gone)
+            shutil.rmtree(gone, ignore_errors=True)
+            total -= size
+            with open(os.path.join(folder, "evictions.log"), "a") as log:
+                log.write(f"{name} {size}\n")
+        finally:
+            os.close(fd)
+
+def enter():
+    entered = sys.__dict__.setdefault("_dfship_environments", {})
+    if digest in entered:
+        return
+    if entered:
+        fail("this interpreter already entered environment " + ", ".join(e[:12] for e in entered)
+             + ": in-process runners (python_mode in-process) share the worker's interpreter, so a "
+             "worker serves one environment that way; use runner processes (the default) for several")
+    cap = int(os.environ.get("DFSHIP_ENVIRONMENT_CACHE_BYTES") or 10 * 2**30)
+    folder = cache_folder()
+    home = os.path.join(folder, digest)
+    # Shared while this runner lives: eviction (which needs it exclusive)
+    # never removes an environment in use.
+    in_use = os.open(home + ".use", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(in_use, fcntl.LOCK_SH)
+        if not os.path.exists(os.path.join(home, ".ready")):
+            build_lock = os.open(home + ".build", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(build_lock, fcntl.LOCK_EX)  # one build at a time; others wait for it
+                if not os.path.exists(os.path.join(home, ".ready")):
+                    build(folder, home)
+            finally:
+                os.close(build_lock)
+        os.utime(os.path.join(home, ".ready"))
+    except BaseException:
+        os.close(in_use)
+        raise
+    entered[digest] = in_use
+    paths = [os.path.join(home, "code")]
+    if requirements:
+        with open(os.path.join(home, ".site")) as where:
+            paths.insert(0, os.path.join(home, where.read().strip()))
+    sys.path[0:0] = [p for p in paths if os.path.isdir(p)]
+    importlib.invalidate_caches()
+    if working_dir:
+        os.chdir(os.path.join(home, "code"))
+    evict(folder, digest, cap)
+
+def build(folder, home):
+    started = time.monotonic()
+    print(f"dfship: building environment {label} ({len(archive)} bytes of files"
+          + (f", requirements {' '.join(requirements)}" if requirements else "") + ")",
+          file=sys.__stderr__, flush=True)
+    building = tempfile.mkdtemp(prefix=f".building-{digest[:16]}-", dir=folder)
+    try:
+        unpack(archive, building, MAX_UNPACKED)
+        if requirements:
+            with open(os.path.join(building, ".site"), "w") as where:
+                where.write(os.path.relpath(install(building), building))
+        size = sum(os.lstat(os.path.join(d, f)).st_size
+                   for d, _, files in os.walk(building) for f in files)
+        shutil.rmtree(home, ignore_errors=True)
+        os.rename(building, home)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    with open(os.path.join(home, ".ready"), "w") as stamp:
+        stamp.write(str(size))
+    seconds = time.monotonic() - started
+    with open(os.path.join(folder, "builds.log"), "a") as log:
+        log.write(f"{digest} {os.getpid()} {seconds:.3f}\n")
+    print(f"dfship: built environment {label} in {seconds:.2f} s", file=sys.__stderr__, flush=True)
+
+enter()
+loaded = cloudpickle.loads(pickle)
+"""
+
+
+class _Entering:
+    """Pickles as ``eval`` of :data:`_ENTER_SOURCE` over an environment
+    (``dfship/environment.py``) and the UDF's own pickle."""
+
+    def __init__(self, environment, pickle):
+        self.scope = {
+            "digest": environment["digest"],
+            "label": environment["digest"][:12],
+            "archive": environment["archive"],
+            "requirements": list(environment["requirements"]),
+            "wheels": bool(environment["wheels"]),
+            "working_dir": bool(environment["working_dir"]),
+            "pickle": pickle,
+        }
+
+    def __reduce__(self):
+        run = "exec(source, scope) or scope['loaded']"
+        return (eval, (run, {"source": _ENTER_SOURCE, "scope": self.scope}))

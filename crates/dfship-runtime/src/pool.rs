@@ -118,6 +118,11 @@ pub struct FunctionSpec {
     pub versions: RunnerVersions,
     /// At most this many runners hold the function (load it, or keep objects made by it).
     pub concurrency: Option<usize>,
+    /// The environment the function runs in (the digest naming it): a runner
+    /// that served one environment never serves another (the pickle enters
+    /// it when loaded, putting its code on the runner's `sys.path`). `None`:
+    /// the worker's own environment.
+    pub environment: Option<[u8; 32]>,
     /// Calls of an async function in flight on one runner at most.
     pub max_in_flight: usize,
     /// Whether a stateless call may run again on a fresh runner when its

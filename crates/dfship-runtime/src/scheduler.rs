@@ -20,6 +20,14 @@
 //!   function's `max_in_flight` on that runner, never behind a synchronous one.
 //! - **A function with `concurrency = N`** is held by N runners at most
 //!   (loaded, or keeping objects it made); its calls wait for those.
+//! - **A runner serves one environment** (`FunctionSpec::environment`):
+//!   bound to the environment of the first call it serves, it never loads a
+//!   function of another (the pickle puts its environment's code on the
+//!   runner's `sys.path`, and modules once imported stay). When calls of
+//!   an environment wait and the pool is full, idle runners of other
+//!   environments retire to make room; a runner of a shipped environment
+//!   idle for [`ENVIRONMENT_IDLE`] retires too. Under `Isolation::Query`
+//!   the binding is to (environment, query).
 //! - Runners start on demand up to the pool's size; one that dies, times
 //!   out, breaks the protocol or is killed for a cancelled call is replaced.
 //! - **What may run twice**: a stateless call of a UDF that is not volatile
@@ -53,6 +61,11 @@ use crate::protocol::{self, ErrorClass, RunnerVersions, PROTOCOL_VERSION};
 /// How long a synchronous call waits for an idle runner before it queues
 /// behind a busy one.
 pub(crate) const STARVATION: Duration = Duration::from_millis(200);
+
+/// How long a runner bound to a shipped environment stays idle before it
+/// retires (its slot goes back to the pool; the environment's files stay
+/// cached on disk).
+pub(crate) const ENVIRONMENT_IDLE: Duration = Duration::from_secs(120);
 
 /// Late replies of cancelled async calls remembered per runner.
 const IGNORED_KEPT: usize = 10_000;
@@ -200,11 +213,33 @@ struct Runner {
     ending: Option<Ending>,
     /// A starving call this runner is kept for (module docs).
     reserved_for: Option<u64>,
-    /// Under `Isolation::Query`, the tenant it serves once it served one
-    /// (`Some(None)`: calls of no tenant).
-    bound: Option<Option<u64>>,
+    /// The calls it serves since it served one: their environment, and
+    /// under `Isolation::Query` their tenant.
+    bound: Option<Binding>,
+    /// When its last call ended (or it started).
+    last_used: Instant,
     /// Told when the runner is killed (its reader may wait for reply budget).
     killed: Arc<tokio::sync::Notify>,
+}
+
+/// Which calls a runner serves once it served one (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Binding {
+    environment: Option<[u8; 32]>,
+    /// `None` under `Isolation::Shared`, and for calls of no tenant.
+    tenant: Option<u64>,
+}
+
+impl Binding {
+    fn of(isolation: Isolation, spec: &CallSpec) -> Self {
+        Self {
+            environment: spec.function.environment,
+            tenant: match isolation {
+                Isolation::Shared => None,
+                Isolation::Query => spec.tenant,
+            },
+        }
+    }
 }
 
 impl Runner {
@@ -476,6 +511,7 @@ impl Scheduler {
                         ending: None,
                         reserved_for: None,
                         bound: None,
+                        last_used: Instant::now(),
                         killed,
                     },
                 );
@@ -687,6 +723,7 @@ impl Scheduler {
             runner.kill(Ending::Broken(detail));
             return;
         };
+        runner.last_used = Instant::now();
         match in_flight {
             InFlight::Load(digest) => match kind {
                 protocol::LOADED if body.len() == 1 => {
@@ -848,6 +885,19 @@ impl Scheduler {
         if let Some(blocked) = self.starts_blocked_until.filter(|until| *until > now) {
             wake = wake.min(blocked);
         }
+        // Runners of shipped environments retire when unused (`retire_runners`).
+        for runner in self.runners.values() {
+            if matches!(
+                runner.bound,
+                Some(Binding {
+                    environment: Some(_),
+                    ..
+                })
+            ) && runner.retirable()
+            {
+                wake = wake.min((runner.last_used + ENVIRONMENT_IDLE).max(now));
+            }
+        }
         wake
     }
 
@@ -917,9 +967,7 @@ impl Scheduler {
             }
         }
         self.reserve_for_starving();
-        if self.config.isolation == Isolation::Query {
-            self.retire_runners(need_runner);
-        }
+        self.retire_runners(need_runner);
         let room = self
             .config
             .runners
@@ -936,21 +984,32 @@ impl Scheduler {
         }
     }
 
-    /// Whether `runner` may serve a call of `tenant`.
-    fn serves(&self, runner: &Runner, tenant: Option<u64>) -> bool {
-        serves(self.config.isolation, runner, tenant)
+    /// Whether `runner` may serve `spec`.
+    fn serves(&self, runner: &Runner, spec: &CallSpec) -> bool {
+        serves(runner, Binding::of(self.config.isolation, spec))
     }
 
-    /// `Isolation::Query`: stops idle runners whose tenant ended, and, while
+    /// Stops idle runners whose tenant ended (`Isolation::Query`) or whose
+    /// shipped environment went unused for [`ENVIRONMENT_IDLE`], and, while
     /// calls wait for a runner that cannot start (the pool is full), idle
-    /// runners of other tenants (their replacements start when they are
-    /// reaped). A runner holding objects is never retired.
+    /// runners bound to other environments or tenants (their replacements
+    /// start when they are reaped). A runner holding objects is never retired.
     fn retire_runners(&mut self, need_runner: usize) {
         let ended = &self.ended_tenants;
+        let now = Instant::now();
         for runner in self.runners.values_mut() {
-            if runner.retirable()
-                && matches!(runner.bound, Some(Some(tenant)) if ended.contains(&tenant))
-            {
+            let tenant_ended = matches!(
+                runner.bound,
+                Some(Binding { tenant: Some(tenant), .. }) if ended.contains(&tenant)
+            );
+            let environment_unused = matches!(
+                runner.bound,
+                Some(Binding {
+                    environment: Some(_),
+                    ..
+                })
+            ) && now.duration_since(runner.last_used) >= ENVIRONMENT_IDLE;
+            if runner.retirable() && (tenant_ended || environment_unused) {
                 runner.kill(Ending::Retired);
             }
         }
@@ -960,22 +1019,23 @@ impl Scheduler {
         if wanted == 0 || room {
             return;
         }
-        let waiting_tenants: HashSet<Option<u64>> = self
+        let isolation = self.config.isolation;
+        let waiting_for: HashSet<Binding> = self
             .waiting
             .iter()
             .filter(|w| self.would_use_new_runner(w))
-            .map(|w| w.spec.tenant)
+            .map(|w| Binding::of(isolation, &w.spec))
             .collect();
-        let for_another_tenant = |runner: &&mut Runner| {
+        let bound_elsewhere = |runner: &&mut Runner| {
             runner.retirable()
                 && runner
                     .bound
-                    .is_some_and(|tenant| !waiting_tenants.contains(&tenant))
+                    .is_some_and(|binding| !waiting_for.contains(&binding))
         };
         for runner in self
             .runners
             .values_mut()
-            .filter(for_another_tenant)
+            .filter(bound_elsewhere)
             .take(wanted)
         {
             runner.kill(Ending::Retired);
@@ -1049,7 +1109,7 @@ impl Scheduler {
             runner.ending.is_none()
                 && (!capped || runner.holds(digest))
                 && runner.open_to(waiting.id)
-                && self.serves(runner, spec.tenant)
+                && self.serves(runner, spec)
         };
         let asynchronous = spec.kind == protocol::CALL
             && spec.object.is_none()
@@ -1082,7 +1142,8 @@ impl Scheduler {
     /// [`STARVATION`] with every runner busy and no runner to start.
     fn reserve_for_starving(&mut self) {
         let room_to_start = self.runners.len() + self.starting < self.config.runners;
-        let starving: Vec<(u64, [u8; 32], bool, Option<u64>)> = self
+        let isolation = self.config.isolation;
+        let starving: Vec<(u64, [u8; 32], bool, Binding)> = self
             .waiting
             .iter()
             .filter(|w| w.since.elapsed() >= STARVATION)
@@ -1097,11 +1158,15 @@ impl Scheduler {
                     .function
                     .concurrency
                     .is_some_and(|cap| self.holders(&w.spec.function.digest) >= cap);
-                (w.id, w.spec.function.digest, capped, w.spec.tenant)
+                (
+                    w.id,
+                    w.spec.function.digest,
+                    capped,
+                    Binding::of(isolation, &w.spec),
+                )
             })
             .collect();
-        let isolation = self.config.isolation;
-        for (request, digest, capped, tenant) in starving {
+        for (request, digest, capped, binding) in starving {
             if (room_to_start && !capped)
                 || self
                     .runners
@@ -1115,7 +1180,7 @@ impl Scheduler {
                 .values_mut()
                 .filter(|r| r.ending.is_none() && r.reserved_for.is_none())
                 .filter(|r| !capped || r.holds(&digest))
-                .filter(|r| serves(isolation, r, tenant))
+                .filter(|r| serves(r, binding))
                 .min_by_key(|r| (r.in_flight.len(), r.id));
             if let Some(runner) = least {
                 runner.reserved_for = Some(request);
@@ -1141,9 +1206,8 @@ impl Scheduler {
             }));
             return;
         };
-        if self.config.isolation == Isolation::Query {
-            runner.bound = Some(waiting.spec.tenant);
-        }
+        runner.bound = Some(Binding::of(self.config.isolation, &waiting.spec));
+        runner.last_used = Instant::now();
         let function = Arc::clone(&waiting.spec.function);
         let digest = function.digest;
         if !runner.loaded.contains_key(&digest) {
@@ -1244,13 +1308,10 @@ fn forget_unpinned(runner: &mut Runner, keep: &[u8; 32]) {
     }
 }
 
-/// Whether `runner` may serve a call of `tenant` under `isolation`: under
-/// `Query`, a fresh runner or one bound to that tenant.
-fn serves(isolation: Isolation, runner: &Runner, tenant: Option<u64>) -> bool {
-    match isolation {
-        Isolation::Shared => true,
-        Isolation::Query => runner.bound.is_none_or(|bound| bound == tenant),
-    }
+/// Whether `runner` may serve a call bound to `binding`: a fresh runner, or
+/// one bound to the same environment (and, under `Query`, tenant).
+fn serves(runner: &Runner, binding: Binding) -> bool {
+    runner.bound.is_none_or(|bound| bound == binding)
 }
 
 /// Waits for a new runner's READY and checks it.

@@ -894,6 +894,51 @@ fn under_query_isolation_nothing_a_query_plants_in_its_runner_reaches_another_qu
     assert_eq!((stats.retired, stats.lost), (1, 0), "{stats:?}");
 }
 
+/// `function` in environment `environment` (a digest; `None`: the worker's own).
+fn in_environment(
+    function: &dfship_runtime::FunctionSpec,
+    environment: Option<u8>,
+) -> Arc<dfship_runtime::FunctionSpec> {
+    let mut spec = function.clone();
+    spec.environment = environment.map(|byte| [byte; 32]);
+    Arc::new(spec)
+}
+
+#[test]
+fn a_runner_serves_the_functions_of_one_environment_only() {
+    use dfship_runtime::Isolation;
+    let plant = function("plant", PLANT, "plant");
+    let probe = function("probe", PROBE, "probe");
+    // Two runners, shared isolation: environment 1's runner keeps serving
+    // environment 1 (what it planted is there), environment 2 and the
+    // worker's own environment never get it.
+    let pool = isolated_pool(2, Isolation::Shared);
+    let planted = as_tenant(&pool, &in_environment(&plant, Some(1)), 1);
+    let same = as_tenant(&pool, &in_environment(&probe, Some(1)), 2);
+    assert_eq!(same, vec![planted[0], 1, 1, 1], "one environment shares its runner");
+    let other = as_tenant(&pool, &in_environment(&probe, Some(2)), 3);
+    assert!(other[0] != planted[0] && other[1..] == [0, 0, 0], "{other:?}");
+    // The pool is full (environments 1 and 2): the worker's own
+    // environment retires an idle runner of another, never shares one.
+    let own = as_tenant(&pool, &in_environment(&probe, None), 4);
+    assert!(
+        own[0] != planted[0] && own[0] != other[0] && own[1..] == [0, 0, 0],
+        "{own:?}"
+    );
+    assert_eq!(pool.stats().retired, 1, "{:?}", pool.stats());
+    // One runner, environments taking turns: each turn another process.
+    let single = isolated_pool(1, Isolation::Shared);
+    let mut seen = Vec::new();
+    for (turn, environment) in [Some(1), Some(2), Some(1), None].into_iter().enumerate() {
+        let got = as_tenant(&single, &in_environment(&probe, environment), turn as u64);
+        assert_eq!(got[1..], [0, 0, 0], "turn {turn}");
+        seen.push(got[0]);
+    }
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(single.stats().retired, 3, "{:?}", single.stats());
+}
+
 #[test]
 fn a_runner_imports_nothing_from_the_workers_working_directory() {
     // `python -c` puts the working directory first on sys.path; a module

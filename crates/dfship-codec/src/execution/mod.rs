@@ -330,6 +330,7 @@ pub(crate) fn function_spec(function: &PythonFunction) -> Result<Arc<FunctionSpe
             cloudpickle_major: versions.cloudpickle_major,
         },
         concurrency: function.options.concurrency.map(|n| usize::from(n.get())),
+        environment: function.options.environment,
         max_in_flight: function
             .options
             .max_in_flight

@@ -13,11 +13,12 @@
 //! | 8 | 1 | Python major version of the pickler |
 //! | 9 | 1 | Python minor version of the pickler |
 //! | 10 | 1 | cloudpickle major version of the pickler |
-//! | 11 | 1 | flags: bit 0 = an HMAC tag is present; bit 1 = the pickle is sent by digest (below); other bits must be 0 |
+//! | 11 | 1 | flags: bit 0 = an HMAC tag is present; bit 1 = the pickle is sent by digest (below); bit 2 = an environment follows the call options; other bits must be 0 |
 //! | 12 | 2 | `N`, length of the name |
 //! | 14 | N | UDF name, UTF-8 |
 //! | +0 | 1 | volatility: 0 immutable, 1 stable, 2 volatile |
 //! | +1 | 8 | call options (v2 only): `batch_size u32`, `concurrency u16`, `max_in_flight u16`, 0 = unset |
+//! | +9 | 32 | the SHA-256 naming the UDF's environment (only when flag bit 2 is set; see `CallOptions::environment`) |
 //! | +1 | 4 | `I`, length of the argument schema |
 //! | +5 | I | Arrow IPC schema stream, fields `arg_0`…`arg_n` (exact input types) |
 //! | … | 4 | `R`, length of the return schema |
@@ -85,6 +86,7 @@ pub const INLINE_VERSION: u8 = 2;
 
 const FLAG_SIGNED: u8 = 0b0000_0001;
 const FLAG_BY_DIGEST: u8 = 0b0000_0010;
+const FLAG_ENVIRONMENT: u8 = 0b0000_0100;
 const DIGEST_LEN: usize = 32;
 const TAG_LEN: usize = 32;
 
@@ -171,11 +173,17 @@ fn write(
     if by_digest {
         flags |= FLAG_BY_DIGEST;
     }
+    if options.environment.is_some() {
+        flags |= FLAG_ENVIRONMENT;
+    }
     head.push(flags);
     head.extend_from_slice(&name_len.to_le_bytes());
     head.extend_from_slice(name);
     head.push(volatility_code(signature.volatility));
     head.extend_from_slice(&options.to_wire());
+    if let Some(environment) = &options.environment {
+        head.extend_from_slice(environment);
+    }
     push_length_prefixed(&mut head, &input_schema)?;
     push_length_prefixed(&mut head, &return_schema)?;
     if kind == FunctionKind::Aggregate {
@@ -253,7 +261,9 @@ pub fn read_frame_with(
         cloudpickle_major: reader.u8("the cloudpickle major version")?,
     };
     let flags = reader.u8("the flags")?;
-    if flags & !(FLAG_SIGNED | FLAG_BY_DIGEST) != 0 {
+    if flags & !(FLAG_SIGNED | FLAG_BY_DIGEST | FLAG_ENVIRONMENT) != 0
+        || (version < 2 && flags & FLAG_ENVIRONMENT != 0)
+    {
         return Err(UdfPayloadError::Malformed {
             name: expected_name.to_string(),
             detail: format!("unknown flag bits {flags:#010b}"),
@@ -262,11 +272,14 @@ pub fn read_frame_with(
     let name_len = reader.u16_le("the name length")? as usize;
     let name = reader.take("the name", name_len)?;
     let volatility = reader.u8("the volatility")?;
-    let options = if version >= 2 {
+    let mut options = if version >= 2 {
         CallOptions::from_wire(reader.array("the call options")?)
     } else {
         CallOptions::default()
     };
+    if flags & FLAG_ENVIRONMENT != 0 {
+        options.environment = Some(reader.array("the environment digest")?);
+    }
     let input_schema = reader.length_prefixed("the argument schema")?;
     let return_schema = reader.length_prefixed("the return schema")?;
     let state_schema = match kind {
@@ -341,4 +354,74 @@ pub fn read_frame_with(
         options,
         pickle,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::datatypes::DataType;
+    use datafusion::logical_expr::Volatility;
+
+    use super::*;
+
+    fn pickled() -> PickledCallable {
+        let bytes = Bytes::from_static(b"not really a pickle");
+        let versions = PicklerVersions {
+            python_major: 3,
+            python_minor: 11,
+            cloudpickle_major: 3,
+        };
+        PickledCallable::new(
+            bytes.clone(),
+            sha256(&bytes),
+            versions,
+            PickleContent::Callable,
+        )
+    }
+
+    #[test]
+    fn an_environment_travels_signed_beside_the_call_options() {
+        let key = ClusterKey::new(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap();
+        let signature = UdfSignature::new(
+            "f",
+            vec![DataType::Int64],
+            DataType::Int64,
+            Volatility::Immutable,
+        );
+        let options = CallOptions::default().with_environment(Some([7u8; 32]));
+        let frame = write_frame(
+            FunctionKind::Scalar,
+            &signature,
+            options,
+            &pickled(),
+            Some(&key),
+        )
+        .unwrap();
+        let read = read_frame("f", &Bytes::from(frame.clone()), Some(&key)).unwrap();
+        assert_eq!(read.options.environment, Some([7u8; 32]));
+        // Without one, nothing is added and nothing is read.
+        let plain = write_frame(
+            FunctionKind::Scalar,
+            &signature,
+            CallOptions::default(),
+            &pickled(),
+            Some(&key),
+        )
+        .unwrap();
+        assert_eq!(plain.len() + 32, frame.len());
+        assert_eq!(
+            read_frame("f", &Bytes::from(plain), Some(&key))
+                .unwrap()
+                .options
+                .environment,
+            None
+        );
+        // The digest is signed: a peer that swaps it is refused.
+        let at = frame.windows(32).position(|w| w == [7u8; 32]).unwrap();
+        let mut swapped = frame;
+        swapped[at] = 8;
+        assert!(matches!(
+            read_frame("f", &Bytes::from(swapped), Some(&key)),
+            Err(UdfPayloadError::BadTag { .. })
+        ));
+    }
 }

@@ -92,6 +92,7 @@ pub fn function(name: &str, setup: &str, expression: &str) -> FunctionSpec {
         pickle: Bytes::from(pickle),
         versions: versions(),
         concurrency: None,
+        environment: None,
         max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         replayable: true,
     }
