@@ -175,8 +175,9 @@ class ClusterContext:
     once (:class:`dfship.StorageError`) instead of asking a cloud metadata
     service, unless ``cloud_metadata=True``.
 
-    Every keyword but ``cluster_key`` is a coordinator setting, declared once
-    for the CLI, the Rust builder and this class: the same name as a flag
+    Every keyword but ``cluster_key`` and the environment's (below) is a
+    coordinator setting, declared once for the CLI, the Rust builder and
+    this class: the same name as a flag
     (``python_runners`` is ``--python-runners``), as an environment variable
     (``DFSHIP_PYTHON_RUNNERS``) and in a TOML settings file (``config=``;
     ``[python] runners = 2``); a keyword wins over the variable, which wins
