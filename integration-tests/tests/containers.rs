@@ -474,7 +474,10 @@ fn a_module_only_the_coordinator_has() {
         "SELECT max(with_pkg_bonus(id)) AS m FROM facts",
         &[],
     );
-    assert_ok(&shipped, "a package shipped with the UDF file's environment");
+    assert_ok(
+        &shipped,
+        "a package shipped with the UDF file's environment",
+    );
     assert!(
         shipped.stdout.contains("6800"),
         "4800 + 2000:\n{}",

@@ -915,9 +915,16 @@ fn a_runner_serves_the_functions_of_one_environment_only() {
     let pool = isolated_pool(2, Isolation::Shared);
     let planted = as_tenant(&pool, &in_environment(&plant, Some(1)), 1);
     let same = as_tenant(&pool, &in_environment(&probe, Some(1)), 2);
-    assert_eq!(same, vec![planted[0], 1, 1, 1], "one environment shares its runner");
+    assert_eq!(
+        same,
+        vec![planted[0], 1, 1, 1],
+        "one environment shares its runner"
+    );
     let other = as_tenant(&pool, &in_environment(&probe, Some(2)), 3);
-    assert!(other[0] != planted[0] && other[1..] == [0, 0, 0], "{other:?}");
+    assert!(
+        other[0] != planted[0] && other[1..] == [0, 0, 0],
+        "{other:?}"
+    );
     // The pool is full (environments 1 and 2): the worker's own
     // environment retires an idle runner of another, never shares one.
     let own = as_tenant(&pool, &in_environment(&probe, None), 4);
