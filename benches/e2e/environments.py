@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT / "python" / "tests"))
 from test_environments import wheel  # noqa: E402 - the tests' hand-made wheel
 
 QUERY = "SELECT sum({udf}(v)) AS s FROM t"
+# Which dfship wheel is installed here (benches/run.sh installs the release one).
+WHEEL = os.environ.get("DFSHIP_BENCH_WHEEL", "release wheel")
 ROWS = 200_000
 
 
@@ -94,6 +96,7 @@ def main() -> None:
         (project / "blob.bin").write_bytes(os.urandom(5 * 2**20))
         cache = root / "cache"
         env = {"DFSHIP_ENVIRONMENT_CACHE": str(cache)}
+        os.environ.update(env)  # this process's runners (a query's last stage) share it
         args_ = ["--python-runners", "1"]
         with dfship.LocalCluster(workers=2, worker_args=args_, env=env) as cluster:
             base = context(cluster, data)
@@ -131,7 +134,7 @@ def main() -> None:
         "## What environments cost",
         "",
         f"`benches/e2e/environments.py`: `{QUERY.format(udf='udf')}` over {ROWS:,} rows, 2 workers x 1 "
-        "runner on one two-core machine (one shared environment cache), release wheel, side by side in "
+        f"runner on one two-core machine (one shared environment cache), {WHEEL}, side by side in "
         f"one run; median of {args.runs} queries where several ran. pip installs one wheel from a "
         f"shipped wheelhouse (the build itself took {build_seconds:.2f} s, from the cache's log); the "
         f"working_dir zip is {archive_bytes / 2**20:.1f} MiB.",

@@ -43,8 +43,19 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(cache: Path) -> Iterator[dfship.LocalCluster]:
     env = {"DFSHIP_ENVIRONMENT_CACHE": str(cache), "DFSHIP_ENVIRONMENT_CACHE_BYTES": "1"}
-    with dfship.LocalCluster(workers=2, worker_args=["--python-runners", "1"], env=env) as running:
-        yield running
+    # This process runs a query's last stage with runners of its own: the
+    # same cache for them (a machine's workers and coordinator share one).
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with dfship.LocalCluster(workers=2, worker_args=["--python-runners", "1"], env=env) as running:
+            yield running
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
