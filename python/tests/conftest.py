@@ -19,6 +19,15 @@ FILES = 6
 ROWS_PER_FILE = 400
 
 
+def counting_parquet(root: Path, files: int, rows: int, column: str = "v") -> Path:
+    """``files`` Parquet files in ``root`` whose int64 ``column`` counts from 0
+    to ``files * rows - 1``, ``rows`` per file."""
+    for part in range(files):
+        values = pa.array(range(part * rows, (part + 1) * rows), pa.int64())
+        pq.write_table(pa.table({column: values}), root / f"part-{part}.parquet")
+    return root
+
+
 def write_dataset(root: Path) -> Path:
     facts = root / "facts"
     facts.mkdir(parents=True)

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import counting_parquet
 
 import dfship
 from dfship.environment import Environment
@@ -60,11 +60,7 @@ def cluster(cache: Path) -> Iterator[dfship.LocalCluster]:
 
 @pytest.fixture(scope="module")
 def numbers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("numbers")
-    for part in range(FILES):
-        values = pa.array(range(part * ROWS, (part + 1) * ROWS), pa.int64())
-        pq.write_table(pa.table({"v": values}), root / f"{part}.parquet")
-    return root
+    return counting_parquet(tmp_path_factory.mktemp("numbers"), FILES, ROWS)
 
 
 def context(cluster: dfship.LocalCluster, numbers: Path, **environment: object) -> dfship.ClusterContext:

@@ -24,8 +24,8 @@ from typing import Any
 import cloudpickle
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
+from conftest import counting_parquet
 
 import dfship
 
@@ -44,11 +44,7 @@ def cluster() -> Iterator[dfship.LocalCluster]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("stop-and-watch")
-    for part in range(FILES):
-        ids = pa.array(range(part * ROWS, (part + 1) * ROWS), pa.int64())
-        pq.write_table(pa.table({"x": ids}), root / f"part-{part}.parquet")
-    return root
+    return counting_parquet(tmp_path_factory.mktemp("stop-and-watch"), FILES, ROWS, column="x")
 
 
 @pytest.fixture

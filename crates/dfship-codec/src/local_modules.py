@@ -343,16 +343,25 @@ loaded = cloudpickle.loads(pickle)
 """
 
 
-class _Checked:
-    """Pickles as ``eval`` of :data:`_CHECK_SOURCE` over the versions, the
-    strictness and the UDF's own pickle; loading it gives the UDF."""
+class _RunsSource:
+    """Pickles as ``eval`` of its ``SOURCE`` over ``self.scope``: loading it
+    runs the source, which leaves the UDF in ``loaded``."""
 
-    def __init__(self, versions, level, pickle):
-        self.scope = {"versions": versions, "level": level, "pickle": pickle}
+    SOURCE = ""
 
     def __reduce__(self):
         run = "exec(source, scope) or scope['loaded']"
-        return (eval, (run, {"source": _CHECK_SOURCE, "scope": self.scope}))
+        return (eval, (run, {"source": self.SOURCE, "scope": self.scope}))
+
+
+class _Checked(_RunsSource):
+    """:data:`_CHECK_SOURCE` over the versions, the strictness and the UDF's
+    own pickle."""
+
+    SOURCE = _CHECK_SOURCE
+
+    def __init__(self, versions, level, pickle):
+        self.scope = {"versions": versions, "level": level, "pickle": pickle}
 
 
 # What runs where the pickle is loaded (a runner), before anything else of
@@ -384,7 +393,8 @@ def cache_folder():
 
 def unpack(archive, into, cap):
     try:
-        members = zipfile.ZipFile(io.BytesIO(archive)).infolist()
+        archive_file = zipfile.ZipFile(io.BytesIO(archive))
+        members = archive_file.infolist()
     except zipfile.BadZipFile as error:
         fail(f"its archive is not a zip file ({error}); nothing was unpacked")
     if sum(m.file_size for m in members) > cap:
@@ -399,7 +409,6 @@ def unpack(archive, into, cap):
             fail(f"its archive holds {name!r}: a member must be a file or folder named by a "
                  "relative path inside the archive (no '..', no absolute path, no link); the "
                  "environment was refused and nothing of it was kept")
-    archive_file = zipfile.ZipFile(io.BytesIO(archive))
     for member in members:
         target = os.path.join(into, *[p for p in member.filename.split("/") if p not in ("", ".")])
         if member.is_dir():
@@ -429,10 +438,10 @@ def install(home):
     command += requirements
     done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        lines = (done.stdout + done.stderr).strip().splitlines()
         said = done.stdout + done.stderr
-        named = re.findall(r"(?:No matching distribution found for|satisfies the requirement) (\S+)", said)
-        named = sorted(set(named))
+        lines = said.strip().splitlines()
+        named = sorted(set(re.findall(
+            r"(?:No matching distribution found for|satisfies the requirement) (\S+)", said)))
         fail(f"installing its requirements failed ({', '.join(named or requirements)}): pip "
              f"answered with exit code {done.returncode}: " + " | ".join(lines[-6:])
              + (". The packages come from the wheelhouse the coordinator shipped: add the "
@@ -484,6 +493,8 @@ def enter():
         fail("this interpreter already entered environment " + ", ".join(e[:12] for e in entered)
              + ": in-process runners (python_mode in-process) share the worker's interpreter, so a "
              "worker serves one environment that way; use runner processes (the default) for several")
+    if not re.fullmatch("[0-9a-f]{64}", digest):
+        fail("its name is not a SHA-256 in hex; the environment was refused")
     cap = int(os.environ.get("DFSHIP_ENVIRONMENT_CACHE_BYTES") or 10 * 2**30)
     folder = cache_folder()
     home = os.path.join(folder, digest)
@@ -545,9 +556,11 @@ loaded = cloudpickle.loads(pickle)
 """
 
 
-class _Entering:
-    """Pickles as ``eval`` of :data:`_ENTER_SOURCE` over an environment
-    (``dfship/environment.py``) and the UDF's own pickle."""
+class _Entering(_RunsSource):
+    """:data:`_ENTER_SOURCE` over an environment (``dfship/environment.py``)
+    and the UDF's own pickle."""
+
+    SOURCE = _ENTER_SOURCE
 
     def __init__(self, environment, pickle):
         self.scope = {
@@ -559,7 +572,3 @@ class _Entering:
             "working_dir": bool(environment["working_dir"]),
             "pickle": pickle,
         }
-
-    def __reduce__(self):
-        run = "exec(source, scope) or scope['loaded']"
-        return (eval, (run, {"source": _ENTER_SOURCE, "scope": self.scope}))

@@ -261,6 +261,19 @@ impl Runner {
             && self.reserved_for.is_none()
     }
 
+    /// When it retires for want of calls: bound to a shipped environment and
+    /// retirable, [`ENVIRONMENT_IDLE`] after its last call.
+    fn environment_idle_at(&self) -> Option<Instant> {
+        let shipped = matches!(
+            self.bound,
+            Some(Binding {
+                environment: Some(_),
+                ..
+            })
+        );
+        (shipped && self.retirable()).then(|| self.last_used + ENVIRONMENT_IDLE)
+    }
+
     fn async_in_flight(&self) -> usize {
         self.async_calls.values().sum()
     }
@@ -886,17 +899,12 @@ impl Scheduler {
             wake = wake.min(blocked);
         }
         // Runners of shipped environments retire when unused (`retire_runners`).
-        for runner in self.runners.values() {
-            if matches!(
-                runner.bound,
-                Some(Binding {
-                    environment: Some(_),
-                    ..
-                })
-            ) && runner.retirable()
-            {
-                wake = wake.min((runner.last_used + ENVIRONMENT_IDLE).max(now));
-            }
+        for at in self
+            .runners
+            .values()
+            .filter_map(Runner::environment_idle_at)
+        {
+            wake = wake.min(at.max(now));
         }
         wake
     }
@@ -1002,13 +1010,7 @@ impl Scheduler {
                 runner.bound,
                 Some(Binding { tenant: Some(tenant), .. }) if ended.contains(&tenant)
             );
-            let environment_unused = matches!(
-                runner.bound,
-                Some(Binding {
-                    environment: Some(_),
-                    ..
-                })
-            ) && now.duration_since(runner.last_used) >= ENVIRONMENT_IDLE;
+            let environment_unused = runner.environment_idle_at().is_some_and(|at| at <= now);
             if runner.retirable() && (tenant_ended || environment_unused) {
                 runner.kill(Ending::Retired);
             }
